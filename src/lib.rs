@@ -1,7 +1,16 @@
 //! slotlake: mirror a PostgreSQL database into a lakehouse over logical replication.
 //!
-//! See `DESIGN.md` in the repository for the data flow; each module's docs describe its part.
+//! Data flow (see `DESIGN.md`): [`replication`] reads a logical slot over `pgoutput`;
+//! [`pgoutput`] decodes each message without I/O; [`txn`] assembles committed transactions
+//! (including streamed ones) and stamps each change with its identity; [`types`] turns column
+//! bytes into exact typed values. [`tail`] prints them; later stages batch them into the lake.
 
+pub mod cli;
+pub mod commands;
+pub mod config;
 pub mod lsn;
 pub mod pgoutput;
+pub mod replication;
+pub mod tail;
+pub mod txn;
 pub mod types;

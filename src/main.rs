@@ -1,1 +1,73 @@
-fn main() {}
+//! The `slotlake` binary: parse the command line, run one command, print the error chain.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use slotlake::cli::{Cli, Command, LogFormat};
+use slotlake::commands;
+use slotlake::replication::slot::SlotError;
+use slotlake::replication::{operator_hint, ClientError};
+
+/// Exit code for any failure; usage errors exit with clap's 2.
+const EXIT_FAILURE: u8 = 1;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log_level, cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    match runtime.block_on(try_main(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err}");
+            for cause in err.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            if let Some(hint) = hint(&err) {
+                eprintln!("hint: {hint}");
+            }
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+async fn try_main(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Slot(cmd) => commands::slot(cmd).await,
+        Command::Tail(args) => commands::tail(args).await,
+    }
+}
+
+/// The operator hint for the first error in the chain that has one.
+fn hint(err: &anyhow::Error) -> Option<String> {
+    err.chain().find_map(|e| {
+        if let Some(c) = e.downcast_ref::<ClientError>() {
+            return operator_hint(c, "<user>");
+        }
+        match e.downcast_ref::<SlotError>()? {
+            SlotError::SlotMissing(_) => Some("create it with `slotlake slot create`".into()),
+            SlotError::PublicationMissing(_) => {
+                Some("create it with `slotlake slot create --create-publication` (or CREATE PUBLICATION)".into())
+            }
+            SlotError::PublicationMismatch { .. } => {
+                Some("use another --publication, or change the existing one with ALTER PUBLICATION".into())
+            }
+            SlotError::Client(c) => operator_hint(c, "<user>"),
+            _ => None,
+        }
+    })
+}
+
+fn init_logging(level: &str, format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

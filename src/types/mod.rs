@@ -379,3 +379,22 @@ mod tests {
         assert_eq!(PgType::from_builtin(600, -1), None); // point
     }
 }
+
+/// A column of a received tuple, typed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ColumnValue {
+    Value(Value),
+    /// A TOASTed value that did not change and was not sent (`u`).
+    UnchangedToast,
+}
+
+/// Parses one tuple column as `ty`, in whichever form the server sent it.
+pub fn decode_column(ty: &PgType, column: &crate::pgoutput::TupleColumn) -> Result<ColumnValue, ValueError> {
+    use crate::pgoutput::TupleColumn;
+    Ok(match column {
+        TupleColumn::Null => ColumnValue::Value(Value::Null),
+        TupleColumn::UnchangedToast => ColumnValue::UnchangedToast,
+        TupleColumn::Text(raw) => ColumnValue::Value(text::parse(ty, raw)?),
+        TupleColumn::Binary(raw) => ColumnValue::Value(binary::parse(ty, raw)?),
+    })
+}

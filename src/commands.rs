@@ -1,0 +1,183 @@
+//! The commands behind the CLI: each takes parsed arguments and does one job.
+
+use std::collections::BTreeSet;
+use std::io::Write;
+
+use anyhow::{Context, Result};
+
+use crate::cli::{OutputFormat, SlotCommand, SlotCreateArgs, SlotDropArgs, SlotListArgs, SlotStatusArgs, TailArgs};
+use crate::replication::slot::{self, PublicationOutcome, PublicationScope, SlotError, SlotInfo, SnapshotAction};
+use crate::replication::sql::{parse_ident, TableName};
+use crate::replication::{ConnInfo, PgConnection, SessionKind};
+use crate::tail::{self, TailOptions};
+
+pub fn source(url: &str) -> Result<ConnInfo> {
+    ConnInfo::parse(url).context("invalid --source")
+}
+
+pub async fn slot(cmd: SlotCommand) -> Result<()> {
+    match cmd {
+        SlotCommand::Create(a) => slot_create(a).await,
+        SlotCommand::Drop(a) => slot_drop(a).await,
+        SlotCommand::List(a) => slot_list(a).await,
+        SlotCommand::Status(a) => slot_status(a).await,
+    }
+}
+
+fn publication_scope(a: &SlotCreateArgs) -> Result<PublicationScope> {
+    if !a.schemas.is_empty() {
+        let schemas = a
+            .schemas
+            .iter()
+            .map(|s| parse_ident(s).map_err(anyhow::Error::msg))
+            .collect::<Result<BTreeSet<_>>>()
+            .context("invalid --schema")?;
+        return Ok(PublicationScope::Schemas(schemas));
+    }
+    if !a.tables.is_empty() {
+        let tables = a
+            .tables
+            .iter()
+            .map(|t| TableName::parse(t).map_err(anyhow::Error::msg))
+            .collect::<Result<BTreeSet<_>>>()
+            .context("invalid --table")?;
+        return Ok(PublicationScope::Tables(tables));
+    }
+    Ok(PublicationScope::AllTables)
+}
+
+async fn slot_create(a: SlotCreateArgs) -> Result<()> {
+    let info = source(&a.source.source)?;
+    slot::validate_slot_name(&a.slot.slot)?;
+    let scope = publication_scope(&a)?;
+    if !a.create_publication && (!a.schemas.is_empty() || !a.tables.is_empty()) {
+        anyhow::bail!("--schema and --table describe the publication: add --create-publication");
+    }
+    let mut repl = PgConnection::connect(&info, SessionKind::Replication).await?;
+    // The publication first: a slot without its publication streams nothing useful.
+    if a.create_publication {
+        match slot::ensure_publication(&mut repl, &a.publication.publication, &scope).await? {
+            PublicationOutcome::Created => println!("created publication {}", a.publication.publication),
+            PublicationOutcome::AlreadyExists => println!("publication {} already exists", a.publication.publication),
+        }
+    }
+    let created = slot::create_slot(&mut repl, &a.slot.slot, SnapshotAction::None).await?;
+    match created.consistent_point {
+        Some(lsn) if !created.already_existed => println!("created slot {} at {lsn}", created.name),
+        _ => println!("slot {} already exists", created.name),
+    }
+    repl.close().await;
+    Ok(())
+}
+
+async fn slot_drop(a: SlotDropArgs) -> Result<()> {
+    let info = source(&a.source.source)?;
+    let mut repl = PgConnection::connect(&info, SessionKind::Replication).await?;
+    if slot::drop_slot(&mut repl, &a.slot.slot, a.wait).await? {
+        println!("dropped slot {}", a.slot.slot);
+    } else {
+        println!("slot {} does not exist", a.slot.slot);
+    }
+    if a.drop_publication {
+        if slot::drop_publication(&mut repl, &a.publication.publication).await? {
+            println!("dropped publication {}", a.publication.publication);
+        } else {
+            println!("publication {} does not exist", a.publication.publication);
+        }
+    }
+    repl.close().await;
+    Ok(())
+}
+
+async fn slot_list(a: SlotListArgs) -> Result<()> {
+    let info = source(&a.source.source)?;
+    let mut conn = PgConnection::connect(&info, SessionKind::Sql).await?;
+    let slots = slot::list_slots(&mut conn).await?;
+    conn.close().await;
+    print_slots(&slots, a.format)
+}
+
+async fn slot_status(a: SlotStatusArgs) -> Result<()> {
+    let info = source(&a.source.source)?;
+    let mut conn = PgConnection::connect(&info, SessionKind::Sql).await?;
+    let found = slot::slot_info(&mut conn, &a.slot.slot).await?;
+    conn.close().await;
+    let found = found.ok_or_else(|| SlotError::SlotMissing(a.slot.slot.clone()))?;
+    print_slots(&[found], a.format)
+}
+
+fn print_slots(slots: &[SlotInfo], format: OutputFormat) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    match format {
+        OutputFormat::Json => {
+            for s in slots {
+                serde_json::to_writer(&mut out, s)?;
+                writeln!(out)?;
+            }
+        }
+        OutputFormat::Table => {
+            writeln!(
+                out,
+                "{:<24} {:<10} {:<9} {:<10} {:<7} {:>8} {:>14} {:>14} {:>14} {:<10}",
+                "slot", "plugin", "type", "database", "active", "pid", "confirmed", "restart", "retained", "wal_status"
+            )?;
+            for s in slots {
+                let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+                writeln!(
+                    out,
+                    "{:<24} {:<10} {:<9} {:<10} {:<7} {:>8} {:>14} {:>14} {:>14} {:<10}",
+                    s.slot_name,
+                    opt(&s.plugin),
+                    s.slot_type,
+                    opt(&s.database),
+                    s.active,
+                    s.active_pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+                    opt(&s.confirmed_flush_lsn),
+                    opt(&s.restart_lsn),
+                    s.retained_wal_bytes.map(human_bytes).unwrap_or_else(|| "-".into()),
+                    opt(&s.wal_status),
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn human_bytes(b: i64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut unit = 0;
+    while v.abs() >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+pub async fn tail(a: TailArgs) -> Result<()> {
+    let info = source(&a.source.source)?;
+    let opts = TailOptions {
+        slot: a.slot.slot,
+        publication: a.publication.publication,
+        limit: a.limit,
+        confirm: a.confirm,
+        binary: a.binary,
+        messages: a.messages,
+        discard: a.discard,
+        start_lsn: a.start_lsn,
+        status_interval: a.status_interval,
+    };
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let summary = tail::run(&info, &opts, &mut out, shutdown).await?;
+    drop(out);
+    tracing::info!(changes = summary.changes, transactions = summary.transactions, confirmed = %summary.confirmed, "tail finished");
+    Ok(())
+}
