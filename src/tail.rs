@@ -22,7 +22,7 @@ use serde_json::{Map, Value as Json};
 
 use crate::lsn::Lsn;
 use crate::pgoutput::relation::CachedRelation;
-use crate::pgoutput::{DecodeError, Decoder, OldTuple, TupleColumn, TupleData};
+use crate::pgoutput::{DecodeError, Decoder, OldTuple, TupleData};
 use crate::replication::slot::{self, SlotError};
 use crate::replication::stream::{ReplicationMessage, ReplicationStream, StreamOptions};
 use crate::replication::{ClientError, ConnInfo, PgConnection, SessionKind};

@@ -322,7 +322,7 @@ fn parse_url(s: &str) -> Result<Vec<(String, String)>, ConnInfoError> {
         for pair in q.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair
                 .split_once('=')
-                .ok_or_else(|| ConnInfoError::InvalidUrl(format!("query parameter {:?} has no value", decode(pair)?)))?;
+                .ok_or_else(|| ConnInfoError::InvalidUrl(format!("query parameter {pair:?} has no value")))?;
             out.push((decode(k)?, decode(v)?));
         }
     }
