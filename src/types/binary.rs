@@ -913,7 +913,11 @@ mod tests {
     proptest! {
         #[test]
         fn parse_never_panics(ty in any_type(), raw in proptest::collection::vec(any::<u8>(), 0..64)) {
-            let _ = parse(&ty, &raw);
+            let result = parse(&ty, &raw);
+            if let PgType::Unknown { .. } = ty {
+                let unsupported = matches!(result, Err(ValueError::BinaryUnsupported { .. }));
+                prop_assert!(unsupported);
+            }
         }
 
         #[test]
