@@ -1399,10 +1399,15 @@ mod tests {
         #[test]
         fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200), version in 1u32..=4) {
             let buf = Bytes::from(bytes);
-            let _ = Decoder::new(version).decode(&buf);
+            let mut d = Decoder::new(version);
+            if d.decode(&buf).is_err() {
+                prop_assert_eq!(d.open_stream(), None);
+            }
             if version >= 2 {
                 let mut d = streaming_decoder(5);
-                let _ = d.decode(&buf);
+                if d.decode(&buf).is_err() {
+                    prop_assert_eq!(d.open_stream(), Some(5));
+                }
             }
         }
 
