@@ -1,0 +1,387 @@
+//! Test harness: a throwaway PostgreSQL cluster per test process, a database per test.
+//!
+//! The cluster is real: `initdb` into a temp dir, `wal_level=logical`, TLS with a CA generated
+//! here, password users for every authentication method, a free port on 127.0.0.1 and a Unix
+//! socket in the temp dir. The binaries come from `SLOTLAKE_PG_BIN` (default Debian's 15).
+//! When the tests run as root (as CI does), Postgres runs as the `postgres` user.
+//!
+//! Cleanup: the cluster is shared by the tests of one process through a static, so it is stopped
+//! by a watchdog that waits for the test process to exit and then shuts the server down
+//! (`SIGQUIT`) and removes the directory — no server outlives its tests, even after a panic or
+//! a killed test. Clusters made with [`Cluster::start`] directly are stopped on drop as well.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use slotlake::replication::{ConnInfo, PgConnection, SessionKind};
+
+pub const ADMIN: &str = "slotlake_admin";
+pub const SCRAM_USER: &str = "slotlake_scram";
+pub const SCRAM_PASSWORD: &str = "scr@m p'ss:w\"rd";
+pub const MD5_USER: &str = "slotlake_md5";
+pub const MD5_PASSWORD: &str = "md5-secret";
+pub const PLAIN_USER: &str = "slotlake_plain";
+pub const PLAIN_PASSWORD: &str = "plain-secret";
+/// A login role without the REPLICATION attribute.
+pub const NOREPL_USER: &str = "slotlake_norepl";
+pub const NOREPL_PASSWORD: &str = "norepl-secret";
+/// Trusted over TCP (no password).
+pub const TRUST_USER: &str = "slotlake_trust";
+
+pub fn pg_bin() -> PathBuf {
+    PathBuf::from(std::env::var("SLOTLAKE_PG_BIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into()))
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc_geteuid() == 0 }
+}
+
+extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+/// Runs a Postgres binary as the server's owner.
+fn pg_command(bin: &str) -> Command {
+    let path = pg_bin().join(bin);
+    if is_root() {
+        let mut c = Command::new("runuser");
+        c.arg("-u").arg("postgres").arg("--").arg(path);
+        c
+    } else {
+        Command::new(path)
+    }
+}
+
+fn run(mut c: Command, what: &str) {
+    let out = c.output().unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    l.local_addr().expect("local addr").port()
+}
+
+/// A running throwaway cluster.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    pub ca_pem: PathBuf,
+    pub wrong_ca_pem: PathBuf,
+    pub server_major: u32,
+    stopped: std::sync::atomic::AtomicBool,
+}
+
+static SHARED: OnceLock<Arc<Cluster>> = OnceLock::new();
+static DB_COUNTER: AtomicU32 = AtomicU32::new(0);
+
+impl Cluster {
+    /// The cluster shared by this test process.
+    pub fn shared() -> Arc<Cluster> {
+        SHARED.get_or_init(|| Arc::new(Cluster::start(&[]))).clone()
+    }
+
+    /// Starts a new cluster with extra `postgresql.conf` lines.
+    pub fn start(extra_conf: &[&str]) -> Cluster {
+        let dir = tempfile::Builder::new().prefix("slotlake-pg-").tempdir().expect("temp dir");
+        if is_root() {
+            run(
+                {
+                    let mut c = Command::new("chown");
+                    c.arg("postgres:postgres").arg(dir.path());
+                    c
+                },
+                "chown",
+            );
+        }
+        let data = dir.path().join("data");
+        let mut initdb = pg_command("initdb");
+        initdb
+            .arg("-D")
+            .arg(&data)
+            .arg("-U")
+            .arg(ADMIN)
+            .arg("--no-sync")
+            .arg("-A")
+            .arg("trust")
+            .arg("-E")
+            .arg("UTF8")
+            .arg("--locale=C.UTF-8");
+        run(initdb, "initdb");
+
+        let (ca_pem, wrong_ca_pem) = write_tls_files(dir.path(), &data);
+        let port = free_port();
+        let socket_dir = dir.path();
+        let mut conf = format!(
+            "listen_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{}'\n\
+             wal_level = logical\nmax_replication_slots = 40\nmax_wal_senders = 40\nmax_connections = 120\n\
+             fsync = off\nsynchronous_commit = off\nfull_page_writes = off\nshared_buffers = 64MB\n\
+             logical_decoding_work_mem = 64kB\nwal_sender_timeout = 60s\n\
+             ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n\
+             password_encryption = 'scram-sha-256'\nlog_min_messages = warning\nlogging_collector = off\n",
+            socket_dir.display()
+        );
+        for line in extra_conf {
+            conf.push_str(line);
+            conf.push('\n');
+        }
+        append(&data.join("postgresql.conf"), &conf);
+        let hba = format!(
+            "local all all trust\n\
+             host all {ADMIN} 127.0.0.1/32 trust\n\
+             host all {TRUST_USER} 127.0.0.1/32 trust\n\
+             host all {MD5_USER} 127.0.0.1/32 md5\n\
+             host all {PLAIN_USER} 127.0.0.1/32 password\n\
+             host all all 127.0.0.1/32 scram-sha-256\n"
+        );
+        std::fs::write(data.join("pg_hba.conf"), hba).expect("write pg_hba.conf");
+        if is_root() {
+            run(
+                {
+                    let mut c = Command::new("chown");
+                    c.arg("-R").arg("postgres:postgres").arg(dir.path());
+                    c
+                },
+                "chown",
+            );
+        }
+        let mut start = pg_command("pg_ctl");
+        start.arg("-D").arg(&data).arg("-l").arg(dir.path().join("server.log")).arg("-w").arg("-t").arg("60").arg("start");
+        start.stdout(Stdio::null());
+        let out = start.output().expect("run pg_ctl start");
+        if !out.status.success() {
+            let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap_or_default();
+            panic!("pg_ctl start failed: {}\n{log}", String::from_utf8_lossy(&out.stderr));
+        }
+        spawn_watchdog(dir.path(), &data);
+        let major = std::fs::read_to_string(data.join("PG_VERSION"))
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        let cluster = Cluster {
+            dir,
+            port,
+            ca_pem,
+            wrong_ca_pem,
+            server_major: major,
+            stopped: std::sync::atomic::AtomicBool::new(false),
+        };
+        cluster.admin_exec_blocking(&format!(
+            "CREATE ROLE {SCRAM_USER} LOGIN REPLICATION PASSWORD '{}';
+             CREATE ROLE {PLAIN_USER} LOGIN REPLICATION PASSWORD '{PLAIN_PASSWORD}';
+             CREATE ROLE {TRUST_USER} LOGIN REPLICATION;
+             CREATE ROLE {NOREPL_USER} LOGIN PASSWORD '{NOREPL_PASSWORD}';
+             SET password_encryption = 'md5';
+             CREATE ROLE {MD5_USER} LOGIN REPLICATION PASSWORD '{MD5_PASSWORD}';",
+            SCRAM_PASSWORD.replace('\'', "''")
+        ));
+        cluster
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn socket_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn server_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    /// A key=value connection string for `user` to `dbname` over TCP with `extra` settings.
+    pub fn conninfo(&self, dbname: &str, user: &str, password: Option<&str>, extra: &str) -> String {
+        let pw = password.map(|p| format!(" password='{}'", p.replace('\\', "\\\\").replace('\'', "\\'"))).unwrap_or_default();
+        format!("host=127.0.0.1 port={} dbname='{dbname}' user={user}{pw} sslmode=disable {extra}", self.port)
+    }
+
+    /// A URL for the admin user over TCP (trust, no TLS).
+    pub fn admin_url(&self, dbname: &str) -> String {
+        format!("postgresql://{ADMIN}@127.0.0.1:{}/{}?sslmode=disable", self.port, urlencode(dbname))
+    }
+
+    /// A URL for the SCRAM user (password in the URL).
+    pub fn scram_url(&self, dbname: &str) -> String {
+        format!(
+            "postgresql://{SCRAM_USER}:{}@127.0.0.1:{}/{}?sslmode=disable",
+            urlencode(SCRAM_PASSWORD),
+            self.port,
+            urlencode(dbname)
+        )
+    }
+
+    fn admin_exec_blocking(&self, sql: &str) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let info = ConnInfo::parse(&self.admin_url("postgres")).expect("admin url");
+        rt.block_on(async {
+            let mut c = PgConnection::connect(&info, SessionKind::Sql).await.expect("admin connect");
+            c.simple_query(sql).await.expect("admin sql");
+            c.close().await;
+        });
+    }
+
+    /// A fresh database for one test, owned by the SCRAM user.
+    pub async fn create_db(self: &Arc<Self>, label: &str) -> TestDb {
+        let n = DB_COUNTER.fetch_add(1, Ordering::SeqCst);
+        let name = format!("t_{}_{}_{n}", std::process::id(), label);
+        let mut admin = self.admin("postgres").await;
+        admin
+            .simple_query(&format!("CREATE DATABASE \"{name}\" OWNER {SCRAM_USER}"))
+            .await
+            .expect("create database");
+        admin.close().await;
+        TestDb { cluster: self.clone(), name }
+    }
+
+    /// An admin SQL session to `dbname`.
+    pub async fn admin(&self, dbname: &str) -> PgConnection {
+        let info = ConnInfo::parse(&self.admin_url(dbname)).expect("admin url");
+        PgConnection::connect(&info, SessionKind::Sql).await.expect("admin connect")
+    }
+
+    /// Stops the server now (fast shutdown).
+    pub fn stop(&self) {
+        if self.stopped.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let mut c = pg_command("pg_ctl");
+        c.arg("-D").arg(self.data_dir()).arg("-m").arg("fast").arg("-w").arg("stop").stdout(Stdio::null()).stderr(Stdio::null());
+        let _ = c.status();
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A database of the shared cluster, for one test.
+pub struct TestDb {
+    pub cluster: Arc<Cluster>,
+    pub name: String,
+}
+
+impl TestDb {
+    /// Admin URL to this database.
+    pub fn admin_url(&self) -> String {
+        self.cluster.admin_url(&self.name)
+    }
+
+    /// SCRAM user's URL to this database (the usual --source in tests).
+    pub fn url(&self) -> String {
+        self.cluster.scram_url(&self.name)
+    }
+
+    pub async fn admin(&self) -> PgConnection {
+        self.cluster.admin(&self.name).await
+    }
+
+    /// Runs SQL as the admin in this database.
+    pub async fn exec(&self, sql: &str) -> Vec<slotlake::replication::connection::Row> {
+        let mut c = self.admin().await;
+        let rows = c.simple_query(sql).await.unwrap_or_else(|e| panic!("SQL failed: {e}\n{sql}"));
+        c.close().await;
+        rows
+    }
+}
+
+fn append(path: &Path, text: &str) {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new().append(true).open(path).expect("open config");
+    f.write_all(text.as_bytes()).expect("write config");
+}
+
+pub fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// Generates a CA and a server certificate for `localhost` and 127.0.0.1 signed by it, plus an
+/// unrelated CA for negative tests. Returns (ca.pem, wrong-ca.pem).
+fn write_tls_files(dir: &Path, data: &Path) -> (PathBuf, PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let make_ca = |cn: &str| {
+        let mut p = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.distinguished_name.push(DnType::CommonName, cn);
+        let key = KeyPair::generate().expect("ca key");
+        let cert = p.self_signed(&key).expect("ca cert");
+        (cert, key)
+    };
+    let (ca, ca_key) = make_ca("slotlake test CA");
+    let (wrong, _) = make_ca("some other CA");
+    let mut sp = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).expect("server params");
+    sp.distinguished_name.push(DnType::CommonName, "localhost");
+    let skey = KeyPair::generate().expect("server key");
+    let scert = sp.signed_by(&skey, &ca, &ca_key).expect("server cert");
+    let ca_pem = dir.join("ca.pem");
+    let wrong_pem = dir.join("wrong-ca.pem");
+    std::fs::write(&ca_pem, ca.pem()).expect("write ca");
+    std::fs::write(&wrong_pem, wrong.pem()).expect("write wrong ca");
+    std::fs::write(data.join("server.crt"), scert.pem()).expect("write cert");
+    let key_path = data.join("server.key");
+    std::fs::write(&key_path, skey.serialize_pem()).expect("write key");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).expect("chmod key");
+    (ca_pem, wrong_pem)
+}
+
+/// Stops the server and removes the directory once this process exits, however it exits.
+fn spawn_watchdog(dir: &Path, data: &Path) {
+    let script = format!(
+        "while kill -0 {pid} 2>/dev/null; do sleep 1; done; \
+         if [ -f '{data}/postmaster.pid' ]; then kill -QUIT $(head -n 1 '{data}/postmaster.pid') 2>/dev/null; fi; \
+         sleep 1; rm -rf '{dir}'",
+        pid = std::process::id(),
+        data = data.display(),
+        dir = dir.display()
+    );
+    let _ = Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+}
+
+/// Path of the slotlake binary built for these tests.
+pub fn slotlake_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_slotlake")
+}
+
+/// Runs `slotlake` with args and environment; returns (exit code, stdout, stderr).
+pub async fn run_slotlake(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut c = tokio::process::Command::new(slotlake_bin());
+    c.args(args).env_remove("PGPASSWORD").env("HOME", "/nonexistent").kill_on_drop(true);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let out = c.output().await.expect("run slotlake");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
