@@ -1013,6 +1013,10 @@ mod tests {
     }
 
     const EPOCH: i64 = UNIX_EPOCH_PG_MICROS;
+    /// 0001-01-01 BC, the last BC day; proptests draw half their dates up to it, since BC is
+    /// a sliver of the full range.
+    const BC_END_DAYS: i32 = -719_163;
+    const BC_END_MICROS: i64 = (BC_END_DAYS as i64 + 1) * MICROS_PER_DAY - 1;
     const H: i64 = MICROS_PER_HOUR;
     const M: i64 = MICROS_PER_MINUTE;
     const S: i64 = MICROS_PER_SECOND;
@@ -1175,6 +1179,12 @@ mod tests {
         ] {
             invalid(&PgType::Uuid, bad);
         }
+    }
+
+    #[test]
+    fn bc_end_is_the_last_day_of_1_bc() {
+        assert_eq!(i64::from(BC_END_DAYS), days_from_civil(0, 12, 31));
+        assert_eq!(format_date(Infinite::Finite(BC_END_DAYS)), "0001-12-31 BC");
     }
 
     #[test]
@@ -1661,13 +1671,13 @@ mod tests {
 
     proptest! {
         #[test]
-        fn dates_round_trip(days in MIN_DATE_DAYS..=MAX_DATE_DAYS) {
+        fn dates_round_trip(days in prop_oneof![MIN_DATE_DAYS..=BC_END_DAYS, MIN_DATE_DAYS..=MAX_DATE_DAYS]) {
             let text = format_date(Infinite::Finite(days));
             prop_assert_eq!(ok(&PgType::Date, &text), Value::Date(Infinite::Finite(days)));
         }
 
         #[test]
-        fn timestamps_round_trip(micros in MIN_TIMESTAMP_MICROS..=i64::MAX) {
+        fn timestamps_round_trip(micros in prop_oneof![MIN_TIMESTAMP_MICROS..=BC_END_MICROS, MIN_TIMESTAMP_MICROS..=i64::MAX]) {
             let text = pg_timestamp(micros, None);
             prop_assert_eq!(
                 ok(&PgType::Timestamp, &text),
@@ -1677,7 +1687,7 @@ mod tests {
 
         #[test]
         fn timestamptz_round_trips_with_any_offset(
-            utc in MIN_TIMESTAMP_MICROS..=i64::MAX,
+            utc in prop_oneof![MIN_TIMESTAMP_MICROS..=BC_END_MICROS, MIN_TIMESTAMP_MICROS..=i64::MAX],
             offset in -57_599i32..=57_599,
         ) {
             let Some(local) = utc.checked_add(i64::from(offset) * S) else {
