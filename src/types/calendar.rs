@@ -237,7 +237,7 @@ fn push_fraction(out: &mut String, micros: u64) {
     }
     let mut value = micros;
     let mut width = 6;
-    while value % 10 == 0 {
+    while value.is_multiple_of(10) {
         value /= 10;
         width -= 1;
     }
