@@ -223,14 +223,20 @@ impl Cluster {
         )
     }
 
+    /// Runs admin SQL from synchronous code (also when called inside a runtime).
     fn admin_exec_blocking(&self, sql: &str) {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
         let info = ConnInfo::parse(&self.admin_url("postgres")).expect("admin url");
-        rt.block_on(async {
-            let mut c = PgConnection::connect(&info, SessionKind::Sql).await.expect("admin connect");
-            c.simple_query(sql).await.expect("admin sql");
-            c.close().await;
-        });
+        let sql = sql.to_string();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            rt.block_on(async {
+                let mut c = PgConnection::connect(&info, SessionKind::Sql).await.expect("admin connect");
+                c.simple_query(&sql).await.expect("admin sql");
+                c.close().await;
+            });
+        })
+        .join()
+        .expect("admin thread");
     }
 
     /// A fresh database for one test, owned by the SCRAM user.
