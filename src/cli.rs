@@ -14,14 +14,30 @@ pub const DEFAULT_PUBLICATION: &str = "slotlake";
 pub const DEFAULT_STATUS_INTERVAL: &str = "10s";
 
 #[derive(Debug, Parser)]
-#[command(name = "slotlake", version, about = "Mirror PostgreSQL into a lakehouse over logical replication (pgoutput)")]
+#[command(
+    name = "slotlake",
+    version,
+    about = "Mirror PostgreSQL into a lakehouse over logical replication (pgoutput)"
+)]
 pub struct Cli {
     /// Log filter: error, warn, info, debug, trace, or a tracing directive list.
-    #[arg(long, env = "SLOTLAKE_LOG_LEVEL", value_name = "LEVEL", default_value = "info", global = true)]
+    #[arg(
+        long,
+        env = "SLOTLAKE_LOG_LEVEL",
+        value_name = "LEVEL",
+        default_value = "info",
+        global = true
+    )]
     pub log_level: String,
 
     /// Log format.
-    #[arg(long, env = "SLOTLAKE_LOG_FORMAT", value_name = "FORMAT", default_value = "text", global = true)]
+    #[arg(
+        long,
+        env = "SLOTLAKE_LOG_FORMAT",
+        value_name = "FORMAT",
+        default_value = "text",
+        global = true
+    )]
     pub log_format: LogFormat,
 
     #[command(subcommand)]
@@ -48,7 +64,12 @@ pub enum Command {
 pub struct SourceArgs {
     /// Source database: a libpq URL (postgresql://user@host:5432/db?sslmode=verify-full) or
     /// key=value string. The password may instead come from PGPASSWORD or ~/.pgpass.
-    #[arg(long, env = "SLOTLAKE_SOURCE", value_name = "URL", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "SLOTLAKE_SOURCE",
+        value_name = "URL",
+        hide_env_values = true
+    )]
     pub source: String,
 }
 
@@ -97,10 +118,21 @@ pub struct SlotCreateArgs {
     #[arg(long, env = "SLOTLAKE_CREATE_PUBLICATION")]
     pub create_publication: bool,
     /// Publish every table in this schema, including tables created later (repeatable; PG ≥ 15).
-    #[arg(long = "schema", env = "SLOTLAKE_SCHEMAS", value_name = "SCHEMA", value_delimiter = ',', conflicts_with = "tables")]
+    #[arg(
+        long = "schema",
+        env = "SLOTLAKE_SCHEMAS",
+        value_name = "SCHEMA",
+        value_delimiter = ',',
+        conflicts_with = "tables"
+    )]
     pub schemas: Vec<String>,
     /// Publish this table, as schema.table (repeatable; quote names as in SQL: '"My Schema"."T"').
-    #[arg(long = "table", env = "SLOTLAKE_TABLES", value_name = "SCHEMA.TABLE", value_delimiter = ',')]
+    #[arg(
+        long = "table",
+        env = "SLOTLAKE_TABLES",
+        value_name = "SCHEMA.TABLE",
+        value_delimiter = ','
+    )]
     pub tables: Vec<String>,
 }
 

@@ -5,8 +5,12 @@ use std::io::Write;
 
 use anyhow::{Context, Result};
 
-use crate::cli::{OutputFormat, SlotCommand, SlotCreateArgs, SlotDropArgs, SlotListArgs, SlotStatusArgs, TailArgs};
-use crate::replication::slot::{self, PublicationOutcome, PublicationScope, SlotError, SlotInfo, SnapshotAction};
+use crate::cli::{
+    OutputFormat, SlotCommand, SlotCreateArgs, SlotDropArgs, SlotListArgs, SlotStatusArgs, TailArgs,
+};
+use crate::replication::slot::{
+    self, PublicationOutcome, PublicationScope, SlotError, SlotInfo, SnapshotAction,
+};
 use crate::replication::sql::{parse_ident, TableName};
 use crate::replication::{ConnInfo, PgConnection, SessionKind};
 use crate::tail::{self, TailOptions};
@@ -57,8 +61,12 @@ async fn slot_create(a: SlotCreateArgs) -> Result<()> {
     // The publication first: a slot without its publication streams nothing useful.
     if a.create_publication {
         match slot::ensure_publication(&mut repl, &a.publication.publication, &scope).await? {
-            PublicationOutcome::Created => println!("created publication {}", a.publication.publication),
-            PublicationOutcome::AlreadyExists => println!("publication {} already exists", a.publication.publication),
+            PublicationOutcome::Created => {
+                println!("created publication {}", a.publication.publication)
+            }
+            PublicationOutcome::AlreadyExists => {
+                println!("publication {} already exists", a.publication.publication)
+            }
         }
     }
     let created = slot::create_slot(&mut repl, &a.slot.slot, SnapshotAction::None).await?;
@@ -119,7 +127,16 @@ fn print_slots(slots: &[SlotInfo], format: OutputFormat) -> Result<()> {
             writeln!(
                 out,
                 "{:<24} {:<10} {:<9} {:<10} {:<7} {:>8} {:>14} {:>14} {:>14} {:<10}",
-                "slot", "plugin", "type", "database", "active", "pid", "confirmed", "restart", "retained", "wal_status"
+                "slot",
+                "plugin",
+                "type",
+                "database",
+                "active",
+                "pid",
+                "confirmed",
+                "restart",
+                "retained",
+                "wal_status"
             )?;
             for s in slots {
                 let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
@@ -131,10 +148,14 @@ fn print_slots(slots: &[SlotInfo], format: OutputFormat) -> Result<()> {
                     s.slot_type,
                     opt(&s.database),
                     s.active,
-                    s.active_pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+                    s.active_pid
+                        .map(|p| p.to_string())
+                        .unwrap_or_else(|| "-".into()),
                     opt(&s.confirmed_flush_lsn),
                     opt(&s.restart_lsn),
-                    s.retained_wal_bytes.map(human_bytes).unwrap_or_else(|| "-".into()),
+                    s.retained_wal_bytes
+                        .map(human_bytes)
+                        .unwrap_or_else(|| "-".into()),
                     opt(&s.wal_status),
                 )?;
             }

@@ -71,7 +71,11 @@ pub enum TailError {
         source: ValueError,
     },
     #[error("the server sent a tuple with {got} columns for {table}, whose Relation message has {expected}")]
-    ColumnCount { table: String, expected: usize, got: usize },
+    ColumnCount {
+        table: String,
+        expected: usize,
+        got: usize,
+    },
     #[error("cannot write output")]
     Output(#[source] std::io::Error),
 }
@@ -119,12 +123,18 @@ pub async fn run<W: Write>(
     let mut events = Vec::new();
     let mut summary = TailSummary::default();
     let mut received = Lsn::INVALID;
+    // --limit reached; and whether the current transaction had changes left unprinted.
+    let mut limit_reached = false;
+    let mut txn_cut = false;
     let mut ticker = tokio::time::interval(opts.status_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
 
     let result: Result<(), TailError> = async {
         loop {
+            if limit_reached && assembler.is_idle() {
+                return Ok(());
+            }
             let msg = tokio::select! {
                 m = stream.next_message() => m?,
                 _ = ticker.tick() => {
@@ -172,16 +182,18 @@ pub async fn run<W: Write>(
                                         t
                                     }
                                 };
+                                if limit_reached {
+                                    // Past the limit: read on to the commit, print nothing more.
+                                    txn_cut = true;
+                                    continue;
+                                }
                                 let line = change_json(&txn, position.seq, &change, &types)?;
                                 if !opts.discard {
                                     serde_json::to_writer(&mut *out, &line).map_err(|e| TailError::Output(e.into()))?;
                                     out.write_all(b"\n").map_err(TailError::Output)?;
                                 }
                                 summary.changes += 1;
-                                if opts.limit.is_some_and(|l| summary.changes >= l) {
-                                    out.flush().map_err(TailError::Output)?;
-                                    return Ok(());
-                                }
+                                limit_reached = opts.limit.is_some_and(|l| summary.changes >= l);
                             }
                             Event::Message { txn, message } => {
                                 if opts.messages && !opts.discard {
@@ -196,12 +208,17 @@ pub async fn run<W: Write>(
                                     out.write_all(b"\n").map_err(TailError::Output)?;
                                 }
                             }
-                            Event::Begin(_) => {}
+                            Event::Begin(_) => txn_cut = false,
                             Event::Commit { end_lsn, .. } => {
                                 summary.transactions += 1;
                                 out.flush().map_err(TailError::Output)?;
-                                if opts.confirm {
+                                // A transaction cut short by --limit is not confirmed: the
+                                // next reader gets it whole.
+                                if opts.confirm && !txn_cut {
                                     summary.confirmed = summary.confirmed.max(end_lsn);
+                                }
+                                if limit_reached {
+                                    return Ok(());
                                 }
                             }
                         }
@@ -214,7 +231,9 @@ pub async fn run<W: Write>(
     out.flush().map_err(TailError::Output)?;
     result?;
     // Final status: what was printed completely is confirmed (only with --confirm).
-    stream.send_status(received, summary.confirmed, summary.confirmed, false).await?;
+    stream
+        .send_status(received, summary.confirmed, summary.confirmed, false)
+        .await?;
     let conn = stream.stop().await?;
     conn.close().await;
     if let Some(c) = catalog_conn {
@@ -246,17 +265,29 @@ async fn resolve_types(
         };
         types.push(t);
     }
-    Ok(TableTypes { schema: rel.namespace.clone(), table: rel.name.clone(), types })
+    Ok(TableTypes {
+        schema: rel.namespace.clone(),
+        table: rel.name.clone(),
+        types,
+    })
 }
 
-fn change_json(txn: &TxnInfo, seq: u64, change: &Change, types: &TableTypes) -> Result<Json, TailError> {
+fn change_json(
+    txn: &TxnInfo,
+    seq: u64,
+    change: &Change,
+    types: &TableTypes,
+) -> Result<Json, TailError> {
     let mut line = Map::new();
     line.insert("lsn".into(), Json::String(txn.commit_lsn.to_string()));
     line.insert("seq".into(), Json::from(seq));
     line.insert("xid".into(), Json::from(txn.xid));
     line.insert(
         "commit_ts".into(),
-        Json::String(calendar::format_timestamp(crate::types::Infinite::Finite(txn.commit_ts.unix_micros()), true)),
+        Json::String(calendar::format_timestamp(
+            crate::types::Infinite::Finite(txn.commit_ts.unix_micros()),
+            true,
+        )),
     );
     line.insert("schema".into(), Json::String(types.schema.clone()));
     line.insert("table".into(), Json::String(types.table.clone()));
@@ -266,15 +297,24 @@ fn change_json(txn: &TxnInfo, seq: u64, change: &Change, types: &TableTypes) -> 
         let (obj, unchanged) = tuple_json(new, txn, types, rel, false)?;
         line.insert("new".into(), Json::Object(obj));
         if !unchanged.is_empty() {
-            line.insert("unchanged".into(), Json::Array(unchanged.into_iter().map(Json::String).collect()));
+            line.insert(
+                "unchanged".into(),
+                Json::Array(unchanged.into_iter().map(Json::String).collect()),
+            );
         }
     }
     match &change.old {
         Some(OldTuple::Key(t)) => {
-            line.insert("old_key".into(), Json::Object(tuple_json(t, txn, types, rel, true)?.0));
+            line.insert(
+                "old_key".into(),
+                Json::Object(tuple_json(t, txn, types, rel, true)?.0),
+            );
         }
         Some(OldTuple::Full(t)) => {
-            line.insert("old".into(), Json::Object(tuple_json(t, txn, types, rel, false)?.0));
+            line.insert(
+                "old".into(),
+                Json::Object(tuple_json(t, txn, types, rel, false)?.0),
+            );
         }
         None => {}
     }

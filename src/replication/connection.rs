@@ -65,7 +65,11 @@ pub struct ServerError {
 
 impl fmt::Display for ServerError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {} (SQLSTATE {})", self.severity, self.message, self.code)?;
+        write!(
+            f,
+            "{}: {} (SQLSTATE {})",
+            self.severity, self.message, self.code
+        )?;
         if let Some(d) = &self.detail {
             write!(f, "; detail: {d}")?;
         }
@@ -128,7 +132,10 @@ impl ClientError {
     /// Everything else needs an operator.
     pub fn is_transient(&self) -> bool {
         match self {
-            ClientError::Connect { .. } | ClientError::ConnectTimeout { .. } | ClientError::Io(_) | ClientError::Closed => true,
+            ClientError::Connect { .. }
+            | ClientError::ConnectTimeout { .. }
+            | ClientError::Io(_)
+            | ClientError::Closed => true,
             ClientError::Server(e) => {
                 e.code.starts_with("08") // connection exception
                     || matches!(e.code.as_str(), "57P01" | "57P02" | "57P03" | "53300" | "40001" | "40P01")
@@ -177,7 +184,9 @@ pub struct PgConnection {
 
 impl fmt::Debug for PgConnection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PgConnection").field("target", &self.info.redacted()).finish()
+        f.debug_struct("PgConnection")
+            .field("target", &self.info.redacted())
+            .finish()
     }
 }
 
@@ -185,26 +194,45 @@ impl PgConnection {
     /// Connects, negotiates TLS per `sslmode`, authenticates, and waits until the session is ready.
     pub async fn connect(info: &ConnInfo, kind: SessionKind) -> Result<PgConnection, ClientError> {
         let target = format!("{}:{}", info.host, info.port);
-        match tokio::time::timeout(info.connect_timeout, Self::connect_inner(info, kind, &target)).await {
+        match tokio::time::timeout(
+            info.connect_timeout,
+            Self::connect_inner(info, kind, &target),
+        )
+        .await
+        {
             Ok(r) => r,
-            Err(_) => Err(ClientError::ConnectTimeout { target, after: info.connect_timeout }),
+            Err(_) => Err(ClientError::ConnectTimeout {
+                target,
+                after: info.connect_timeout,
+            }),
         }
     }
 
-    async fn connect_inner(info: &ConnInfo, kind: SessionKind, target: &str) -> Result<PgConnection, ClientError> {
+    async fn connect_inner(
+        info: &ConnInfo,
+        kind: SessionKind,
+        target: &str,
+    ) -> Result<PgConnection, ClientError> {
         let tls_config = tls::client_config(info)?;
         let io: Box<dyn Stream> = match &info.host {
             Host::Unix(dir) => {
                 let path = dir.join(format!(".s.PGSQL.{}", info.port));
-                let s = UnixStream::connect(&path)
-                    .await
-                    .map_err(|source| ClientError::Connect { target: path.display().to_string(), source })?;
+                let s =
+                    UnixStream::connect(&path)
+                        .await
+                        .map_err(|source| ClientError::Connect {
+                            target: path.display().to_string(),
+                            source,
+                        })?;
                 Box::new(s)
             }
             Host::Tcp(host) => {
                 let mut s = TcpStream::connect((host.as_str(), info.port))
                     .await
-                    .map_err(|source| ClientError::Connect { target: target.to_string(), source })?;
+                    .map_err(|source| ClientError::Connect {
+                        target: target.to_string(),
+                        source,
+                    })?;
                 let _ = s.set_nodelay(true);
                 match tls_config {
                     None => Box::new(s),
@@ -215,14 +243,19 @@ impl PgConnection {
                         let answer = s.read_u8().await.map_err(ClientError::Io)?;
                         match answer {
                             b'S' => {
-                                let name = tls::server_name(host).map_err(|e| ClientError::TlsHandshake {
-                                    target: target.to_string(),
-                                    source: io::Error::new(io::ErrorKind::InvalidInput, e),
+                                let name = tls::server_name(host).map_err(|e| {
+                                    ClientError::TlsHandshake {
+                                        target: target.to_string(),
+                                        source: io::Error::new(io::ErrorKind::InvalidInput, e),
+                                    }
                                 })?;
                                 let tls = tokio_rustls::TlsConnector::from(config)
                                     .connect(name, s)
                                     .await
-                                    .map_err(|source| ClientError::TlsHandshake { target: target.to_string(), source })?;
+                                    .map_err(|source| ClientError::TlsHandshake {
+                                        target: target.to_string(),
+                                        source,
+                                    })?;
                                 Box::new(tls)
                             }
                             b'N' if info.sslmode == SslMode::Prefer => Box::new(s),
@@ -232,7 +265,10 @@ impl PgConnection {
                                     SslMode::VerifyCa => "verify-ca",
                                     _ => "verify-full",
                                 };
-                                return Err(ClientError::TlsNotOffered { target: target.to_string(), mode });
+                                return Err(ClientError::TlsNotOffered {
+                                    target: target.to_string(),
+                                    mode,
+                                });
                             }
                             // An ErrorResponse here means a pre-3.0 server or a proxy that refused us.
                             other => {
@@ -266,7 +302,8 @@ impl PgConnection {
             params.push(("replication", "database"));
         }
         params.extend_from_slice(SESSION_SETTINGS);
-        frontend::startup_message(params.into_iter(), &mut self.write_buf).map_err(ClientError::Io)?;
+        frontend::startup_message(params.into_iter(), &mut self.write_buf)
+            .map_err(ClientError::Io)?;
         self.flush().await?;
         self.authenticate().await?;
         loop {
@@ -295,7 +332,8 @@ impl PgConnection {
                 0 => return Ok(()),
                 3 => {
                     let pw = self.password()?.to_string();
-                    frontend::password_message(pw.as_bytes(), &mut self.write_buf).map_err(ClientError::Io)?;
+                    frontend::password_message(pw.as_bytes(), &mut self.write_buf)
+                        .map_err(ClientError::Io)?;
                     self.flush().await?;
                 }
                 5 => {
@@ -303,8 +341,10 @@ impl PgConnection {
                         return Err(ClientError::Protocol("MD5 salt truncated".into()));
                     }
                     let salt = [body[0], body[1], body[2], body[3]];
-                    let hashed = md5_hash(self.info.user.as_bytes(), self.password()?.as_bytes(), salt);
-                    frontend::password_message(hashed.as_bytes(), &mut self.write_buf).map_err(ClientError::Io)?;
+                    let hashed =
+                        md5_hash(self.info.user.as_bytes(), self.password()?.as_bytes(), salt);
+                    frontend::password_message(hashed.as_bytes(), &mut self.write_buf)
+                        .map_err(ClientError::Io)?;
                     self.flush().await?;
                 }
                 10 => self.scram(body).await?,
@@ -326,12 +366,17 @@ impl PgConnection {
             offered.push(m);
         }
         if !offered.iter().any(|m| m == SCRAM_SHA_256) {
-            return Err(ClientError::UnsupportedAuth(format!("SASL {}", offered.join(", "))));
+            return Err(ClientError::UnsupportedAuth(format!(
+                "SASL {}",
+                offered.join(", ")
+            )));
         }
         // Channel binding (SCRAM-SHA-256-PLUS) is not used; "n" tells the server so, which it
         // accepts whether or not it offered PLUS.
-        let mut scram = ScramSha256::new(self.password()?.as_bytes(), ChannelBinding::unsupported());
-        frontend::sasl_initial_response(SCRAM_SHA_256, scram.message(), &mut self.write_buf).map_err(ClientError::Io)?;
+        let mut scram =
+            ScramSha256::new(self.password()?.as_bytes(), ChannelBinding::unsupported());
+        frontend::sasl_initial_response(SCRAM_SHA_256, scram.message(), &mut self.write_buf)
+            .map_err(ClientError::Io)?;
         self.flush().await?;
         let cont = self.expect_auth(11).await?;
         scram.update(&cont).map_err(ClientError::Scram)?;
@@ -349,7 +394,9 @@ impl PgConnection {
                 let mut body = frame.body;
                 let code = get_i32(&mut body, "authentication code")?;
                 if code != want {
-                    return Err(ClientError::Protocol(format!("expected SASL message {want}, got {code}")));
+                    return Err(ClientError::Protocol(format!(
+                        "expected SASL message {want}, got {code}"
+                    )));
                 }
                 Ok(body)
             }
@@ -359,7 +406,12 @@ impl PgConnection {
     }
 
     fn password(&self) -> Result<&str, ClientError> {
-        self.info.password.as_deref().ok_or_else(|| ClientError::NoPassword { user: self.info.user.clone() })
+        self.info
+            .password
+            .as_deref()
+            .ok_or_else(|| ClientError::NoPassword {
+                user: self.info.user.clone(),
+            })
     }
 
     fn record_parameter(&mut self, mut body: Bytes) -> Result<(), ClientError> {
@@ -376,7 +428,9 @@ impl PgConnection {
 
     /// `server_version_num`-style number (150004 for 15.4), from the reported `server_version`.
     pub fn server_version_num(&self) -> u32 {
-        self.parameter("server_version").map(parse_server_version).unwrap_or(0)
+        self.parameter("server_version")
+            .map(parse_server_version)
+            .unwrap_or(0)
     }
 
     pub fn info(&self) -> &ConnInfo {
@@ -395,7 +449,10 @@ impl PgConnection {
             let frame = self.read_frame().await?;
             match frame.tag {
                 b'T' => columns = Arc::new(parse_row_description(frame.body)?),
-                b'D' => rows.push(Row { columns: columns.clone(), values: parse_data_row(frame.body)? }),
+                b'D' => rows.push(Row {
+                    columns: columns.clone(),
+                    values: parse_data_row(frame.body)?,
+                }),
                 b'C' | b'I' | b'N' | b'S' | b'A' => {}
                 b'E' => error = Some(parse_error_response(frame.body)?),
                 b'Z' => {
@@ -405,7 +462,9 @@ impl PgConnection {
                     }
                 }
                 b'W' | b'H' | b'G' => {
-                    return Err(ClientError::Protocol("simple_query cannot run COPY or START_REPLICATION".into()))
+                    return Err(ClientError::Protocol(
+                        "simple_query cannot run COPY or START_REPLICATION".into(),
+                    ))
                 }
                 other => return Err(unexpected(other, "query")),
             }
@@ -446,7 +505,11 @@ impl PgConnection {
             if self.read_buf.capacity() - self.read_buf.len() < 8192 {
                 self.read_buf.reserve(READ_BUFFER);
             }
-            let n = self.io.read_buf(&mut self.read_buf).await.map_err(ClientError::Io)?;
+            let n = self
+                .io
+                .read_buf(&mut self.read_buf)
+                .await
+                .map_err(ClientError::Io)?;
             if n == 0 {
                 return Err(ClientError::Closed);
             }
@@ -459,9 +522,16 @@ impl PgConnection {
             return Ok(None);
         }
         let tag = self.read_buf[0];
-        let len = u32::from_be_bytes([self.read_buf[1], self.read_buf[2], self.read_buf[3], self.read_buf[4]]) as usize;
+        let len = u32::from_be_bytes([
+            self.read_buf[1],
+            self.read_buf[2],
+            self.read_buf[3],
+            self.read_buf[4],
+        ]) as usize;
         if !(4..=MAX_MESSAGE_LEN).contains(&len) {
-            return Err(ClientError::Protocol(format!("message {tag:#04x} has invalid length {len}")));
+            return Err(ClientError::Protocol(format!(
+                "message {tag:#04x} has invalid length {len}"
+            )));
         }
         if self.read_buf.len() < len + 1 {
             self.read_buf.reserve(len + 1 - self.read_buf.len());
@@ -469,7 +539,10 @@ impl PgConnection {
         }
         let mut frame = self.read_buf.split_to(len + 1);
         frame.advance(5);
-        Ok(Some(Frame { tag, body: frame.freeze() }))
+        Ok(Some(Frame {
+            tag,
+            body: frame.freeze(),
+        }))
     }
 
     pub(crate) fn write_buf(&mut self) -> &mut BytesMut {
@@ -477,7 +550,10 @@ impl PgConnection {
     }
 
     pub(crate) async fn flush(&mut self) -> Result<(), ClientError> {
-        self.io.write_all(&self.write_buf).await.map_err(ClientError::Io)?;
+        self.io
+            .write_all(&self.write_buf)
+            .await
+            .map_err(ClientError::Io)?;
         self.write_buf.clear();
         self.io.flush().await.map_err(ClientError::Io)
     }
@@ -491,12 +567,18 @@ impl PgConnection {
 }
 
 fn unexpected(tag: u8, during: &str) -> ClientError {
-    ClientError::Protocol(format!("unexpected message {:?} during {during}", tag as char))
+    ClientError::Protocol(format!(
+        "unexpected message {:?} during {during}",
+        tag as char
+    ))
 }
 
 /// Parses `server_version` ("15.4 (Debian 15.4-1)", "16beta1", "9.6.24") into 150004 / 160000 / 90624.
 pub fn parse_server_version(v: &str) -> u32 {
-    let num: String = v.chars().take_while(|c| c.is_ascii_digit() || *c == '.').collect();
+    let num: String = v
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
     let mut parts = num.split('.').filter_map(|p| p.parse::<u32>().ok());
     let major = parts.next().unwrap_or(0);
     let second = parts.next().unwrap_or(0);
@@ -558,9 +640,9 @@ fn parse_data_row(mut body: Bytes) -> Result<Vec<Option<String>>, ClientError> {
             return Err(ClientError::Protocol("DataRow truncated".into()));
         }
         let v = body.split_to(len);
-        vals.push(Some(
-            String::from_utf8(v.to_vec()).map_err(|_| ClientError::Protocol("DataRow value is not UTF-8".into()))?,
-        ));
+        vals.push(Some(String::from_utf8(v.to_vec()).map_err(|_| {
+            ClientError::Protocol("DataRow value is not UTF-8".into())
+        })?));
     }
     Ok(vals)
 }
@@ -601,7 +683,10 @@ mod tests {
 
     #[test]
     fn server_versions() {
-        assert_eq!(parse_server_version("15.4 (Debian 15.4-1.pgdg120+1)"), 150004);
+        assert_eq!(
+            parse_server_version("15.4 (Debian 15.4-1.pgdg120+1)"),
+            150004
+        );
         assert_eq!(parse_server_version("16beta1"), 160000);
         assert_eq!(parse_server_version("9.6.24"), 90624);
         assert_eq!(parse_server_version("18.1"), 180001);
@@ -610,7 +695,13 @@ mod tests {
     #[test]
     fn error_response_fields_and_truncation() {
         let mut b = BytesMut::new();
-        for (f, v) in [(b'S', "FATAL"), (b'V', "FATAL"), (b'C', "28P01"), (b'M', "password authentication failed"), (b'H', "check it")] {
+        for (f, v) in [
+            (b'S', "FATAL"),
+            (b'V', "FATAL"),
+            (b'C', "28P01"),
+            (b'M', "password authentication failed"),
+            (b'H', "check it"),
+        ] {
             b.extend_from_slice(&[f]);
             b.extend_from_slice(v.as_bytes());
             b.extend_from_slice(&[0]);
@@ -632,6 +723,9 @@ mod tests {
         let body = Bytes::from_static(&[0, 1, 0, 0, 0, 5, b'a']);
         assert!(parse_data_row(body).is_err());
         let body = Bytes::from_static(&[0, 2, 255, 255, 255, 255, 0, 0, 0, 1, b'x']);
-        assert_eq!(parse_data_row(body).unwrap(), vec![None, Some("x".to_string())]);
+        assert_eq!(
+            parse_data_row(body).unwrap(),
+            vec![None, Some("x".to_string())]
+        );
     }
 }

@@ -135,7 +135,11 @@ impl ConnInfo {
 
     /// The connection string with the password replaced, safe for logs.
     pub fn redacted(&self) -> String {
-        let pw = if self.password.is_some() { ":********" } else { "" };
+        let pw = if self.password.is_some() {
+            ":********"
+        } else {
+            ""
+        };
         format!(
             "postgresql://{}{}@{}:{}/{}?sslmode={}",
             self.user,
@@ -155,7 +159,10 @@ impl ConnInfo {
 
     /// The same settings for another database on the same server.
     pub fn with_dbname(&self, dbname: &str) -> ConnInfo {
-        ConnInfo { dbname: dbname.to_string(), ..self.clone() }
+        ConnInfo {
+            dbname: dbname.to_string(),
+            ..self.clone()
+        }
     }
 }
 
@@ -199,8 +206,15 @@ impl RawSettings {
             "connect_timeout" => &mut self.connect_timeout,
             "passfile" => &mut self.passfile,
             // Accepted and ignored: they do not change how slotlake connects.
-            "replication" | "channel_binding" | "gssencmode" | "target_session_attrs" | "keepalives"
-            | "keepalives_idle" | "keepalives_interval" | "keepalives_count" | "options" => return Ok(()),
+            "replication"
+            | "channel_binding"
+            | "gssencmode"
+            | "target_session_attrs"
+            | "keepalives"
+            | "keepalives_idle"
+            | "keepalives_interval"
+            | "keepalives_count"
+            | "options" => return Ok(()),
             other => return Err(ConnInfoError::UnknownParameter(other.to_string())),
         };
         *slot = Some(value);
@@ -208,21 +222,44 @@ impl RawSettings {
     }
 
     fn finish(self, env: &dyn Env) -> Result<ConnInfo, ConnInfoError> {
-        let host_s = self.host.or_else(|| env.var("PGHOST")).unwrap_or_else(|| "localhost".into());
+        let host_s = self
+            .host
+            .or_else(|| env.var("PGHOST"))
+            .unwrap_or_else(|| "localhost".into());
         if host_s.contains(',') {
             return Err(ConnInfoError::InvalidValue {
                 key: "host".into(),
-                reason: "multiple hosts are not supported; give one host (use the cluster endpoint)".into(),
+                reason:
+                    "multiple hosts are not supported; give one host (use the cluster endpoint)"
+                        .into(),
             });
         }
-        let host = if host_s.starts_with('/') { Host::Unix(PathBuf::from(&host_s)) } else { Host::Tcp(host_s) };
-        let port_s = self.port.or_else(|| env.var("PGPORT")).unwrap_or_else(|| "5432".into());
-        let port = port_s.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| ConnInfoError::InvalidValue {
-            key: "port".into(),
-            reason: format!("{port_s:?} is not a port number"),
-        })?;
-        let user = self.user.or_else(|| env.var("PGUSER")).or_else(|| env.var("USER")).ok_or(ConnInfoError::NoUser)?;
-        let dbname = self.dbname.or_else(|| env.var("PGDATABASE")).unwrap_or_else(|| user.clone());
+        let host = if host_s.starts_with('/') {
+            Host::Unix(PathBuf::from(&host_s))
+        } else {
+            Host::Tcp(host_s)
+        };
+        let port_s = self
+            .port
+            .or_else(|| env.var("PGPORT"))
+            .unwrap_or_else(|| "5432".into());
+        let port = port_s
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| ConnInfoError::InvalidValue {
+                key: "port".into(),
+                reason: format!("{port_s:?} is not a port number"),
+            })?;
+        let user = self
+            .user
+            .or_else(|| env.var("PGUSER"))
+            .or_else(|| env.var("USER"))
+            .ok_or(ConnInfoError::NoUser)?;
+        let dbname = self
+            .dbname
+            .or_else(|| env.var("PGDATABASE"))
+            .unwrap_or_else(|| user.clone());
         let sslmode = match self.sslmode.or_else(|| env.var("PGSSLMODE")) {
             Some(m) => SslMode::parse(&m)?,
             // Unix sockets never use TLS.
@@ -230,9 +267,14 @@ impl RawSettings {
             None => SslMode::Prefer,
         };
         let sslrootcert = self.sslrootcert.or_else(|| env.var("PGSSLROOTCERT"));
-        let application_name =
-            self.application_name.or_else(|| env.var("PGAPPNAME")).unwrap_or_else(|| "slotlake".into());
-        let connect_timeout = match self.connect_timeout.or_else(|| env.var("PGCONNECT_TIMEOUT")) {
+        let application_name = self
+            .application_name
+            .or_else(|| env.var("PGAPPNAME"))
+            .unwrap_or_else(|| "slotlake".into());
+        let connect_timeout = match self
+            .connect_timeout
+            .or_else(|| env.var("PGCONNECT_TIMEOUT"))
+        {
             None => DEFAULT_CONNECT_TIMEOUT,
             Some(t) => {
                 let secs = t.parse::<u64>().map_err(|_| ConnInfoError::InvalidValue {
@@ -246,20 +288,33 @@ impl RawSettings {
         let password = match self.password.or_else(|| env.var("PGPASSWORD")) {
             Some(p) => Some(p),
             None => {
-                let file = self.passfile.or_else(|| env.var("PGPASSFILE")).map(PathBuf::from).or_else(|| {
-                    env.var("HOME").map(|h| Path::new(&h).join(".pgpass"))
-                });
-                file.and_then(|f| std::fs::read_to_string(f).ok()).and_then(|content| {
-                    let host_key = match &host {
-                        // libpq matches Unix sockets against "localhost".
-                        Host::Unix(_) => "localhost".to_string(),
-                        Host::Tcp(h) => h.clone(),
-                    };
-                    pgpass_lookup(&content, &host_key, port, &dbname, &user)
-                })
+                let file = self
+                    .passfile
+                    .or_else(|| env.var("PGPASSFILE"))
+                    .map(PathBuf::from)
+                    .or_else(|| env.var("HOME").map(|h| Path::new(&h).join(".pgpass")));
+                file.and_then(|f| std::fs::read_to_string(f).ok())
+                    .and_then(|content| {
+                        let host_key = match &host {
+                            // libpq matches Unix sockets against "localhost".
+                            Host::Unix(_) => "localhost".to_string(),
+                            Host::Tcp(h) => h.clone(),
+                        };
+                        pgpass_lookup(&content, &host_key, port, &dbname, &user)
+                    })
             }
         };
-        Ok(ConnInfo { host, port, user, password, dbname, sslmode, sslrootcert, application_name, connect_timeout })
+        Ok(ConnInfo {
+            host,
+            port,
+            user,
+            password,
+            dbname,
+            sslmode,
+            sslrootcert,
+            application_name,
+            connect_timeout,
+        })
     }
 }
 
@@ -320,9 +375,9 @@ fn parse_url(s: &str) -> Result<Vec<(String, String)>, ConnInfoError> {
     }
     if let Some(q) = query {
         for pair in q.split('&').filter(|p| !p.is_empty()) {
-            let (k, v) = pair
-                .split_once('=')
-                .ok_or_else(|| ConnInfoError::InvalidUrl(format!("query parameter {pair:?} has no value")))?;
+            let (k, v) = pair.split_once('=').ok_or_else(|| {
+                ConnInfoError::InvalidUrl(format!("query parameter {pair:?} has no value"))
+            })?;
             out.push((decode(k)?, decode(v)?));
         }
     }
@@ -351,7 +406,9 @@ fn parse_key_values(s: &str) -> Result<Vec<(String, String)>, ConnInfoError> {
             chars.next();
         }
         if chars.next() != Some('=') {
-            return Err(ConnInfoError::InvalidKeyValue(format!("missing \"=\" after {key:?}")));
+            return Err(ConnInfoError::InvalidKeyValue(format!(
+                "missing \"=\" after {key:?}"
+            )));
         }
         while chars.peek().is_some_and(|c| c.is_whitespace()) {
             chars.next();
@@ -361,10 +418,16 @@ fn parse_key_values(s: &str) -> Result<Vec<(String, String)>, ConnInfoError> {
             chars.next();
             loop {
                 match chars.next() {
-                    None => return Err(ConnInfoError::InvalidKeyValue(format!("unterminated quoted value for {key:?}"))),
+                    None => {
+                        return Err(ConnInfoError::InvalidKeyValue(format!(
+                            "unterminated quoted value for {key:?}"
+                        )))
+                    }
                     Some('\\') => match chars.next() {
                         Some(c) => value.push(c),
-                        None => return Err(ConnInfoError::InvalidKeyValue("trailing backslash".into())),
+                        None => {
+                            return Err(ConnInfoError::InvalidKeyValue("trailing backslash".into()))
+                        }
                     },
                     Some('\'') => break,
                     Some(c) => value.push(c),
@@ -379,7 +442,9 @@ fn parse_key_values(s: &str) -> Result<Vec<(String, String)>, ConnInfoError> {
                 if c == '\\' {
                     match chars.next() {
                         Some(e) => value.push(e),
-                        None => return Err(ConnInfoError::InvalidKeyValue("trailing backslash".into())),
+                        None => {
+                            return Err(ConnInfoError::InvalidKeyValue("trailing backslash".into()))
+                        }
                     }
                 } else {
                     value.push(c);
@@ -393,7 +458,13 @@ fn parse_key_values(s: &str) -> Result<Vec<(String, String)>, ConnInfoError> {
 
 /// Finds the password for a connection in `.pgpass` content, as libpq does: the first line whose
 /// `host:port:database:user` fields match (each may be `*`), with `\:` and `\\` escapes.
-pub fn pgpass_lookup(content: &str, host: &str, port: u16, dbname: &str, user: &str) -> Option<String> {
+pub fn pgpass_lookup(
+    content: &str,
+    host: &str,
+    port: u16,
+    dbname: &str,
+    user: &str,
+) -> Option<String> {
     let port = port.to_string();
     for line in content.lines() {
         if line.starts_with('#') || line.trim().is_empty() {
@@ -404,7 +475,10 @@ pub fn pgpass_lookup(content: &str, host: &str, port: u16, dbname: &str, user: &
             continue;
         }
         let matches = |field: &str, want: &str| field == "*" || field == want;
-        if matches(&fields[0], host) && matches(&fields[1], &port) && matches(&fields[2], dbname) && matches(&fields[3], user)
+        if matches(&fields[0], host)
+            && matches(&fields[1], &port)
+            && matches(&fields[2], dbname)
+            && matches(&fields[3], user)
         {
             return Some(fields[4].clone());
         }
@@ -482,25 +556,58 @@ mod tests {
         assert_eq!(c.port, 5433);
         assert_eq!(c.password.as_deref(), Some("it's"));
         assert_eq!(c.dbname, "a b");
-        assert_eq!(c.sslmode, SslMode::Disable, "unix sockets default to no TLS");
+        assert_eq!(
+            c.sslmode,
+            SslMode::Disable,
+            "unix sockets default to no TLS"
+        );
     }
 
     #[test]
     fn environment_fills_gaps_and_password_file_is_consulted() {
         let dir = tempfile::tempdir().unwrap();
         let pass = dir.path().join("pgpass");
-        std::fs::write(&pass, "# comment\nother:*:*:*:nope\ndb1:5432:*:carol:s\\:cret\n*:*:*:*:fallback\n").unwrap();
-        let e = env(&[("PGHOST", "db1"), ("PGUSER", "carol"), ("PGPASSFILE", pass.to_str().unwrap())]);
+        std::fs::write(
+            &pass,
+            "# comment\nother:*:*:*:nope\ndb1:5432:*:carol:s\\:cret\n*:*:*:*:fallback\n",
+        )
+        .unwrap();
+        let e = env(&[
+            ("PGHOST", "db1"),
+            ("PGUSER", "carol"),
+            ("PGPASSFILE", pass.to_str().unwrap()),
+        ]);
         let c = ConnInfo::parse_with_env("", &e).unwrap();
         assert_eq!(c.host, Host::Tcp("db1".into()));
         assert_eq!(c.dbname, "carol");
         assert_eq!(c.password.as_deref(), Some("s:cret"));
         assert_eq!(c.sslmode, SslMode::Prefer);
         // PGPASSWORD wins over the file.
-        let e = env(&[("PGHOST", "db1"), ("PGUSER", "carol"), ("PGPASSWORD", "envpw"), ("PGPASSFILE", pass.to_str().unwrap())]);
-        assert_eq!(ConnInfo::parse_with_env("", &e).unwrap().password.as_deref(), Some("envpw"));
-        let e = env(&[("PGHOST", "elsewhere"), ("PGUSER", "dave"), ("PGPASSFILE", pass.to_str().unwrap())]);
-        assert_eq!(ConnInfo::parse_with_env("", &e).unwrap().password.as_deref(), Some("fallback"));
+        let e = env(&[
+            ("PGHOST", "db1"),
+            ("PGUSER", "carol"),
+            ("PGPASSWORD", "envpw"),
+            ("PGPASSFILE", pass.to_str().unwrap()),
+        ]);
+        assert_eq!(
+            ConnInfo::parse_with_env("", &e)
+                .unwrap()
+                .password
+                .as_deref(),
+            Some("envpw")
+        );
+        let e = env(&[
+            ("PGHOST", "elsewhere"),
+            ("PGUSER", "dave"),
+            ("PGPASSFILE", pass.to_str().unwrap()),
+        ]);
+        assert_eq!(
+            ConnInfo::parse_with_env("", &e)
+                .unwrap()
+                .password
+                .as_deref(),
+            Some("fallback")
+        );
     }
 
     #[test]
@@ -515,12 +622,30 @@ mod tests {
     #[test]
     fn rejects_bad_input_with_reasons() {
         let e = env(&[("USER", "x")]);
-        assert!(matches!(ConnInfo::parse_with_env("port=99999", &e), Err(ConnInfoError::InvalidValue { .. })));
-        assert!(matches!(ConnInfo::parse_with_env("sslmode=maybe", &e), Err(ConnInfoError::InvalidValue { .. })));
-        assert!(matches!(ConnInfo::parse_with_env("bogus=1", &e), Err(ConnInfoError::UnknownParameter(_))));
-        assert!(matches!(ConnInfo::parse_with_env("host", &e), Err(ConnInfoError::InvalidKeyValue(_))));
-        assert!(matches!(ConnInfo::parse_with_env("host=a,b", &e), Err(ConnInfoError::InvalidValue { .. })));
-        assert_eq!(ConnInfo::parse_with_env("", &env(&[])), Err(ConnInfoError::NoUser));
+        assert!(matches!(
+            ConnInfo::parse_with_env("port=99999", &e),
+            Err(ConnInfoError::InvalidValue { .. })
+        ));
+        assert!(matches!(
+            ConnInfo::parse_with_env("sslmode=maybe", &e),
+            Err(ConnInfoError::InvalidValue { .. })
+        ));
+        assert!(matches!(
+            ConnInfo::parse_with_env("bogus=1", &e),
+            Err(ConnInfoError::UnknownParameter(_))
+        ));
+        assert!(matches!(
+            ConnInfo::parse_with_env("host", &e),
+            Err(ConnInfoError::InvalidKeyValue(_))
+        ));
+        assert!(matches!(
+            ConnInfo::parse_with_env("host=a,b", &e),
+            Err(ConnInfoError::InvalidValue { .. })
+        ));
+        assert_eq!(
+            ConnInfo::parse_with_env("", &env(&[])),
+            Err(ConnInfoError::NoUser)
+        );
     }
 
     #[test]

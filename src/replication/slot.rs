@@ -20,7 +20,11 @@ pub enum SlotError {
     #[error("replication slot {slot:?} exists but uses plugin {plugin:?}, not pgoutput")]
     WrongPlugin { slot: String, plugin: String },
     #[error("replication slot {slot:?} belongs to database {database:?}, not {expected:?}")]
-    WrongDatabase { slot: String, database: String, expected: String },
+    WrongDatabase {
+        slot: String,
+        database: String,
+        expected: String,
+    },
     #[error("replication slot {slot:?} is physical, not logical")]
     NotLogical { slot: String },
     #[error("replication slot {0:?} does not exist")]
@@ -28,7 +32,11 @@ pub enum SlotError {
     #[error("publication {0:?} does not exist")]
     PublicationMissing(String),
     #[error("publication {name:?} already exists with a different definition: it has {existing}, asked for {wanted}")]
-    PublicationMismatch { name: String, existing: String, wanted: String },
+    PublicationMismatch {
+        name: String,
+        existing: String,
+        wanted: String,
+    },
     #[error("unexpected answer from the server: {0}")]
     UnexpectedAnswer(String),
     #[error(transparent)]
@@ -39,7 +47,9 @@ pub enum SlotError {
 pub fn validate_slot_name(name: &str) -> Result<(), SlotError> {
     let ok = !name.is_empty()
         && name.len() <= 63
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
     if ok {
         Ok(())
     } else {
@@ -92,13 +102,20 @@ fn slot_from_row(r: &Row) -> SlotInfo {
 
 /// All replication slots on the server, by name.
 pub async fn list_slots(conn: &mut PgConnection) -> Result<Vec<SlotInfo>, SlotError> {
-    let rows = conn.simple_query(&format!("{SLOT_QUERY} ORDER BY slot_name")).await?;
+    let rows = conn
+        .simple_query(&format!("{SLOT_QUERY} ORDER BY slot_name"))
+        .await?;
     Ok(rows.iter().map(slot_from_row).collect())
 }
 
 /// One slot, if it exists.
 pub async fn slot_info(conn: &mut PgConnection, name: &str) -> Result<Option<SlotInfo>, SlotError> {
-    let rows = conn.simple_query(&format!("{SLOT_QUERY} WHERE slot_name = {}", quote_literal(name))).await?;
+    let rows = conn
+        .simple_query(&format!(
+            "{SLOT_QUERY} WHERE slot_name = {}",
+            quote_literal(name)
+        ))
+        .await?;
     Ok(rows.first().map(slot_from_row))
 }
 
@@ -132,29 +149,52 @@ pub async fn create_slot(
     validate_slot_name(name)?;
     if let Some(existing) = slot_info(repl, name).await? {
         check_existing(&existing, &repl.info().dbname)?;
-        return Ok(CreatedSlot { name: name.into(), consistent_point: None, snapshot_name: None, already_existed: true });
+        return Ok(CreatedSlot {
+            name: name.into(),
+            consistent_point: None,
+            snapshot_name: None,
+            already_existed: true,
+        });
     }
     // The pre-15 syntax still works on every supported server (10+).
     let snap = match snapshot {
         SnapshotAction::Export => "EXPORT_SNAPSHOT",
         SnapshotAction::None => "NOEXPORT_SNAPSHOT",
     };
-    let result = repl.simple_query(&format!("CREATE_REPLICATION_SLOT {} LOGICAL pgoutput {snap}", quote_ident(name))).await;
+    let result = repl
+        .simple_query(&format!(
+            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput {snap}",
+            quote_ident(name)
+        ))
+        .await;
     let rows = match result {
         Ok(rows) => rows,
         // Lost a race with a concurrent creator: accept it if it is what we wanted.
         Err(ClientError::Server(e)) if e.code == "42710" => {
-            let existing = slot_info(repl, name).await?.ok_or_else(|| SlotError::SlotMissing(name.into()))?;
+            let existing = slot_info(repl, name)
+                .await?
+                .ok_or_else(|| SlotError::SlotMissing(name.into()))?;
             check_existing(&existing, &repl.info().dbname)?;
-            return Ok(CreatedSlot { name: name.into(), consistent_point: None, snapshot_name: None, already_existed: true });
+            return Ok(CreatedSlot {
+                name: name.into(),
+                consistent_point: None,
+                snapshot_name: None,
+                already_existed: true,
+            });
         }
         Err(e) => return Err(e.into()),
     };
-    let row = rows.first().ok_or_else(|| SlotError::UnexpectedAnswer("CREATE_REPLICATION_SLOT returned no row".into()))?;
+    let row = rows.first().ok_or_else(|| {
+        SlotError::UnexpectedAnswer("CREATE_REPLICATION_SLOT returned no row".into())
+    })?;
     let consistent_point = row
         .get("consistent_point")
         .and_then(|v| v.parse::<Lsn>().ok())
-        .ok_or_else(|| SlotError::UnexpectedAnswer("CREATE_REPLICATION_SLOT returned no consistent point".into()))?;
+        .ok_or_else(|| {
+            SlotError::UnexpectedAnswer(
+                "CREATE_REPLICATION_SLOT returned no consistent point".into(),
+            )
+        })?;
     Ok(CreatedSlot {
         name: name.into(),
         consistent_point: Some(consistent_point),
@@ -165,7 +205,9 @@ pub async fn create_slot(
 
 fn check_existing(existing: &SlotInfo, dbname: &str) -> Result<(), SlotError> {
     if existing.slot_type != "logical" {
-        return Err(SlotError::NotLogical { slot: existing.slot_name.clone() });
+        return Err(SlotError::NotLogical {
+            slot: existing.slot_name.clone(),
+        });
     }
     if existing.plugin.as_deref() != Some("pgoutput") {
         return Err(SlotError::WrongPlugin {
@@ -188,7 +230,13 @@ fn check_existing(existing: &SlotInfo, dbname: &str) -> Result<(), SlotError> {
 pub async fn drop_slot(repl: &mut PgConnection, name: &str, wait: bool) -> Result<bool, SlotError> {
     validate_slot_name(name)?;
     let wait = if wait { " WAIT" } else { "" };
-    match repl.simple_query(&format!("DROP_REPLICATION_SLOT {}{wait}", quote_ident(name))).await {
+    match repl
+        .simple_query(&format!(
+            "DROP_REPLICATION_SLOT {}{wait}",
+            quote_ident(name)
+        ))
+        .await
+    {
         Ok(_) => Ok(true),
         Err(ClientError::Server(e)) if e.code == "42704" => Ok(false),
         Err(e) => Err(e.into()),
@@ -206,12 +254,25 @@ pub struct SystemIdentity {
 
 pub async fn identify_system(repl: &mut PgConnection) -> Result<SystemIdentity, SlotError> {
     let rows = repl.simple_query("IDENTIFY_SYSTEM").await?;
-    let row = rows.first().ok_or_else(|| SlotError::UnexpectedAnswer("IDENTIFY_SYSTEM returned no row".into()))?;
-    let bad = |what: &str| SlotError::UnexpectedAnswer(format!("IDENTIFY_SYSTEM returned no valid {what}"));
+    let row = rows
+        .first()
+        .ok_or_else(|| SlotError::UnexpectedAnswer("IDENTIFY_SYSTEM returned no row".into()))?;
+    let bad = |what: &str| {
+        SlotError::UnexpectedAnswer(format!("IDENTIFY_SYSTEM returned no valid {what}"))
+    };
     Ok(SystemIdentity {
-        system_id: row.get("systemid").ok_or_else(|| bad("systemid"))?.to_string(),
-        timeline: row.get("timeline").and_then(|v| v.parse().ok()).ok_or_else(|| bad("timeline"))?,
-        xlogpos: row.get("xlogpos").and_then(|v| v.parse().ok()).ok_or_else(|| bad("xlogpos"))?,
+        system_id: row
+            .get("systemid")
+            .ok_or_else(|| bad("systemid"))?
+            .to_string(),
+        timeline: row
+            .get("timeline")
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| bad("timeline"))?,
+        xlogpos: row
+            .get("xlogpos")
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| bad("xlogpos"))?,
         dbname: row.get("dbname").map(str::to_string),
     })
 }
@@ -230,10 +291,22 @@ impl PublicationScope {
         match self {
             PublicationScope::AllTables => "FOR ALL TABLES".into(),
             PublicationScope::Schemas(s) => {
-                format!("FOR TABLES IN SCHEMA {}", s.iter().map(|s| quote_ident(s)).collect::<Vec<_>>().join(", "))
+                format!(
+                    "FOR TABLES IN SCHEMA {}",
+                    s.iter()
+                        .map(|s| quote_ident(s))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
             }
             PublicationScope::Tables(t) => {
-                format!("FOR TABLE {}", t.iter().map(TableName::quoted).collect::<Vec<_>>().join(", "))
+                format!(
+                    "FOR TABLE {}",
+                    t.iter()
+                        .map(TableName::quoted)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
             }
         }
     }
@@ -271,24 +344,35 @@ pub async fn ensure_publication(
     match conn.simple_query(&sql).await {
         Ok(_) => Ok(PublicationOutcome::Created),
         // Created concurrently: compare again.
-        Err(ClientError::Server(e)) if e.code == "42710" => match publication_scope(conn, name).await? {
-            Some(existing) if &existing == scope => Ok(PublicationOutcome::AlreadyExists),
-            Some(existing) => Err(SlotError::PublicationMismatch {
-                name: name.into(),
-                existing: existing.describe(),
-                wanted: scope.describe(),
-            }),
-            None => Err(SlotError::PublicationMissing(name.into())),
-        },
+        Err(ClientError::Server(e)) if e.code == "42710" => {
+            match publication_scope(conn, name).await? {
+                Some(existing) if &existing == scope => Ok(PublicationOutcome::AlreadyExists),
+                Some(existing) => Err(SlotError::PublicationMismatch {
+                    name: name.into(),
+                    existing: existing.describe(),
+                    wanted: scope.describe(),
+                }),
+                None => Err(SlotError::PublicationMissing(name.into())),
+            }
+        }
         Err(e) => Err(e.into()),
     }
 }
 
 /// The scope of an existing publication, or `None` when there is none of that name.
-pub async fn publication_scope(conn: &mut PgConnection, name: &str) -> Result<Option<PublicationScope>, SlotError> {
+pub async fn publication_scope(
+    conn: &mut PgConnection,
+    name: &str,
+) -> Result<Option<PublicationScope>, SlotError> {
     let lit = quote_literal(name);
-    let rows = conn.simple_query(&format!("SELECT oid::text, puballtables::text FROM pg_publication WHERE pubname = {lit}")).await?;
-    let Some(row) = rows.first() else { return Ok(None) };
+    let rows = conn
+        .simple_query(&format!(
+            "SELECT oid::text, puballtables::text FROM pg_publication WHERE pubname = {lit}"
+        ))
+        .await?;
+    let Some(row) = rows.first() else {
+        return Ok(None);
+    };
     if row.get("puballtables") == Some("true") {
         return Ok(Some(PublicationScope::AllTables));
     }
@@ -301,7 +385,10 @@ pub async fn publication_scope(conn: &mut PgConnection, name: &str) -> Result<Op
                 "SELECT n.nspname FROM pg_publication_namespace pn JOIN pg_namespace n ON n.oid = pn.pnnspid WHERE pn.pnpubid = {oid}"
             ))
             .await?;
-        schemas.extend(rows.iter().filter_map(|r| r.get("nspname").map(str::to_string)));
+        schemas.extend(
+            rows.iter()
+                .filter_map(|r| r.get("nspname").map(str::to_string)),
+        );
     }
     if !schemas.is_empty() {
         return Ok(Some(PublicationScope::Schemas(schemas)));
@@ -314,7 +401,12 @@ pub async fn publication_scope(conn: &mut PgConnection, name: &str) -> Result<Op
         .await?;
     let tables = rows
         .iter()
-        .filter_map(|r| Some(TableName { schema: r.get("nspname")?.to_string(), name: r.get("relname")?.to_string() }))
+        .filter_map(|r| {
+            Some(TableName {
+                schema: r.get("nspname")?.to_string(),
+                name: r.get("relname")?.to_string(),
+            })
+        })
         .collect();
     Ok(Some(PublicationScope::Tables(tables)))
 }
@@ -323,7 +415,8 @@ pub async fn publication_scope(conn: &mut PgConnection, name: &str) -> Result<Op
 pub async fn drop_publication(conn: &mut PgConnection, name: &str) -> Result<bool, SlotError> {
     let existed = publication_scope(conn, name).await?.is_some();
     if existed {
-        conn.simple_query(&format!("DROP PUBLICATION IF EXISTS {}", quote_ident(name))).await?;
+        conn.simple_query(&format!("DROP PUBLICATION IF EXISTS {}", quote_ident(name)))
+            .await?;
     }
     Ok(existed)
 }
@@ -351,7 +444,14 @@ mod tests {
 
     #[test]
     fn scope_sql_quotes_names() {
-        let s = PublicationScope::Tables([TableName { schema: "My S".into(), name: "t\"1".into() }].into_iter().collect());
+        let s = PublicationScope::Tables(
+            [TableName {
+                schema: "My S".into(),
+                name: "t\"1".into(),
+            }]
+            .into_iter()
+            .collect(),
+        );
         assert_eq!(s.describe(), "FOR TABLE \"My S\".\"t\"\"1\"");
     }
 }

@@ -8,8 +8,13 @@
 /// ASCII letters, digits and `_` not starting with a digit, and SQL keywords that would clash.
 pub fn quote_ident(name: &str) -> String {
     let plain = !name.is_empty()
-        && name.bytes().next().is_some_and(|b| b.is_ascii_lowercase() || b == b'_')
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        && name
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_lowercase() || b == b'_')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
         && !is_reserved(name);
     if plain {
         name.to_string()
@@ -30,13 +35,80 @@ pub fn quote_literal(value: &str) -> String {
 fn is_reserved(name: &str) -> bool {
     // The reserved words that are plausible table or column names; quoting more is harmless.
     const RESERVED: &[&str] = &[
-        "all", "analyse", "analyze", "and", "any", "array", "as", "asc", "both", "case", "cast", "check", "collate",
-        "column", "constraint", "create", "current_date", "current_role", "current_time", "current_timestamp",
-        "current_user", "default", "deferrable", "desc", "distinct", "do", "else", "end", "except", "false", "fetch",
-        "for", "foreign", "from", "grant", "group", "having", "in", "initially", "intersect", "into", "lateral",
-        "leading", "limit", "localtime", "localtimestamp", "not", "null", "offset", "on", "only", "or", "order",
-        "placing", "primary", "references", "returning", "select", "session_user", "some", "symmetric", "table",
-        "then", "to", "trailing", "true", "union", "unique", "user", "using", "variadic", "when", "where", "window",
+        "all",
+        "analyse",
+        "analyze",
+        "and",
+        "any",
+        "array",
+        "as",
+        "asc",
+        "both",
+        "case",
+        "cast",
+        "check",
+        "collate",
+        "column",
+        "constraint",
+        "create",
+        "current_date",
+        "current_role",
+        "current_time",
+        "current_timestamp",
+        "current_user",
+        "default",
+        "deferrable",
+        "desc",
+        "distinct",
+        "do",
+        "else",
+        "end",
+        "except",
+        "false",
+        "fetch",
+        "for",
+        "foreign",
+        "from",
+        "grant",
+        "group",
+        "having",
+        "in",
+        "initially",
+        "intersect",
+        "into",
+        "lateral",
+        "leading",
+        "limit",
+        "localtime",
+        "localtimestamp",
+        "not",
+        "null",
+        "offset",
+        "on",
+        "only",
+        "or",
+        "order",
+        "placing",
+        "primary",
+        "references",
+        "returning",
+        "select",
+        "session_user",
+        "some",
+        "symmetric",
+        "table",
+        "then",
+        "to",
+        "trailing",
+        "true",
+        "union",
+        "unique",
+        "user",
+        "using",
+        "variadic",
+        "when",
+        "where",
+        "window",
         "with",
     ];
     RESERVED.contains(&name)
@@ -61,9 +133,17 @@ impl TableName {
     pub fn parse(s: &str) -> Result<TableName, String> {
         let parts = split_qualified(s)?;
         match parts.as_slice() {
-            [t] => Ok(TableName { schema: "public".into(), name: t.clone() }),
-            [s, t] => Ok(TableName { schema: s.clone(), name: t.clone() }),
-            _ => Err(format!("{s:?} is not a table name: expected schema.table or table")),
+            [t] => Ok(TableName {
+                schema: "public".into(),
+                name: t.clone(),
+            }),
+            [s, t] => Ok(TableName {
+                schema: s.clone(),
+                name: t.clone(),
+            }),
+            _ => Err(format!(
+                "{s:?} is not a table name: expected schema.table or table"
+            )),
         }
     }
 }
@@ -144,16 +224,28 @@ mod tests {
 
     #[test]
     fn table_names() {
-        assert_eq!(TableName::parse("Public.Orders").unwrap(), TableName { schema: "public".into(), name: "orders".into() });
+        assert_eq!(
+            TableName::parse("Public.Orders").unwrap(),
+            TableName {
+                schema: "public".into(),
+                name: "orders".into()
+            }
+        );
         assert_eq!(
             TableName::parse("\"My Schema\".\"Or\"\"ders.x\"").unwrap(),
-            TableName { schema: "My Schema".into(), name: "Or\"ders.x".into() }
+            TableName {
+                schema: "My Schema".into(),
+                name: "Or\"ders.x".into()
+            }
         );
         assert_eq!(TableName::parse("t").unwrap().schema, "public");
         for bad in ["", "a.b.c", "\"open", "a..b", ".a"] {
             assert!(TableName::parse(bad).is_err(), "{bad}");
         }
-        let t = TableName { schema: "Sch ema".into(), name: "tä\"b".into() };
+        let t = TableName {
+            schema: "Sch ema".into(),
+            name: "tä\"b".into(),
+        };
         assert_eq!(TableName::parse(&t.quoted()).unwrap(), t);
     }
 }

@@ -32,7 +32,13 @@ pub struct StreamOptions {
 
 impl StreamOptions {
     pub fn new(publications: Vec<String>) -> Self {
-        StreamOptions { publications, proto_version: 0, messages: true, streaming: true, binary: false }
+        StreamOptions {
+            publications,
+            proto_version: 0,
+            messages: true,
+            streaming: true,
+            binary: false,
+        }
     }
 }
 
@@ -40,7 +46,11 @@ impl StreamOptions {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReplicationMessage {
     /// WAL data: one pgoutput message.
-    XLogData { wal_start: Lsn, wal_end: Lsn, data: Bytes },
+    XLogData {
+        wal_start: Lsn,
+        wal_end: Lsn,
+        data: Bytes,
+    },
     /// Primary keepalive: the server's current WAL end, and whether it wants a status update now.
     Keepalive { wal_end: Lsn, reply_requested: bool },
 }
@@ -73,7 +83,12 @@ impl ReplicationStream {
         if options.proto_version < 2 {
             options.streaming = false;
         }
-        let pubs = options.publications.iter().map(|p| quote_ident(p)).collect::<Vec<_>>().join(",");
+        let pubs = options
+            .publications
+            .iter()
+            .map(|p| quote_ident(p))
+            .collect::<Vec<_>>()
+            .join(",");
         let mut opts = vec![
             format!("proto_version '{}'", options.proto_version),
             format!("publication_names {}", quote_literal(&pubs)),
@@ -87,9 +102,18 @@ impl ReplicationStream {
         if options.binary {
             opts.push("binary 'true'".into());
         }
-        let command = format!("START_REPLICATION SLOT {} LOGICAL {} ({})", quote_ident(slot), start, opts.join(", "));
+        let command = format!(
+            "START_REPLICATION SLOT {} LOGICAL {} ({})",
+            quote_ident(slot),
+            start,
+            opts.join(", ")
+        );
         conn.start_copy_both(&command).await?;
-        Ok(ReplicationStream { proto_version: options.proto_version, conn, options })
+        Ok(ReplicationStream {
+            proto_version: options.proto_version,
+            conn,
+            options,
+        })
     }
 
     /// The pgoutput protocol version in use.
@@ -122,7 +146,13 @@ impl ReplicationStream {
 
     /// Sends a standby status update: WAL received (`write`), durably processed (`flush`), and
     /// applied (`apply`). The server may recycle WAL up to `flush`.
-    pub async fn send_status(&mut self, write: Lsn, flush: Lsn, apply: Lsn, reply_requested: bool) -> Result<(), ClientError> {
+    pub async fn send_status(
+        &mut self,
+        write: Lsn,
+        flush: Lsn,
+        apply: Lsn,
+        reply_requested: bool,
+    ) -> Result<(), ClientError> {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_micros() as i64 - PG_EPOCH_OFFSET_MICROS)
@@ -174,7 +204,11 @@ fn parse_copy_data(mut body: Bytes) -> Result<ReplicationMessage, ClientError> {
             let wal_start = Lsn(body.get_u64());
             let wal_end = Lsn(body.get_u64());
             let _send_time = body.get_i64();
-            Ok(ReplicationMessage::XLogData { wal_start, wal_end, data: body })
+            Ok(ReplicationMessage::XLogData {
+                wal_start,
+                wal_end,
+                data: body,
+            })
         }
         b'k' => {
             if body.remaining() < 17 {
@@ -183,9 +217,15 @@ fn parse_copy_data(mut body: Bytes) -> Result<ReplicationMessage, ClientError> {
             let wal_end = Lsn(body.get_u64());
             let _send_time = body.get_i64();
             let reply_requested = body.get_u8() != 0;
-            Ok(ReplicationMessage::Keepalive { wal_end, reply_requested })
+            Ok(ReplicationMessage::Keepalive {
+                wal_end,
+                reply_requested,
+            })
         }
-        other => Err(ClientError::Protocol(format!("unknown CopyData message {:?}", other as char))),
+        other => Err(ClientError::Protocol(format!(
+            "unknown CopyData message {:?}",
+            other as char
+        ))),
     }
 }
 
@@ -202,7 +242,11 @@ mod tests {
         b.extend_from_slice(b"Bxyz");
         assert_eq!(
             parse_copy_data(Bytes::from(b)).unwrap(),
-            ReplicationMessage::XLogData { wal_start: Lsn(0x10), wal_end: Lsn(0x20), data: Bytes::from_static(b"Bxyz") }
+            ReplicationMessage::XLogData {
+                wal_start: Lsn(0x10),
+                wal_end: Lsn(0x20),
+                data: Bytes::from_static(b"Bxyz")
+            }
         );
         let mut k = vec![b'k'];
         k.extend_from_slice(&0x30u64.to_be_bytes());
@@ -210,10 +254,16 @@ mod tests {
         k.push(1);
         assert_eq!(
             parse_copy_data(Bytes::from(k.clone())).unwrap(),
-            ReplicationMessage::Keepalive { wal_end: Lsn(0x30), reply_requested: true }
+            ReplicationMessage::Keepalive {
+                wal_end: Lsn(0x30),
+                reply_requested: true
+            }
         );
         for cut in 0..k.len() {
-            assert!(parse_copy_data(Bytes::from(k[..cut].to_vec())).is_err(), "cut at {cut}");
+            assert!(
+                parse_copy_data(Bytes::from(k[..cut].to_vec())).is_err(),
+                "cut at {cut}"
+            );
         }
     }
 }

@@ -12,7 +12,9 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+};
 
 use super::conninfo::{ConnInfo, SslMode};
 
@@ -57,7 +59,11 @@ pub fn client_config(info: &ConnInfo) -> Result<Option<Arc<ClientConfig>>, TlsCo
             .with_custom_certificate_verifier(Arc::new(AcceptAnyCert { provider }))
             .with_no_client_auth(),
         SslMode::VerifyCa | SslMode::VerifyFull => {
-            let mode = if info.sslmode == SslMode::VerifyCa { "verify-ca" } else { "verify-full" };
+            let mode = if info.sslmode == SslMode::VerifyCa {
+                "verify-ca"
+            } else {
+                "verify-full"
+            };
             let roots = Arc::new(root_store(info.sslrootcert.as_deref(), mode)?);
             let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider)
                 .build()
@@ -67,13 +73,19 @@ pub fn client_config(info: &ConnInfo) -> Result<Option<Arc<ClientConfig>>, TlsCo
             } else {
                 webpki
             };
-            builder.dangerous().with_custom_certificate_verifier(verifier).with_no_client_auth()
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(verifier)
+                .with_no_client_auth()
         }
     };
     Ok(Some(Arc::new(config)))
 }
 
-fn root_store(sslrootcert: Option<&str>, mode: &'static str) -> Result<RootCertStore, TlsConfigError> {
+fn root_store(
+    sslrootcert: Option<&str>,
+    mode: &'static str,
+) -> Result<RootCertStore, TlsConfigError> {
     let mut store = RootCertStore::empty();
     if sslrootcert == Some("system") {
         let found = rustls_native_certs::load_native_certs();
@@ -86,7 +98,8 @@ fn root_store(sslrootcert: Option<&str>, mode: &'static str) -> Result<RootCertS
     let path = match sslrootcert {
         Some(p) => PathBuf::from(p),
         None => {
-            let default = std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".postgresql/root.crt"));
+            let default =
+                std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".postgresql/root.crt"));
             match default.filter(|p| p.exists()) {
                 Some(p) => p,
                 None => return Err(TlsConfigError::MissingRootCert { mode }),
@@ -94,11 +107,17 @@ fn root_store(sslrootcert: Option<&str>, mode: &'static str) -> Result<RootCertS
         }
     };
     let shown = path.display().to_string();
-    let pem = std::fs::read(&path).map_err(|source| TlsConfigError::ReadRootCert { path: shown.clone(), source })?;
+    let pem = std::fs::read(&path).map_err(|source| TlsConfigError::ReadRootCert {
+        path: shown.clone(),
+        source,
+    })?;
     let mut reader = std::io::BufReader::new(pem.as_slice());
     let mut added = 0;
     for cert in rustls_pemfile::certs(&mut reader) {
-        let cert = cert.map_err(|source| TlsConfigError::ReadRootCert { path: shown.clone(), source })?;
+        let cert = cert.map_err(|source| TlsConfigError::ReadRootCert {
+            path: shown.clone(),
+            source,
+        })?;
         store.add(cert).map_err(TlsConfigError::InvalidRootCert)?;
         added += 1;
     }
@@ -109,7 +128,9 @@ fn root_store(sslrootcert: Option<&str>, mode: &'static str) -> Result<RootCertS
 }
 
 /// The TLS server name for a host: an IP address or a DNS name.
-pub fn server_name(host: &str) -> Result<ServerName<'static>, rustls::pki_types::InvalidDnsNameError> {
+pub fn server_name(
+    host: &str,
+) -> Result<ServerName<'static>, rustls::pki_types::InvalidDnsNameError> {
     ServerName::try_from(host.to_string())
 }
 
@@ -137,7 +158,12 @@ impl ServerCertVerifier for AcceptAnyCert {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -146,11 +172,18 @@ impl ServerCertVerifier for AcceptAnyCert {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
@@ -169,7 +202,13 @@ impl ServerCertVerifier for ChainOnly {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
+        match self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        ) {
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) => Ok(ServerCertVerified::assertion()),

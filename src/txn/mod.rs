@@ -19,7 +19,8 @@ use std::sync::Arc;
 use crate::lsn::Lsn;
 use crate::pgoutput::relation::{CachedRelation, RelationCache, SchemaChange};
 use crate::pgoutput::{
-    Delete, Insert, LogicalMessage, OldTuple, PgOutputMessage, PgTimestamp, RelationId, TupleData, Update, Xid,
+    Delete, Insert, LogicalMessage, OldTuple, PgOutputMessage, PgTimestamp, RelationId, TupleData,
+    Update, Xid,
 };
 
 /// What happened to a row.
@@ -75,13 +76,27 @@ pub struct TxnInfo {
 #[derive(Debug, Clone)]
 pub enum Event {
     /// A relation definition arrived (new, re-sent, or changed).
-    Relation { relation: Arc<CachedRelation>, change: SchemaChangeKind },
+    Relation {
+        relation: Arc<CachedRelation>,
+        change: SchemaChangeKind,
+    },
     Begin(TxnInfo),
-    Change { txn: TxnInfo, position: Position, change: Change },
+    Change {
+        txn: TxnInfo,
+        position: Position,
+        change: Change,
+    },
     /// A transactional `pg_logical_emit_message` inside a transaction.
-    Message { txn: Option<TxnInfo>, message: LogicalMessage },
+    Message {
+        txn: Option<TxnInfo>,
+        message: LogicalMessage,
+    },
     /// The transaction is complete; `end_lsn` is what to confirm once it is durable.
-    Commit { txn: TxnInfo, end_lsn: Lsn, changes: u64 },
+    Commit {
+        txn: TxnInfo,
+        end_lsn: Lsn,
+        changes: u64,
+    },
 }
 
 /// How a Relation message relates to what was known before.
@@ -118,8 +133,14 @@ pub enum TxnError {
 /// A change of a streamed transaction waiting for its commit.
 #[derive(Debug)]
 enum Held {
-    Change { subxid: Xid, change: Change },
-    Message { subxid: Xid, message: LogicalMessage },
+    Change {
+        subxid: Xid,
+        change: Change,
+    },
+    Message {
+        subxid: Xid,
+        message: LogicalMessage,
+    },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -163,47 +184,99 @@ impl Assembler {
         match msg {
             PgOutputMessage::Begin(b) => {
                 if let Some(open) = self.open {
-                    return Err(TxnError::NestedBegin { open: open.info.xid, new: b.xid });
+                    return Err(TxnError::NestedBegin {
+                        open: open.info.xid,
+                        new: b.xid,
+                    });
                 }
                 if self.stream_block.is_some() {
-                    return Err(TxnError::NestedBegin { open: self.stream_block.unwrap_or(0), new: b.xid });
+                    return Err(TxnError::NestedBegin {
+                        open: self.stream_block.unwrap_or(0),
+                        new: b.xid,
+                    });
                 }
-                let info = TxnInfo { xid: b.xid, commit_lsn: b.final_lsn, commit_ts: b.commit_ts, streamed: false };
+                let info = TxnInfo {
+                    xid: b.xid,
+                    commit_lsn: b.final_lsn,
+                    commit_ts: b.commit_ts,
+                    streamed: false,
+                };
                 self.open = Some(OpenTxn { info, next_seq: 0 });
                 out.push(Event::Begin(info));
             }
             PgOutputMessage::Commit(c) => {
                 let open = self.open.take().ok_or(TxnError::CommitWithoutBegin)?;
                 if c.commit_lsn != open.info.commit_lsn {
-                    return Err(TxnError::CommitLsnMismatch { expected: open.info.commit_lsn, commit: c.commit_lsn });
+                    return Err(TxnError::CommitLsnMismatch {
+                        expected: open.info.commit_lsn,
+                        commit: c.commit_lsn,
+                    });
                 }
-                out.push(Event::Commit { txn: open.info, end_lsn: c.end_lsn, changes: open.next_seq });
+                out.push(Event::Commit {
+                    txn: open.info,
+                    end_lsn: c.end_lsn,
+                    changes: open.next_seq,
+                });
             }
             PgOutputMessage::Origin(_) | PgOutputMessage::Type { .. } => {}
             PgOutputMessage::Relation { relation, .. } => {
                 let change = match self.relations.apply(relation.clone()) {
                     SchemaChange::New => SchemaChangeKind::New,
                     SchemaChange::Unchanged => SchemaChangeKind::Unchanged,
-                    SchemaChange::Changed { previous, .. } => SchemaChangeKind::Changed { previous_version: previous.version },
+                    SchemaChange::Changed { previous, .. } => SchemaChangeKind::Changed {
+                        previous_version: previous.version,
+                    },
                 };
                 let cached = self.relation(relation.id)?;
-                out.push(Event::Relation { relation: cached, change });
+                out.push(Event::Relation {
+                    relation: cached,
+                    change,
+                });
             }
-            PgOutputMessage::Insert { xid, insert: Insert { relation, new } } => {
-                let change = Change { relation: self.relation(relation)?, op: ChangeOp::Insert, new: Some(new), old: None };
+            PgOutputMessage::Insert {
+                xid,
+                insert: Insert { relation, new },
+            } => {
+                let change = Change {
+                    relation: self.relation(relation)?,
+                    op: ChangeOp::Insert,
+                    new: Some(new),
+                    old: None,
+                };
                 self.change(xid, change, out)?;
             }
-            PgOutputMessage::Update { xid, update: Update { relation, old, new } } => {
-                let change = Change { relation: self.relation(relation)?, op: ChangeOp::Update, new: Some(new), old };
+            PgOutputMessage::Update {
+                xid,
+                update: Update { relation, old, new },
+            } => {
+                let change = Change {
+                    relation: self.relation(relation)?,
+                    op: ChangeOp::Update,
+                    new: Some(new),
+                    old,
+                };
                 self.change(xid, change, out)?;
             }
-            PgOutputMessage::Delete { xid, delete: Delete { relation, old } } => {
-                let change = Change { relation: self.relation(relation)?, op: ChangeOp::Delete, new: None, old: Some(old) };
+            PgOutputMessage::Delete {
+                xid,
+                delete: Delete { relation, old },
+            } => {
+                let change = Change {
+                    relation: self.relation(relation)?,
+                    op: ChangeOp::Delete,
+                    new: None,
+                    old: Some(old),
+                };
                 self.change(xid, change, out)?;
             }
             PgOutputMessage::Truncate { xid, truncate } => {
                 for id in truncate.relations {
-                    let change = Change { relation: self.relation(id)?, op: ChangeOp::Truncate, new: None, old: None };
+                    let change = Change {
+                        relation: self.relation(id)?,
+                        op: ChangeOp::Truncate,
+                        new: None,
+                        old: None,
+                    };
                     self.change(xid, change, out)?;
                 }
             }
@@ -212,10 +285,18 @@ impl Assembler {
                     out.push(Event::Message { txn: None, message });
                 } else if let Some(block) = self.stream_block {
                     let subxid = xid.ok_or(TxnError::StreamedChangeWithoutXid)?;
-                    self.streams.entry(block).or_default().push(Held::Message { subxid, message });
+                    self.streams
+                        .entry(block)
+                        .or_default()
+                        .push(Held::Message { subxid, message });
                 } else {
-                    let open = self.open.ok_or(TxnError::OutsideTransaction { what: "transactional message" })?;
-                    out.push(Event::Message { txn: Some(open.info), message });
+                    let open = self.open.ok_or(TxnError::OutsideTransaction {
+                        what: "transactional message",
+                    })?;
+                    out.push(Event::Message {
+                        txn: Some(open.info),
+                        message,
+                    });
                 }
             }
             PgOutputMessage::StreamStart(s) => {
@@ -230,20 +311,42 @@ impl Assembler {
                 if self.stream_block.is_some() {
                     return Err(TxnError::StreamEndInsideBlock);
                 }
-                let held = self.streams.remove(&c.xid).ok_or(TxnError::UnknownStream(c.xid))?;
-                let info = TxnInfo { xid: c.xid, commit_lsn: c.commit_lsn, commit_ts: c.commit_ts, streamed: true };
+                let held = self
+                    .streams
+                    .remove(&c.xid)
+                    .ok_or(TxnError::UnknownStream(c.xid))?;
+                let info = TxnInfo {
+                    xid: c.xid,
+                    commit_lsn: c.commit_lsn,
+                    commit_ts: c.commit_ts,
+                    streamed: true,
+                };
                 out.push(Event::Begin(info));
                 let mut seq = 0;
                 for h in held {
                     match h {
                         Held::Change { change, .. } => {
-                            out.push(Event::Change { txn: info, position: Position { commit_lsn: info.commit_lsn, seq }, change });
+                            out.push(Event::Change {
+                                txn: info,
+                                position: Position {
+                                    commit_lsn: info.commit_lsn,
+                                    seq,
+                                },
+                                change,
+                            });
                             seq += 1;
                         }
-                        Held::Message { message, .. } => out.push(Event::Message { txn: Some(info), message }),
+                        Held::Message { message, .. } => out.push(Event::Message {
+                            txn: Some(info),
+                            message,
+                        }),
                     }
                 }
-                out.push(Event::Commit { txn: info, end_lsn: c.end_lsn, changes: seq });
+                out.push(Event::Commit {
+                    txn: info,
+                    end_lsn: c.end_lsn,
+                    changes: seq,
+                });
             }
             PgOutputMessage::StreamAbort(a) => {
                 if self.stream_block.is_some() {
@@ -253,7 +356,9 @@ impl Assembler {
                     self.streams.remove(&a.xid);
                 } else if let Some(held) = self.streams.get_mut(&a.xid) {
                     held.retain(|h| match h {
-                        Held::Change { subxid, .. } | Held::Message { subxid, .. } => *subxid != a.subxid,
+                        Held::Change { subxid, .. } | Held::Message { subxid, .. } => {
+                            *subxid != a.subxid
+                        }
                     });
                 }
             }
@@ -262,19 +367,40 @@ impl Assembler {
     }
 
     fn relation(&self, id: RelationId) -> Result<Arc<CachedRelation>, TxnError> {
-        self.relations.get(id).cloned().ok_or(TxnError::UnknownRelation(id))
+        self.relations
+            .get(id)
+            .cloned()
+            .ok_or(TxnError::UnknownRelation(id))
     }
 
-    fn change(&mut self, xid: Option<Xid>, change: Change, out: &mut Vec<Event>) -> Result<(), TxnError> {
+    fn change(
+        &mut self,
+        xid: Option<Xid>,
+        change: Change,
+        out: &mut Vec<Event>,
+    ) -> Result<(), TxnError> {
         if let Some(block) = self.stream_block {
             let subxid = xid.ok_or(TxnError::StreamedChangeWithoutXid)?;
-            self.streams.entry(block).or_default().push(Held::Change { subxid, change });
+            self.streams
+                .entry(block)
+                .or_default()
+                .push(Held::Change { subxid, change });
             return Ok(());
         }
-        let open = self.open.as_mut().ok_or(TxnError::OutsideTransaction { what: "change" })?;
-        let position = Position { commit_lsn: open.info.commit_lsn, seq: open.next_seq };
+        let open = self
+            .open
+            .as_mut()
+            .ok_or(TxnError::OutsideTransaction { what: "change" })?;
+        let position = Position {
+            commit_lsn: open.info.commit_lsn,
+            seq: open.next_seq,
+        };
         open.next_seq += 1;
-        out.push(Event::Change { txn: open.info, position, change });
+        out.push(Event::Change {
+            txn: open.info,
+            position,
+            change,
+        });
         Ok(())
     }
 }
@@ -293,22 +419,38 @@ mod tests {
                 namespace: "public".into(),
                 name: format!("t{id}"),
                 replica_identity: ReplicaIdentity::Default,
-                columns: vec![RelationColumn { is_key: true, name: "id".into(), type_oid: 23, type_modifier: -1 }],
+                columns: vec![RelationColumn {
+                    is_key: true,
+                    name: "id".into(),
+                    type_oid: 23,
+                    type_modifier: -1,
+                }],
             },
         }
     }
     fn ins(xid: Option<u32>, id: u32, v: &'static str) -> PgOutputMessage {
         PgOutputMessage::Insert {
             xid,
-            insert: Insert { relation: id, new: TupleData { columns: vec![TupleColumn::Text(Bytes::from_static(v.as_bytes()))] } },
+            insert: Insert {
+                relation: id,
+                new: TupleData {
+                    columns: vec![TupleColumn::Text(Bytes::from_static(v.as_bytes()))],
+                },
+            },
         }
     }
     fn values(events: &[Event]) -> Vec<(u64, u64, String)> {
         events
             .iter()
             .filter_map(|e| match e {
-                Event::Change { position, change, .. } => match &change.new.as_ref()?.columns[0] {
-                    TupleColumn::Text(b) => Some((position.commit_lsn.0, position.seq, String::from_utf8(b.to_vec()).ok()?)),
+                Event::Change {
+                    position, change, ..
+                } => match &change.new.as_ref()?.columns[0] {
+                    TupleColumn::Text(b) => Some((
+                        position.commit_lsn.0,
+                        position.seq,
+                        String::from_utf8(b.to_vec()).ok()?,
+                    )),
                     _ => None,
                 },
                 _ => None,
@@ -321,18 +463,41 @@ mod tests {
         let mut a = Assembler::new();
         let mut out = Vec::new();
         a.handle(rel(1), &mut out).unwrap();
-        a.handle(PgOutputMessage::Begin(Begin { final_lsn: Lsn(100), commit_ts: PgTimestamp(0), xid: 7 }), &mut out).unwrap();
+        a.handle(
+            PgOutputMessage::Begin(Begin {
+                final_lsn: Lsn(100),
+                commit_ts: PgTimestamp(0),
+                xid: 7,
+            }),
+            &mut out,
+        )
+        .unwrap();
         assert!(!a.is_idle());
         a.handle(ins(None, 1, "a"), &mut out).unwrap();
         a.handle(ins(None, 1, "b"), &mut out).unwrap();
         a.handle(
-            PgOutputMessage::Commit(Commit { flags: 0, commit_lsn: Lsn(100), end_lsn: Lsn(120), commit_ts: PgTimestamp(0) }),
+            PgOutputMessage::Commit(Commit {
+                flags: 0,
+                commit_lsn: Lsn(100),
+                end_lsn: Lsn(120),
+                commit_ts: PgTimestamp(0),
+            }),
             &mut out,
         )
         .unwrap();
         assert!(a.is_idle());
-        assert_eq!(values(&out), vec![(100, 0, "a".into()), (100, 1, "b".into())]);
-        assert!(matches!(out.last(), Some(Event::Commit { end_lsn: Lsn(120), changes: 2, .. })));
+        assert_eq!(
+            values(&out),
+            vec![(100, 0, "a".into()), (100, 1, "b".into())]
+        );
+        assert!(matches!(
+            out.last(),
+            Some(Event::Commit {
+                end_lsn: Lsn(120),
+                changes: 2,
+                ..
+            })
+        ));
     }
 
     #[test]
@@ -340,22 +505,56 @@ mod tests {
         let mut a = Assembler::new();
         let mut out = Vec::new();
         a.handle(rel(1), &mut out).unwrap();
-        a.handle(PgOutputMessage::StreamStart(StreamStart { xid: 10, first_segment: true }), &mut out).unwrap();
+        a.handle(
+            PgOutputMessage::StreamStart(StreamStart {
+                xid: 10,
+                first_segment: true,
+            }),
+            &mut out,
+        )
+        .unwrap();
         a.handle(ins(Some(10), 1, "top1"), &mut out).unwrap();
         a.handle(ins(Some(11), 1, "sub-aborted"), &mut out).unwrap();
         a.handle(PgOutputMessage::StreamStop, &mut out).unwrap();
         // An unrelated ordinary transaction commits in between.
-        a.handle(PgOutputMessage::Begin(Begin { final_lsn: Lsn(50), commit_ts: PgTimestamp(0), xid: 20 }), &mut out).unwrap();
-        a.handle(ins(None, 1, "other"), &mut out).unwrap();
         a.handle(
-            PgOutputMessage::Commit(Commit { flags: 0, commit_lsn: Lsn(50), end_lsn: Lsn(60), commit_ts: PgTimestamp(0) }),
+            PgOutputMessage::Begin(Begin {
+                final_lsn: Lsn(50),
+                commit_ts: PgTimestamp(0),
+                xid: 20,
+            }),
             &mut out,
         )
         .unwrap();
-        a.handle(PgOutputMessage::StreamStart(StreamStart { xid: 10, first_segment: false }), &mut out).unwrap();
+        a.handle(ins(None, 1, "other"), &mut out).unwrap();
+        a.handle(
+            PgOutputMessage::Commit(Commit {
+                flags: 0,
+                commit_lsn: Lsn(50),
+                end_lsn: Lsn(60),
+                commit_ts: PgTimestamp(0),
+            }),
+            &mut out,
+        )
+        .unwrap();
+        a.handle(
+            PgOutputMessage::StreamStart(StreamStart {
+                xid: 10,
+                first_segment: false,
+            }),
+            &mut out,
+        )
+        .unwrap();
         a.handle(ins(Some(12), 1, "sub-kept"), &mut out).unwrap();
         a.handle(PgOutputMessage::StreamStop, &mut out).unwrap();
-        a.handle(PgOutputMessage::StreamAbort(StreamAbort { xid: 10, subxid: 11 }), &mut out).unwrap();
+        a.handle(
+            PgOutputMessage::StreamAbort(StreamAbort {
+                xid: 10,
+                subxid: 11,
+            }),
+            &mut out,
+        )
+        .unwrap();
         assert_eq!(a.held_changes(), 2);
         assert!(!a.is_idle());
         a.handle(
@@ -370,7 +569,14 @@ mod tests {
         )
         .unwrap();
         assert!(a.is_idle());
-        assert_eq!(values(&out), vec![(50, 0, "other".into()), (200, 0, "top1".into()), (200, 1, "sub-kept".into())]);
+        assert_eq!(
+            values(&out),
+            vec![
+                (50, 0, "other".into()),
+                (200, 0, "top1".into()),
+                (200, 1, "sub-kept".into())
+            ]
+        );
     }
 
     #[test]
@@ -378,10 +584,24 @@ mod tests {
         let mut a = Assembler::new();
         let mut out = Vec::new();
         a.handle(rel(1), &mut out).unwrap();
-        a.handle(PgOutputMessage::StreamStart(StreamStart { xid: 10, first_segment: true }), &mut out).unwrap();
+        a.handle(
+            PgOutputMessage::StreamStart(StreamStart {
+                xid: 10,
+                first_segment: true,
+            }),
+            &mut out,
+        )
+        .unwrap();
         a.handle(ins(Some(10), 1, "x"), &mut out).unwrap();
         a.handle(PgOutputMessage::StreamStop, &mut out).unwrap();
-        a.handle(PgOutputMessage::StreamAbort(StreamAbort { xid: 10, subxid: 10 }), &mut out).unwrap();
+        a.handle(
+            PgOutputMessage::StreamAbort(StreamAbort {
+                xid: 10,
+                subxid: 10,
+            }),
+            &mut out,
+        )
+        .unwrap();
         assert!(a.is_idle());
         assert!(values(&out).is_empty());
     }
@@ -391,25 +611,71 @@ mod tests {
         let mut a = Assembler::new();
         let mut out = Vec::new();
         assert_eq!(
-            a.handle(PgOutputMessage::Commit(Commit { flags: 0, commit_lsn: Lsn(1), end_lsn: Lsn(2), commit_ts: PgTimestamp(0) }), &mut out),
+            a.handle(
+                PgOutputMessage::Commit(Commit {
+                    flags: 0,
+                    commit_lsn: Lsn(1),
+                    end_lsn: Lsn(2),
+                    commit_ts: PgTimestamp(0)
+                }),
+                &mut out
+            ),
             Err(TxnError::CommitWithoutBegin)
         );
-        assert_eq!(a.handle(ins(None, 1, "x"), &mut out), Err(TxnError::UnknownRelation(1)));
-        a.handle(rel(1), &mut out).unwrap();
-        assert_eq!(a.handle(ins(None, 1, "x"), &mut out), Err(TxnError::OutsideTransaction { what: "change" }));
-        a.handle(PgOutputMessage::Begin(Begin { final_lsn: Lsn(5), commit_ts: PgTimestamp(0), xid: 1 }), &mut out).unwrap();
         assert_eq!(
-            a.handle(PgOutputMessage::Begin(Begin { final_lsn: Lsn(6), commit_ts: PgTimestamp(0), xid: 2 }), &mut out),
+            a.handle(ins(None, 1, "x"), &mut out),
+            Err(TxnError::UnknownRelation(1))
+        );
+        a.handle(rel(1), &mut out).unwrap();
+        assert_eq!(
+            a.handle(ins(None, 1, "x"), &mut out),
+            Err(TxnError::OutsideTransaction { what: "change" })
+        );
+        a.handle(
+            PgOutputMessage::Begin(Begin {
+                final_lsn: Lsn(5),
+                commit_ts: PgTimestamp(0),
+                xid: 1,
+            }),
+            &mut out,
+        )
+        .unwrap();
+        assert_eq!(
+            a.handle(
+                PgOutputMessage::Begin(Begin {
+                    final_lsn: Lsn(6),
+                    commit_ts: PgTimestamp(0),
+                    xid: 2
+                }),
+                &mut out
+            ),
             Err(TxnError::NestedBegin { open: 1, new: 2 })
         );
         assert_eq!(
-            a.handle(PgOutputMessage::Commit(Commit { flags: 0, commit_lsn: Lsn(9), end_lsn: Lsn(10), commit_ts: PgTimestamp(0) }), &mut out),
-            Err(TxnError::CommitLsnMismatch { expected: Lsn(5), commit: Lsn(9) })
+            a.handle(
+                PgOutputMessage::Commit(Commit {
+                    flags: 0,
+                    commit_lsn: Lsn(9),
+                    end_lsn: Lsn(10),
+                    commit_ts: PgTimestamp(0)
+                }),
+                &mut out
+            ),
+            Err(TxnError::CommitLsnMismatch {
+                expected: Lsn(5),
+                commit: Lsn(9)
+            })
         );
         let mut b = Assembler::new();
         assert_eq!(
             b.handle(
-                PgOutputMessage::StreamCommit(StreamCommit { xid: 3, flags: 0, commit_lsn: Lsn(1), end_lsn: Lsn(2), commit_ts: PgTimestamp(0) }),
+                PgOutputMessage::StreamCommit(StreamCommit {
+                    xid: 3,
+                    flags: 0,
+                    commit_lsn: Lsn(1),
+                    end_lsn: Lsn(2),
+                    commit_ts: PgTimestamp(0)
+                }),
                 &mut out
             ),
             Err(TxnError::UnknownStream(3))

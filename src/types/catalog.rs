@@ -41,11 +41,20 @@ impl TypeSource for PgConnection {
             ))
             .await?;
         Ok(rows.first().map(|r| TypeRow {
-            typtype: r.get("typtype").and_then(|s| s.chars().next()).unwrap_or('b'),
+            typtype: r
+                .get("typtype")
+                .and_then(|s| s.chars().next())
+                .unwrap_or('b'),
             typbasetype: r.get("base").and_then(|s| s.parse().ok()).unwrap_or(0),
             typelem: r.get("elem").and_then(|s| s.parse().ok()).unwrap_or(0),
-            typcategory: r.get("typcategory").and_then(|s| s.chars().next()).unwrap_or('U'),
-            typtypmod: r.get("typtypmod").and_then(|s| s.parse().ok()).unwrap_or(-1),
+            typcategory: r
+                .get("typcategory")
+                .and_then(|s| s.chars().next())
+                .unwrap_or('U'),
+            typtypmod: r
+                .get("typtypmod")
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(-1),
         }))
     }
 }
@@ -67,7 +76,12 @@ impl TypeCatalog {
     }
 
     /// Resolves a column type, consulting `source` for types that are not builtin.
-    pub async fn resolve<S: TypeSource>(&mut self, source: &mut S, oid: u32, typmod: i32) -> Result<PgType, ClientError> {
+    pub async fn resolve<S: TypeSource>(
+        &mut self,
+        source: &mut S,
+        oid: u32,
+        typmod: i32,
+    ) -> Result<PgType, ClientError> {
         if let Some(t) = PgType::from_builtin(oid, typmod) {
             return Ok(t);
         }
@@ -75,7 +89,9 @@ impl TypeCatalog {
             return Ok(t.clone());
         }
         let mut chain = Vec::new();
-        let resolved = self.resolve_inner(source, oid, typmod, 0, &mut chain).await?;
+        let resolved = self
+            .resolve_inner(source, oid, typmod, 0, &mut chain)
+            .await?;
         self.cache.insert((oid, typmod), resolved.clone());
         Ok(resolved)
     }
@@ -116,7 +132,9 @@ impl TypeCatalog {
             }
         }
         // Too deep: fall back to the text form of the outermost type, which is always correct.
-        Ok(PgType::Unknown { oid: chain.first().copied().unwrap_or(oid) })
+        Ok(PgType::Unknown {
+            oid: chain.first().copied().unwrap_or(oid),
+        })
     }
 }
 
@@ -141,7 +159,13 @@ mod tests {
         }
     }
     fn row(typtype: char, base: u32, elem: u32, cat: char, typmod: i32) -> TypeRow {
-        TypeRow { typtype, typbasetype: base, typelem: elem, typcategory: cat, typtypmod: typmod }
+        TypeRow {
+            typtype,
+            typbasetype: base,
+            typelem: elem,
+            typcategory: cat,
+            typtypmod: typmod,
+        }
     }
 
     #[tokio::test]
@@ -149,27 +173,47 @@ mod tests {
         let numeric_10_2 = ((10 << 16) | 2) + 4;
         let mut src = Fake(
             [
-                (90001, row('e', 0, 0, 'E', -1)),                 // mood
-                (90002, row('b', 0, 90001, 'A', -1)),             // mood[]
-                (90003, row('d', 1700, 0, 'N', numeric_10_2)),    // money2 AS numeric(10,2)
-                (90004, row('d', 90003, 0, 'N', -1)),             // domain over domain
-                (90005, row('b', 0, 90004, 'A', -1)),             // array of that
-                (90006, row('c', 0, 0, 'C', -1)),                 // composite
-                (90007, row('d', 1007, 0, 'A', -1)),              // domain over int4[]
+                (90001, row('e', 0, 0, 'E', -1)),              // mood
+                (90002, row('b', 0, 90001, 'A', -1)),          // mood[]
+                (90003, row('d', 1700, 0, 'N', numeric_10_2)), // money2 AS numeric(10,2)
+                (90004, row('d', 90003, 0, 'N', -1)),          // domain over domain
+                (90005, row('b', 0, 90004, 'A', -1)),          // array of that
+                (90006, row('c', 0, 0, 'C', -1)),              // composite
+                (90007, row('d', 1007, 0, 'A', -1)),           // domain over int4[]
             ]
             .into_iter()
             .collect(),
             0,
         );
         let mut cat = TypeCatalog::new();
-        assert_eq!(cat.resolve(&mut src, 90001, -1).await.unwrap(), PgType::Enum { oid: 90001 });
-        assert_eq!(cat.resolve(&mut src, 90002, -1).await.unwrap(), PgType::Array(Box::new(PgType::Enum { oid: 90001 })));
-        let n = PgType::Numeric { precision_scale: Some((10, 2)) };
+        assert_eq!(
+            cat.resolve(&mut src, 90001, -1).await.unwrap(),
+            PgType::Enum { oid: 90001 }
+        );
+        assert_eq!(
+            cat.resolve(&mut src, 90002, -1).await.unwrap(),
+            PgType::Array(Box::new(PgType::Enum { oid: 90001 }))
+        );
+        let n = PgType::Numeric {
+            precision_scale: Some((10, 2)),
+        };
         assert_eq!(cat.resolve(&mut src, 90004, -1).await.unwrap(), n);
-        assert_eq!(cat.resolve(&mut src, 90005, -1).await.unwrap(), PgType::Array(Box::new(n)));
-        assert_eq!(cat.resolve(&mut src, 90006, -1).await.unwrap(), PgType::Unknown { oid: 90006 });
-        assert_eq!(cat.resolve(&mut src, 90007, -1).await.unwrap(), PgType::Array(Box::new(PgType::Int4)));
-        assert_eq!(cat.resolve(&mut src, 12345, -1).await.unwrap(), PgType::Unknown { oid: 12345 });
+        assert_eq!(
+            cat.resolve(&mut src, 90005, -1).await.unwrap(),
+            PgType::Array(Box::new(n))
+        );
+        assert_eq!(
+            cat.resolve(&mut src, 90006, -1).await.unwrap(),
+            PgType::Unknown { oid: 90006 }
+        );
+        assert_eq!(
+            cat.resolve(&mut src, 90007, -1).await.unwrap(),
+            PgType::Array(Box::new(PgType::Int4))
+        );
+        assert_eq!(
+            cat.resolve(&mut src, 12345, -1).await.unwrap(),
+            PgType::Unknown { oid: 12345 }
+        );
         let lookups = src.1;
         cat.resolve(&mut src, 90005, -1).await.unwrap();
         assert_eq!(src.1, lookups, "second resolve is served from the cache");
@@ -178,7 +222,15 @@ mod tests {
 
     #[tokio::test]
     async fn cycles_terminate() {
-        let mut src = Fake([(1, row('d', 2, 0, 'N', -1)), (2, row('d', 1, 0, 'N', -1))].into_iter().collect(), 0);
-        assert_eq!(TypeCatalog::new().resolve(&mut src, 1, -1).await.unwrap(), PgType::Unknown { oid: 1 });
+        let mut src = Fake(
+            [(1, row('d', 2, 0, 'N', -1)), (2, row('d', 1, 0, 'N', -1))]
+                .into_iter()
+                .collect(),
+            0,
+        );
+        assert_eq!(
+            TypeCatalog::new().resolve(&mut src, 1, -1).await.unwrap(),
+            PgType::Unknown { oid: 1 }
+        );
     }
 }

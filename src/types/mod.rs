@@ -389,7 +389,10 @@ pub enum ColumnValue {
 }
 
 /// Parses one tuple column as `ty`, in whichever form the server sent it.
-pub fn decode_column(ty: &PgType, column: &crate::pgoutput::TupleColumn) -> Result<ColumnValue, ValueError> {
+pub fn decode_column(
+    ty: &PgType,
+    column: &crate::pgoutput::TupleColumn,
+) -> Result<ColumnValue, ValueError> {
     use crate::pgoutput::TupleColumn;
     Ok(match column {
         TupleColumn::Null => ColumnValue::Value(Value::Null),

@@ -34,7 +34,9 @@ pub const NOREPL_PASSWORD: &str = "norepl-secret";
 pub const TRUST_USER: &str = "slotlake_trust";
 
 pub fn pg_bin() -> PathBuf {
-    PathBuf::from(std::env::var("SLOTLAKE_PG_BIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into()))
+    PathBuf::from(
+        std::env::var("SLOTLAKE_PG_BIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into()),
+    )
 }
 
 fn is_root() -> bool {
@@ -60,7 +62,9 @@ fn pg_command(bin: &str) -> Command {
 }
 
 fn run(mut c: Command, what: &str) {
-    let out = c.output().unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+    let out = c
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
     assert!(
         out.status.success(),
         "{what} failed: {}\n{}",
@@ -95,7 +99,10 @@ impl Cluster {
 
     /// Starts a new cluster with extra `postgresql.conf` lines.
     pub fn start(extra_conf: &[&str]) -> Cluster {
-        let dir = tempfile::Builder::new().prefix("slotlake-pg-").tempdir().expect("temp dir");
+        let dir = tempfile::Builder::new()
+            .prefix("slotlake-pg-")
+            .tempdir()
+            .expect("temp dir");
         if is_root() {
             run(
                 {
@@ -158,12 +165,23 @@ impl Cluster {
             );
         }
         let mut start = pg_command("pg_ctl");
-        start.arg("-D").arg(&data).arg("-l").arg(dir.path().join("server.log")).arg("-w").arg("-t").arg("60").arg("start");
+        start
+            .arg("-D")
+            .arg(&data)
+            .arg("-l")
+            .arg(dir.path().join("server.log"))
+            .arg("-w")
+            .arg("-t")
+            .arg("60")
+            .arg("start");
         start.stdout(Stdio::null());
         let out = start.output().expect("run pg_ctl start");
         if !out.status.success() {
             let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap_or_default();
-            panic!("pg_ctl start failed: {}\n{log}", String::from_utf8_lossy(&out.stderr));
+            panic!(
+                "pg_ctl start failed: {}\n{log}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         spawn_watchdog(dir.path(), &data);
         let major = std::fs::read_to_string(data.join("PG_VERSION"))
@@ -203,14 +221,34 @@ impl Cluster {
     }
 
     /// A key=value connection string for `user` to `dbname` over TCP with `extra` settings.
-    pub fn conninfo(&self, dbname: &str, user: &str, password: Option<&str>, extra: &str) -> String {
-        let pw = password.map(|p| format!(" password='{}'", p.replace('\\', "\\\\").replace('\'', "\\'"))).unwrap_or_default();
-        format!("host=127.0.0.1 port={} dbname='{dbname}' user={user}{pw} sslmode=disable {extra}", self.port)
+    pub fn conninfo(
+        &self,
+        dbname: &str,
+        user: &str,
+        password: Option<&str>,
+        extra: &str,
+    ) -> String {
+        let pw = password
+            .map(|p| {
+                format!(
+                    " password='{}'",
+                    p.replace('\\', "\\\\").replace('\'', "\\'")
+                )
+            })
+            .unwrap_or_default();
+        format!(
+            "host=127.0.0.1 port={} dbname='{dbname}' user={user}{pw} sslmode=disable {extra}",
+            self.port
+        )
     }
 
     /// A URL for the admin user over TCP (trust, no TLS).
     pub fn admin_url(&self, dbname: &str) -> String {
-        format!("postgresql://{ADMIN}@127.0.0.1:{}/{}?sslmode=disable", self.port, urlencode(dbname))
+        format!(
+            "postgresql://{ADMIN}@127.0.0.1:{}/{}?sslmode=disable",
+            self.port,
+            urlencode(dbname)
+        )
     }
 
     /// A URL for the SCRAM user (password in the URL).
@@ -228,9 +266,14 @@ impl Cluster {
         let info = ConnInfo::parse(&self.admin_url("postgres")).expect("admin url");
         let sql = sql.to_string();
         std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
             rt.block_on(async {
-                let mut c = PgConnection::connect(&info, SessionKind::Sql).await.expect("admin connect");
+                let mut c = PgConnection::connect(&info, SessionKind::Sql)
+                    .await
+                    .expect("admin connect");
                 c.simple_query(&sql).await.expect("admin sql");
                 c.close().await;
             });
@@ -249,13 +292,18 @@ impl Cluster {
             .await
             .expect("create database");
         admin.close().await;
-        TestDb { cluster: self.clone(), name }
+        TestDb {
+            cluster: self.clone(),
+            name,
+        }
     }
 
     /// An admin SQL session to `dbname`.
     pub async fn admin(&self, dbname: &str) -> PgConnection {
         let info = ConnInfo::parse(&self.admin_url(dbname)).expect("admin url");
-        PgConnection::connect(&info, SessionKind::Sql).await.expect("admin connect")
+        PgConnection::connect(&info, SessionKind::Sql)
+            .await
+            .expect("admin connect")
     }
 
     /// Stops the server now (fast shutdown).
@@ -264,7 +312,14 @@ impl Cluster {
             return;
         }
         let mut c = pg_command("pg_ctl");
-        c.arg("-D").arg(self.data_dir()).arg("-m").arg("fast").arg("-w").arg("stop").stdout(Stdio::null()).stderr(Stdio::null());
+        c.arg("-D")
+            .arg(self.data_dir())
+            .arg("-m")
+            .arg("fast")
+            .arg("-w")
+            .arg("stop")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
         let _ = c.status();
     }
 }
@@ -299,7 +354,10 @@ impl TestDb {
     /// Runs SQL as the admin in this database.
     pub async fn exec(&self, sql: &str) -> Vec<slotlake::replication::connection::Row> {
         let mut c = self.admin().await;
-        let rows = c.simple_query(sql).await.unwrap_or_else(|e| panic!("SQL failed: {e}\n{sql}"));
+        let rows = c
+            .simple_query(sql)
+            .await
+            .unwrap_or_else(|e| panic!("SQL failed: {e}\n{sql}"));
         c.close().await;
         rows
     }
@@ -307,7 +365,10 @@ impl TestDb {
 
 fn append(path: &Path, text: &str) {
     use std::io::Write;
-    let mut f = std::fs::OpenOptions::new().append(true).open(path).expect("open config");
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(path)
+        .expect("open config");
     f.write_all(text.as_bytes()).expect("write config");
 }
 
@@ -337,7 +398,8 @@ fn write_tls_files(dir: &Path, data: &Path) -> (PathBuf, PathBuf) {
     };
     let (ca, ca_key) = make_ca("slotlake test CA");
     let (wrong, _) = make_ca("some other CA");
-    let mut sp = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).expect("server params");
+    let mut sp = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+        .expect("server params");
     sp.distinguished_name.push(DnType::CommonName, "localhost");
     let skey = KeyPair::generate().expect("server key");
     let scert = sp.signed_by(&skey, &ca, &ca_key).expect("server cert");
@@ -380,7 +442,10 @@ pub fn slotlake_bin() -> &'static str {
 /// Runs `slotlake` with args and environment; returns (exit code, stdout, stderr).
 pub async fn run_slotlake(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     let mut c = tokio::process::Command::new(slotlake_bin());
-    c.args(args).env_remove("PGPASSWORD").env("HOME", "/nonexistent").kill_on_drop(true);
+    c.args(args)
+        .env_remove("PGPASSWORD")
+        .env("HOME", "/nonexistent")
+        .kill_on_drop(true);
     for (k, v) in env {
         c.env(k, v);
     }
