@@ -58,18 +58,34 @@ async fn slot_create(a: SlotCreateArgs) -> Result<()> {
         anyhow::bail!("--schema and --table describe the publication: add --create-publication");
     }
     let mut repl = PgConnection::connect(&info, SessionKind::Replication).await?;
-    // The publication first: a slot without its publication streams nothing useful.
+    // Nothing is created unless everything can be: check what we can up front, and undo the
+    // publication if the slot then fails.
+    slot::check_logical_wal_level(&mut repl).await?;
+    let mut created_publication = false;
     if a.create_publication {
         match slot::ensure_publication(&mut repl, &a.publication.publication, &scope).await? {
-            PublicationOutcome::Created => {
-                println!("created publication {}", a.publication.publication)
-            }
+            PublicationOutcome::Created => created_publication = true,
             PublicationOutcome::AlreadyExists => {
                 println!("publication {} already exists", a.publication.publication)
             }
         }
     }
-    let created = slot::create_slot(&mut repl, &a.slot.slot, SnapshotAction::None).await?;
+    let created = match slot::create_slot(&mut repl, &a.slot.slot, SnapshotAction::None).await {
+        Ok(c) => c,
+        Err(e) => {
+            if created_publication {
+                if let Err(undo) =
+                    slot::drop_publication(&mut repl, &a.publication.publication).await
+                {
+                    tracing::warn!(error = %undo, "could not drop the publication created by this command");
+                }
+            }
+            return Err(e.into());
+        }
+    };
+    if created_publication {
+        println!("created publication {}", a.publication.publication);
+    }
     match created.consistent_point {
         Some(lsn) if !created.already_existed => println!("created slot {} at {lsn}", created.name),
         _ => println!("slot {} already exists", created.name),

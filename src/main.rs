@@ -7,6 +7,7 @@ use slotlake::cli::{Cli, Command, LogFormat};
 use slotlake::commands;
 use slotlake::replication::slot::SlotError;
 use slotlake::replication::{operator_hint, ClientError};
+use slotlake::tail::TailError;
 
 /// Exit code for any failure; usage errors exit with clap's 2.
 const EXIT_FAILURE: u8 = 1;
@@ -46,24 +47,42 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// The operator hint for the first error in the chain that has one.
+/// The operator hint for the first error in the chain that has one. Wrappers declared
+/// `#[error(transparent)]` hide the wrapped error from the chain, so they are unwrapped here.
 fn hint(err: &anyhow::Error) -> Option<String> {
     err.chain().find_map(|e| {
         if let Some(c) = e.downcast_ref::<ClientError>() {
             return operator_hint(c, "<user>");
         }
-        match e.downcast_ref::<SlotError>()? {
-            SlotError::SlotMissing(_) => Some("create it with `slotlake slot create`".into()),
-            SlotError::PublicationMissing(_) => {
-                Some("create it with `slotlake slot create --create-publication` (or CREATE PUBLICATION)".into())
-            }
-            SlotError::PublicationMismatch { .. } => {
-                Some("use another --publication, or change the existing one with ALTER PUBLICATION".into())
-            }
-            SlotError::Client(c) => operator_hint(c, "<user>"),
+        if let Some(s) = e.downcast_ref::<SlotError>() {
+            return slot_hint(s);
+        }
+        match e.downcast_ref::<TailError>()? {
+            TailError::Client(c) => operator_hint(c, "<user>"),
+            TailError::Slot(s) => slot_hint(s),
             _ => None,
         }
     })
+}
+
+fn slot_hint(e: &SlotError) -> Option<String> {
+    match e {
+        SlotError::SlotMissing(_) => Some("create it with `slotlake slot create`".into()),
+        SlotError::PublicationMissing(_) => Some(
+            "create it with `slotlake slot create --create-publication` (or CREATE PUBLICATION)"
+                .into(),
+        ),
+        SlotError::PublicationMismatch { .. } => Some(
+            "use another --publication, or change the existing one with ALTER PUBLICATION".into(),
+        ),
+        SlotError::WalLevel(_) => Some(
+            "set wal_level = logical in postgresql.conf and restart the server \
+             (RDS/Aurora: rds.logical_replication = 1 in the parameter group, then reboot)"
+                .into(),
+        ),
+        SlotError::Client(c) => operator_hint(c, "<user>"),
+        _ => None,
+    }
 }
 
 fn init_logging(level: &str, format: LogFormat) {

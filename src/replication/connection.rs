@@ -109,7 +109,7 @@ pub enum ClientError {
     UnsupportedAuth(String),
     #[error("SCRAM authentication failed")]
     Scram(#[source] io::Error),
-    #[error("{0}")]
+    #[error(transparent)]
     Server(#[from] ServerError),
     #[error("protocol violation: {0}")]
     Protocol(String),

@@ -27,6 +27,8 @@ pub enum SlotError {
     },
     #[error("replication slot {slot:?} is physical, not logical")]
     NotLogical { slot: String },
+    #[error("logical replication needs wal_level = logical, but the server has wal_level = {0}")]
+    WalLevel(String),
     #[error("replication slot {0:?} does not exist")]
     SlotMissing(String),
     #[error("publication {0:?} does not exist")]
@@ -419,6 +421,20 @@ pub async fn drop_publication(conn: &mut PgConnection, name: &str) -> Result<boo
             .await?;
     }
     Ok(existed)
+}
+
+/// Fails with a clear error unless the server's `wal_level` is `logical`.
+pub async fn check_logical_wal_level(conn: &mut PgConnection) -> Result<(), SlotError> {
+    let rows = conn.simple_query("SHOW wal_level").await?;
+    let level = rows
+        .first()
+        .and_then(|r| r.values().first().cloned().flatten())
+        .unwrap_or_default();
+    if level == "logical" {
+        Ok(())
+    } else {
+        Err(SlotError::WalLevel(level))
+    }
 }
 
 /// Errors before streaming are cheaper than errors in the middle of it: checks that the
