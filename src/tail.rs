@@ -165,9 +165,9 @@ pub async fn run<W: Write>(
                         match event {
                             Event::Relation { relation, .. } => {
                                 let key = (relation.relation.id, relation.version);
-                                if !tables.contains_key(&key) {
+                                if let std::collections::hash_map::Entry::Vacant(slot) = tables.entry(key) {
                                     let t = resolve_types(&relation, &mut catalog, &mut catalog_conn, source).await?;
-                                    tables.insert(key, Arc::new(t));
+                                    slot.insert(Arc::new(t));
                                 }
                             }
                             Event::Change { txn, position, change } => {

@@ -302,8 +302,7 @@ impl PgConnection {
             params.push(("replication", "database"));
         }
         params.extend_from_slice(SESSION_SETTINGS);
-        frontend::startup_message(params.into_iter(), &mut self.write_buf)
-            .map_err(ClientError::Io)?;
+        frontend::startup_message(params, &mut self.write_buf).map_err(ClientError::Io)?;
         self.flush().await?;
         self.authenticate().await?;
         loop {

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Everything CI runs: formatting, lints, unit tests, and integration tests against a real
+# PostgreSQL that the tests start themselves (initdb into a temp dir, one cluster per test
+# process, one database per test).
+#
+#   ./scripts/test.sh                 # all of it
+#   ./scripts/test.sh -- <filter>     # pass extra arguments to cargo nextest run
+#
+# Environment: SLOTLAKE_PG_BIN selects the PostgreSQL bin directory (default Debian's 15).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export SLOTLAKE_PG_BIN="${SLOTLAKE_PG_BIN:-/usr/lib/postgresql/15/bin}"
+if [ ! -x "$SLOTLAKE_PG_BIN/initdb" ]; then
+  echo "error: no PostgreSQL at $SLOTLAKE_PG_BIN (install postgresql-15, or set SLOTLAKE_PG_BIN)" >&2
+  exit 1
+fi
+if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
+  echo "error: running as root needs a 'postgres' user to own the test clusters (initdb refuses root)" >&2
+  exit 1
+fi
+
+if [ "${1:-}" = "--" ]; then shift; fi
+
+echo "== cargo fmt --check"
+cargo fmt --check
+echo "== cargo clippy"
+cargo clippy --all-targets --locked -- -D warnings
+echo "== tests (PostgreSQL from $SLOTLAKE_PG_BIN)"
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --locked --no-fail-fast "$@"
+else
+  cargo test --locked --no-fail-fast "$@"
+fi
+echo "== all tests passed"
