@@ -8,6 +8,7 @@
 # Everything it starts is stopped and removed when it exits.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+PG_USER=demo
 # shellcheck source=lib/pg.sh
 source scripts/lib/pg.sh
 
@@ -16,7 +17,7 @@ cargo build --release --locked --quiet
 SLOTLAKE="${CARGO_TARGET_DIR:-target}/release/slotlake"
 
 echo "== starting a throwaway PostgreSQL" >&2
-PG_USER=demo pg_start
+pg_start
 SOURCE=$(pg_conninfo tcp)
 echo "   source: $SOURCE" >&2
 
@@ -38,8 +39,8 @@ INSERT INTO customers (id, name, email) VALUES (1, 'Ada', 'ada@example.com'), (2
 INSERT INTO orders VALUES (10, 1, 19.99, 'new', '{gift,express}', '2026-11-22'),
                           (11, 2, 1234567.89, 'paid', '{}', '2026-11-21');
 UPDATE orders SET status = 'shipped' WHERE id = 10;
-UPDATE customers SET id = 3 WHERE id = 2;   -- a key change: tail shows old_key
 DELETE FROM orders WHERE id = 11;
+UPDATE customers SET id = 3 WHERE id = 2;   -- a key change: tail shows old_key
 BEGIN;
 INSERT INTO customers (id, name) SELECT g, 'bulk ' || g FROM generate_series(100, 104) g;
 COMMIT;
@@ -49,8 +50,8 @@ SQL
 echo "== slotlake slot status" >&2
 "$SLOTLAKE" slot status --source "$SOURCE" --slot demo
 
-echo "== slotlake tail --limit 12   (decoded changes, one JSON line each)" >&2
-"$SLOTLAKE" tail --source "$SOURCE" --slot demo --publication demo --limit 12
+echo "== slotlake tail --limit 13   (decoded changes, one JSON line each)" >&2
+"$SLOTLAKE" tail --source "$SOURCE" --slot demo --publication demo --limit 13
 
 echo "== slotlake slot drop --drop-publication" >&2
 "$SLOTLAKE" slot drop --source "$SOURCE" --slot demo --publication demo --drop-publication
