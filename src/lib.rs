@@ -5,6 +5,7 @@
 //! (including streamed ones) and stamps each change with its identity; [`types`] turns column
 //! bytes into exact typed values. [`tail`] prints them; later stages batch them into the lake.
 
+pub mod batch;
 pub mod cli;
 pub mod commands;
 pub mod config;

@@ -13,25 +13,29 @@
 //! |--------------------------------------------|-----------------|-----------------------------------|
 //! | `bool`                                     | `Bool`          | Boolean                           |
 //! | `int2` / `int4` / `int8`                   | `Int2/4/8`      | Int16 / Int32 / Int64             |
-//! | `oid`, `xid`                               | `Oid`           | UInt32 (shown as Int64 in JSON)   |
+//! | `oid`, `xid`                               | `Oid`           | Int64                             |
 //! | `float4` / `float8`                        | `Float4/8`      | Float32 / Float64 (NaN, ±Inf kept)|
-//! | `numeric(p,s)`, p ≤ 38                     | `Numeric`       | Decimal128(p, s)                  |
-//! | `numeric`, unconstrained or p > 38         | `Numeric`       | Utf8 (exact text)                 |
+//! | `numeric(p,s)`, 1 ≤ p ≤ 38, 0 ≤ s ≤ p      | `Numeric`       | Decimal128(p, s) (NaN: null, flagged) |
+//! | other `numeric` (unconstrained, p > 38, s < 0 or s > p) | `Numeric` | Utf8 (exact text)      |
 //! | `text`, `varchar`, `bpchar`, `name`, `"char"` | `Text`       | Utf8                              |
 //! | `bytea`                                    | `Bytea`         | Binary                            |
-//! | `uuid`                                     | `Uuid`          | FixedSizeBinary(16)               |
+//! | `uuid`                                     | `Uuid`          | Utf8 (lowercase 8-4-4-4-12)       |
 //! | `date`                                     | `Date`          | Date32 (±infinity: i32::MAX/MIN)  |
 //! | `timestamp`                                | `Timestamp`     | Timestamp(µs) (±infinity: i64::MAX/MIN) |
 //! | `timestamptz`                              | `TimestampTz`   | Timestamp(µs, UTC) (same sentinels) |
-//! | `time`                                     | `Time`          | Time64(µs)                        |
-//! | `timetz`                                   | `TimeTz`        | Struct(time Time64(µs), offset_seconds Int32) |
-//! | `interval`                                 | `Interval`      | Interval(MonthDayNano)            |
+//! | `time`                                     | `Time`          | Utf8 (`HH:MM:SS[.ffffff]`)        |
+//! | `timetz`                                   | `TimeTz`        | Utf8 (`HH:MM:SS[.ffffff]±HH:MM`)  |
+//! | `interval`                                 | `Interval`      | Utf8 (ISO 8601, `P1Y2M3DT4H`)     |
 //! | `json`, `jsonb`                            | `Json`/`Jsonb`  | Utf8 (JSON text)                  |
-//! | `T[]` (any dimension count)                | `Array(T)`      | List(T) (multi-dimensional arrays flattened row-major, dims kept) |
+//! | `T[]` (any dimension count)                | `Array(T)`      | List(T) (multi-dimensional arrays flattened row-major, dims flagged) |
 //! | enum                                       | `Enum`          | Utf8 (label)                      |
 //! | domain over T                              | T               | as T                              |
 //! | anything else                              | `Unknown`       | Utf8 (Postgres text form)         |
+//!
+//! The lake types are Delta Lake's; [`arrow`] builds the columns and documents the stand-ins for
+//! values a lake type cannot hold (they are flagged in the change log's `_special` column).
 
+pub mod arrow;
 pub mod binary;
 pub mod calendar;
 pub mod catalog;

@@ -1,0 +1,713 @@
+//! One change-log record batch per source table, built row by row.
+//!
+//! Data flow: the transaction assembler ([`crate::txn`]) hands over committed changes whose
+//! columns are already typed ([`ColumnValue`]); the batcher appends each change here with its
+//! identity (commit LSN, position in the transaction, xid, commit time) and, when the memory
+//! budget or flush policy says so, [`ChangeBatchBuilder::finish`] yields a [`RecordBatch`] in
+//! the change-log layout (DESIGN.md "Change-log columns"), which the lake writer appends to the
+//! table's Delta change log:
+//!
+//! | column             | type                         | nullable | content                                   |
+//! |--------------------|------------------------------|----------|-------------------------------------------|
+//! | each source column | lake type ([`lake_type`])    | yes      | the new row (the old key for deletes)     |
+//! | `_op`              | Utf8                         | no       | `I`, `U`, `D`, `T` (truncate), `R` (snapshot read) |
+//! | `_lsn`             | Int64                        | no       | commit LSN                                |
+//! | `_seq`             | Int64                        | no       | position within the transaction           |
+//! | `_xid`             | Int64                        | no       | transaction id                            |
+//! | `_commit_ts`       | Timestamp(µs, "UTC")         | no       | commit time                               |
+//! | `_unchanged`       | List<Utf8>                   | yes      | TOAST columns not sent (their value is null here); empty when none |
+//! | `_special`         | List<Utf8>                   | yes      | `<column>=<marker>` for stand-in values (`price=NaN`, `grid=dims=2x2`); empty when none |
+//! | `_old_<k>` per key column `k` | lake type of `k`  | yes      | the old key, when the change carried an old key or row |
+//!
+//! A row is checked in full before any builder is touched, so a rejected row leaves the batch as
+//! it was. Appending allocates nothing per row beyond what the Arrow builders grow by; the
+//! markers of stand-in values (rare) go through one reused scratch vector.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use deltalake::arrow::array::{
+    ArrayRef, Int64Builder, ListBuilder, StringBuilder, TimestampMicrosecondBuilder,
+};
+use deltalake::arrow::datatypes::{DataType, Field, FieldRef, Schema, SchemaRef, TimeUnit};
+use deltalake::arrow::error::ArrowError;
+use deltalake::arrow::record_batch::RecordBatch;
+
+use crate::types::arrow::{lake_type, ArrowValueError, ColumnBuilder, LIST_ELEMENT, UTC};
+use crate::types::{ColumnValue, PgType, Value};
+
+pub const OP: &str = "_op";
+pub const LSN: &str = "_lsn";
+pub const SEQ: &str = "_seq";
+pub const XID: &str = "_xid";
+pub const COMMIT_TS: &str = "_commit_ts";
+pub const UNCHANGED: &str = "_unchanged";
+pub const SPECIAL: &str = "_special";
+/// Prefix of the old-key columns: `_old_<key column>`.
+pub const OLD_PREFIX: &str = "_old_";
+
+/// The `_op` values.
+pub const OP_INSERT: &str = "I";
+pub const OP_UPDATE: &str = "U";
+pub const OP_DELETE: &str = "D";
+pub const OP_TRUNCATE: &str = "T";
+pub const OP_READ: &str = "R";
+
+/// A source column: its Postgres name, type, and whether it is part of the replica identity key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ColumnSpec {
+    pub name: String,
+    pub ty: PgType,
+    pub is_key: bool,
+}
+
+/// A change that cannot be added to the batch. Never includes row values.
+#[derive(Debug, thiserror::Error)]
+pub enum RowError {
+    #[error("row has {got} columns but the table has {expected}")]
+    ColumnCount { expected: usize, got: usize },
+    #[error("old row has {got} columns but the table has {expected}")]
+    OldColumnCount { expected: usize, got: usize },
+    #[error("unknown change-log operation {op:?} (expected I, U, D, T or R)")]
+    UnknownOp { op: String },
+    #[error("column {column:?}")]
+    Value {
+        column: String,
+        #[source]
+        source: ArrowValueError,
+    },
+    #[error("assembling the change-log record batch")]
+    Batch(#[source] ArrowError),
+}
+
+fn utf8_list_field() -> FieldRef {
+    Arc::new(Field::new(LIST_ELEMENT, DataType::Utf8, true))
+}
+
+fn commit_ts_type() -> DataType {
+    DataType::Timestamp(TimeUnit::Microsecond, Some(UTC.into()))
+}
+
+/// The change-log schema of a table with `columns` (see the module doc): all fields nullable
+/// except `_op`, `_lsn`, `_seq`, `_xid` and `_commit_ts`.
+pub fn changelog_schema(columns: &[ColumnSpec]) -> SchemaRef {
+    let keys = columns.iter().filter(|c| c.is_key).count();
+    let mut fields = Vec::with_capacity(columns.len() + 7 + keys);
+    fields.extend(
+        columns
+            .iter()
+            .map(|c| Field::new(&c.name, lake_type(&c.ty), true)),
+    );
+    fields.extend([
+        Field::new(OP, DataType::Utf8, false),
+        Field::new(LSN, DataType::Int64, false),
+        Field::new(SEQ, DataType::Int64, false),
+        Field::new(XID, DataType::Int64, false),
+        Field::new(COMMIT_TS, commit_ts_type(), false),
+        Field::new(UNCHANGED, DataType::List(utf8_list_field()), true),
+        Field::new(SPECIAL, DataType::List(utf8_list_field()), true),
+    ]);
+    fields.extend(
+        columns
+            .iter()
+            .filter(|c| c.is_key)
+            .map(|c| Field::new(format!("{OLD_PREFIX}{}", c.name), lake_type(&c.ty), true)),
+    );
+    Arc::new(Schema::new(fields))
+}
+
+/// An old-key column: the index of its key column and its builder.
+struct OldKey {
+    index: usize,
+    name: String,
+    builder: ColumnBuilder,
+}
+
+/// Builds one change-log record batch for one source table.
+pub struct ChangeBatchBuilder {
+    columns: Vec<ColumnSpec>,
+    schema: SchemaRef,
+    values: Vec<ColumnBuilder>,
+    op: StringBuilder,
+    lsn: Int64Builder,
+    seq: Int64Builder,
+    xid: Int64Builder,
+    commit_ts: TimestampMicrosecondBuilder,
+    unchanged: ListBuilder<StringBuilder>,
+    special: ListBuilder<StringBuilder>,
+    old: Vec<OldKey>,
+    /// Markers of one value, reused across values.
+    scratch: Vec<String>,
+    rows: usize,
+}
+
+impl ChangeBatchBuilder {
+    pub fn new(columns: Vec<ColumnSpec>) -> Self {
+        let schema = changelog_schema(&columns);
+        let values = columns.iter().map(|c| ColumnBuilder::new(&c.ty)).collect();
+        let old = columns
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.is_key)
+            .map(|(index, c)| OldKey {
+                index,
+                name: format!("{OLD_PREFIX}{}", c.name),
+                builder: ColumnBuilder::new(&c.ty),
+            })
+            .collect();
+        let list = || ListBuilder::new(StringBuilder::new()).with_field(utf8_list_field());
+        ChangeBatchBuilder {
+            columns,
+            schema,
+            values,
+            op: StringBuilder::new(),
+            lsn: Int64Builder::new(),
+            seq: Int64Builder::new(),
+            xid: Int64Builder::new(),
+            commit_ts: TimestampMicrosecondBuilder::new().with_timezone(UTC),
+            unchanged: list(),
+            special: list(),
+            old,
+            scratch: Vec::new(),
+            rows: 0,
+        }
+    }
+
+    pub fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    /// The source columns, in order.
+    pub fn columns(&self) -> &[ColumnSpec] {
+        &self.columns
+    }
+
+    /// Appends one change. `op` is one of `I`, `U`, `D`, `R` (truncates go through
+    /// [`Self::append_truncate`]); `row` holds the source columns in order
+    /// ([`ColumnValue::UnchangedToast`] becomes null and is named in `_unchanged`); `old` is the
+    /// old row in the same column order when the change carried one (only key columns are
+    /// used: they fill `_old_<k>`, which stays null when `old` is `None`). On error nothing is
+    /// appended.
+    #[allow(clippy::too_many_arguments)]
+    pub fn append(
+        &mut self,
+        op: &str,
+        lsn: i64,
+        seq: i64,
+        xid: i64,
+        commit_ts_micros: i64,
+        row: &[ColumnValue],
+        old: Option<&[ColumnValue]>,
+    ) -> Result<(), RowError> {
+        if !matches!(
+            op,
+            OP_INSERT | OP_UPDATE | OP_DELETE | OP_TRUNCATE | OP_READ
+        ) {
+            return Err(RowError::UnknownOp { op: op.to_owned() });
+        }
+        let expected = self.columns.len();
+        if row.len() != expected {
+            return Err(RowError::ColumnCount {
+                expected,
+                got: row.len(),
+            });
+        }
+        if let Some(old) = old {
+            if old.len() != expected {
+                return Err(RowError::OldColumnCount {
+                    expected,
+                    got: old.len(),
+                });
+            }
+        }
+
+        // Check everything first so that a rejected row leaves every builder untouched.
+        for ((spec, builder), cv) in self.columns.iter().zip(&self.values).zip(row) {
+            if let ColumnValue::Value(v) = cv {
+                builder.check(v).map_err(|source| RowError::Value {
+                    column: spec.name.clone(),
+                    source,
+                })?;
+            }
+        }
+        for key in &self.old {
+            if let Some(v) = old_value(old, key.index) {
+                key.builder.check(v).map_err(|source| RowError::Value {
+                    column: key.name.clone(),
+                    source,
+                })?;
+            }
+        }
+
+        for ((spec, builder), cv) in self.columns.iter().zip(&mut self.values).zip(row) {
+            match cv {
+                ColumnValue::Value(v) => {
+                    self.scratch.clear();
+                    builder
+                        .append_checked(v, &mut self.scratch)
+                        .map_err(|source| RowError::Value {
+                            column: spec.name.clone(),
+                            source,
+                        })?;
+                    push_specials(&mut self.special, &spec.name, &self.scratch);
+                }
+                ColumnValue::UnchangedToast => {
+                    builder.append_null();
+                    self.unchanged.values().append_value(&spec.name);
+                }
+            }
+        }
+        for key in &mut self.old {
+            match old_value(old, key.index) {
+                Some(v) => {
+                    self.scratch.clear();
+                    key.builder
+                        .append_checked(v, &mut self.scratch)
+                        .map_err(|source| RowError::Value {
+                            column: key.name.clone(),
+                            source,
+                        })?;
+                    push_specials(&mut self.special, &key.name, &self.scratch);
+                }
+                None => key.builder.append_null(),
+            }
+        }
+        self.append_meta(op, lsn, seq, xid, commit_ts_micros);
+        Ok(())
+    }
+
+    /// A truncate: all source and old-key columns null.
+    pub fn append_truncate(&mut self, lsn: i64, seq: i64, xid: i64, commit_ts_micros: i64) {
+        for builder in &mut self.values {
+            builder.append_null();
+        }
+        for key in &mut self.old {
+            key.builder.append_null();
+        }
+        self.append_meta(OP_TRUNCATE, lsn, seq, xid, commit_ts_micros);
+    }
+
+    /// The metadata columns; closes the row's `_unchanged` and `_special` lists.
+    fn append_meta(&mut self, op: &str, lsn: i64, seq: i64, xid: i64, commit_ts_micros: i64) {
+        self.op.append_value(op);
+        self.lsn.append_value(lsn);
+        self.seq.append_value(seq);
+        self.xid.append_value(xid);
+        self.commit_ts.append_value(commit_ts_micros);
+        self.unchanged.append(true);
+        self.special.append(true);
+        self.rows += 1;
+    }
+
+    /// Rows appended since the last [`Self::finish`].
+    pub fn len(&self) -> usize {
+        self.rows
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows == 0
+    }
+
+    /// Estimated bytes held by the appended rows (values, offsets, validity), for the memory
+    /// budget. Constant time per column.
+    pub fn memory_bytes(&self) -> usize {
+        fn utf8_list(list: &ListBuilder<StringBuilder>) -> usize {
+            let strings = list.values_ref();
+            4 * list.offsets_slice().len()
+                + strings.values_slice().len()
+                + 4 * strings.offsets_slice().len()
+        }
+        let source: usize = self.values.iter().map(ColumnBuilder::memory_bytes).sum();
+        let old: usize = self.old.iter().map(|k| k.builder.memory_bytes()).sum();
+        let meta = self.op.values_slice().len()
+            + 4 * self.op.offsets_slice().len()
+            + 8 * 4 * self.rows
+            + utf8_list(&self.unchanged)
+            + utf8_list(&self.special);
+        source + old + meta
+    }
+
+    /// The record batch of everything appended so far; the builder starts empty again.
+    pub fn finish(&mut self) -> Result<RecordBatch, RowError> {
+        let mut arrays: Vec<ArrayRef> = Vec::with_capacity(self.schema.fields().len());
+        arrays.extend(self.values.iter_mut().map(ColumnBuilder::finish));
+        arrays.push(Arc::new(self.op.finish()));
+        arrays.push(Arc::new(self.lsn.finish()));
+        arrays.push(Arc::new(self.seq.finish()));
+        arrays.push(Arc::new(self.xid.finish()));
+        arrays.push(Arc::new(self.commit_ts.finish()));
+        arrays.push(Arc::new(self.unchanged.finish()));
+        arrays.push(Arc::new(self.special.finish()));
+        arrays.extend(self.old.iter_mut().map(|k| k.builder.finish()));
+        self.rows = 0;
+        RecordBatch::try_new(self.schema.clone(), arrays).map_err(RowError::Batch)
+    }
+}
+
+/// The old row's value for column `index`, when there is an old row and the value was sent.
+fn old_value(old: Option<&[ColumnValue]>, index: usize) -> Option<&Value> {
+    match old?.get(index)? {
+        ColumnValue::Value(v) => Some(v),
+        ColumnValue::UnchangedToast => None,
+    }
+}
+
+/// Adds `<column>=<marker>` to the current row's `_special` list for each marker.
+fn push_specials(special: &mut ListBuilder<StringBuilder>, column: &str, markers: &[String]) {
+    let strings = special.values();
+    for marker in markers {
+        // Writing to a StringBuilder cannot fail.
+        let _ = write!(strings, "{column}={marker}");
+        strings.append_value("");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::{ArrayDim, ArrayValue, Infinite, Numeric};
+    use deltalake::arrow::array::{
+        Array, AsArray, Date32Array, Decimal128Array, Int32Array, Int64Array, ListArray,
+        StringArray, TimestampMicrosecondArray,
+    };
+    use proptest::prelude::*;
+
+    fn spec(name: &str, ty: PgType, is_key: bool) -> ColumnSpec {
+        ColumnSpec {
+            name: name.into(),
+            ty,
+            is_key,
+        }
+    }
+
+    fn v(value: Value) -> ColumnValue {
+        ColumnValue::Value(value)
+    }
+
+    fn text(s: &str) -> ColumnValue {
+        v(Value::Text(s.into()))
+    }
+
+    fn column<'a, T: 'static>(batch: &'a RecordBatch, name: &str) -> &'a T {
+        batch
+            .column_by_name(name)
+            .unwrap_or_else(|| panic!("no column {name}"))
+            .as_any()
+            .downcast_ref::<T>()
+            .unwrap_or_else(|| panic!("column {name} has another type"))
+    }
+
+    /// The strings of list row `i`.
+    fn list_row(batch: &RecordBatch, name: &str, i: usize) -> Vec<String> {
+        let list = column::<ListArray>(batch, name);
+        assert!(list.is_valid(i));
+        let row = list.value(i);
+        row.as_string::<i32>()
+            .iter()
+            .map(|s| s.unwrap().to_owned())
+            .collect()
+    }
+
+    fn table() -> Vec<ColumnSpec> {
+        vec![
+            spec("id", PgType::Int4, true),
+            spec("body", PgType::Text, false),
+            spec(
+                "price",
+                PgType::Numeric {
+                    precision_scale: Some((10, 2)),
+                },
+                false,
+            ),
+            spec("valid_until", PgType::Date, false),
+        ]
+    }
+
+    #[test]
+    fn schema_has_source_meta_and_old_key_columns() {
+        let schema = changelog_schema(&table());
+        let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "id",
+                "body",
+                "price",
+                "valid_until",
+                "_op",
+                "_lsn",
+                "_seq",
+                "_xid",
+                "_commit_ts",
+                "_unchanged",
+                "_special",
+                "_old_id"
+            ]
+        );
+        for f in schema.fields() {
+            let required =
+                ["_op", "_lsn", "_seq", "_xid", "_commit_ts"].contains(&f.name().as_str());
+            assert_eq!(f.is_nullable(), !required, "{}", f.name());
+        }
+        assert_eq!(schema.field(2).data_type(), &DataType::Decimal128(10, 2));
+        assert_eq!(schema.field(11).data_type(), &DataType::Int32);
+        assert_eq!(
+            schema.field(8).data_type(),
+            &DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
+        );
+    }
+
+    #[test]
+    fn builds_a_batch_column_by_column() {
+        let mut b = ChangeBatchBuilder::new(table());
+        let nan = v(Value::Numeric(Numeric::NaN));
+        let price = |s: &str| v(Value::Numeric(Numeric::Finite(s.into())));
+        let day = |d| v(Value::Date(Infinite::Finite(d)));
+        // Insert with NaN and infinity stand-ins.
+        b.append(
+            "I",
+            100,
+            0,
+            7,
+            1_000,
+            &[
+                v(Value::Int4(1)),
+                text("a"),
+                nan,
+                v(Value::Date(Infinite::PosInfinity)),
+            ],
+            None,
+        )
+        .unwrap();
+        // Update changing the key (old key carried) with an unchanged TOAST column.
+        let new = [
+            v(Value::Int4(2)),
+            ColumnValue::UnchangedToast,
+            price("1.50"),
+            day(3),
+        ];
+        let old = [
+            v(Value::Int4(1)),
+            v(Value::Null),
+            v(Value::Null),
+            v(Value::Null),
+        ];
+        b.append("U", 100, 1, 7, 1_000, &new, Some(&old)).unwrap();
+        // Delete: the old key as the row.
+        let deleted = [
+            v(Value::Int4(2)),
+            v(Value::Null),
+            v(Value::Null),
+            v(Value::Null),
+        ];
+        b.append("D", 200, 0, 8, 2_000, &deleted, None).unwrap();
+        b.append_truncate(300, 0, 9, 3_000);
+        assert_eq!(b.len(), 4);
+        assert!(b.memory_bytes() > 0);
+
+        let batch = b.finish().unwrap();
+        assert_eq!(b.len(), 0);
+        assert_eq!(batch.num_rows(), 4);
+        assert_eq!(batch.schema(), b.schema());
+
+        let id = column::<Int32Array>(&batch, "id");
+        assert_eq!((id.value(0), id.value(1), id.value(2)), (1, 2, 2));
+        assert!(id.is_null(3));
+        let body = column::<StringArray>(&batch, "body");
+        assert_eq!(body.value(0), "a");
+        assert!(body.is_null(1) && body.is_null(2) && body.is_null(3));
+        let price = column::<Decimal128Array>(&batch, "price");
+        assert!(price.is_null(0));
+        assert_eq!(price.value(1), 150);
+        let until = column::<Date32Array>(&batch, "valid_until");
+        assert_eq!((until.value(0), until.value(1)), (i32::MAX, 3));
+
+        let op = column::<StringArray>(&batch, "_op");
+        let ops: Vec<&str> = op.iter().map(Option::unwrap).collect();
+        assert_eq!(ops, ["I", "U", "D", "T"]);
+        assert_eq!(
+            &column::<Int64Array>(&batch, "_lsn").values()[..],
+            &[100, 100, 200, 300]
+        );
+        assert_eq!(
+            &column::<Int64Array>(&batch, "_seq").values()[..],
+            &[0, 1, 0, 0]
+        );
+        assert_eq!(
+            &column::<Int64Array>(&batch, "_xid").values()[..],
+            &[7, 7, 8, 9]
+        );
+        assert_eq!(
+            &column::<TimestampMicrosecondArray>(&batch, "_commit_ts").values()[..],
+            &[1_000, 1_000, 2_000, 3_000]
+        );
+
+        assert_eq!(list_row(&batch, "_unchanged", 0), Vec::<String>::new());
+        assert_eq!(list_row(&batch, "_unchanged", 1), ["body"]);
+        assert_eq!(list_row(&batch, "_unchanged", 3), Vec::<String>::new());
+        assert_eq!(
+            list_row(&batch, "_special", 0),
+            ["price=NaN", "valid_until=infinity"]
+        );
+        assert_eq!(list_row(&batch, "_special", 1), Vec::<String>::new());
+
+        let old_id = column::<Int32Array>(&batch, "_old_id");
+        assert!(old_id.is_null(0));
+        assert_eq!(old_id.value(1), 1);
+        assert!(old_id.is_null(2) && old_id.is_null(3));
+
+        // The builder is reusable after finish.
+        b.append_truncate(400, 0, 10, 4_000);
+        assert_eq!(b.finish().unwrap().num_rows(), 1);
+    }
+
+    #[test]
+    fn array_specials_are_prefixed_with_the_column() {
+        let mut b = ChangeBatchBuilder::new(vec![spec(
+            "grid",
+            PgType::Array(Box::new(PgType::Int4)),
+            false,
+        )]);
+        let grid = Value::Array(ArrayValue {
+            dims: vec![
+                ArrayDim {
+                    len: 2,
+                    lower_bound: 1,
+                },
+                ArrayDim {
+                    len: 2,
+                    lower_bound: 1,
+                },
+            ],
+            elements: (1..=4).map(Value::Int4).collect(),
+        });
+        b.append("I", 1, 0, 1, 0, &[v(grid)], None).unwrap();
+        let batch = b.finish().unwrap();
+        assert_eq!(list_row(&batch, "_special", 0), ["grid=dims=2x2"]);
+    }
+
+    #[test]
+    fn rejected_rows_leave_the_batch_unchanged() {
+        let mut b = ChangeBatchBuilder::new(table());
+        let good = [v(Value::Int4(1)), text("a"), v(Value::Null), v(Value::Null)];
+        b.append("I", 1, 0, 1, 0, &good, None).unwrap();
+
+        let err = b.append("I", 1, 1, 1, 0, &good[..3], None).unwrap_err();
+        assert!(matches!(
+            err,
+            RowError::ColumnCount {
+                expected: 4,
+                got: 3
+            }
+        ));
+        let err = b
+            .append("U", 1, 1, 1, 0, &good, Some(&good[..1]))
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            RowError::OldColumnCount {
+                expected: 4,
+                got: 1
+            }
+        ));
+        let err = b.append("X", 1, 1, 1, 0, &good, None).unwrap_err();
+        assert!(matches!(err, RowError::UnknownOp { .. }));
+
+        // The bad value is in the last column: earlier columns must not be appended.
+        let bad = [v(Value::Int4(2)), text("b"), v(Value::Null), text("secret")];
+        let err = b.append("I", 1, 1, 1, 0, &bad, None).unwrap_err();
+        assert!(
+            matches!(&err, RowError::Value { column, source: ArrowValueError::TypeMismatch { .. } } if column == "valid_until")
+        );
+        assert!(!err.to_string().contains("secret"));
+        // A bad old key is rejected too.
+        let bad_old = [
+            text("secret"),
+            v(Value::Null),
+            v(Value::Null),
+            v(Value::Null),
+        ];
+        let err = b
+            .append("U", 1, 1, 1, 0, &good, Some(&bad_old))
+            .unwrap_err();
+        assert!(matches!(&err, RowError::Value { column, .. } if column == "_old_id"));
+        // A numeric too wide for the decimal.
+        let wide = [
+            v(Value::Int4(3)),
+            v(Value::Null),
+            v(Value::Numeric(Numeric::Finite("123456789.00".into()))),
+            v(Value::Null),
+        ];
+        let err = b.append("I", 1, 1, 1, 0, &wide, None).unwrap_err();
+        assert!(matches!(
+            err,
+            RowError::Value {
+                source: ArrowValueError::Decimal { .. },
+                ..
+            }
+        ));
+
+        assert_eq!(b.len(), 1);
+        let batch = b.finish().unwrap();
+        assert_eq!(batch.num_rows(), 1);
+        assert_eq!(column::<Int32Array>(&batch, "id").len(), 1);
+    }
+
+    #[test]
+    fn empty_batch_finishes() {
+        let mut b = ChangeBatchBuilder::new(table());
+        assert!(b.is_empty());
+        let batch = b.finish().unwrap();
+        assert_eq!(batch.num_rows(), 0);
+        assert_eq!(batch.num_columns(), 12);
+    }
+
+    type Row = (Option<i64>, Option<String>, Option<i64>);
+
+    proptest! {
+        #[test]
+        fn rows_round_trip(rows in proptest::collection::vec(
+            (
+                proptest::option::of(any::<i64>()),
+                proptest::option::of(".{0,12}"),
+                proptest::option::of(-(10i64.pow(18) - 1)..10i64.pow(18)),
+            ),
+            0..40,
+        )) {
+            let rows: Vec<Row> = rows;
+            let ty = PgType::Numeric { precision_scale: Some((18, 4)) };
+            let mut b = ChangeBatchBuilder::new(vec![
+                spec("k", PgType::Int8, true),
+                spec("t", PgType::Text, false),
+                spec("n", ty, false),
+            ]);
+            for (i, (k, t, n)) in rows.iter().enumerate() {
+                let n = n.map(|n| {
+                    let sign = if n < 0 { "-" } else { "" };
+                    let abs = n.unsigned_abs();
+                    Value::Numeric(Numeric::Finite(format!("{sign}{}.{:04}", abs / 10_000, abs % 10_000)))
+                });
+                let row = [
+                    v(k.map_or(Value::Null, Value::Int8)),
+                    v(t.clone().map_or(Value::Null, Value::Text)),
+                    v(n.unwrap_or(Value::Null)),
+                ];
+                b.append("I", 1, i as i64, 1, 0, &row, None).unwrap();
+            }
+            let batch = b.finish().unwrap();
+            prop_assert_eq!(batch.num_rows(), rows.len());
+            let ks = column::<Int64Array>(&batch, "k");
+            let ts = column::<StringArray>(&batch, "t");
+            let ns = column::<Decimal128Array>(&batch, "n");
+            for (i, (k, t, n)) in rows.iter().enumerate() {
+                prop_assert_eq!(ks.is_valid(i).then(|| ks.value(i)), *k);
+                prop_assert_eq!(ts.is_valid(i).then(|| ts.value(i).to_owned()), t.clone());
+                prop_assert_eq!(ns.is_valid(i).then(|| ns.value(i)), n.map(i128::from));
+            }
+            prop_assert_eq!(
+                column::<Int64Array>(&batch, "_seq").values().to_vec(),
+                (0..rows.len() as i64).collect::<Vec<_>>()
+            );
+        }
+    }
+}

@@ -1,0 +1,1310 @@
+//! The lake's Arrow types for Postgres columns, and the per-column builders that fill them.
+//!
+//! Data flow: [`super::text`] / [`super::binary`] turn column bytes into exact [`Value`]s; the
+//! batcher (`crate::batch::rows`) appends each value to the [`ColumnBuilder`] of its column, and
+//! the finished arrays become a change-log record batch written to Delta Lake.
+//!
+//! Delta Lake has no unsigned integers, no time of day, no interval, no fixed-size binary, and
+//! its decimals need `0 ≤ scale ≤ precision ≤ 38`, so the mapping below ([`lake_type`]) keeps to
+//! the types Delta can hold and stores everything else as exact text:
+//!
+//! | `PgType`                                   | lake (Arrow) type                             | stand-ins (reported as specials)        |
+//! |--------------------------------------------|-----------------------------------------------|-----------------------------------------|
+//! | `Bool`                                     | Boolean                                       |                                         |
+//! | `Int2` / `Int4` / `Int8`                   | Int16 / Int32 / Int64                         |                                         |
+//! | `Oid`                                      | Int64                                         |                                         |
+//! | `Float4` / `Float8`                        | Float32 / Float64 (NaN, ±Inf stored as is)    |                                         |
+//! | `Numeric(p,s)`, 1 ≤ p ≤ 38, 0 ≤ s ≤ p      | Decimal128(p, s)                              | NaN → null, `NaN`; ±Infinity → null, `infinity` / `-infinity` |
+//! | any other `Numeric`                        | Utf8 (exact text, `NaN`, `Infinity`, `-Infinity`) |                                     |
+//! | `Text`, `Enum`, `Unknown`, `Json`, `Jsonb` | Utf8                                          |                                         |
+//! | `Bytea`                                    | Binary                                        |                                         |
+//! | `Uuid`                                     | Utf8 (lowercase `8-4-4-4-12`)                 |                                         |
+//! | `Date`                                     | Date32                                        | ±infinity → `i32::MAX` / `i32::MIN`, `infinity` / `-infinity` |
+//! | `Timestamp`                                | Timestamp(µs)                                 | ±infinity → `i64::MAX` / `i64::MIN`, `infinity` / `-infinity` |
+//! | `TimestampTz`                              | Timestamp(µs, "UTC")                          | as `Timestamp`                          |
+//! | `Time`, `TimeTz`, `Interval`               | Utf8 ([`calendar`] text forms)                |                                         |
+//! | `Array(T)`                                 | List(Field "element": lake type of T, nullable) | more than one dimension → flattened row-major, `dims=2x3`; a lower bound other than 1 → `lower=0` (`lower=0,1`: one per dimension); element stand-ins → `[n]=<marker>`, `n` counting the flattened elements from 1 |
+//!
+//! Values the lake type cannot hold are never silently changed: they get the documented stand-in
+//! and [`ColumnBuilder::append`] reports a marker for the row's `_special` column. A [`Value`]
+//! variant that does not belong to the column's type, or a numeric whose digits do not fit the
+//! decimal, is an [`ArrowValueError`]; [`ColumnBuilder::check`] finds those errors without
+//! appending, so a whole row can be checked before any of its columns is touched.
+
+use std::sync::Arc;
+
+use deltalake::arrow::array::builder::NullBufferBuilder;
+use deltalake::arrow::array::{
+    ArrayBuilder, ArrayRef, BinaryBuilder, BooleanBuilder, Date32Builder, Decimal128Builder,
+    Float32Builder, Float64Builder, Int16Builder, Int32Builder, Int64Builder, ListArray,
+    StringBuilder, TimestampMicrosecondBuilder,
+};
+use deltalake::arrow::buffer::{OffsetBuffer, ScalarBuffer};
+use deltalake::arrow::datatypes::{DataType, Field, FieldRef, TimeUnit};
+
+use super::{calendar, ArrayValue, Infinite, Numeric, PgType, Value};
+
+/// The time zone of `timestamptz` columns and of `_commit_ts`.
+pub const UTC: &str = "UTC";
+/// The name of a list's element field, as Delta Lake writes it.
+pub const LIST_ELEMENT: &str = "element";
+
+/// Marker for a Decimal128 null standing in for `NaN`.
+pub const SPECIAL_NAN: &str = "NaN";
+/// Marker for a `+infinity` stand-in (date/timestamp maximum, or a decimal null).
+pub const SPECIAL_INFINITY: &str = "infinity";
+/// Marker for a `-infinity` stand-in (date/timestamp minimum, or a decimal null).
+pub const SPECIAL_NEG_INFINITY: &str = "-infinity";
+
+/// A value that cannot be stored in its column. Never includes the value itself (row data).
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum ArrowValueError {
+    #[error("a {value} value cannot be stored in a {column} column")]
+    TypeMismatch { column: String, value: &'static str },
+    #[error("numeric value does not fit a {column} column: {reason}")]
+    Decimal {
+        column: String,
+        reason: &'static str,
+    },
+    #[error(
+        "malformed {column} array: its dimensions hold {expected} elements but it has {actual}"
+    )]
+    ArrayShape {
+        column: String,
+        expected: u64,
+        actual: usize,
+    },
+    #[error("{column} column holds more list elements than Arrow offsets allow; flush sooner")]
+    ListTooLong { column: String },
+}
+
+/// The lake (Arrow) type of a Postgres type; see the module doc for the table.
+pub fn lake_type(ty: &PgType) -> DataType {
+    match ty {
+        PgType::Bool => DataType::Boolean,
+        PgType::Int2 => DataType::Int16,
+        PgType::Int4 => DataType::Int32,
+        PgType::Int8 | PgType::Oid => DataType::Int64,
+        PgType::Float4 => DataType::Float32,
+        PgType::Float8 => DataType::Float64,
+        PgType::Numeric { precision_scale } => match decimal_params(*precision_scale) {
+            Some((p, s)) => DataType::Decimal128(p, s),
+            None => DataType::Utf8,
+        },
+        PgType::Text
+        | PgType::Enum { .. }
+        | PgType::Unknown { .. }
+        | PgType::Json
+        | PgType::Jsonb
+        | PgType::Uuid
+        | PgType::Time
+        | PgType::TimeTz
+        | PgType::Interval => DataType::Utf8,
+        PgType::Bytea => DataType::Binary,
+        PgType::Date => DataType::Date32,
+        PgType::Timestamp => DataType::Timestamp(TimeUnit::Microsecond, None),
+        PgType::TimestampTz => DataType::Timestamp(TimeUnit::Microsecond, Some(UTC.into())),
+        PgType::Array(element) => DataType::List(list_element_field(element)),
+    }
+}
+
+/// The element field of a list column holding `element` values: named `element`, nullable.
+pub fn list_element_field(element: &PgType) -> FieldRef {
+    Arc::new(Field::new(LIST_ELEMENT, lake_type(element), true))
+}
+
+/// True when two lake types are the same for schema-evolution purposes: equal ignoring
+/// nullability and the names of list element fields, with time zones `UTC` and `+00:00` equal.
+/// Struct fields must agree in name and order.
+pub fn same_lake_type(a: &DataType, b: &DataType) -> bool {
+    match (a, b) {
+        (DataType::Timestamp(ua, za), DataType::Timestamp(ub, zb)) => {
+            ua == ub
+                && match (za, zb) {
+                    (None, None) => true,
+                    (Some(x), Some(y)) => canonical_tz(x) == canonical_tz(y),
+                    _ => false,
+                }
+        }
+        (DataType::List(x), DataType::List(y))
+        | (DataType::LargeList(x), DataType::LargeList(y)) => {
+            same_lake_type(x.data_type(), y.data_type())
+        }
+        (DataType::FixedSizeList(x, nx), DataType::FixedSizeList(y, ny)) => {
+            nx == ny && same_lake_type(x.data_type(), y.data_type())
+        }
+        (DataType::Struct(xs), DataType::Struct(ys)) => {
+            xs.len() == ys.len()
+                && xs.iter().zip(ys.iter()).all(|(x, y)| {
+                    x.name() == y.name() && same_lake_type(x.data_type(), y.data_type())
+                })
+        }
+        _ => a == b,
+    }
+}
+
+fn canonical_tz(tz: &str) -> &str {
+    if tz == "+00:00" {
+        UTC
+    } else {
+        tz
+    }
+}
+
+/// `numeric(p,s)` parameters Decimal128 can hold: 1 ≤ p ≤ 38 and 0 ≤ s ≤ p.
+fn decimal_params(precision_scale: Option<(u16, i16)>) -> Option<(u8, i8)> {
+    let (p, s) = precision_scale?;
+    let p = u8::try_from(p).ok().filter(|p| (1..=38).contains(p))?;
+    let s = i8::try_from(s)
+        .ok()
+        .filter(|s| *s >= 0 && s.unsigned_abs() <= p)?;
+    Some((p, s))
+}
+
+/// Parses canonical numeric text (`-12.500`) into its Decimal128 representation at `scale`:
+/// the fraction is padded with zeros; more fraction digits than `scale`, or more significant
+/// digits than `precision`, are errors (never rounded).
+fn parse_decimal(text: &str, precision: u8, scale: i8) -> Result<i128, &'static str> {
+    const TOO_MANY_DIGITS: &str = "more digits than the precision allows";
+    let bytes = text.as_bytes();
+    let (negative, digits) = match bytes.split_first() {
+        Some((b'-', rest)) => (true, rest),
+        Some((b'+', rest)) => (false, rest),
+        _ => (false, bytes),
+    };
+    let scale = u32::from(scale.unsigned_abs());
+    let mut value: i128 = 0;
+    let mut any_digit = false;
+    let mut fraction_digits: u32 = 0;
+    let mut in_fraction = false;
+    for &b in digits {
+        match b {
+            b'0'..=b'9' => {
+                if in_fraction {
+                    fraction_digits += 1;
+                    if fraction_digits > scale {
+                        return Err("more fraction digits than the scale");
+                    }
+                }
+                any_digit = true;
+                value = value
+                    .checked_mul(10)
+                    .and_then(|v| v.checked_add(i128::from(b - b'0')))
+                    .ok_or(TOO_MANY_DIGITS)?;
+            }
+            b'.' if !in_fraction => in_fraction = true,
+            _ => return Err("not plain decimal digits"),
+        }
+    }
+    if !any_digit {
+        return Err("no digits");
+    }
+    let value = 10i128
+        .checked_pow(scale - fraction_digits)
+        .and_then(|f| value.checked_mul(f))
+        .ok_or(TOO_MANY_DIGITS)?;
+    let limit = 10i128
+        .checked_pow(u32::from(precision))
+        .ok_or(TOO_MANY_DIGITS)?;
+    if value >= limit {
+        return Err(TOO_MANY_DIGITS);
+    }
+    Ok(if negative { -value } else { value })
+}
+
+/// The name of a value's variant, for error messages (never the value itself).
+fn value_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "bool",
+        Value::Int2(_) => "int2",
+        Value::Int4(_) => "int4",
+        Value::Int8(_) => "int8",
+        Value::Oid(_) => "oid",
+        Value::Float4(_) => "float4",
+        Value::Float8(_) => "float8",
+        Value::Numeric(_) => "numeric",
+        Value::Text(_) => "text",
+        Value::Bytea(_) => "bytea",
+        Value::Uuid(_) => "uuid",
+        Value::Date(_) => "date",
+        Value::Timestamp(_) => "timestamp",
+        Value::TimestampTz(_) => "timestamptz",
+        Value::Time(_) => "time",
+        Value::TimeTz { .. } => "timetz",
+        Value::Interval { .. } => "interval",
+        Value::Json(_) => "json",
+        Value::Enum(_) => "enum",
+        Value::Array(_) => "array",
+        Value::Unknown(_) => "unknown",
+    }
+}
+
+/// Whether `v` is the variant the parsers produce for a column of type `ty` (null always is).
+fn accepts(ty: &PgType, v: &Value) -> bool {
+    matches!(
+        (ty, v),
+        (_, Value::Null)
+            | (PgType::Bool, Value::Bool(_))
+            | (PgType::Int2, Value::Int2(_))
+            | (PgType::Int4, Value::Int4(_))
+            | (PgType::Int8, Value::Int8(_))
+            | (PgType::Oid, Value::Oid(_))
+            | (PgType::Float4, Value::Float4(_))
+            | (PgType::Float8, Value::Float8(_))
+            | (PgType::Numeric { .. }, Value::Numeric(_))
+            | (PgType::Text, Value::Text(_))
+            | (PgType::Bytea, Value::Bytea(_))
+            | (PgType::Uuid, Value::Uuid(_))
+            | (PgType::Date, Value::Date(_))
+            | (PgType::Timestamp, Value::Timestamp(_))
+            | (PgType::TimestampTz, Value::TimestampTz(_))
+            | (PgType::Time, Value::Time(_))
+            | (PgType::TimeTz, Value::TimeTz { .. })
+            | (PgType::Interval, Value::Interval { .. })
+            | (PgType::Json | PgType::Jsonb, Value::Json(_))
+            | (PgType::Enum { .. }, Value::Enum(_))
+            | (PgType::Array(_), Value::Array(_))
+            | (PgType::Unknown { .. }, Value::Unknown(_))
+    )
+}
+
+fn mismatch(ty: &PgType, v: &Value) -> ArrowValueError {
+    ArrowValueError::TypeMismatch {
+        column: ty.name(),
+        value: value_kind(v),
+    }
+}
+
+fn validity_bytes(len: usize) -> usize {
+    len.div_ceil(8)
+}
+
+/// Builds one lake column from values of one Postgres type.
+pub struct ColumnBuilder {
+    ty: PgType,
+    kind: Kind,
+}
+
+enum Kind {
+    Bool(BooleanBuilder),
+    Int16(Int16Builder),
+    Int32(Int32Builder),
+    Int64(Int64Builder),
+    Float32(Float32Builder),
+    Float64(Float64Builder),
+    Decimal {
+        builder: Decimal128Builder,
+        precision: u8,
+        scale: i8,
+    },
+    Utf8(StringBuilder),
+    Binary(BinaryBuilder),
+    Date32(Date32Builder),
+    Timestamp(TimestampMicrosecondBuilder),
+    List(Box<ListColumn>),
+}
+
+/// A list column: offsets and validity here, the flattened elements in a child builder.
+struct ListColumn {
+    field: FieldRef,
+    /// Always starts with 0; one more entry than rows.
+    offsets: Vec<i32>,
+    nulls: NullBufferBuilder,
+    elements: ColumnBuilder,
+}
+
+impl ColumnBuilder {
+    /// An empty builder for a column of type `ty`, producing arrays of [`lake_type`]`(ty)`.
+    pub fn new(ty: &PgType) -> Self {
+        let kind = match ty {
+            PgType::Bool => Kind::Bool(BooleanBuilder::new()),
+            PgType::Int2 => Kind::Int16(Int16Builder::new()),
+            PgType::Int4 => Kind::Int32(Int32Builder::new()),
+            PgType::Int8 | PgType::Oid => Kind::Int64(Int64Builder::new()),
+            PgType::Float4 => Kind::Float32(Float32Builder::new()),
+            PgType::Float8 => Kind::Float64(Float64Builder::new()),
+            PgType::Numeric { precision_scale } => match decimal_params(*precision_scale) {
+                Some((precision, scale)) => Kind::Decimal {
+                    // `decimal_params` only admits what `with_precision_and_scale` accepts;
+                    // the fallback sets the same type without the (redundant) validation.
+                    builder: Decimal128Builder::new()
+                        .with_precision_and_scale(precision, scale)
+                        .unwrap_or_else(|_| {
+                            Decimal128Builder::new()
+                                .with_data_type(DataType::Decimal128(precision, scale))
+                        }),
+                    precision,
+                    scale,
+                },
+                None => Kind::Utf8(StringBuilder::new()),
+            },
+            PgType::Text
+            | PgType::Enum { .. }
+            | PgType::Unknown { .. }
+            | PgType::Json
+            | PgType::Jsonb
+            | PgType::Uuid
+            | PgType::Time
+            | PgType::TimeTz
+            | PgType::Interval => Kind::Utf8(StringBuilder::new()),
+            PgType::Bytea => Kind::Binary(BinaryBuilder::new()),
+            PgType::Date => Kind::Date32(Date32Builder::new()),
+            PgType::Timestamp => Kind::Timestamp(TimestampMicrosecondBuilder::new()),
+            PgType::TimestampTz => {
+                Kind::Timestamp(TimestampMicrosecondBuilder::new().with_timezone(UTC))
+            }
+            PgType::Array(element) => Kind::List(Box::new(ListColumn {
+                field: list_element_field(element),
+                offsets: vec![0],
+                nulls: NullBufferBuilder::new(0),
+                elements: ColumnBuilder::new(element),
+            })),
+        };
+        ColumnBuilder {
+            ty: ty.clone(),
+            kind,
+        }
+    }
+
+    /// The Postgres type of the column.
+    pub fn pg_type(&self) -> &PgType {
+        &self.ty
+    }
+
+    /// Whether `v` can be appended: the right variant for the column's type, numerics that fit
+    /// the decimal, well-formed arrays. Appends nothing.
+    pub fn check(&self, v: &Value) -> Result<(), ArrowValueError> {
+        match (&self.kind, v) {
+            (_, Value::Null) => Ok(()),
+            (
+                Kind::Decimal {
+                    precision, scale, ..
+                },
+                Value::Numeric(Numeric::Finite(text)),
+            ) => parse_decimal(text, *precision, *scale)
+                .map(drop)
+                .map_err(|reason| ArrowValueError::Decimal {
+                    column: self.ty.name(),
+                    reason,
+                }),
+            (Kind::List(list), Value::Array(array)) => list.check(&self.ty, array),
+            _ if accepts(&self.ty, v) => Ok(()),
+            _ => Err(mismatch(&self.ty, v)),
+        }
+    }
+
+    /// Appends a value of the column's type. Markers for values stored as stand-ins (`NaN`,
+    /// `infinity`, `dims=2x2`, …; see the module doc) are pushed onto `specials`. On error
+    /// nothing is appended.
+    pub fn append(&mut self, v: &Value, specials: &mut Vec<String>) -> Result<(), ArrowValueError> {
+        self.check(v)?;
+        self.append_checked(v, specials)
+    }
+
+    /// [`Self::append`] for a value [`Self::check`] has accepted (skips the repeated checks).
+    pub(crate) fn append_checked(
+        &mut self,
+        v: &Value,
+        specials: &mut Vec<String>,
+    ) -> Result<(), ArrowValueError> {
+        let ty = &self.ty;
+        if !accepts(ty, v) {
+            return Err(mismatch(ty, v));
+        }
+        match (&mut self.kind, v) {
+            (kind, Value::Null) => kind.append_null(),
+            (Kind::Bool(b), Value::Bool(x)) => b.append_value(*x),
+            (Kind::Int16(b), Value::Int2(x)) => b.append_value(*x),
+            (Kind::Int32(b), Value::Int4(x)) => b.append_value(*x),
+            (Kind::Int64(b), Value::Int8(x)) => b.append_value(*x),
+            (Kind::Int64(b), Value::Oid(x)) => b.append_value(i64::from(*x)),
+            (Kind::Float32(b), Value::Float4(x)) => b.append_value(*x),
+            (Kind::Float64(b), Value::Float8(x)) => b.append_value(*x),
+            (
+                Kind::Decimal {
+                    builder,
+                    precision,
+                    scale,
+                },
+                Value::Numeric(n),
+            ) => match n {
+                Numeric::Finite(text) => {
+                    let d = parse_decimal(text, *precision, *scale).map_err(|reason| {
+                        ArrowValueError::Decimal {
+                            column: ty.name(),
+                            reason,
+                        }
+                    })?;
+                    builder.append_value(d);
+                }
+                Numeric::NaN => {
+                    builder.append_null();
+                    specials.push(SPECIAL_NAN.to_owned());
+                }
+                Numeric::PosInfinity => {
+                    builder.append_null();
+                    specials.push(SPECIAL_INFINITY.to_owned());
+                }
+                Numeric::NegInfinity => {
+                    builder.append_null();
+                    specials.push(SPECIAL_NEG_INFINITY.to_owned());
+                }
+            },
+            (Kind::Utf8(b), v) => append_text(b, v),
+            (Kind::Binary(b), Value::Bytea(x)) => b.append_value(x),
+            (Kind::Date32(b), Value::Date(d)) => b.append_value(match *d {
+                Infinite::Finite(days) => days,
+                Infinite::PosInfinity => {
+                    specials.push(SPECIAL_INFINITY.to_owned());
+                    i32::MAX
+                }
+                Infinite::NegInfinity => {
+                    specials.push(SPECIAL_NEG_INFINITY.to_owned());
+                    i32::MIN
+                }
+            }),
+            (Kind::Timestamp(b), Value::Timestamp(t) | Value::TimestampTz(t)) => {
+                b.append_value(match *t {
+                    Infinite::Finite(micros) => micros,
+                    Infinite::PosInfinity => {
+                        specials.push(SPECIAL_INFINITY.to_owned());
+                        i64::MAX
+                    }
+                    Infinite::NegInfinity => {
+                        specials.push(SPECIAL_NEG_INFINITY.to_owned());
+                        i64::MIN
+                    }
+                })
+            }
+            (Kind::List(list), Value::Array(array)) => list.append(ty, array, specials)?,
+            (_, v) => return Err(mismatch(ty, v)),
+        }
+        Ok(())
+    }
+
+    /// Appends a null.
+    pub fn append_null(&mut self) {
+        self.kind.append_null();
+    }
+
+    /// Rows appended since the last [`Self::finish`].
+    pub fn len(&self) -> usize {
+        match &self.kind {
+            Kind::Bool(b) => b.len(),
+            Kind::Int16(b) => b.len(),
+            Kind::Int32(b) => b.len(),
+            Kind::Int64(b) => b.len(),
+            Kind::Float32(b) => b.len(),
+            Kind::Float64(b) => b.len(),
+            Kind::Decimal { builder, .. } => builder.len(),
+            Kind::Utf8(b) => b.len(),
+            Kind::Binary(b) => b.len(),
+            Kind::Date32(b) => b.len(),
+            Kind::Timestamp(b) => b.len(),
+            Kind::List(list) => list.offsets.len().saturating_sub(1),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Estimated bytes held by the appended data (values, offsets, validity; not spare
+    /// capacity). Constant time per column (per nesting level for lists).
+    pub fn memory_bytes(&self) -> usize {
+        fn fixed(len: usize, width: usize) -> usize {
+            len * width + validity_bytes(len)
+        }
+        match &self.kind {
+            Kind::Bool(b) => 2 * validity_bytes(b.len()),
+            Kind::Int16(b) => fixed(b.len(), 2),
+            Kind::Int32(b) => fixed(b.len(), 4),
+            Kind::Int64(b) => fixed(b.len(), 8),
+            Kind::Float32(b) => fixed(b.len(), 4),
+            Kind::Float64(b) => fixed(b.len(), 8),
+            Kind::Decimal { builder, .. } => fixed(builder.len(), 16),
+            Kind::Date32(b) => fixed(b.len(), 4),
+            Kind::Timestamp(b) => fixed(b.len(), 8),
+            Kind::Utf8(b) => {
+                b.values_slice().len() + 4 * b.offsets_slice().len() + validity_bytes(b.len())
+            }
+            Kind::Binary(b) => {
+                b.values_slice().len() + 4 * b.offsets_slice().len() + validity_bytes(b.len())
+            }
+            Kind::List(list) => {
+                4 * list.offsets.len()
+                    + validity_bytes(list.offsets.len().saturating_sub(1))
+                    + list.elements.memory_bytes()
+            }
+        }
+    }
+
+    /// The array of everything appended so far; the builder starts empty again.
+    pub fn finish(&mut self) -> ArrayRef {
+        match &mut self.kind {
+            Kind::Bool(b) => Arc::new(b.finish()),
+            Kind::Int16(b) => Arc::new(b.finish()),
+            Kind::Int32(b) => Arc::new(b.finish()),
+            Kind::Int64(b) => Arc::new(b.finish()),
+            Kind::Float32(b) => Arc::new(b.finish()),
+            Kind::Float64(b) => Arc::new(b.finish()),
+            Kind::Decimal { builder, .. } => Arc::new(builder.finish()),
+            Kind::Utf8(b) => Arc::new(b.finish()),
+            Kind::Binary(b) => Arc::new(b.finish()),
+            Kind::Date32(b) => Arc::new(b.finish()),
+            Kind::Timestamp(b) => Arc::new(b.finish()),
+            Kind::List(list) => Arc::new(list.finish()),
+        }
+    }
+}
+
+impl Kind {
+    fn append_null(&mut self) {
+        match self {
+            Kind::Bool(b) => b.append_null(),
+            Kind::Int16(b) => b.append_null(),
+            Kind::Int32(b) => b.append_null(),
+            Kind::Int64(b) => b.append_null(),
+            Kind::Float32(b) => b.append_null(),
+            Kind::Float64(b) => b.append_null(),
+            Kind::Decimal { builder, .. } => builder.append_null(),
+            Kind::Utf8(b) => b.append_null(),
+            Kind::Binary(b) => b.append_null(),
+            Kind::Date32(b) => b.append_null(),
+            Kind::Timestamp(b) => b.append_null(),
+            Kind::List(list) => {
+                let last = list.offsets.last().copied().unwrap_or(0);
+                list.offsets.push(last);
+                list.nulls.append_null();
+            }
+        }
+    }
+}
+
+/// Appends a value of a Utf8 column in its text form. `v` has passed [`accepts`].
+fn append_text(b: &mut StringBuilder, v: &Value) {
+    match v {
+        Value::Text(s) | Value::Enum(s) | Value::Unknown(s) | Value::Json(s) => b.append_value(s),
+        Value::Numeric(Numeric::Finite(s)) => b.append_value(s),
+        Value::Numeric(Numeric::NaN) => b.append_value("NaN"),
+        Value::Numeric(Numeric::PosInfinity) => b.append_value("Infinity"),
+        Value::Numeric(Numeric::NegInfinity) => b.append_value("-Infinity"),
+        Value::Uuid(bytes) => b.append_value(format_uuid(bytes).as_str()),
+        Value::Time(micros) => b.append_value(calendar::format_time(*micros)),
+        Value::TimeTz {
+            micros,
+            offset_seconds,
+        } => b.append_value(calendar::format_timetz(*micros, *offset_seconds)),
+        Value::Interval {
+            months,
+            days,
+            micros,
+        } => b.append_value(calendar::format_interval(*months, *days, *micros)),
+        _ => b.append_null(),
+    }
+}
+
+/// A UUID's canonical text, on the stack.
+struct UuidText([u8; 36]);
+
+impl UuidText {
+    fn as_str(&self) -> &str {
+        // Only ASCII hex digits and dashes are ever written.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+fn format_uuid(bytes: &[u8; 16]) -> UuidText {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [b'-'; 36];
+    let mut pos = 0;
+    for (i, byte) in bytes.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            pos += 1; // keep the dash
+        }
+        out[pos] = HEX[usize::from(byte >> 4)];
+        out[pos + 1] = HEX[usize::from(byte & 0x0f)];
+        pos += 2;
+    }
+    UuidText(out)
+}
+
+impl ListColumn {
+    /// The element count the dimensions promise, which must be the element count.
+    fn check_shape(ty: &PgType, array: &ArrayValue) -> Result<(), ArrowValueError> {
+        let expected = array
+            .dims
+            .iter()
+            .try_fold(1u64, |n, d| n.checked_mul(u64::from(d.len)));
+        let expected = if array.dims.is_empty() {
+            Some(0)
+        } else {
+            expected
+        };
+        match expected {
+            Some(n) if usize::try_from(n).ok() == Some(array.elements.len()) => Ok(()),
+            _ => Err(ArrowValueError::ArrayShape {
+                column: ty.name(),
+                expected: expected.unwrap_or(u64::MAX),
+                actual: array.elements.len(),
+            }),
+        }
+    }
+
+    /// The offset after appending `array`, if it fits `i32`.
+    fn end_offset(&self, ty: &PgType, array: &ArrayValue) -> Result<i32, ArrowValueError> {
+        self.elements
+            .len()
+            .checked_add(array.elements.len())
+            .and_then(|n| i32::try_from(n).ok())
+            .ok_or_else(|| ArrowValueError::ListTooLong { column: ty.name() })
+    }
+
+    fn check(&self, ty: &PgType, array: &ArrayValue) -> Result<(), ArrowValueError> {
+        Self::check_shape(ty, array)?;
+        self.end_offset(ty, array)?;
+        array
+            .elements
+            .iter()
+            .try_for_each(|e| self.elements.check(e))
+    }
+
+    fn append(
+        &mut self,
+        ty: &PgType,
+        array: &ArrayValue,
+        specials: &mut Vec<String>,
+    ) -> Result<(), ArrowValueError> {
+        Self::check_shape(ty, array)?;
+        let end = self.end_offset(ty, array)?;
+        if array.dims.len() > 1 {
+            let mut marker = String::from("dims=");
+            for (i, d) in array.dims.iter().enumerate() {
+                if i > 0 {
+                    marker.push('x');
+                }
+                marker.push_str(&d.len.to_string());
+            }
+            specials.push(marker);
+        }
+        if array.dims.iter().any(|d| d.lower_bound != 1) {
+            let mut marker = String::from("lower=");
+            for (i, d) in array.dims.iter().enumerate() {
+                if i > 0 {
+                    marker.push(',');
+                }
+                marker.push_str(&d.lower_bound.to_string());
+            }
+            specials.push(marker);
+        }
+        for (i, element) in array.elements.iter().enumerate() {
+            let before = specials.len();
+            self.elements.append_checked(element, specials)?;
+            if let Some(added) = specials.get_mut(before..) {
+                for marker in added {
+                    marker.insert_str(0, &format!("[{}]=", i + 1));
+                }
+            }
+        }
+        self.offsets.push(end);
+        self.nulls.append_non_null();
+        Ok(())
+    }
+
+    fn finish(&mut self) -> ListArray {
+        let offsets = std::mem::replace(&mut self.offsets, vec![0]);
+        let values = self.elements.finish();
+        let nulls = self.nulls.finish();
+        // Offsets start at 0, never decrease and end at `values.len()`, and there is one
+        // validity bit per row: the invariants `ListArray::new` asserts.
+        ListArray::new(
+            self.field.clone(),
+            OffsetBuffer::new(ScalarBuffer::from(offsets)),
+            values,
+            nulls,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::ArrayDim;
+    use deltalake::arrow::array::{
+        Array, BinaryArray, BooleanArray, Date32Array, Decimal128Array, Float32Array, Float64Array,
+        Int16Array, Int32Array, Int64Array, StringArray, TimestampMicrosecondArray,
+    };
+    use deltalake::arrow::datatypes::Fields;
+    use proptest::prelude::*;
+
+    fn numeric(p: u16, s: i16) -> PgType {
+        PgType::Numeric {
+            precision_scale: Some((p, s)),
+        }
+    }
+
+    fn fin(s: &str) -> Value {
+        Value::Numeric(Numeric::Finite(s.to_owned()))
+    }
+
+    /// Appends all values (no specials expected unless returned) and finishes.
+    fn build(ty: &PgType, values: &[Value]) -> (ArrayRef, Vec<String>) {
+        let mut b = ColumnBuilder::new(ty);
+        let mut specials = Vec::new();
+        for v in values {
+            b.append(v, &mut specials).unwrap();
+        }
+        assert_eq!(b.len(), values.len());
+        let array = b.finish();
+        assert_eq!(b.len(), 0, "finish resets");
+        assert_eq!(array.data_type(), &lake_type(ty));
+        (array, specials)
+    }
+
+    fn downcast<T: 'static>(a: &ArrayRef) -> &T {
+        a.as_any().downcast_ref::<T>().unwrap()
+    }
+
+    #[test]
+    fn lake_types_follow_the_table() {
+        use DataType as D;
+        let cases = [
+            (PgType::Bool, D::Boolean),
+            (PgType::Int2, D::Int16),
+            (PgType::Int4, D::Int32),
+            (PgType::Int8, D::Int64),
+            (PgType::Oid, D::Int64),
+            (PgType::Float4, D::Float32),
+            (PgType::Float8, D::Float64),
+            (numeric(10, 2), D::Decimal128(10, 2)),
+            (numeric(38, 38), D::Decimal128(38, 38)),
+            (numeric(1, 0), D::Decimal128(1, 0)),
+            (numeric(39, 2), D::Utf8),
+            (numeric(5, -3), D::Utf8),
+            (numeric(2, 5), D::Utf8),
+            (
+                PgType::Numeric {
+                    precision_scale: None,
+                },
+                D::Utf8,
+            ),
+            (PgType::Text, D::Utf8),
+            (PgType::Enum { oid: 1 }, D::Utf8),
+            (PgType::Unknown { oid: 600 }, D::Utf8),
+            (PgType::Json, D::Utf8),
+            (PgType::Jsonb, D::Utf8),
+            (PgType::Uuid, D::Utf8),
+            (PgType::Bytea, D::Binary),
+            (PgType::Date, D::Date32),
+            (PgType::Timestamp, D::Timestamp(TimeUnit::Microsecond, None)),
+            (
+                PgType::TimestampTz,
+                D::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+            ),
+            (PgType::Time, D::Utf8),
+            (PgType::TimeTz, D::Utf8),
+            (PgType::Interval, D::Utf8),
+            (
+                PgType::Array(Box::new(PgType::Int4)),
+                D::List(Arc::new(Field::new("element", D::Int32, true))),
+            ),
+        ];
+        for (ty, expected) in cases {
+            assert_eq!(lake_type(&ty), expected, "{ty}");
+            // Every builder produces its lake type, even when empty.
+            assert_eq!(ColumnBuilder::new(&ty).finish().data_type(), &expected);
+        }
+    }
+
+    #[test]
+    fn scalars_round_trip() {
+        let (a, s) = build(
+            &PgType::Bool,
+            &[Value::Bool(true), Value::Null, Value::Bool(false)],
+        );
+        let a = downcast::<BooleanArray>(&a);
+        assert!(a.value(0) && a.is_null(1) && !a.value(2));
+        assert!(s.is_empty());
+
+        let (a, _) = build(&PgType::Int2, &[Value::Int2(i16::MIN), Value::Int2(7)]);
+        assert_eq!(&downcast::<Int16Array>(&a).values()[..], &[i16::MIN, 7]);
+        let (a, _) = build(&PgType::Int4, &[Value::Int4(i32::MAX)]);
+        assert_eq!(downcast::<Int32Array>(&a).value(0), i32::MAX);
+        let (a, _) = build(&PgType::Int8, &[Value::Int8(i64::MIN)]);
+        assert_eq!(downcast::<Int64Array>(&a).value(0), i64::MIN);
+        let (a, _) = build(&PgType::Oid, &[Value::Oid(u32::MAX)]);
+        assert_eq!(downcast::<Int64Array>(&a).value(0), 4_294_967_295);
+
+        let (a, s) = build(
+            &PgType::Float4,
+            &[Value::Float4(f32::NAN), Value::Float4(f32::NEG_INFINITY)],
+        );
+        let a = downcast::<Float32Array>(&a);
+        assert!(a.value(0).is_nan() && a.value(1) == f32::NEG_INFINITY);
+        assert!(s.is_empty(), "floats hold NaN and infinities as is");
+        let (a, _) = build(&PgType::Float8, &[Value::Float8(f64::INFINITY)]);
+        assert_eq!(downcast::<Float64Array>(&a).value(0), f64::INFINITY);
+
+        let (a, _) = build(&PgType::Bytea, &[Value::Bytea(vec![0, 0xff]), Value::Null]);
+        let a = downcast::<BinaryArray>(&a);
+        assert_eq!(a.value(0), &[0, 0xff]);
+        assert!(a.is_null(1));
+    }
+
+    #[test]
+    fn text_like_types_become_utf8() {
+        let cases: Vec<(PgType, Value, &str)> = vec![
+            (PgType::Text, Value::Text("héllo".into()), "héllo"),
+            (
+                PgType::Enum { oid: 9 },
+                Value::Enum("happy".into()),
+                "happy",
+            ),
+            (
+                PgType::Unknown { oid: 600 },
+                Value::Unknown("(1,2)".into()),
+                "(1,2)",
+            ),
+            (
+                PgType::Json,
+                Value::Json(r#"{"a": 1.50}"#.into()),
+                r#"{"a": 1.50}"#,
+            ),
+            (
+                PgType::Jsonb,
+                Value::Json(r#"{"a": 1}"#.into()),
+                r#"{"a": 1}"#,
+            ),
+            (
+                PgType::Uuid,
+                Value::Uuid([
+                    0xa0, 0xee, 0xbc, 0x99, 0x9c, 0x0b, 0x4e, 0xf8, 0xbb, 0x6d, 0x6b, 0xb9, 0xbd,
+                    0x38, 0x0a, 0x11,
+                ]),
+                "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+            ),
+            (
+                PgType::Time,
+                Value::Time(13 * 3_600_000_000 + 5),
+                "13:00:00.000005",
+            ),
+            (
+                PgType::TimeTz,
+                Value::TimeTz {
+                    micros: 12 * 3_600_000_000,
+                    offset_seconds: 7200,
+                },
+                "12:00:00+02:00",
+            ),
+            (
+                PgType::Interval,
+                Value::Interval {
+                    months: 14,
+                    days: 3,
+                    micros: 4 * 3_600_000_000,
+                },
+                "P1Y2M3DT4H",
+            ),
+            (
+                PgType::Numeric {
+                    precision_scale: None,
+                },
+                fin("-12.500"),
+                "-12.500",
+            ),
+            (numeric(40, 2), Value::Numeric(Numeric::NaN), "NaN"),
+            (
+                PgType::Numeric {
+                    precision_scale: None,
+                },
+                Value::Numeric(Numeric::PosInfinity),
+                "Infinity",
+            ),
+            (
+                PgType::Numeric {
+                    precision_scale: None,
+                },
+                Value::Numeric(Numeric::NegInfinity),
+                "-Infinity",
+            ),
+        ];
+        for (ty, v, expected) in cases {
+            let (a, s) = build(&ty, &[v, Value::Null]);
+            let a = downcast::<StringArray>(&a);
+            assert_eq!(a.value(0), expected, "{ty}");
+            assert!(a.is_null(1));
+            assert!(s.is_empty(), "{ty}: text holds every value exactly");
+        }
+    }
+
+    #[test]
+    fn decimals_are_exact() {
+        let max = "9999999999999999999999999999.9999999999";
+        let (a, s) = build(
+            &numeric(38, 10),
+            &[
+                fin(max),
+                fin(&format!("-{max}")),
+                fin("0.0000000001"),
+                fin("0"),
+            ],
+        );
+        let a = downcast::<Decimal128Array>(&a);
+        assert_eq!((a.precision(), a.scale()), (38, 10));
+        assert_eq!(a.value(0), 10i128.pow(38) - 1);
+        assert_eq!(a.value(1), -(10i128.pow(38) - 1));
+        assert_eq!(a.value(2), 1);
+        assert_eq!(a.value(3), 0);
+        assert_eq!(a.value_as_string(0), max);
+        assert!(s.is_empty());
+
+        let (a, _) = build(
+            &numeric(5, 3),
+            &[
+                fin("0.5"),
+                fin("-12.500"),
+                fin("12"),
+                fin("+1.25"),
+                fin(".5"),
+            ],
+        );
+        assert_eq!(
+            &downcast::<Decimal128Array>(&a).values()[..],
+            &[500, -12_500, 12_000, 1_250, 500]
+        );
+
+        let (a, _) = build(&numeric(38, 0), &[fin(&"9".repeat(38))]);
+        assert_eq!(downcast::<Decimal128Array>(&a).value(0), 10i128.pow(38) - 1);
+    }
+
+    #[test]
+    fn decimals_that_do_not_fit_are_errors_not_rounded() {
+        let ten_pow_28 = format!("1{}", "0".repeat(28));
+        let forty_nines = "9".repeat(40);
+        let cases = [
+            (
+                numeric(5, 3),
+                "0.1234",
+                "more fraction digits than the scale",
+            ),
+            (
+                numeric(5, 3),
+                "123.4",
+                "more digits than the precision allows",
+            ),
+            (
+                numeric(38, 10),
+                ten_pow_28.as_str(),
+                "more digits than the precision allows",
+            ),
+            (
+                numeric(38, 0),
+                forty_nines.as_str(),
+                "more digits than the precision allows",
+            ),
+            (numeric(5, 3), "", "no digits"),
+            (numeric(5, 3), "-", "no digits"),
+            (numeric(5, 3), "1e3", "not plain decimal digits"),
+            (numeric(5, 3), "1.2.3", "not plain decimal digits"),
+            (numeric(5, 3), "--1", "not plain decimal digits"),
+        ];
+        for (ty, text, reason) in cases {
+            let mut b = ColumnBuilder::new(&ty);
+            let err = b.append(&fin(text), &mut Vec::new()).unwrap_err();
+            assert_eq!(
+                err,
+                ArrowValueError::Decimal {
+                    column: ty.name(),
+                    reason
+                },
+                "{text:?}"
+            );
+            assert_eq!(b.len(), 0, "nothing appended on error");
+            assert!(!err.to_string().contains(text) || text.is_empty());
+        }
+    }
+
+    #[test]
+    fn decimal_nan_and_infinities_are_null_with_specials() {
+        let (a, s) = build(
+            &numeric(10, 2),
+            &[
+                Value::Numeric(Numeric::NaN),
+                fin("1.00"),
+                Value::Numeric(Numeric::PosInfinity),
+                Value::Numeric(Numeric::NegInfinity),
+            ],
+        );
+        let a = downcast::<Decimal128Array>(&a);
+        assert!(a.is_null(0) && a.is_valid(1) && a.is_null(2) && a.is_null(3));
+        assert_eq!(s, ["NaN", "infinity", "-infinity"]);
+    }
+
+    #[test]
+    fn infinite_dates_and_timestamps_use_sentinels_with_specials() {
+        let (a, s) = build(
+            &PgType::Date,
+            &[
+                Value::Date(Infinite::PosInfinity),
+                Value::Date(Infinite::Finite(-1)),
+                Value::Date(Infinite::NegInfinity),
+            ],
+        );
+        assert_eq!(
+            &downcast::<Date32Array>(&a).values()[..],
+            &[i32::MAX, -1, i32::MIN]
+        );
+        assert_eq!(s, ["infinity", "-infinity"]);
+
+        for ty in [PgType::Timestamp, PgType::TimestampTz] {
+            let wrap = |t| match ty {
+                PgType::Timestamp => Value::Timestamp(t),
+                _ => Value::TimestampTz(t),
+            };
+            let (a, s) = build(
+                &ty,
+                &[
+                    wrap(Infinite::NegInfinity),
+                    wrap(Infinite::Finite(1_700_000_000_000_001)),
+                    wrap(Infinite::PosInfinity),
+                    Value::Null,
+                ],
+            );
+            let a = downcast::<TimestampMicrosecondArray>(&a);
+            assert_eq!(
+                &a.values()[..3],
+                &[i64::MIN, 1_700_000_000_000_001, i64::MAX]
+            );
+            assert!(a.is_null(3));
+            assert_eq!(s, ["-infinity", "infinity"]);
+        }
+    }
+
+    fn array(dims: &[(u32, i32)], elements: Vec<Value>) -> Value {
+        Value::Array(ArrayValue {
+            dims: dims
+                .iter()
+                .map(|&(len, lower_bound)| ArrayDim { len, lower_bound })
+                .collect(),
+            elements,
+        })
+    }
+
+    #[test]
+    fn arrays_become_lists() {
+        let ty = PgType::Array(Box::new(PgType::Int4));
+        let (a, s) = build(
+            &ty,
+            &[
+                array(&[(3, 1)], vec![Value::Int4(1), Value::Null, Value::Int4(3)]),
+                array(&[], vec![]),
+                Value::Null,
+                array(&[(2, 1), (2, 1)], (1..=4).map(Value::Int4).collect()),
+            ],
+        );
+        let a = downcast::<ListArray>(&a);
+        assert_eq!(a.value_offsets(), &[0, 3, 3, 3, 7]);
+        assert!(a.is_valid(1) && a.is_null(2) && a.is_valid(3));
+        let values = a.values();
+        let values = downcast::<Int32Array>(values);
+        assert_eq!(values.len(), 7);
+        assert!(values.is_null(1));
+        assert_eq!(values.value(6), 4);
+        assert_eq!(s, ["dims=2x2"]);
+    }
+
+    #[test]
+    fn array_specials_name_dims_lower_bounds_and_elements() {
+        let ty = PgType::Array(Box::new(PgType::Date));
+        let mut b = ColumnBuilder::new(&ty);
+        let mut s = Vec::new();
+        b.append(&array(&[(2, 0)], vec![Value::Null, Value::Null]), &mut s)
+            .unwrap();
+        assert_eq!(s, ["lower=0"]);
+        s.clear();
+        b.append(
+            &array(
+                &[(1, 0), (3, 1)],
+                vec![
+                    Value::Date(Infinite::Finite(0)),
+                    Value::Date(Infinite::NegInfinity),
+                    Value::Date(Infinite::PosInfinity),
+                ],
+            ),
+            &mut s,
+        )
+        .unwrap();
+        assert_eq!(
+            s,
+            ["dims=1x3", "lower=0,1", "[2]=-infinity", "[3]=infinity"]
+        );
+
+        let ty = PgType::Array(Box::new(numeric(4, 1)));
+        let mut b = ColumnBuilder::new(&ty);
+        s.clear();
+        b.append(
+            &array(&[(2, 1)], vec![fin("1.5"), Value::Numeric(Numeric::NaN)]),
+            &mut s,
+        )
+        .unwrap();
+        assert_eq!(s, ["[2]=NaN"]);
+        let a = b.finish();
+        let a = downcast::<ListArray>(&a);
+        let values = a.values();
+        let d = downcast::<Decimal128Array>(values);
+        assert_eq!((d.precision(), d.scale()), (4, 1));
+        assert_eq!(d.value(0), 15);
+        assert!(d.is_null(1));
+    }
+
+    #[test]
+    fn wrong_variants_are_errors_naming_types_only() {
+        let mut b = ColumnBuilder::new(&PgType::Int4);
+        let err = b
+            .append(&Value::Text("secret".into()), &mut Vec::new())
+            .unwrap_err();
+        assert_eq!(
+            err,
+            ArrowValueError::TypeMismatch {
+                column: "int4".into(),
+                value: "text"
+            }
+        );
+        assert!(!err.to_string().contains("secret"));
+        assert_eq!(b.len(), 0);
+
+        // Jsonb takes Json values; Text does not take enum labels.
+        assert!(ColumnBuilder::new(&PgType::Jsonb)
+            .check(&Value::Json("1".into()))
+            .is_ok());
+        assert!(ColumnBuilder::new(&PgType::Text)
+            .check(&Value::Enum("a".into()))
+            .is_err());
+        assert!(ColumnBuilder::new(&PgType::Timestamp)
+            .check(&Value::TimestampTz(Infinite::Finite(0)))
+            .is_err());
+    }
+
+    #[test]
+    fn bad_arrays_append_nothing() {
+        let ty = PgType::Array(Box::new(numeric(3, 0)));
+        let mut b = ColumnBuilder::new(&ty);
+        let mut s = Vec::new();
+        // A bad element after a good one: the whole array is rejected up front.
+        let err = b
+            .append(&array(&[(2, 1)], vec![fin("1"), fin("1000")]), &mut s)
+            .unwrap_err();
+        assert!(matches!(err, ArrowValueError::Decimal { .. }));
+        let err = b
+            .append(&array(&[(2, 1)], vec![fin("1"), Value::Int4(1)]), &mut s)
+            .unwrap_err();
+        assert_eq!(
+            err,
+            ArrowValueError::TypeMismatch {
+                column: "numeric(3,0)".into(),
+                value: "int4"
+            }
+        );
+        let err = b
+            .append(&array(&[(2, 1), (2, 1)], vec![fin("1")]), &mut s)
+            .unwrap_err();
+        assert_eq!(
+            err,
+            ArrowValueError::ArrayShape {
+                column: "numeric(3,0)[]".into(),
+                expected: 4,
+                actual: 1
+            }
+        );
+        assert!(b.append(&array(&[], vec![fin("1")]), &mut s).is_err());
+        assert_eq!(b.len(), 0);
+        assert!(s.is_empty());
+        let a = b.finish();
+        assert_eq!(downcast::<ListArray>(&a).values().len(), 0);
+    }
+
+    #[test]
+    fn memory_grows_with_data_and_resets() {
+        let mut b = ColumnBuilder::new(&PgType::Text);
+        assert!(b.memory_bytes() <= 4);
+        b.append(&Value::Text("x".repeat(1000)), &mut Vec::new())
+            .unwrap();
+        assert!(b.memory_bytes() >= 1000);
+        b.finish();
+        assert!(b.memory_bytes() < 1000);
+
+        let mut b = ColumnBuilder::new(&PgType::Array(Box::new(PgType::Int8)));
+        b.append(
+            &array(&[(100, 1)], (0..100).map(Value::Int8).collect()),
+            &mut Vec::new(),
+        )
+        .unwrap();
+        assert!(b.memory_bytes() >= 800);
+    }
+
+    #[test]
+    fn same_lake_type_ignores_nullability_element_names_and_utc_spelling() {
+        let list = |name: &str, nullable: bool| {
+            DataType::List(Arc::new(Field::new(name, DataType::Int32, nullable)))
+        };
+        assert!(same_lake_type(&list("element", true), &list("item", false)));
+        assert!(!same_lake_type(
+            &list("element", true),
+            &DataType::List(Arc::new(Field::new("element", DataType::Int64, true)))
+        ));
+        let ts = |tz: Option<&str>| DataType::Timestamp(TimeUnit::Microsecond, tz.map(Into::into));
+        assert!(same_lake_type(&ts(Some("UTC")), &ts(Some("+00:00"))));
+        assert!(!same_lake_type(&ts(Some("UTC")), &ts(None)));
+        assert!(!same_lake_type(&ts(Some("UTC")), &ts(Some("+01:00"))));
+        assert!(!same_lake_type(
+            &ts(None),
+            &DataType::Timestamp(TimeUnit::Nanosecond, None)
+        ));
+        assert!(same_lake_type(
+            &DataType::Decimal128(10, 2),
+            &DataType::Decimal128(10, 2)
+        ));
+        assert!(!same_lake_type(
+            &DataType::Decimal128(10, 2),
+            &DataType::Decimal128(10, 3)
+        ));
+        let st = |name: &str, nullable: bool| {
+            DataType::Struct(Fields::from(vec![Field::new(
+                name,
+                list("a", true),
+                nullable,
+            )]))
+        };
+        assert!(same_lake_type(&st("x", true), &st("x", false)));
+        assert!(!same_lake_type(&st("x", true), &st("y", true)));
+    }
+
+    proptest! {
+        #[test]
+        fn decimal_text_round_trips(v in -(10i128.pow(18) - 1)..10i128.pow(18), scale in 0i8..=18) {
+            let (p, s) = (18u8, scale);
+            let text = Decimal128Array::from(vec![v])
+                .with_precision_and_scale(p, s)
+                .unwrap()
+                .value_as_string(0);
+            prop_assert_eq!(parse_decimal(&text, p, s), Ok(v));
+        }
+
+        #[test]
+        fn decimal_parse_never_panics(text in "[-+0-9.]{0,45}", p in 1u8..=38, s in 0i8..=38) {
+            let _ = parse_decimal(&text, p, s);
+        }
+
+        #[test]
+        fn uuids_print_like_postgres(bytes in any::<[u8; 16]>()) {
+            let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            let expected = format!(
+                "{}-{}-{}-{}-{}",
+                &hex[..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..]
+            );
+            let text = format_uuid(&bytes);
+            prop_assert_eq!(text.as_str(), expected.as_str());
+        }
+    }
+}
