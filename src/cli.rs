@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::config::parse_duration;
+use crate::config::{parse_duration, parse_size};
 use crate::lsn::Lsn;
 
 /// Default slot and publication name.
@@ -57,6 +57,8 @@ pub enum Command {
     Slot(SlotCommand),
     /// Print decoded changes as JSON lines (debugging; does not advance the slot unless --confirm).
     Tail(TailArgs),
+    /// Stream the slot into exactly-once Delta change logs on object storage.
+    Run(RunArgs),
 }
 
 /// Where the source database is.
@@ -201,4 +203,66 @@ pub struct TailArgs {
     /// Interval between standby status updates.
     #[arg(long, env = "SLOTLAKE_STATUS_INTERVAL", value_name = "DURATION", default_value = DEFAULT_STATUS_INTERVAL, value_parser = parse_duration)]
     pub status_interval: Duration,
+}
+
+/// Default flush settings (see the flush policy in `pipeline.rs` and the README).
+pub const DEFAULT_TARGET_FILE_SIZE: &str = "64MiB";
+pub const DEFAULT_FLUSH_INTERVAL: &str = "10s";
+pub const DEFAULT_MEMORY_BUDGET: &str = "256MiB";
+pub const DEFAULT_SHUTDOWN_TIMEOUT: &str = "60s";
+
+/// Where the lake is.
+#[derive(Debug, Args, Clone)]
+pub struct SinkArgs {
+    /// Lake root: file:///path, s3://bucket/prefix, or memory:// (tests). Change logs go to
+    /// <sink>/changes/<schema>/<table>/.
+    #[arg(long, env = "SLOTLAKE_SINK", value_name = "URL")]
+    pub sink: String,
+    /// S3-compatible endpoint (MinIO, moto, ...); AWS when unset. Credentials come from the
+    /// AWS chain (AWS_ACCESS_KEY_ID/…, web identity, ECS/EC2 metadata).
+    #[arg(long, env = "SLOTLAKE_S3_ENDPOINT", value_name = "URL")]
+    pub s3_endpoint: Option<String>,
+    /// Allow plain HTTP to the S3 endpoint.
+    #[arg(long, env = "SLOTLAKE_S3_ALLOW_HTTP")]
+    pub s3_allow_http: bool,
+    /// S3 region (default AWS_REGION, else us-east-1).
+    #[arg(long, env = "SLOTLAKE_S3_REGION", value_name = "REGION")]
+    pub s3_region: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub source: SourceArgs,
+    #[command(flatten)]
+    pub slot: SlotArgs,
+    #[command(flatten)]
+    pub publication: PublicationArgs,
+    #[command(flatten)]
+    pub sink: SinkArgs,
+    /// Create the slot when it does not exist.
+    #[arg(long, env = "SLOTLAKE_CREATE_SLOT")]
+    pub create_slot: bool,
+    /// Create the publication (for all tables) when it does not exist.
+    #[arg(long, env = "SLOTLAKE_CREATE_PUBLICATION")]
+    pub create_publication: bool,
+    /// Roll a table's data file over at this size.
+    #[arg(long, env = "SLOTLAKE_TARGET_FILE_SIZE", value_name = "SIZE", default_value = DEFAULT_TARGET_FILE_SIZE, value_parser = parse_size)]
+    pub target_file_size: u64,
+    /// Commit buffered changes when the oldest is this old.
+    #[arg(long, env = "SLOTLAKE_FLUSH_INTERVAL", value_name = "DURATION", default_value = DEFAULT_FLUSH_INTERVAL, value_parser = parse_duration)]
+    pub flush_interval: Duration,
+    /// Memory for buffered changes; above it, the largest tables are written out early.
+    #[arg(long, env = "SLOTLAKE_MEMORY_BUDGET", value_name = "SIZE", default_value = DEFAULT_MEMORY_BUDGET, value_parser = parse_size)]
+    pub memory_budget: u64,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, env = "SLOTLAKE_METRICS_ADDR", value_name = "ADDR", default_value = crate::metrics::DEFAULT_METRICS_ADDR)]
+    pub metrics_addr: std::net::SocketAddr,
+    /// Interval between standby status updates.
+    #[arg(long, env = "SLOTLAKE_STATUS_INTERVAL", value_name = "DURATION", default_value = DEFAULT_STATUS_INTERVAL, value_parser = parse_duration)]
+    pub status_interval: Duration,
+    /// On SIGTERM/SIGINT, give up committing after this long (nothing is lost: uncommitted
+    /// changes are read again from the slot next time).
+    #[arg(long, env = "SLOTLAKE_SHUTDOWN_TIMEOUT", value_name = "DURATION", default_value = DEFAULT_SHUTDOWN_TIMEOUT, value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
 }

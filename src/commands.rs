@@ -6,7 +6,8 @@ use std::io::Write;
 use anyhow::{Context, Result};
 
 use crate::cli::{
-    OutputFormat, SlotCommand, SlotCreateArgs, SlotDropArgs, SlotListArgs, SlotStatusArgs, TailArgs,
+    OutputFormat, RunArgs, SlotCommand, SlotCreateArgs, SlotDropArgs, SlotListArgs, SlotStatusArgs,
+    TailArgs,
 };
 use crate::replication::slot::{
     self, PublicationOutcome, PublicationScope, SlotError, SlotInfo, SnapshotAction,
@@ -217,4 +218,75 @@ pub async fn tail(a: TailArgs) -> Result<()> {
     drop(out);
     tracing::info!(changes = summary.changes, transactions = summary.transactions, confirmed = %summary.confirmed, "tail finished");
     Ok(())
+}
+
+pub async fn run(a: RunArgs) -> Result<()> {
+    let info = source(&a.source.source)?;
+    let s3 = crate::lake::store::S3Options {
+        endpoint: a.sink.s3_endpoint.clone(),
+        allow_http: a.sink.s3_allow_http,
+        region: a.sink.s3_region.clone(),
+    };
+    let sink = crate::lake::store::Sink::open(&a.sink.sink, &s3).context("invalid --sink")?;
+    slot::validate_slot_name(&a.slot.slot)?;
+    if a.create_slot || a.create_publication {
+        let mut repl = PgConnection::connect(&info, SessionKind::Replication).await?;
+        slot::check_logical_wal_level(&mut repl).await?;
+        if a.create_publication {
+            slot::ensure_publication(
+                &mut repl,
+                &a.publication.publication,
+                &PublicationScope::AllTables,
+            )
+            .await?;
+        }
+        if a.create_slot {
+            let created = slot::create_slot(&mut repl, &a.slot.slot, SnapshotAction::None).await?;
+            if let Some(lsn) = created.consistent_point {
+                tracing::info!(slot = %created.name, consistent_point = %lsn, "created replication slot");
+            }
+        }
+        repl.close().await;
+    }
+    let metrics = crate::metrics::Metrics::new(prometheus::Registry::new()).context("metrics")?;
+    let (addr, server) = crate::metrics::serve(a.metrics_addr, metrics.clone())
+        .await
+        .with_context(|| format!("cannot listen on --metrics-addr {}", a.metrics_addr))?;
+    tracing::info!(source = %info.redacted(), sink = %sink, slot = %a.slot.slot, metrics = %addr, "streaming");
+    let opts = crate::pipeline::RunOptions {
+        slot: a.slot.slot,
+        publication: a.publication.publication,
+        target_file_size: a.target_file_size,
+        flush_interval: a.flush_interval,
+        memory_budget: a.memory_budget,
+        status_interval: a.status_interval,
+        shutdown_timeout: a.shutdown_timeout,
+    };
+    let summary = crate::pipeline::run(&info, &sink, &opts, metrics, shutdown_signal()).await;
+    server.abort();
+    let summary = summary?;
+    tracing::info!(
+        changes = summary.changes,
+        transactions = summary.transactions,
+        skipped_replayed = summary.skipped_replayed,
+        confirmed = %summary.confirmed,
+        "stopped"
+    );
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = term => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
 }

@@ -44,6 +44,7 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Slot(cmd) => commands::slot(cmd).await,
         Command::Tail(args) => commands::tail(args).await,
+        Command::Run(args) => commands::run(args).await,
     }
 }
 
@@ -86,11 +87,19 @@ fn slot_hint(e: &SlotError) -> Option<String> {
 }
 
 fn init_logging(level: &str, format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_new(level)
+    // The Delta libraries narrate every snapshot at info; keep them at warn unless asked.
+    let directives = if level.contains("kernel") || level.contains("deltalake") {
+        level.to_string()
+    } else {
+        format!("{level},buoyant_kernel=warn,buoyant_kernel_engine=warn,deltalake_core=warn")
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&directives)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

@@ -168,6 +168,12 @@ impl Assembler {
         &self.relations
     }
 
+    /// True between Begin and Commit of an ordinary transaction (streamed ones are held here
+    /// and emitted whole, so they never leave a transaction half-emitted).
+    pub fn in_transaction(&self) -> bool {
+        self.open.is_some()
+    }
+
     /// True when no transaction is open and no streamed transaction is pending: everything
     /// received so far has been emitted as complete transactions.
     pub fn is_idle(&self) -> bool {

@@ -19,8 +19,8 @@
 //! | `Text`, `Enum`, `Unknown`, `Json`, `Jsonb` | Utf8                                          |                                         |
 //! | `Bytea`                                    | Binary                                        |                                         |
 //! | `Uuid`                                     | Utf8 (lowercase `8-4-4-4-12`)                 |                                         |
-//! | `Date`                                     | Date32                                        | ±infinity → `i32::MAX` / `i32::MIN`, `infinity` / `-infinity` |
-//! | `Timestamp`                                | Timestamp(µs)                                 | ±infinity → `i64::MAX` / `i64::MIN`, `infinity` / `-infinity` |
+//! | `Date`                                     | Date32                                        | ±infinity → 9999-12-31 / 0001-01-01 with `infinity` / `-infinity`; outside years 1–9999 clamped with `original=<value>` |
+//! | `Timestamp`                                | Timestamp(µs)                                 | ±infinity → 9999-12-31T23:59:59.999999 / 0001-01-01T00:00:00 with `infinity` / `-infinity`; outside years 1–9999 clamped with `original=<value>` |
 //! | `TimestampTz`                              | Timestamp(µs, "UTC")                          | as `Timestamp`                          |
 //! | `Time`, `TimeTz`, `Interval`               | Utf8 ([`calendar`] text forms)                |                                         |
 //! | `Array(T)`                                 | List(Field "element": lake type of T, nullable) | more than one dimension → flattened row-major, `dims=2x3`; a lower bound other than 1 → `lower=0` (`lower=0,1`: one per dimension); element stand-ins → `[n]=<marker>`, `n` counting the flattened elements from 1 |
@@ -53,6 +53,17 @@ pub const LIST_ELEMENT: &str = "element";
 pub const SPECIAL_NAN: &str = "NaN";
 /// Marker for a `+infinity` stand-in (date/timestamp maximum, or a decimal null).
 pub const SPECIAL_INFINITY: &str = "infinity";
+/// Prefix of the marker for a date or timestamp outside Delta's range (years 1 to 9999),
+/// followed by the exact original value: `d=original=0044-03-15 BC`.
+pub const SPECIAL_ORIGINAL: &str = "original=";
+/// Delta's date range, 0001-01-01 ..= 9999-12-31, as days since 1970-01-01. Values outside it
+/// (and ±infinity) are stored clamped to it and flagged in `_special`: readers such as Spark
+/// reject or mangle dates outside it, and delta-rs's statistics code panics on them.
+pub const DATE_MIN: i32 = -719_162;
+pub const DATE_MAX: i32 = 2_932_896;
+/// The same range for timestamps, in µs since 1970-01-01 00:00:00.
+pub const TIMESTAMP_MIN: i64 = DATE_MIN as i64 * 86_400_000_000;
+pub const TIMESTAMP_MAX: i64 = (DATE_MAX as i64 + 1) * 86_400_000_000 - 1;
 /// Marker for a `-infinity` stand-in (date/timestamp minimum, or a decimal null).
 pub const SPECIAL_NEG_INFINITY: &str = "-infinity";
 
@@ -454,26 +465,45 @@ impl ColumnBuilder {
             (Kind::Utf8(b), v) => append_text(b, v),
             (Kind::Binary(b), Value::Bytea(x)) => b.append_value(x),
             (Kind::Date32(b), Value::Date(d)) => b.append_value(match *d {
-                Infinite::Finite(days) => days,
+                Infinite::Finite(days) if (DATE_MIN..=DATE_MAX).contains(&days) => days,
+                Infinite::Finite(days) => {
+                    specials.push(format!(
+                        "{SPECIAL_ORIGINAL}{}",
+                        calendar::format_date(Infinite::Finite(days))
+                    ));
+                    days.clamp(DATE_MIN, DATE_MAX)
+                }
                 Infinite::PosInfinity => {
                     specials.push(SPECIAL_INFINITY.to_owned());
-                    i32::MAX
+                    DATE_MAX
                 }
                 Infinite::NegInfinity => {
                     specials.push(SPECIAL_NEG_INFINITY.to_owned());
-                    i32::MIN
+                    DATE_MIN
                 }
             }),
             (Kind::Timestamp(b), Value::Timestamp(t) | Value::TimestampTz(t)) => {
+                let tz = matches!(v, Value::TimestampTz(_));
                 b.append_value(match *t {
-                    Infinite::Finite(micros) => micros,
+                    Infinite::Finite(micros)
+                        if (TIMESTAMP_MIN..=TIMESTAMP_MAX).contains(&micros) =>
+                    {
+                        micros
+                    }
+                    Infinite::Finite(micros) => {
+                        specials.push(format!(
+                            "{SPECIAL_ORIGINAL}{}",
+                            calendar::format_timestamp(Infinite::Finite(micros), tz)
+                        ));
+                        micros.clamp(TIMESTAMP_MIN, TIMESTAMP_MAX)
+                    }
                     Infinite::PosInfinity => {
                         specials.push(SPECIAL_INFINITY.to_owned());
-                        i64::MAX
+                        TIMESTAMP_MAX
                     }
                     Infinite::NegInfinity => {
                         specials.push(SPECIAL_NEG_INFINITY.to_owned());
-                        i64::MIN
+                        TIMESTAMP_MIN
                     }
                 })
             }
@@ -1053,9 +1083,15 @@ mod tests {
         );
         assert_eq!(
             &downcast::<Date32Array>(&a).values()[..],
-            &[i32::MAX, -1, i32::MIN]
+            &[DATE_MAX, -1, DATE_MIN]
         );
         assert_eq!(s, ["infinity", "-infinity"]);
+        let (a, s) = build(
+            &PgType::Date,
+            &[Value::Date(Infinite::Finite(DATE_MIN - 1))],
+        );
+        assert_eq!(downcast::<Date32Array>(&a).value(0), DATE_MIN);
+        assert_eq!(s, ["original=0001-12-31 BC"]);
 
         for ty in [PgType::Timestamp, PgType::TimestampTz] {
             let wrap = |t| match ty {
@@ -1074,7 +1110,7 @@ mod tests {
             let a = downcast::<TimestampMicrosecondArray>(&a);
             assert_eq!(
                 &a.values()[..3],
-                &[i64::MIN, 1_700_000_000_000_001, i64::MAX]
+                &[TIMESTAMP_MIN, 1_700_000_000_000_001, TIMESTAMP_MAX]
             );
             assert!(a.is_null(3));
             assert_eq!(s, ["-infinity", "infinity"]);

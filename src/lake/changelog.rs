@@ -1,0 +1,341 @@
+//! Change-log tables: one Delta table per source table at `<sink>/changes/<schema>/<table>/`,
+//! and the commit protocol that makes them exactly-once.
+//!
+//! Data flow: the pipeline appends Arrow batches of changes; the table's Parquet writer
+//! streams them to data files under the table (zstd, dictionaries, page statistics). Nothing
+//! is visible until [`ChangeLogTable::commit`] writes one Delta log entry that adds those files
+//! together with a `txn` action — app id derived from the slot, version = the commit LSN of the
+//! last source transaction included. Delta log entries are conditional puts, so a commit is
+//! atomic; and because every commit covers whole source transactions, the table's `txn`
+//! version says exactly which transactions it already holds: after a restart, Postgres resends
+//! from the slot's confirmed LSN and changes with commit LSN ≤ that version are skipped.
+//!
+//! A commit whose outcome is unknown (the request failed after the server may have applied it)
+//! is resolved by re-reading the table's `txn` version — never by committing twice. Data files
+//! of a commit that never happened are unreferenced orphans, invisible to readers.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use futures::StreamExt;
+
+use deltalake::arrow::datatypes::{Field, Schema, SchemaRef};
+use deltalake::arrow::record_batch::RecordBatch;
+use deltalake::kernel::engine::arrow_conversion::{TryIntoArrow, TryIntoKernel};
+use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
+use deltalake::kernel::{Action, Add, MetadataExt, StructType, Transaction};
+use deltalake::parquet::basic::{Compression, ZstdLevel};
+use deltalake::parquet::file::properties::{EnabledStatistics, WriterProperties};
+use deltalake::protocol::{DeltaOperation, SaveMode};
+use deltalake::writer::{DeltaWriter, RecordBatchWriter, WriteMode};
+use deltalake::{DeltaTable, DeltaTableError};
+
+use super::store::Sink;
+use crate::lsn::Lsn;
+use crate::replication::sql::TableName;
+
+/// Rows per Parquet row group: bounds the writer's in-memory encoding buffer per table.
+const ROW_GROUP_ROWS: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LakeError {
+    #[error("change log of {table}: {action} failed")]
+    Delta {
+        table: String,
+        action: &'static str,
+        #[source]
+        source: DeltaTableError,
+    },
+    #[error("change log of {table}: commit LSN {lsn} does not fit a Delta txn version")]
+    LsnOutOfRange { table: String, lsn: Lsn },
+}
+
+/// Parquet settings for change-log files.
+pub fn writer_properties() -> WriterProperties {
+    WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::default()))
+        .set_dictionary_enabled(true)
+        .set_statistics_enabled(EnabledStatistics::Page)
+        .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
+        .build()
+}
+
+/// The Delta `txn` app id for a slot: one per (source database, slot).
+pub fn app_id(slot: &str) -> String {
+    format!("slotlake-{slot}")
+}
+
+/// One change-log table and its open writer.
+pub struct ChangeLogTable {
+    name: TableName,
+    table: DeltaTable,
+    writer: RecordBatchWriter,
+    app_id: String,
+    /// `txn` version of our app id: every source transaction with commit LSN ≤ this is in.
+    committed: Option<Lsn>,
+    /// Files written and closed but not yet committed.
+    staged: Vec<Add>,
+    target_file_size: u64,
+}
+
+impl ChangeLogTable {
+    /// Opens the change log of `name`, creating it with `schema` when it does not exist.
+    pub async fn open(
+        sink: &Sink,
+        name: &TableName,
+        app_id: &str,
+        schema: &SchemaRef,
+        target_file_size: u64,
+    ) -> Result<ChangeLogTable, LakeError> {
+        let err = |action: &'static str| {
+            let table = name.to_string();
+            move |source| LakeError::Delta {
+                table,
+                action,
+                source,
+            }
+        };
+        let path = sink.table_path(&["changes", &name.schema, &name.name]);
+        let (log_store, prefixed, _) = sink.table_store(&path);
+        // Look before loading: a missing table is the normal first run, not an error to log.
+        let log_dir = object_store::path::Path::from("_delta_log");
+        let exists = match prefixed.list(Some(&log_dir)).next().await {
+            None => false,
+            Some(Ok(_)) => true,
+            Some(Err(object_store::Error::NotFound { .. })) => false,
+            Some(Err(e)) => return Err(err("list")(e.into())),
+        };
+        let mut table = DeltaTable::new(log_store.clone());
+        if exists {
+            table.load().await.map_err(err("open"))?;
+        } else {
+            let columns: StructType = schema
+                .as_ref()
+                .try_into_kernel()
+                .map_err(|e| err("schema conversion")(e.into()))?;
+            let created = deltalake::operations::create::CreateBuilder::new()
+                .with_log_store(log_store.clone())
+                .with_table_name(name.name.clone())
+                .with_comment(format!("slotlake change log of {name}"))
+                .with_columns(columns.fields().cloned())
+                .await;
+            table = match created {
+                Ok(t) => t,
+                // Created concurrently, or by an earlier attempt whose answer was lost.
+                Err(create_err) => {
+                    let mut t = DeltaTable::new(log_store.clone());
+                    if t.load().await.is_err() {
+                        return Err(err("create")(create_err));
+                    }
+                    t
+                }
+            };
+        }
+        let committed = table
+            .snapshot()
+            .map_err(err("snapshot"))?
+            .transaction_version(log_store.as_ref(), app_id)
+            .await
+            .map_err(err("read txn version"))?
+            .map(|v| Lsn(v as u64));
+        let writer = Self::new_writer(&table, target_file_size).map_err(err("writer"))?;
+        Ok(ChangeLogTable {
+            name: name.clone(),
+            table,
+            writer,
+            app_id: app_id.to_string(),
+            committed,
+            staged: Vec::new(),
+            target_file_size,
+        })
+    }
+
+    fn new_writer(
+        table: &DeltaTable,
+        target_file_size: u64,
+    ) -> Result<RecordBatchWriter, DeltaTableError> {
+        Ok(RecordBatchWriter::for_table(table)?
+            .with_writer_properties(writer_properties())
+            .with_target_file_size(target_file_size))
+    }
+
+    pub fn name(&self) -> &TableName {
+        &self.name
+    }
+
+    /// The commit LSN of the last source transaction this table holds.
+    pub fn committed_lsn(&self) -> Option<Lsn> {
+        self.committed
+    }
+
+    /// The table's current schema (as committed), as Arrow.
+    pub fn schema(&self) -> Result<SchemaRef, LakeError> {
+        let err = |source| LakeError::Delta {
+            table: self.name.to_string(),
+            action: "schema",
+            source,
+        };
+        let kernel = self.table.snapshot().map_err(err)?.schema();
+        let arrow: Schema = kernel
+            .as_ref()
+            .try_into_arrow()
+            .map_err(|e| err(e.into()))?;
+        Ok(Arc::new(arrow))
+    }
+
+    /// Appends a batch. Columns the table does not have yet are added at the next commit;
+    /// columns the batch lacks are written as nulls.
+    pub async fn write(&mut self, batch: RecordBatch) -> Result<(), LakeError> {
+        let table = self.name.to_string();
+        self.writer
+            .write_with_mode(batch, WriteMode::MergeSchema)
+            .await
+            .map_err(|source| LakeError::Delta {
+                table,
+                action: "write",
+                source,
+            })
+    }
+
+    /// Encoded bytes written since the last stage or commit.
+    pub fn buffered_bytes(&self) -> usize {
+        self.writer.buffer_len()
+    }
+
+    /// Closes the files written so far (they stay invisible until the next commit) so that
+    /// the writer's buffers are released.
+    pub async fn stage(&mut self) -> Result<(), LakeError> {
+        if self.writer.buffered_record_batch_count() == 0 {
+            return Ok(());
+        }
+        let table = self.name.to_string();
+        let schema = self.writer.arrow_schema();
+        let adds = self
+            .writer
+            .flush()
+            .await
+            .map_err(|source| LakeError::Delta {
+                table: table.clone(),
+                action: "stage files",
+                source,
+            })?;
+        self.staged.extend(adds);
+        // The flushed writer keeps its (possibly widened) schema for the next files.
+        let _ = schema;
+        Ok(())
+    }
+
+    /// True when there is something to commit.
+    pub fn has_pending(&self) -> bool {
+        !self.staged.is_empty() || self.writer.buffered_record_batch_count() > 0
+    }
+
+    /// Commits everything written so far as the transactions up to `version`. Idempotent: if
+    /// an earlier attempt actually landed, it is recognised and not repeated.
+    pub async fn commit(&mut self, version: Lsn) -> Result<(), LakeError> {
+        let table_name = self.name.to_string();
+        let err = |action: &'static str| {
+            let table = table_name.clone();
+            move |source| LakeError::Delta {
+                table,
+                action,
+                source,
+            }
+        };
+        let writer_schema = self.writer.arrow_schema();
+        self.stage().await?;
+        if self.staged.is_empty() {
+            return Ok(());
+        }
+        let txn_version = i64::try_from(version.0).map_err(|_| LakeError::LsnOutOfRange {
+            table: table_name.clone(),
+            lsn: version,
+        })?;
+        let mut actions: Vec<Action> = self.staged.iter().cloned().map(Action::Add).collect();
+        let snapshot = self.table.snapshot().map_err(err("snapshot"))?;
+        if let Some(widened) =
+            widen(&snapshot.schema(), &writer_schema).map_err(err("schema evolution"))?
+        {
+            let metadata = snapshot
+                .metadata()
+                .clone()
+                .with_schema(&widened)
+                .map_err(|e| err("schema evolution")(e.into()))?;
+            actions.push(Action::Metadata(metadata));
+        }
+        let properties = CommitProperties::default()
+            .with_application_transaction(Transaction::new(&self.app_id, txn_version));
+        let operation = DeltaOperation::Write {
+            mode: SaveMode::Append,
+            partition_by: None,
+            predicate: None,
+        };
+        // No internal retries: with one writer per slot, a version conflict can only be our
+        // own earlier attempt that landed, and that is resolved below by reading the txn
+        // version — a blind retry at the next version would commit the same files twice.
+        let result = CommitBuilder::from(properties)
+            .with_max_retries(0)
+            .with_actions(actions)
+            .build(Some(snapshot), self.table.log_store(), operation)
+            .await;
+        match result {
+            Ok(_) => {}
+            Err(e) => {
+                // The outcome may be unknown: look before trying again.
+                self.table
+                    .update_state()
+                    .await
+                    .map_err(err("refresh after failed commit"))?;
+                let landed = self
+                    .table
+                    .snapshot()
+                    .map_err(err("snapshot"))?
+                    .transaction_version(self.table.log_store().as_ref(), &self.app_id)
+                    .await
+                    .map_err(err("read txn version"))?
+                    .is_some_and(|v| v >= txn_version);
+                if !landed {
+                    return Err(err("commit")(e));
+                }
+            }
+        }
+        self.staged.clear();
+        self.committed = Some(version);
+        self.table
+            .update_state()
+            .await
+            .map_err(err("refresh after commit"))?;
+        // A new writer picks up the committed schema.
+        self.writer =
+            Self::new_writer(&self.table, self.target_file_size).map_err(err("writer"))?;
+        Ok(())
+    }
+
+    /// Current Delta version (for tests and logs).
+    pub fn version(&self) -> Option<u64> {
+        self.table.version()
+    }
+}
+
+/// The table schema widened by the fields `batch_schema` adds, or `None` when it adds none.
+fn widen(
+    table: &StructType,
+    batch_schema: &SchemaRef,
+) -> Result<Option<StructType>, DeltaTableError> {
+    let existing: HashSet<&str> = table.fields().map(|f| f.name().as_str()).collect();
+    let new_fields: Vec<Field> = batch_schema
+        .fields()
+        .iter()
+        .filter(|f| !existing.contains(f.name().as_str()))
+        .map(|f| f.as_ref().clone().with_nullable(true))
+        .collect();
+    if new_fields.is_empty() {
+        return Ok(None);
+    }
+    let mut fields: Vec<deltalake::kernel::StructField> = table.fields().cloned().collect();
+    for f in new_fields {
+        let kernel: deltalake::kernel::StructField = (&f).try_into_kernel()?;
+        fields.push(kernel);
+    }
+    Ok(Some(StructType::try_new(fields)?))
+}

@@ -1,0 +1,744 @@
+//! `slotlake run`: the slot streamed into exactly-once change logs.
+//!
+//! Data flow: replication stream → pgoutput decoder → transaction assembler → per-table batch
+//! builders (Arrow) → per-table Parquet writers streaming data files to the sink → one Delta
+//! commit per table per flush → confirm the slot.
+//!
+//! Flushes happen only between source transactions, so every table commit holds whole
+//! transactions and its `txn` version (the last commit LSN included) says exactly which ones it
+//! has. A flush commits every table that has data, and only when all of them are committed does
+//! the slot's flush LSN advance to the end of the last transaction processed: guarantee 1 (no
+//! loss). After a crash, Postgres resends from the confirmed LSN and each table skips what its
+//! `txn` version already covers: guarantee 2 (no duplicates).
+//!
+//! Flush policy (why thousands of tables do not mean thousands of tiny files per second): a
+//! flush happens when the oldest uncommitted change is `--flush-interval` old, or when buffered
+//! data exceeds `--memory-budget`. Each flush writes at most one file per active table (more
+//! only when a table passes `--target-file-size`), so the file rate is bounded by
+//! `active tables / flush interval`. Between flushes, when memory passes the budget in the
+//! middle of a transaction, the largest tables' open files are closed and kept staged
+//! (invisible) until the commit that follows.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+
+use crate::batch::rows::{ChangeBatchBuilder, ColumnSpec, RowError};
+use crate::lake::changelog::{app_id, ChangeLogTable, LakeError};
+use crate::lake::store::Sink;
+use crate::lsn::Lsn;
+use crate::metrics::Metrics;
+use crate::pgoutput::relation::CachedRelation;
+use crate::pgoutput::{DecodeError, Decoder, OldTuple, TupleData};
+use crate::replication::slot::{self, SlotError};
+use crate::replication::sql::TableName;
+use crate::replication::stream::{ReplicationMessage, ReplicationStream, StreamOptions};
+use crate::replication::{ClientError, ConnInfo, PgConnection, SessionKind};
+use crate::txn::{Assembler, ChangeOp, Event, TxnError};
+use crate::types::arrow::lake_type;
+use crate::types::catalog::TypeCatalog;
+use crate::types::{decode_column, ColumnValue, PgType, ValueError};
+
+/// Rows a table buffers in Arrow builders before handing them to its Parquet writer.
+const BATCH_ROWS: usize = 8192;
+/// Tables committed concurrently in one flush.
+const COMMIT_CONCURRENCY: usize = 16;
+/// Upper bound of the retry backoff while the sink fails.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Settings of a run.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub slot: String,
+    pub publication: String,
+    pub target_file_size: u64,
+    pub flush_interval: Duration,
+    pub memory_budget: u64,
+    pub status_interval: Duration,
+    /// Give up a shutdown that cannot commit (sink down) after this long; nothing is lost,
+    /// the slot is simply not confirmed.
+    pub shutdown_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error(transparent)]
+    Slot(#[from] SlotError),
+    #[error(transparent)]
+    Lake(#[from] LakeError),
+    #[error("malformed pgoutput message at {lsn}")]
+    Decode {
+        lsn: Lsn,
+        #[source]
+        source: DecodeError,
+    },
+    #[error("invalid transaction sequence at {lsn}")]
+    Txn {
+        lsn: Lsn,
+        #[source]
+        source: TxnError,
+    },
+    #[error("cannot decode column {column:?} of {table} in the transaction committed at {lsn}")]
+    Value {
+        table: String,
+        column: String,
+        lsn: Lsn,
+        #[source]
+        source: ValueError,
+    },
+    #[error("cannot build the change-log row of {table} at {lsn}")]
+    Row {
+        table: String,
+        lsn: Lsn,
+        #[source]
+        source: RowError,
+    },
+    #[error("the server sent {got} columns for {table}, whose Relation message has {expected}")]
+    ColumnCount {
+        table: String,
+        expected: usize,
+        got: usize,
+    },
+    #[error("the replication stream ended")]
+    StreamEnded,
+    #[error("shutdown could not commit buffered changes within {0:?}; they will be read again from the slot")]
+    ShutdownTimeout(Duration),
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunSummary {
+    pub changes: u64,
+    pub transactions: u64,
+    pub skipped_replayed: u64,
+    pub confirmed: Lsn,
+}
+
+/// Column layout of one relation version, as written.
+struct RelationLayout {
+    table: TableName,
+    types: Vec<PgType>,
+    specs: Vec<ColumnSpec>,
+}
+
+/// One source table's change log and what is buffered for it.
+struct TableState {
+    log: ChangeLogTable,
+    builder: ChangeBatchBuilder,
+    /// (relation id, version) the builder's columns come from.
+    layout_key: (u32, u32),
+    /// Commit LSN of the last transaction with rows not yet committed.
+    pending_lsn: Option<Lsn>,
+}
+
+impl TableState {
+    async fn move_rows_to_writer(&mut self) -> Result<(), RunError> {
+        if self.builder.len() > 0 {
+            let lsn = self.pending_lsn.unwrap_or_default();
+            let table = self.log.name().to_string();
+            let batch =
+                self.builder
+                    .finish()
+                    .map_err(|source| RunError::Row { table, lsn, source })?;
+            self.log.write(batch).await?;
+        }
+        Ok(())
+    }
+
+    fn memory_bytes(&self) -> usize {
+        self.builder.memory_bytes() + self.log.buffered_bytes()
+    }
+}
+
+/// Runs until `shutdown` resolves (then flushes, commits and confirms) or an error.
+pub async fn run(
+    source: &ConnInfo,
+    sink: &Sink,
+    opts: &RunOptions,
+    metrics: Arc<Metrics>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<RunSummary, RunError> {
+    slot::validate_slot_name(&opts.slot)?;
+    let stream = start_stream(source, opts).await?;
+    let mut p = Pipeline {
+        source: source.clone(),
+        sink: sink.clone(),
+        opts: opts.clone(),
+        metrics,
+        app_id: app_id(&opts.slot),
+        catalog: TypeCatalog::new(),
+        catalog_conn: None,
+        layouts: HashMap::new(),
+        tables: HashMap::new(),
+        summary: RunSummary::default(),
+        received: Lsn::INVALID,
+        last_end: None,
+        oldest_pending: None,
+        oldest_pending_ts: None,
+    };
+    p.metrics.streaming.store(true, Ordering::Relaxed);
+    let result = p.stream_loop(stream, shutdown).await;
+    p.metrics.streaming.store(false, Ordering::Relaxed);
+    if let Some(c) = p.catalog_conn.take() {
+        c.close().await;
+    }
+    result.map(|()| p.summary)
+}
+
+/// How long a slot still held by a previous (dying) process is waited for.
+const SLOT_BUSY_WAIT: Duration = Duration::from_secs(30);
+
+/// Connects and starts streaming. A slot that is still active is retried for a while: after a
+/// crash or kill, the server needs a moment to notice that the old connection is gone.
+async fn start_stream(source: &ConnInfo, opts: &RunOptions) -> Result<ReplicationStream, RunError> {
+    let deadline = Instant::now() + SLOT_BUSY_WAIT;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let mut repl = PgConnection::connect(source, SessionKind::Replication).await?;
+        match slot::slot_info(&mut repl, &opts.slot).await? {
+            None => return Err(SlotError::SlotMissing(opts.slot.clone()).into()),
+            Some(info) if info.active && Instant::now() < deadline => {
+                tracing::info!(slot = %opts.slot, pid = ?info.active_pid, "slot is still active; waiting for it to be released");
+                repl.close().await;
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                continue;
+            }
+            Some(_) => {}
+        }
+        slot::require_publication(&mut repl, &opts.publication).await?;
+        let options = StreamOptions::new(vec![opts.publication.clone()]);
+        match ReplicationStream::start(repl, &opts.slot, Lsn::INVALID, options).await {
+            Err(ClientError::Server(e)) if e.code == "55006" && Instant::now() < deadline => {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+            other => return Ok(other?),
+        }
+    }
+}
+
+struct Pipeline {
+    source: ConnInfo,
+    sink: Sink,
+    opts: RunOptions,
+    metrics: Arc<Metrics>,
+    app_id: String,
+    catalog: TypeCatalog,
+    catalog_conn: Option<PgConnection>,
+    layouts: HashMap<(u32, u32), Arc<RelationLayout>>,
+    tables: HashMap<TableName, TableState>,
+    summary: RunSummary,
+    received: Lsn,
+    /// End LSN of the last complete transaction processed.
+    last_end: Option<Lsn>,
+    /// When the oldest uncommitted change arrived, and its source commit time (µs since 1970).
+    oldest_pending: Option<Instant>,
+    oldest_pending_ts: Option<i64>,
+}
+
+impl Pipeline {
+    async fn stream_loop(
+        &mut self,
+        mut stream: ReplicationStream,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<(), RunError> {
+        let mut decoder = Decoder::new(stream.proto_version());
+        let mut assembler = Assembler::new();
+        let mut events = Vec::new();
+        let mut status = tokio::time::interval(self.opts.status_interval);
+        status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut flush_check =
+            tokio::time::interval(Duration::from_millis(250).min(self.opts.flush_interval));
+        flush_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut stopping = false;
+        tokio::pin!(shutdown);
+        loop {
+            if stopping && !assembler.in_transaction() {
+                // Between transactions: commit what is buffered, confirm, stop.
+                let timeout = self.opts.shutdown_timeout;
+                let flushed = tokio::time::timeout(timeout, self.flush_all(&mut stream)).await;
+                match flushed {
+                    Ok(r) => r?,
+                    Err(_) => return Err(RunError::ShutdownTimeout(timeout)),
+                }
+                self.send_status(&mut stream).await?;
+                let conn = stream.stop().await?;
+                conn.close().await;
+                return Ok(());
+            }
+            let msg = tokio::select! {
+                m = stream.next_message() => m?,
+                _ = status.tick() => {
+                    self.send_status(&mut stream).await?;
+                    continue;
+                }
+                _ = flush_check.tick() => {
+                    if !assembler.in_transaction() && self.flush_due() {
+                        self.flush_all(&mut stream).await?;
+                        self.send_status(&mut stream).await?;
+                    }
+                    continue;
+                }
+                _ = &mut shutdown, if !stopping => {
+                    tracing::info!("shutting down: finishing the current transaction, then committing");
+                    stopping = true;
+                    continue;
+                }
+            };
+            let Some(msg) = msg else {
+                return Err(RunError::StreamEnded);
+            };
+            match msg {
+                ReplicationMessage::Keepalive {
+                    wal_end,
+                    reply_requested,
+                } => {
+                    self.note_received(wal_end);
+                    if assembler.is_idle()
+                        && !self.has_pending()
+                        && wal_end > self.summary.confirmed
+                    {
+                        // Nothing buffered: everything before wal_end is in the lake.
+                        self.summary.confirmed = wal_end;
+                        self.send_status(&mut stream).await?;
+                    } else if reply_requested {
+                        self.send_status(&mut stream).await?;
+                    }
+                }
+                ReplicationMessage::XLogData {
+                    wal_start,
+                    wal_end,
+                    data,
+                } => {
+                    self.note_received(wal_end.max(wal_start));
+                    self.metrics.received_bytes.inc_by(data.len() as u64);
+                    let message = decoder.decode(&data).map_err(|source| RunError::Decode {
+                        lsn: wal_start,
+                        source,
+                    })?;
+                    assembler
+                        .handle(message, &mut events)
+                        .map_err(|source| RunError::Txn {
+                            lsn: wal_start,
+                            source,
+                        })?;
+                    for event in std::mem::take(&mut events) {
+                        self.handle_event(event).await?;
+                    }
+                    if !assembler.in_transaction() && self.flush_due() {
+                        self.flush_all(&mut stream).await?;
+                        self.send_status(&mut stream).await?;
+                    } else if self.memory_bytes() as u64 > self.opts.memory_budget {
+                        self.relieve_memory().await?;
+                    }
+                }
+            }
+        }
+    }
+
+    fn note_received(&mut self, lsn: Lsn) {
+        self.received = self.received.max(lsn);
+        self.metrics.received_lsn.set(self.received.0 as i64);
+        self.metrics
+            .server_wal_end
+            .fetch_max(lsn.0, Ordering::Relaxed);
+        self.metrics.replication_lag_bytes.set(
+            self.received
+                .checked_sub(self.summary.confirmed)
+                .unwrap_or(0) as i64,
+        );
+    }
+
+    async fn send_status(&mut self, stream: &mut ReplicationStream) -> Result<(), RunError> {
+        let c = self.summary.confirmed;
+        self.metrics.confirmed_flush_lsn.set(c.0 as i64);
+        stream.send_status(self.received, c, c, false).await?;
+        Ok(())
+    }
+
+    fn has_pending(&self) -> bool {
+        self.tables.values().any(|t| t.pending_lsn.is_some())
+    }
+
+    fn memory_bytes(&self) -> usize {
+        self.tables.values().map(TableState::memory_bytes).sum()
+    }
+
+    fn flush_due(&self) -> bool {
+        match self.oldest_pending {
+            None => false,
+            Some(t) => {
+                t.elapsed() >= self.opts.flush_interval
+                    || self.memory_bytes() as u64 > self.opts.memory_budget
+            }
+        }
+    }
+
+    async fn handle_event(&mut self, event: Event) -> Result<(), RunError> {
+        match event {
+            Event::Relation { relation, .. } => {
+                self.layout(&relation).await?;
+            }
+            Event::Change {
+                txn,
+                position,
+                change,
+            } => {
+                let layout = self.layout(&change.relation).await?;
+                let key = (change.relation.relation.id, change.relation.version);
+                self.ensure_table(&layout, key).await?;
+                let Some(state) = self.tables.get_mut(&layout.table) else {
+                    return Ok(());
+                };
+                if state
+                    .log
+                    .committed_lsn()
+                    .is_some_and(|c| position.commit_lsn <= c)
+                {
+                    self.summary.skipped_replayed += 1;
+                    return Ok(());
+                }
+                if state.layout_key != key {
+                    // The relation changed: rows so far go out with the old columns.
+                    state.move_rows_to_writer().await?;
+                    state.builder = ChangeBatchBuilder::new(layout.specs.clone());
+                    state.layout_key = key;
+                }
+                let lsn = position.commit_lsn;
+                let commit_ts = txn.commit_ts.unix_micros();
+                let row_err = |source| RunError::Row {
+                    table: layout.table.to_string(),
+                    lsn,
+                    source,
+                };
+                let (seq, xid) = (position.seq as i64, i64::from(txn.xid));
+                match change.op {
+                    ChangeOp::Truncate => {
+                        state
+                            .builder
+                            .append_truncate(lsn.0 as i64, seq, xid, commit_ts)
+                    }
+                    op => {
+                        let (row, old) = match (&change.new, &change.old) {
+                            (Some(new), old) => {
+                                (decode_row(new, &layout, lsn)?, old.as_ref().map(old_tuple))
+                            }
+                            (None, Some(old)) => (decode_row(old_tuple(old), &layout, lsn)?, None),
+                            (None, None) => return Ok(()),
+                        };
+                        let old = match old {
+                            Some(t) => Some(decode_row(t, &layout, lsn)?),
+                            None => None,
+                        };
+                        state
+                            .builder
+                            .append(
+                                op.code(),
+                                lsn.0 as i64,
+                                seq,
+                                xid,
+                                commit_ts,
+                                &row,
+                                old.as_deref(),
+                            )
+                            .map_err(row_err)?;
+                    }
+                }
+                self.metrics
+                    .changes
+                    .with_label_values(&[change.op.code()])
+                    .inc();
+                self.summary.changes += 1;
+                state.pending_lsn = Some(lsn);
+                if state.builder.len() >= BATCH_ROWS {
+                    state.move_rows_to_writer().await?;
+                }
+                if self.oldest_pending.is_none() {
+                    self.oldest_pending = Some(Instant::now());
+                    self.oldest_pending_ts = Some(commit_ts);
+                }
+            }
+            Event::Commit { end_lsn, .. } => {
+                self.summary.transactions += 1;
+                self.metrics.transactions.inc();
+                self.last_end = Some(end_lsn);
+                if !self.has_pending() && self.oldest_pending.is_none() {
+                    // A transaction that wrote nothing new (filtered or replayed): confirmable.
+                    self.summary.confirmed = self.summary.confirmed.max(end_lsn);
+                }
+            }
+            Event::Begin(_) | Event::Message { .. } => {}
+        }
+        Ok(())
+    }
+
+    /// The layout of a relation version, resolving its column types once.
+    async fn layout(&mut self, relation: &CachedRelation) -> Result<Arc<RelationLayout>, RunError> {
+        let key = (relation.relation.id, relation.version);
+        if let Some(l) = self.layouts.get(&key) {
+            return Ok(l.clone());
+        }
+        let rel = &relation.relation;
+        let mut types = Vec::with_capacity(rel.columns.len());
+        for c in &rel.columns {
+            let t = match TypeCatalog::builtin(c.type_oid, c.type_modifier) {
+                Some(t) => t,
+                None => {
+                    if self.catalog_conn.is_none() {
+                        self.catalog_conn =
+                            Some(PgConnection::connect(&self.source, SessionKind::Sql).await?);
+                    }
+                    match self.catalog_conn.as_mut() {
+                        Some(conn) => {
+                            self.catalog
+                                .resolve(conn, c.type_oid, c.type_modifier)
+                                .await?
+                        }
+                        None => PgType::Unknown { oid: c.type_oid },
+                    }
+                }
+            };
+            types.push(t);
+        }
+        let table = TableName {
+            schema: if rel.namespace.is_empty() {
+                "pg_catalog".into()
+            } else {
+                rel.namespace.clone()
+            },
+            name: rel.name.clone(),
+        };
+        // Type-change rule: a column whose lake type differs from the one already in the
+        // change log is written under `<name>__<pgtype>`; the old column keeps its history.
+        let existing = match self.tables.get(&table) {
+            Some(t) => Some(t.log.schema()?),
+            None => None,
+        };
+        let specs = rel
+            .columns
+            .iter()
+            .zip(&types)
+            .map(|(c, t)| {
+                let mut name = c.name.clone();
+                if let Some(schema) = &existing {
+                    if let Ok(field) = schema.field_with_name(&name) {
+                        if !crate::types::arrow::same_lake_type(field.data_type(), &lake_type(t)) {
+                            name = format!(
+                                "{}__{}",
+                                c.name,
+                                t.name().replace(['(', ')', ',', '[', ']'], "_")
+                            );
+                        }
+                    }
+                }
+                ColumnSpec {
+                    name,
+                    ty: t.clone(),
+                    is_key: c.is_key,
+                }
+            })
+            .collect();
+        let layout = Arc::new(RelationLayout {
+            table,
+            types,
+            specs,
+        });
+        self.layouts.insert(key, layout.clone());
+        Ok(layout)
+    }
+
+    async fn ensure_table(
+        &mut self,
+        layout: &RelationLayout,
+        key: (u32, u32),
+    ) -> Result<(), RunError> {
+        if !self.tables.contains_key(&layout.table) {
+            let builder = ChangeBatchBuilder::new(layout.specs.clone());
+            let log = ChangeLogTable::open(
+                &self.sink,
+                &layout.table,
+                &self.app_id,
+                &builder.schema(),
+                self.opts.target_file_size,
+            )
+            .await?;
+            if let Some(c) = log.committed_lsn() {
+                tracing::info!(table = %layout.table, committed = %c, "change log holds transactions up to this commit LSN");
+            }
+            self.tables.insert(
+                layout.table.clone(),
+                TableState {
+                    log,
+                    builder,
+                    layout_key: key,
+                    pending_lsn: None,
+                },
+            );
+            self.metrics.tables_active.set(self.tables.len() as i64);
+        }
+        Ok(())
+    }
+
+    /// Memory above the budget in the middle of a transaction: hand rows to the writers and
+    /// close the largest tables' open files (staged, committed with the next flush).
+    async fn relieve_memory(&mut self) -> Result<(), RunError> {
+        let budget = self.opts.memory_budget as usize;
+        let mut by_size: Vec<&mut TableState> = self.tables.values_mut().collect();
+        by_size.sort_by_key(|t| std::cmp::Reverse(t.memory_bytes()));
+        let mut total: usize = by_size.iter().map(|t| t.memory_bytes()).sum();
+        for t in by_size {
+            if total <= budget / 2 {
+                break;
+            }
+            let before = t.memory_bytes();
+            t.move_rows_to_writer().await?;
+            t.log.stage().await?;
+            total = total.saturating_sub(before.saturating_sub(t.memory_bytes()));
+        }
+        self.metrics.buffered_bytes.set(self.memory_bytes() as i64);
+        Ok(())
+    }
+
+    /// Commits every table with buffered rows, retrying with backoff while the sink fails
+    /// (status updates keep flowing, without advancing), then advances the confirm position.
+    async fn flush_all(&mut self, stream: &mut ReplicationStream) -> Result<(), RunError> {
+        if !self.has_pending() {
+            if let Some(end) = self.last_end {
+                self.summary.confirmed = self.summary.confirmed.max(end);
+            }
+            return Ok(());
+        }
+        let started = Instant::now();
+        let mut backoff = Duration::from_millis(200);
+        let mut status = tokio::time::interval(self.opts.status_interval);
+        status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let attempt = {
+                let pending: Vec<&mut TableState> = self
+                    .tables
+                    .values_mut()
+                    .filter(|t| t.pending_lsn.is_some())
+                    .collect();
+                let commits = futures::stream::iter(pending)
+                    .map(|t| async move {
+                        t.move_rows_to_writer().await?;
+                        let lsn = t.pending_lsn.unwrap_or_default();
+                        t.log.commit(lsn).await?;
+                        t.pending_lsn = None;
+                        Ok::<(), RunError>(())
+                    })
+                    .buffer_unordered(COMMIT_CONCURRENCY)
+                    .collect::<Vec<_>>();
+                tokio::pin!(commits);
+                let (received, confirmed) = (self.received, self.summary.confirmed);
+                loop {
+                    tokio::select! {
+                        results = &mut commits => break results.into_iter().find_map(Result::err),
+                        _ = status.tick() => {
+                            stream.send_status(received, confirmed, confirmed, false).await?;
+                        }
+                    }
+                }
+            };
+            match attempt {
+                None => break,
+                Some(e) => {
+                    self.metrics.retries.with_label_values(&["commit"]).inc();
+                    tracing::warn!(error = %error_chain(&e), retry_in = ?backoff, "commit to the lake failed; nothing confirmed, retrying");
+                    let sleep = tokio::time::sleep(jitter(backoff));
+                    tokio::pin!(sleep);
+                    loop {
+                        tokio::select! {
+                            _ = &mut sleep => break,
+                            _ = status.tick() => {
+                                let c = self.summary.confirmed;
+                                stream.send_status(self.received, c, c, false).await?;
+                            }
+                        }
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+        self.metrics
+            .flush_duration
+            .observe(started.elapsed().as_secs_f64());
+        if let Some(ts) = self.oldest_pending_ts.take() {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_micros() as i64)
+                .unwrap_or(ts);
+            self.metrics
+                .commit_to_durable
+                .observe((now - ts).max(0) as f64 / 1e6);
+        }
+        self.oldest_pending = None;
+        if let Some(end) = self.last_end {
+            self.summary.confirmed = self.summary.confirmed.max(end);
+        }
+        self.metrics.buffered_bytes.set(self.memory_bytes() as i64);
+        Ok(())
+    }
+}
+
+fn old_tuple(t: &OldTuple) -> &TupleData {
+    match t {
+        OldTuple::Key(d) | OldTuple::Full(d) => d,
+    }
+}
+
+fn decode_row(
+    tuple: &TupleData,
+    layout: &RelationLayout,
+    lsn: Lsn,
+) -> Result<Vec<ColumnValue>, RunError> {
+    if tuple.columns.len() != layout.types.len() {
+        return Err(RunError::ColumnCount {
+            table: layout.table.to_string(),
+            expected: layout.types.len(),
+            got: tuple.columns.len(),
+        });
+    }
+    tuple
+        .columns
+        .iter()
+        .zip(&layout.types)
+        .zip(&layout.specs)
+        .map(|((col, ty), spec)| {
+            decode_column(ty, col).map_err(|source| RunError::Value {
+                table: layout.table.to_string(),
+                column: spec.name.clone(),
+                lsn,
+                source,
+            })
+        })
+        .collect()
+}
+
+/// ±25 % jitter so that many instances do not retry in lockstep.
+fn jitter(d: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|t| t.subsec_nanos())
+        .unwrap_or(0);
+    let factor = 0.75 + (nanos % 1000) as f64 / 2000.0;
+    d.mul_f64(factor)
+}
+
+/// An error and its causes on one line, for logs.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
