@@ -6,11 +6,15 @@
 #   ./scripts/test.sh                 # all of it
 #   ./scripts/test.sh -- <filter>     # pass extra arguments to cargo nextest run
 #
-# Environment: SLOTLAKE_PG_BIN selects the PostgreSQL bin directory (default Debian's 15).
+# Environment: SLOTLAKE_PG_BIN selects the PostgreSQL bin directory (default Debian's 15);
+# SLOTLAKE_VENV the Python venv with moto (the tests' S3 server) and the independent Delta readers
+# (default .venv, created or updated by scripts/lib/venv.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 export SLOTLAKE_PG_BIN="${SLOTLAKE_PG_BIN:-/usr/lib/postgresql/15/bin}"
+export SLOTLAKE_VENV="${SLOTLAKE_VENV:-$PWD/.venv}"
+scripts/lib/venv.sh
 if [ ! -x "$SLOTLAKE_PG_BIN/initdb" ]; then
   echo "error: no PostgreSQL at $SLOTLAKE_PG_BIN (install postgresql-15, or set SLOTLAKE_PG_BIN)" >&2
   exit 1

@@ -12,6 +12,8 @@
 
 #![allow(dead_code)]
 
+pub mod s3;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
