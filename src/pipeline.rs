@@ -46,6 +46,8 @@ use crate::types::{decode_column, ColumnValue, PgType, ValueError};
 const BATCH_ROWS: usize = 8192;
 /// Tables committed concurrently in one flush.
 const COMMIT_CONCURRENCY: usize = 16;
+/// How long opening a change log is retried while the sink fails.
+const OPEN_RETRY_LIMIT: Duration = Duration::from_secs(45);
 /// Upper bound of the retry backoff while the sink fails.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -560,14 +562,31 @@ impl Pipeline {
     ) -> Result<(), RunError> {
         if !self.tables.contains_key(&layout.table) {
             let builder = ChangeBatchBuilder::new(layout.specs.clone());
-            let log = ChangeLogTable::open(
-                &self.sink,
-                &layout.table,
-                &self.app_id,
-                &builder.schema(),
-                self.opts.target_file_size,
-            )
-            .await?;
+            // The sink may be down: retry, but not for longer than the server waits for our
+            // status updates (wal_sender_timeout, 60 s by default); then fail and restart.
+            let deadline = Instant::now() + OPEN_RETRY_LIMIT;
+            let mut backoff = Duration::from_millis(200);
+            let schema = builder.schema();
+            let log = loop {
+                let opened = ChangeLogTable::open(
+                    &self.sink,
+                    &layout.table,
+                    &self.app_id,
+                    &schema,
+                    self.opts.target_file_size,
+                )
+                .await;
+                match opened {
+                    Ok(log) => break log,
+                    Err(e) if Instant::now() + backoff < deadline => {
+                        self.metrics.retries.with_label_values(&["open"]).inc();
+                        tracing::warn!(table = %layout.table, error = %error_chain(&e), retry_in = ?backoff, "cannot open the change log; retrying");
+                        tokio::time::sleep(jitter(backoff)).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            };
             if let Some(c) = log.committed_lsn() {
                 tracing::info!(table = %layout.table, committed = %c, "change log holds transactions up to this commit LSN");
             }

@@ -187,8 +187,11 @@ pub async fn run<W: Write>(
                                     txn_cut = true;
                                     continue;
                                 }
-                                let line = change_json(&txn, position.seq, &change, &types)?;
-                                if !opts.discard {
+                                if opts.discard {
+                                    // Decode every value as the lake would, build no JSON.
+                                    decode_only(&txn, &change, &types)?;
+                                } else {
+                                    let line = change_json(&txn, position.seq, &change, &types)?;
                                     serde_json::to_writer(&mut *out, &line).map_err(|e| TailError::Output(e.into()))?;
                                     out.write_all(b"\n").map_err(TailError::Output)?;
                                 }
@@ -358,4 +361,32 @@ fn tuple_json(
         }
     }
     Ok((obj, unchanged))
+}
+
+/// Decodes every column of a change into its typed value and drops it (`--discard`).
+fn decode_only(txn: &TxnInfo, change: &Change, types: &TableTypes) -> Result<(), TailError> {
+    let rel = &change.relation.relation;
+    let tuples = change.new.iter().chain(change.old.iter().map(|o| match o {
+        OldTuple::Key(t) | OldTuple::Full(t) => t,
+    }));
+    for tuple in tuples {
+        if tuple.columns.len() != types.types.len() {
+            return Err(TailError::ColumnCount {
+                table: format!("{}.{}", rel.namespace, rel.name),
+                expected: types.types.len(),
+                got: tuple.columns.len(),
+            });
+        }
+        for ((col, ty), def) in tuple.columns.iter().zip(&types.types).zip(&rel.columns) {
+            if let Err(source) = decode_column(ty, col) {
+                return Err(TailError::Value {
+                    table: format!("{}.{}", rel.namespace, rel.name),
+                    column: def.name.clone(),
+                    lsn: txn.commit_lsn,
+                    source,
+                });
+            }
+        }
+    }
+    Ok(())
 }

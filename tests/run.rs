@@ -1,0 +1,585 @@
+//! `slotlake run` end to end on real parts: a real PostgreSQL, the change logs written to
+//! file:// and to a real S3-compatible server (moto) on loopback, read back with an independent
+//! reader (Python `deltalake`), and compared with an oracle: a `test_decoding` slot created at
+//! the same moment and drained through SQL.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use support::*;
+
+const VENV_HINT: &str = "run scripts/lib/venv.sh first (scripts/test.sh does)";
+
+fn venv() -> PathBuf {
+    s3::venv_dir()
+}
+
+/// Every row of a change-log table, read by the Python `deltalake` package.
+fn read_table(uri: &str, s3_endpoint: Option<&str>) -> Vec<serde_json::Value> {
+    let mut c = std::process::Command::new(venv().join("bin/python"));
+    c.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/lib/read_delta.py"))
+        .arg(uri);
+    if let Some(ep) = s3_endpoint {
+        c.arg("--s3-endpoint").arg(ep);
+    }
+    let out = c
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run the reader ({VENV_HINT}): {e}"));
+    assert!(
+        out.status.success(),
+        "reader failed on {uri}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// (op, id) per table, in commit order, from a `test_decoding` slot.
+async fn oracle(db: &TestDb, slot: &str) -> BTreeMap<String, Vec<(String, i64)>> {
+    let rows = db
+        .exec(&format!(
+            "SELECT data FROM pg_logical_slot_get_changes('{slot}', NULL, NULL)"
+        ))
+        .await;
+    let mut out: BTreeMap<String, Vec<(String, i64)>> = BTreeMap::new();
+    for r in rows {
+        let line = r.get("data").unwrap();
+        let Some(rest) = line.strip_prefix("table ") else {
+            continue;
+        };
+        let (table, rest) = rest.split_once(": ").unwrap();
+        let (op, rest) = rest.split_once(':').unwrap();
+        let table = table.replace("public.", "");
+        let op = match op {
+            "INSERT" => "I",
+            "UPDATE" => "U",
+            "DELETE" => "D",
+            "TRUNCATE" => {
+                out.entry(table).or_default().push(("T".into(), 0));
+                continue;
+            }
+            other => panic!("unexpected op {other}"),
+        };
+        // For key-changing updates the new tuple follows "new-tuple:".
+        let tuple = rest
+            .rsplit_once("new-tuple:")
+            .map(|(_, t)| t)
+            .unwrap_or(rest);
+        let id = tuple
+            .split_whitespace()
+            .find_map(|f| f.strip_prefix("id[integer]:"))
+            .unwrap_or_else(|| panic!("no id in {line}"))
+            .parse()
+            .unwrap();
+        out.entry(table).or_default().push((op.to_string(), id));
+    }
+    out
+}
+
+/// (op, id) per table from the change logs, ordered by (_lsn, _seq).
+fn lake(root: &str, tables: &[String], s3: Option<&str>) -> BTreeMap<String, Vec<(String, i64)>> {
+    let mut out = BTreeMap::new();
+    for t in tables {
+        let rows = read_table(&format!("{root}/changes/public/{t}"), s3);
+        let mut seen = std::collections::HashSet::new();
+        for r in &rows {
+            let identity = (r["_lsn"].to_string(), r["_seq"].as_i64().unwrap());
+            assert!(
+                seen.insert(identity.clone()),
+                "duplicate change {identity:?} in {t}"
+            );
+        }
+        let ops: Vec<(String, i64)> = rows
+            .iter()
+            .map(|r| {
+                let op = r["_op"].as_str().unwrap().to_string();
+                let id = if op == "T" {
+                    0
+                } else {
+                    r["id"].as_i64().unwrap()
+                };
+                (op, id)
+            })
+            .collect();
+        if !ops.is_empty() {
+            out.insert(t.clone(), ops);
+        }
+    }
+    out
+}
+
+/// Slots are per cluster, databases per test: name the slots after the database.
+fn lake_slot(db: &TestDb) -> String {
+    format!("l_{}", db.name)
+}
+
+fn oracle_slot(db: &TestDb) -> String {
+    format!("o_{}", db.name)
+}
+
+struct Runner {
+    child: tokio::process::Child,
+    log: PathBuf,
+}
+
+impl Runner {
+    fn start(db: &TestDb, sink: &str, extra: &[&str], log: &Path) -> Runner {
+        let logf = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let child = tokio::process::Command::new(slotlake_bin())
+            .args([
+                "run",
+                "--source",
+                &db.url(),
+                "--slot",
+                &lake_slot(db),
+                "--publication",
+                "pub",
+                "--sink",
+                sink,
+            ])
+            .args(["--flush-interval", "200ms", "--status-interval", "1s"])
+            .args(if extra.contains(&"--metrics-addr") {
+                &[][..]
+            } else {
+                &["--metrics-addr", "127.0.0.1:0"][..]
+            })
+            .args(extra)
+            .env("SLOTLAKE_LOG_LEVEL", "info")
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .stdout(Stdio::null())
+            .stderr(logf)
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        Runner {
+            child,
+            log: log.to_path_buf(),
+        }
+    }
+
+    async fn kill9(&mut self) {
+        self.child.kill().await.unwrap();
+    }
+
+    /// SIGTERM and wait: a clean stop exits 0.
+    async fn stop(mut self) {
+        let pid = self.child.id().unwrap();
+        std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status()
+            .unwrap();
+        let status = tokio::time::timeout(Duration::from_secs(60), self.child.wait())
+            .await
+            .expect("stop in time")
+            .unwrap();
+        assert!(
+            status.success(),
+            "exit {status:?}\n{}",
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        );
+    }
+}
+
+/// Waits until the marker table's change log holds a row with id `marker`.
+async fn wait_for_marker(root: &str, s3: Option<&str>, marker: i64, runner_log: &Path) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+    loop {
+        let uri = format!("{root}/changes/public/marker");
+        let has = {
+            let mut c = std::process::Command::new(venv().join("bin/python"));
+            c.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/lib/read_delta.py"))
+                .arg(&uri);
+            if let Some(ep) = s3 {
+                c.arg("--s3-endpoint").arg(ep);
+            }
+            let out = c.output().unwrap();
+            out.status.success()
+                && String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .any(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["id"] == marker)
+        };
+        if has {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "marker {marker} never reached the lake\n{}",
+            std::fs::read_to_string(runner_log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn setup(db: &TestDb, tables: usize) -> Vec<String> {
+    let mut sql = String::from("CREATE TABLE marker (id int PRIMARY KEY);");
+    let names: Vec<String> = (0..tables).map(|i| format!("t{i:03}")).collect();
+    for t in &names {
+        sql.push_str(&format!("CREATE TABLE {t} (id int PRIMARY KEY, v text, n numeric(10,2), ts timestamptz DEFAULT now());"));
+    }
+    db.exec(&sql).await;
+    let mut admin = db.admin().await;
+    slotlake::replication::slot::ensure_publication(
+        &mut admin,
+        "pub",
+        &slotlake::replication::slot::PublicationScope::AllTables,
+    )
+    .await
+    .unwrap();
+    // The oracle slot and slotlake's slot start at (nearly) the same point; both before any change.
+    admin
+        .simple_query(&format!(
+            "SELECT pg_create_logical_replication_slot('{}', 'test_decoding')",
+            oracle_slot(db)
+        ))
+        .await
+        .unwrap();
+    admin.close().await;
+    let info = slotlake::replication::ConnInfo::parse(&db.url()).unwrap();
+    let mut repl = slotlake::replication::PgConnection::connect(
+        &info,
+        slotlake::replication::SessionKind::Replication,
+    )
+    .await
+    .unwrap();
+    slotlake::replication::slot::create_slot(
+        &mut repl,
+        &lake_slot(db),
+        slotlake::replication::slot::SnapshotAction::None,
+    )
+    .await
+    .unwrap();
+    repl.close().await;
+    names
+}
+
+/// A mixed workload: inserts, updates (incl. key changes), deletes, truncates, a big
+/// transaction, a streamed one with aborted subtransactions, and schema changes.
+async fn workload(db: &TestDb, tables: &[String], big_rows: usize) {
+    let mut admin = db.admin().await;
+    for (i, t) in tables.iter().enumerate() {
+        admin
+            .simple_query(&format!(
+                "INSERT INTO {t} (id, v, n) SELECT g, 'v' || g, g * 1.5 FROM generate_series(1, {}) g;",
+                5 + i % 7
+            ))
+            .await
+            .unwrap();
+    }
+    let t0 = &tables[0];
+    let t1 = &tables[1 % tables.len()];
+    let t2 = &tables[2 % tables.len()];
+    admin
+        .simple_query(&format!(
+            "UPDATE {t0} SET v = 'updated' WHERE id <= 3;
+             UPDATE {t0} SET id = id + 1000 WHERE id = 4;
+             DELETE FROM {t1} WHERE id = 2;
+             TRUNCATE {t2};
+             INSERT INTO {t2} (id, v) VALUES (1, 'after truncate');
+             ALTER TABLE {t0} ADD COLUMN extra int;
+             INSERT INTO {t0} (id, v, extra) VALUES (5000, 'with extra', 42);
+             ALTER TABLE {t1} DROP COLUMN n;
+             INSERT INTO {t1} (id, v) VALUES (5000, 'without n');
+             BEGIN;
+             INSERT INTO {t0} (id, v) SELECT g, repeat('s', 50) FROM generate_series(10000, 12999) g;
+             SAVEPOINT a;
+             INSERT INTO {t0} (id, v) SELECT g, 'aborted' FROM generate_series(20000, 21999) g;
+             ROLLBACK TO SAVEPOINT a;
+             INSERT INTO {t1} (id, v) SELECT g, 'kept' FROM generate_series(30000, 30999) g;
+             COMMIT;
+             BEGIN; INSERT INTO {t2} (id, v) SELECT g, 'rolled back' FROM generate_series(40000, 44999) g; ROLLBACK;
+             INSERT INTO {t2} (id, v) SELECT g, 'big' FROM generate_series(100000, {}) g;",
+            100000 + big_rows - 1
+        ))
+        .await
+        .unwrap();
+    admin.close().await;
+}
+
+#[tokio::test]
+async fn mixed_workload_lands_exactly_once_on_file_and_s3() {
+    let cluster = Cluster::shared();
+    let big: usize = std::env::var("SLOTLAKE_TEST_BIG_ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200_000);
+    let s3 = s3::S3Server::shared();
+    let bucket = s3.new_bucket("mixed").await;
+    for (label, root, endpoint) in [
+        ("file", None, None),
+        (
+            "s3",
+            Some(format!("s3://{bucket}/lake")),
+            Some(s3.endpoint()),
+        ),
+    ] {
+        let db = cluster.create_db(&format!("mixed_{label}")).await;
+        let tables = setup(&db, 200).await;
+        let dir = tempfile::tempdir().unwrap();
+        let root = root.unwrap_or_else(|| format!("file://{}", dir.path().join("lake").display()));
+        let mut extra: Vec<&str> = Vec::new();
+        let ep = endpoint.clone().unwrap_or_default();
+        if endpoint.is_some() {
+            extra.extend(["--s3-endpoint", &ep, "--s3-allow-http"]);
+        }
+        let log = dir.path().join("run.log");
+        let runner = Runner::start(&db, &root, &extra, &log);
+        workload(&db, &tables, big).await;
+        db.exec("INSERT INTO marker VALUES (1)").await;
+        wait_for_marker(&root, endpoint.as_deref(), 1, &log).await;
+        runner.stop().await;
+
+        let mut want = oracle(&db, &oracle_slot(&db)).await;
+        want.remove("marker");
+        let got = lake(&root, &tables, endpoint.as_deref());
+        assert_eq!(got.len(), want.len(), "{label}: tables with changes");
+        for (t, ops) in &want {
+            assert_eq!(got.get(t), Some(ops), "{label}: change log of {t}");
+        }
+        // Schema evolution: the added column is there with its value.
+        let t0 = read_table(
+            &format!("{root}/changes/public/{}", tables[0]),
+            endpoint.as_deref(),
+        );
+        assert!(
+            t0.iter().any(|r| r["id"] == 5000 && r["extra"] == 42),
+            "{label}: added column"
+        );
+        // The slot was confirmed past everything.
+        let slot = db.exec(&format!("SELECT confirmed_flush_lsn::text AS c, pg_current_wal_lsn()::text AS w FROM pg_replication_slots WHERE slot_name = '{}'", lake_slot(&db))).await;
+        let c: slotlake::lsn::Lsn = slot[0].get("c").unwrap().parse().unwrap();
+        let marker_lsn: slotlake::lsn::Lsn = read_table(
+            &format!("{root}/changes/public/marker"),
+            endpoint.as_deref(),
+        )[0]["_lsn"]
+            .to_string()
+            .trim_matches('"')
+            .parse::<u64>()
+            .map(slotlake::lsn::Lsn)
+            .unwrap();
+        assert!(
+            c > marker_lsn,
+            "{label}: confirmed {c} past the marker's commit {marker_lsn}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn kill_nine_at_random_points_loses_and_duplicates_nothing() {
+    let cluster = Cluster::shared();
+    let db = cluster.create_db("kill9").await;
+    let tables = setup(&db, 20).await;
+    let dir = tempfile::tempdir().unwrap();
+    let root = format!("file://{}", dir.path().join("lake").display());
+    let log = dir.path().join("run.log");
+    // The workload runs while slotlake is killed and restarted.
+    let admin_url = db.admin_url();
+    let load_tables = tables.clone();
+    let load = tokio::spawn(async move {
+        let info = slotlake::replication::ConnInfo::parse(&admin_url).unwrap();
+        let mut c = slotlake::replication::PgConnection::connect(
+            &info,
+            slotlake::replication::SessionKind::Sql,
+        )
+        .await
+        .unwrap();
+        for round in 0..60i64 {
+            let t = &load_tables[(round as usize) % load_tables.len()];
+            let base = 100_000 + round * 1000;
+            c.simple_query(&format!(
+                "BEGIN; INSERT INTO {t} (id, v) SELECT g, 'r{round}' FROM generate_series({base}, {base} + {}) g;
+                 UPDATE {t} SET v = 'u' WHERE id = {base}; DELETE FROM {t} WHERE id = {base} + 1; COMMIT;",
+                (round * 37) % 400
+            ))
+            .await
+            .unwrap();
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        c.close().await;
+    });
+    let mut seed: u64 = std::process::id() as u64 ^ 0x9e37_79b9_7f4a_7c15;
+    let mut rand = move |lo: u64, hi: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        lo + seed % (hi - lo)
+    };
+    for _ in 0..20 {
+        let mut r = Runner::start(&db, &root, &[], &log);
+        tokio::time::sleep(Duration::from_millis(rand(100, 700))).await;
+        r.kill9().await;
+    }
+    load.await.unwrap();
+    db.exec("INSERT INTO marker VALUES (7)").await;
+    let r = Runner::start(&db, &root, &[], &log);
+    wait_for_marker(&root, None, 7, &log).await;
+    r.stop().await;
+    let mut want = oracle(&db, &oracle_slot(&db)).await;
+    want.remove("marker");
+    let got = lake(&root, &tables, None);
+    for (t, ops) in &want {
+        assert_eq!(
+            got.get(t).map(Vec::len),
+            Some(ops.len()),
+            "change count of {t}"
+        );
+        assert_eq!(got.get(t), Some(ops), "change log of {t}");
+    }
+}
+
+async fn confirmed_lsn(db: &TestDb, slot: &str) -> slotlake::lsn::Lsn {
+    let rows = db.exec(&format!("SELECT confirmed_flush_lsn::text AS c FROM pg_replication_slots WHERE slot_name = '{slot}'")).await;
+    rows[0].get("c").unwrap().parse().unwrap()
+}
+
+async fn scrape(port: u16) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+        return String::new();
+    };
+    let _ = s
+        .write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await;
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out).await;
+    out
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+// Multi-threaded: the proxy's tasks must run while the test blocks on the reader process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_outage_confirms_nothing_unwritten_and_recovers() {
+    let cluster = Cluster::shared();
+    let s3 = s3::S3Server::shared();
+    let bucket = s3.new_bucket("outage").await;
+    let proxy = s3::TcpProxy::start(s3.addr());
+    let endpoint = proxy.endpoint();
+    let db = cluster.create_db("outage").await;
+    let tables = setup(&db, 5).await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("run.log");
+    let root = format!("s3://{bucket}/lake");
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let metrics_addr = format!("127.0.0.1:{metrics_port}");
+    let runner = Runner::start(
+        &db,
+        &root,
+        &[
+            "--s3-endpoint",
+            &endpoint,
+            "--s3-allow-http",
+            "--metrics-addr",
+            &metrics_addr,
+        ],
+        &log,
+    );
+    db.exec(&format!(
+        "INSERT INTO {} (id) SELECT generate_series(1, 100); INSERT INTO marker VALUES (1)",
+        tables[0]
+    ))
+    .await;
+    wait_for_marker(&root, Some(&endpoint), 1, &log).await;
+
+    proxy.set_down(true);
+    db.exec(&format!(
+        "INSERT INTO {} (id) SELECT generate_series(1, 500); INSERT INTO marker VALUES (2)",
+        tables[1]
+    ))
+    .await;
+    let written_up_to: slotlake::lsn::Lsn = db.exec("SELECT pg_current_wal_lsn()::text AS w").await
+        [0]
+    .get("w")
+    .unwrap()
+    .parse()
+    .unwrap();
+    // Wait until slotlake has failed to commit a few times, then check it confirmed nothing new.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let m = scrape(metrics_port).await;
+        if metric(&m, "slotlake_retries_total") >= 3.0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no commit retries during the outage\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let during = confirmed_lsn(&db, &lake_slot(&db)).await;
+    assert!(
+        during < written_up_to,
+        "confirmed {during} past data that could not be written (WAL at {written_up_to})"
+    );
+
+    proxy.set_down(false);
+    wait_for_marker(&root, Some(&endpoint), 2, &log).await;
+    runner.stop().await;
+    let mut want = oracle(&db, &oracle_slot(&db)).await;
+    want.remove("marker");
+    let changed: Vec<String> = want.keys().filter(|t| *t != "marker").cloned().collect();
+    let got = lake(&root, &changed, Some(&endpoint));
+    for (t, ops) in &want {
+        assert_eq!(got.get(t), Some(ops), "change log of {t}");
+    }
+    assert!(confirmed_lsn(&db, &lake_slot(&db)).await >= written_up_to);
+}
+
+#[tokio::test]
+async fn idle_database_slot_keeps_advancing_while_another_database_writes() {
+    // Keepalives every ~1 s instead of every 30 s, so the test does not wait long.
+    let cluster = std::sync::Arc::new(Cluster::start(&["wal_sender_timeout = 2s"]));
+    let idle = cluster.create_db("idle").await;
+    let busy = cluster.create_db("busy").await;
+    setup(&idle, 1).await;
+    busy.exec("CREATE TABLE churn (id int PRIMARY KEY, v text)")
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("run.log");
+    let root = format!("file://{}", dir.path().join("lake").display());
+    let runner = Runner::start(&idle, &root, &[], &log);
+    let before = confirmed_lsn(&idle, &lake_slot(&idle)).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut round = 0;
+    loop {
+        busy.exec(&format!(
+            "INSERT INTO churn SELECT g, repeat('x', 100) FROM generate_series({0}, {0} + 999) g",
+            round * 1000
+        ))
+        .await;
+        round += 1;
+        let now = confirmed_lsn(&idle, &lake_slot(&idle)).await;
+        if now.checked_sub(before).unwrap_or(0) > 1 << 20 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "idle slot stuck at {now} (started at {before})\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    runner.stop().await;
+}
