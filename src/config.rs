@@ -54,7 +54,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         }
     };
     let v = n * mult;
-    if !v.is_finite() || v < 1.0 || v > 1e15 {
+    if !v.is_finite() || !(1.0..=1e15).contains(&v) {
         return Err(format!("{s:?} is out of range"));
     }
     Ok(v as u64)

@@ -140,7 +140,7 @@ struct TableState {
 
 impl TableState {
     async fn move_rows_to_writer(&mut self) -> Result<(), RunError> {
-        if self.builder.len() > 0 {
+        if !self.builder.is_empty() {
             let lsn = self.pending_lsn.unwrap_or_default();
             let table = self.log.name().to_string();
             let batch =

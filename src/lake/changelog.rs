@@ -44,7 +44,7 @@ pub enum LakeError {
         table: String,
         action: &'static str,
         #[source]
-        source: DeltaTableError,
+        source: Box<DeltaTableError>,
     },
     #[error("change log of {table}: commit LSN {lsn} does not fit a Delta txn version")]
     LsnOutOfRange { table: String, lsn: Lsn },
@@ -92,7 +92,7 @@ impl ChangeLogTable {
             move |source| LakeError::Delta {
                 table,
                 action,
-                source,
+                source: Box::new(source),
             }
         };
         let path = sink.table_path(&["changes", &name.schema, &name.name]);
@@ -173,7 +173,7 @@ impl ChangeLogTable {
         let err = |source| LakeError::Delta {
             table: self.name.to_string(),
             action: "schema",
-            source,
+            source: Box::new(source),
         };
         let kernel = self.table.snapshot().map_err(err)?.schema();
         let arrow: Schema = kernel
@@ -193,7 +193,7 @@ impl ChangeLogTable {
             .map_err(|source| LakeError::Delta {
                 table,
                 action: "write",
-                source,
+                source: Box::new(source),
             })
     }
 
@@ -217,7 +217,7 @@ impl ChangeLogTable {
             .map_err(|source| LakeError::Delta {
                 table: table.clone(),
                 action: "stage files",
-                source,
+                source: Box::new(source),
             })?;
         self.staged.extend(adds);
         // The flushed writer keeps its (possibly widened) schema for the next files.
@@ -239,7 +239,7 @@ impl ChangeLogTable {
             move |source| LakeError::Delta {
                 table,
                 action,
-                source,
+                source: Box::new(source),
             }
         };
         let writer_schema = self.writer.arrow_schema();
