@@ -644,11 +644,14 @@ impl Pipeline {
                     .values_mut()
                     .filter(|t| t.pending_lsn.is_some())
                     .collect();
+                let metrics = &self.metrics;
                 let commits = futures::stream::iter(pending)
                     .map(|t| async move {
                         t.move_rows_to_writer().await?;
                         let lsn = t.pending_lsn.unwrap_or_default();
-                        t.log.commit(lsn).await?;
+                        let (files, bytes) = t.log.commit(lsn).await?;
+                        metrics.files_written.inc_by(files);
+                        metrics.written_bytes.inc_by(bytes);
                         t.pending_lsn = None;
                         Ok::<(), RunError>(())
                     })

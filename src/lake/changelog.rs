@@ -232,7 +232,8 @@ impl ChangeLogTable {
 
     /// Commits everything written so far as the transactions up to `version`. Idempotent: if
     /// an earlier attempt actually landed, it is recognised and not repeated.
-    pub async fn commit(&mut self, version: Lsn) -> Result<(), LakeError> {
+    /// Returns the number of data files and their bytes that became visible.
+    pub async fn commit(&mut self, version: Lsn) -> Result<(u64, u64), LakeError> {
         let table_name = self.name.to_string();
         let err = |action: &'static str| {
             let table = table_name.clone();
@@ -245,7 +246,7 @@ impl ChangeLogTable {
         let writer_schema = self.writer.arrow_schema();
         self.stage().await?;
         if self.staged.is_empty() {
-            return Ok(());
+            return Ok((0, 0));
         }
         let txn_version = i64::try_from(version.0).map_err(|_| LakeError::LsnOutOfRange {
             table: table_name.clone(),
@@ -299,6 +300,8 @@ impl ChangeLogTable {
                 }
             }
         }
+        let files = self.staged.len() as u64;
+        let bytes = self.staged.iter().map(|a| a.size.max(0) as u64).sum();
         self.staged.clear();
         self.committed = Some(version);
         self.table
@@ -308,7 +311,7 @@ impl ChangeLogTable {
         // A new writer picks up the committed schema.
         self.writer =
             Self::new_writer(&self.table, self.target_file_size).map_err(err("writer"))?;
-        Ok(())
+        Ok((files, bytes))
     }
 
     /// Current Delta version (for tests and logs).
