@@ -487,27 +487,10 @@ impl Pipeline {
             return Ok(l.clone());
         }
         let rel = &relation.relation;
-        let mut types = Vec::with_capacity(rel.columns.len());
-        for c in &rel.columns {
-            let t = match TypeCatalog::builtin(c.type_oid, c.type_modifier) {
-                Some(t) => t,
-                None => {
-                    if self.catalog_conn.is_none() {
-                        self.catalog_conn =
-                            Some(PgConnection::connect(&self.source, SessionKind::Sql).await?);
-                    }
-                    match self.catalog_conn.as_mut() {
-                        Some(conn) => {
-                            self.catalog
-                                .resolve(conn, c.type_oid, c.type_modifier)
-                                .await?
-                        }
-                        None => PgType::Unknown { oid: c.type_oid },
-                    }
-                }
-            };
-            types.push(t);
-        }
+        let types = self
+            .catalog
+            .resolve_relation(rel, &mut self.catalog_conn, &self.source)
+            .await?;
         let table = TableName {
             schema: if rel.namespace.is_empty() {
                 "pg_catalog".into()

@@ -252,22 +252,7 @@ async fn resolve_types(
     source: &ConnInfo,
 ) -> Result<TableTypes, TailError> {
     let rel = &relation.relation;
-    let mut types = Vec::with_capacity(rel.columns.len());
-    for c in &rel.columns {
-        let t = match TypeCatalog::builtin(c.type_oid, c.type_modifier) {
-            Some(t) => t,
-            None => {
-                if conn.is_none() {
-                    *conn = Some(PgConnection::connect(source, SessionKind::Sql).await?);
-                }
-                match conn.as_mut() {
-                    Some(conn) => catalog.resolve(conn, c.type_oid, c.type_modifier).await?,
-                    None => PgType::Unknown { oid: c.type_oid },
-                }
-            }
-        };
-        types.push(t);
-    }
+    let types = catalog.resolve_relation(rel, conn, source).await?;
     Ok(TableTypes {
         schema: rel.namespace.clone(),
         table: rel.name.clone(),

@@ -520,7 +520,10 @@ mod tests {
         assert!(price.is_null(0));
         assert_eq!(price.value(1), 150);
         let until = column::<Date32Array>(&batch, "valid_until");
-        assert_eq!((until.value(0), until.value(1)), (i32::MAX, 3));
+        assert_eq!(
+            (until.value(0), until.value(1)),
+            (crate::types::arrow::DATE_MAX, 3)
+        );
 
         let op = column::<StringArray>(&batch, "_op");
         let ops: Vec<&str> = op.iter().map(Option::unwrap).collect();

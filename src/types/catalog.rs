@@ -9,7 +9,8 @@
 use std::collections::HashMap;
 
 use super::PgType;
-use crate::replication::{ClientError, PgConnection};
+use crate::pgoutput::Relation;
+use crate::replication::{ClientError, ConnInfo, PgConnection, SessionKind};
 
 /// Domains over domains over arrays...: deeper than this is a cycle or a pathology.
 const MAX_DEPTH: usize = 16;
@@ -94,6 +95,30 @@ impl TypeCatalog {
             .await?;
         self.cache.insert((oid, typmod), resolved.clone());
         Ok(resolved)
+    }
+
+    /// The types of every column of `relation`. Builtin types need no lookup; the first other
+    /// type opens `conn`, an ordinary SQL session to `source`, which is kept for later lookups
+    /// (the replication session is busy streaming).
+    pub async fn resolve_relation(
+        &mut self,
+        relation: &Relation,
+        conn: &mut Option<PgConnection>,
+        source: &ConnInfo,
+    ) -> Result<Vec<PgType>, ClientError> {
+        let mut types = Vec::with_capacity(relation.columns.len());
+        for c in &relation.columns {
+            if let Some(t) = PgType::from_builtin(c.type_oid, c.type_modifier) {
+                types.push(t);
+                continue;
+            }
+            let session = match conn {
+                Some(session) => session,
+                None => conn.insert(PgConnection::connect(source, SessionKind::Sql).await?),
+            };
+            types.push(self.resolve(session, c.type_oid, c.type_modifier).await?);
+        }
+        Ok(types)
     }
 
     async fn resolve_inner<S: TypeSource>(
