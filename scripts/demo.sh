@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The newcomer's demo: a throwaway PostgreSQL with logical WAL, a slot and publication made by
-# slotlake, some changes, and `slotlake tail` printing them decoded, as JSON lines.
+# slotlake, some changes, `slotlake tail` printing them decoded, then `slotlake run` landing
+# them as Delta change logs in ./lake, read back with an independent reader (Python deltalake).
 #
 #   ./scripts/demo.sh
 #
@@ -53,6 +54,25 @@ echo "== slotlake slot status" >&2
 echo "== slotlake tail --limit 13   (decoded changes, one JSON line each)" >&2
 "$SLOTLAKE" tail --source "$SOURCE" --slot demo --publication demo --limit 13
 
+echo "== slotlake run --sink file://$PWD/lake   (until it has caught up, then SIGTERM)" >&2
+rm -rf lake
+scripts/lib/venv.sh
+"$SLOTLAKE" run --source "$SOURCE" --slot demo --publication demo --sink "file://$PWD/lake" \
+  --flush-interval 1s --metrics-addr 127.0.0.1:0 &
+RUN_PID=$!
+target=$(pg_value "SELECT pg_current_wal_insert_lsn()")
+until [ "$(pg_value "SELECT confirmed_flush_lsn >= '$target' FROM pg_replication_slots WHERE slot_name = 'demo'")" = t ]; do
+  kill -0 "$RUN_PID" 2>/dev/null || { echo "error: slotlake run stopped" >&2; exit 1; }
+  sleep 0.2
+done
+kill -TERM "$RUN_PID"
+wait "$RUN_PID"
+
+echo "== the change log of public.orders, read by Python deltalake (not slotlake)" >&2
+.venv/bin/python scripts/lib/read_delta.py "file://$PWD/lake/changes/public/orders"
+echo "== the lake:" >&2
+find lake -name '*.json' -path '*_delta_log*' | sort
+
 echo "== slotlake slot drop --drop-publication" >&2
 "$SLOTLAKE" slot drop --source "$SOURCE" --slot demo --publication demo --drop-publication
-echo "== done" >&2
+echo "== done (the lake stays in ./lake)" >&2
