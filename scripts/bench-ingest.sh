@@ -284,7 +284,7 @@ run_slotlake() {
     env AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test AWS_REGION=us-east-1 \
         /usr/bin/time -f '%M' -o "$sdir/$slot.rss" \
         "$slotlake" --log-level info --log-format json run --source "$conn" --slot "$slot" \
-        --publication bench --sink "$sink" --flush-interval 1s \
+        --publication bench --sink "$sink" --flush-interval "${FLUSH_INTERVAL:-1s}" \
         --metrics-addr "127.0.0.1:$mport" "$@" >"$sdir/$slot.out" 2>"$sdir/$slot.err" &
     wait_pid=$!
     client_pid=$wait_pid
