@@ -36,6 +36,8 @@ script_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo_dir=$(cd "$script_dir/.." && pwd)
 # shellcheck source=lib/pg.sh
 source "$script_dir/lib/pg.sh"
+# shellcheck source=lib/workload.sh
+source "$script_dir/lib/workload.sh"
 
 transport=unix
 changes=1000000
@@ -163,43 +165,7 @@ say "creating $tables tables, publication bench, $((2 * rounds + warmup)) slots"
 pg_psql -f "$work/schema.sql" >/dev/null
 start_lsn=$(pg_value "SELECT pg_current_wal_insert_lsn()")
 
-# Per table (C changes): ids 1..ins are inserted, 1..upd updated, ins-del+1..ins deleted; the
-# updated and deleted ranges are disjoint and every statement touches exactly the rows its
-# range names, so the number of changes is exact. Statements of at most $batch rows, each its
-# own transaction, round-robin over the tables: all inserts, then updates, then deletes.
-awk -v changes="$changes" -v tables="$tables" -v batch="$batch" '
-function emit(kind, t, lo, hi) {
-    if (kind == "I")
-        printf "INSERT INTO t%03d SELECT g, g %% 100000, md5(g::text), g * 1.25, timestamptz %s + g * interval %s, g %% 2 = 0 FROM generate_series(%d, %d) g;\n", t, "'\''2024-01-01 00:00:00+00'\''", "'\''1 second'\''", lo, hi
-    else if (kind == "U")
-        printf "UPDATE t%03d SET a = a + 1, b = b || %s, c = c + 0.01, d = d + interval %s, e = NOT e WHERE id BETWEEN %d AND %d;\n", t, "'\''u'\''", "'\''1 day'\''", lo, hi
-    else
-        printf "DELETE FROM t%03d WHERE id BETWEEN %d AND %d;\n", t, lo, hi
-}
-BEGIN {
-    base = int(changes / tables); rem = changes % tables
-    maxn = 0
-    for (t = 0; t < tables; t++) {
-        c = base + (t < rem ? 1 : 0)
-        ins[t] = int(c * 80 / 100); upd[t] = int(c * 15 / 100); del[t] = c - ins[t] - upd[t]
-        if (ins[t] > maxn) maxn = ins[t]
-    }
-    # Inserts, updates, deletes: chunk k of every table, then chunk k+1.
-    for (k = 0; k * batch < maxn; k++)
-        for (t = 0; t < tables; t++)
-            if (k * batch < ins[t]) emit("I", t, k * batch + 1, (k + 1) * batch < ins[t] ? (k + 1) * batch : ins[t])
-    for (k = 0; k * batch < maxn; k++)
-        for (t = 0; t < tables; t++)
-            if (k * batch < upd[t]) emit("U", t, k * batch + 1, (k + 1) * batch < upd[t] ? (k + 1) * batch : upd[t])
-    for (k = 0; k * batch < maxn; k++)
-        for (t = 0; t < tables; t++)
-            if (k * batch < del[t]) {
-                lo = ins[t] - del[t] + 1
-                emit("D", t, lo + k * batch, lo + (k + 1) * batch - 1 < ins[t] ? lo + (k + 1) * batch - 1 : ins[t])
-            }
-    for (t = 0; t < tables; t++) { ti += ins[t]; tu += upd[t]; td += del[t] }
-    printf "-- totals %d %d %d\n", ti, tu, td
-}' </dev/null >"$work/load.sql"
+write_workload "$tables" "$changes" "$batch" 3 "$work/load.sql"
 read -r n_ins n_upd n_del < <(sed -n 's/^-- totals //p' "$work/load.sql")
 n_changes=$((n_ins + n_upd + n_del))
 ((n_changes == changes)) || die "internal: workload has $n_changes changes, not $changes"

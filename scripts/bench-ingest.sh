@@ -45,6 +45,8 @@ script_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo_dir=$(cd "$script_dir/.." && pwd)
 # shellcheck source=lib/pg.sh
 source "$script_dir/lib/pg.sh"
+# shellcheck source=lib/workload.sh
+source "$script_dir/lib/workload.sh"
 
 scenarios=a,b,c,d
 quick=0
@@ -202,46 +204,6 @@ rss_mib() {
     if [[ $kib =~ ^[0-9]+$ ]]; then awk -v k="$kib" 'BEGIN { printf "%.0f", k / 1024 }'; else echo "?"; fi
 }
 
-# write_workload TABLES CHANGES FILE — the mixed workload of bench-decode.sh. Per table (C
-# changes): ids 1..ins are inserted, 1..upd updated, ins-del+1..ins deleted; the ranges are
-# disjoint and every statement touches exactly the rows its range names, so the number of
-# changes is exact. Statements of at most $batch rows, each its own transaction, round-robin
-# over the tables: all inserts, then updates, then deletes. Ends with "-- totals I U D".
-write_workload() {
-    awk -v changes="$2" -v tables="$1" -v batch="$batch" '
-function emit(kind, t, lo, hi) {
-    if (kind == "I")
-        printf "INSERT INTO t%04d SELECT g, g %% 100000, md5(g::text), g * 1.25, timestamptz %s + g * interval %s, g %% 2 = 0 FROM generate_series(%d, %d) g;\n", t, "'\''2024-01-01 00:00:00+00'\''", "'\''1 second'\''", lo, hi
-    else if (kind == "U")
-        printf "UPDATE t%04d SET a = a + 1, b = b || %s, c = c + 0.01, d = d + interval %s, e = NOT e WHERE id BETWEEN %d AND %d;\n", t, "'\''u'\''", "'\''1 day'\''", lo, hi
-    else
-        printf "DELETE FROM t%04d WHERE id BETWEEN %d AND %d;\n", t, lo, hi
-}
-BEGIN {
-    base = int(changes / tables); rem = changes % tables
-    maxn = 0
-    for (t = 0; t < tables; t++) {
-        c = base + (t < rem ? 1 : 0)
-        ins[t] = int(c * 80 / 100); upd[t] = int(c * 15 / 100); del[t] = c - ins[t] - upd[t]
-        if (ins[t] > maxn) maxn = ins[t]
-    }
-    for (k = 0; k * batch < maxn; k++)
-        for (t = 0; t < tables; t++)
-            if (k * batch < ins[t]) emit("I", t, k * batch + 1, (k + 1) * batch < ins[t] ? (k + 1) * batch : ins[t])
-    for (k = 0; k * batch < maxn; k++)
-        for (t = 0; t < tables; t++)
-            if (k * batch < upd[t]) emit("U", t, k * batch + 1, (k + 1) * batch < upd[t] ? (k + 1) * batch : upd[t])
-    for (k = 0; k * batch < maxn; k++)
-        for (t = 0; t < tables; t++)
-            if (k * batch < del[t]) {
-                lo = ins[t] - del[t] + 1
-                emit("D", t, lo + k * batch, lo + (k + 1) * batch - 1 < ins[t] ? lo + (k + 1) * batch - 1 : ins[t])
-            }
-    for (t = 0; t < tables; t++) { ti += ins[t]; tu += upd[t]; td += del[t] }
-    printf "-- totals %d %d %d\n", ti, tu, td
-}' </dev/null >"$3"
-}
-
 # run_pg_recvlogical SLOT — drains SLOT to end_lsn with pg_recvlogical under /usr/bin/time.
 # Sets WALL (seconds) and RSS (MiB).
 run_pg_recvlogical() {
@@ -378,7 +340,7 @@ run_scenario() {
 
     if [[ $kind == mixed ]]; then
         ((n_changes >= 10 * tables)) || die "internal: $n_changes changes are too few for $tables tables"
-        write_workload "$tables" "$n_changes" "$sdir/load.sql"
+        write_workload "$tables" "$n_changes" "$batch" 4 "$sdir/load.sql"
         read -r n_ins n_upd n_del < <(sed -n 's/^-- totals //p' "$sdir/load.sql")
         ((n_ins + n_upd + n_del == n_changes)) || die "internal: workload has $((n_ins + n_upd + n_del)) changes, not $n_changes"
         n_txns=$(grep -c '^[IUD]' "$sdir/load.sql")
