@@ -125,17 +125,7 @@ command -v pgrep >/dev/null || die "pgrep (procps) is needed"
 [[ -x $PG_BIN/pg_recvlogical ]] || die "$PG_BIN/pg_recvlogical not found (set SLOTLAKE_PG_BIN)"
 
 # --- slotlake binary ------------------------------------------------------------------------
-if [[ -n ${SLOTLAKE_BIN:-} ]]; then
-    slotlake=$SLOTLAKE_BIN
-else
-    export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$repo_dir/target}
-    slotlake=$CARGO_TARGET_DIR/release/slotlake
-    if ((build)); then
-        say "building slotlake (release, CARGO_TARGET_DIR=$CARGO_TARGET_DIR; the first build takes minutes)"
-        (cd "$repo_dir" && cargo build --release --quiet --bin slotlake) || die "cargo build failed"
-    fi
-fi
-[[ -x $slotlake ]] || die "slotlake binary $slotlake not found (build it, or drop --no-build)"
+slotlake=$(bench_slotlake_bin "$build" "$repo_dir") || exit 1
 
 # --- cleanup --------------------------------------------------------------------------------
 # work: results and sinks, outliving each scenario's server. client_pid: the client being

@@ -1,7 +1,28 @@
 # shellcheck shell=bash
 #
-# scripts/lib/workload.sh — the mixed change workload the benchmarks share.
+# scripts/lib/workload.sh — what the benchmarks share: the slotlake binary they run and the
+# mixed change workload.
 #
+
+# bench_slotlake_bin BUILD REPO_DIR — prints the slotlake binary to benchmark: $SLOTLAKE_BIN if
+# set, else $CARGO_TARGET_DIR/release/slotlake (default <repo>/target), built first when BUILD
+# is 1. Messages go to stderr; returns 1 when there is no binary.
+bench_slotlake_bin() {
+    local bin
+    if [[ -n ${SLOTLAKE_BIN:-} ]]; then
+        bin=$SLOTLAKE_BIN
+    else
+        export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$2/target}
+        bin=$CARGO_TARGET_DIR/release/slotlake
+        if (($1)); then
+            printf '%s\n' "building slotlake (release, CARGO_TARGET_DIR=$CARGO_TARGET_DIR; the first build takes minutes)" >&2
+            (cd "$2" && cargo build --release --quiet --bin slotlake) || { echo "error: cargo build failed" >&2; return 1; }
+        fi
+    fi
+    [[ -x $bin ]] || { echo "error: slotlake binary $bin not found (build it, or drop --no-build)" >&2; return 1; }
+    printf '%s\n' "$bin"
+}
+
 # write_workload TABLES CHANGES BATCH WIDTH FILE — SQL for CHANGES changes over TABLES tables
 # named t<id zero-padded to WIDTH digits>, in transactions of at most BATCH rows. Per table (C
 # changes): ids 1..ins are inserted, 1..upd updated, ins-del+1..ins deleted; the ranges are
