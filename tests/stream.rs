@@ -186,40 +186,6 @@ async fn every_pgoutput_message_type_decodes_from_a_real_server() {
     );
 }
 
-async fn tail_lines(
-    info: &ConnInfo,
-    slot_name: &str,
-    limit: u64,
-    binary: bool,
-    confirm: bool,
-) -> Vec<serde_json::Value> {
-    let opts = TailOptions {
-        slot: slot_name.into(),
-        publication: "pub".into(),
-        limit: Some(limit),
-        confirm,
-        binary,
-        messages: false,
-        discard: false,
-        start_lsn: Lsn::INVALID,
-        status_interval: std::time::Duration::from_secs(10),
-    };
-    let mut out = Vec::new();
-    let summary = tokio::time::timeout(
-        std::time::Duration::from_secs(120),
-        tail::run(info, &opts, &mut out, std::future::pending()),
-    )
-    .await
-    .expect("tail stalled")
-    .expect("tail");
-    assert_eq!(summary.changes, limit);
-    String::from_utf8(out)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("JSON line"))
-        .collect()
-}
-
 #[tokio::test]
 async fn streamed_transaction_keeps_exactly_the_committed_changes() {
     let cluster = Cluster::shared();
@@ -248,7 +214,7 @@ async fn streamed_transaction_keeps_exactly_the_committed_changes() {
     )
     .await;
     // 3000 inserts + 1000 kept + 10 updates + 10 deletes, then the marker.
-    let lines = tail_lines(&info, "streamed", 4021, false, false).await;
+    let lines = tail_json(&info, "streamed", "pub", 4021, false, false).await;
     let last = lines.last().unwrap();
     assert_eq!(
         last["table"], "marker",
@@ -294,10 +260,10 @@ async fn tail_without_confirm_leaves_the_slot_and_with_confirm_advances_it() {
         }
     };
     let before = confirmed(&db).await;
-    let a = tail_lines(&info, "confirm", 5, false, false).await;
+    let a = tail_json(&info, "confirm", "pub", 5, false, false).await;
     assert_eq!(confirmed(&db).await, before, "plain tail confirms nothing");
     // Read again: the same changes come back.
-    let b = tail_lines(&info, "confirm", 5, false, true).await;
+    let b = tail_json(&info, "confirm", "pub", 5, false, true).await;
     assert_eq!(a, b);
     let after = confirmed(&db).await;
     assert!(
@@ -305,7 +271,7 @@ async fn tail_without_confirm_leaves_the_slot_and_with_confirm_advances_it() {
         "--confirm advanced the slot: {before} -> {after}"
     );
     db.exec("INSERT INTO t VALUES (6)").await;
-    let c = tail_lines(&info, "confirm", 1, false, false).await;
+    let c = tail_json(&info, "confirm", "pub", 1, false, false).await;
     assert_eq!(c[0]["new"]["id"], 6, "confirmed changes are not sent again");
 }
 

@@ -11,11 +11,9 @@ mod support;
 use std::collections::BTreeMap;
 
 use serde_json::{json, Value as Json};
-use slotlake::lsn::Lsn;
 use slotlake::replication::slot::{self, PublicationScope, SnapshotAction};
 use slotlake::replication::sql::TableName;
 use slotlake::replication::{ConnInfo, PgConnection, SessionKind};
-use slotlake::tail::{self, TailOptions};
 use slotlake::types::catalog::TypeCatalog;
 use slotlake::types::{json as vjson, text};
 use support::*;
@@ -117,39 +115,6 @@ async fn expected_rows(db: &TestDb, table: &str) -> BTreeMap<i64, serde_json::Ma
     out
 }
 
-async fn tail_all(
-    info: &ConnInfo,
-    slot: &str,
-    publication: &str,
-    limit: u64,
-    binary: bool,
-) -> Vec<Json> {
-    let opts = TailOptions {
-        slot: slot.into(),
-        publication: publication.into(),
-        limit: Some(limit),
-        confirm: false,
-        binary,
-        messages: false,
-        discard: false,
-        start_lsn: Lsn::INVALID,
-        status_interval: std::time::Duration::from_secs(10),
-    };
-    let mut out = Vec::new();
-    tokio::time::timeout(
-        std::time::Duration::from_secs(120),
-        tail::run(info, &opts, &mut out, std::future::pending()),
-    )
-    .await
-    .expect("tail stalled")
-    .unwrap_or_else(|e| panic!("tail: {e:?}"));
-    String::from_utf8(out)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 #[tokio::test]
 async fn every_type_streams_as_select_returns_it_in_text_and_binary_form() {
     let cluster = Cluster::shared();
@@ -193,7 +158,7 @@ async fn every_type_streams_as_select_returns_it_in_text_and_binary_form() {
     db.exec("UPDATE zoo SET i4 = 7 WHERE id = 3").await;
 
     for (slot_name, binary) in [("zoo_text", false), ("zoo_binary", true)] {
-        let lines = tail_all(&info, slot_name, "zoo_pub", 6, binary).await;
+        let lines = tail_json(&info, slot_name, "zoo_pub", 6, binary, false).await;
         let inserts: BTreeMap<i64, &Json> = lines
             .iter()
             .filter(|l| l["op"] == "I")
@@ -279,7 +244,7 @@ async fn every_type_streams_as_select_returns_it_in_text_and_binary_form() {
     }
 
     // Types without a mapping arrive as their text form.
-    let odd = tail_all(&info, "odd_text", "odd_pub", 1, false).await;
+    let odd = tail_json(&info, "odd_text", "odd_pub", 1, false, false).await;
     assert_eq!(odd[0]["new"]["pt"], "(1.5,2)");
     assert_eq!(odd[0]["new"]["rng"], "[1,10)");
     assert_eq!(odd[0]["new"]["inet_"], "192.168.0.1/24");
@@ -315,7 +280,7 @@ async fn a_thousand_digit_numeric_is_exact() {
     .await;
     let want = db.exec("SELECT v::text FROM n ORDER BY id").await;
     for (slot_name, binary) in [("bn_text", false), ("bn_bin", true)] {
-        let lines = tail_all(&info, slot_name, "p", 3, binary).await;
+        let lines = tail_json(&info, slot_name, "p", 3, binary, false).await;
         for (line, row) in lines.iter().zip(&want) {
             let v = line["new"]["v"].as_str().unwrap();
             assert_eq!(Some(v), row.get("v"), "{slot_name}");

@@ -458,3 +458,40 @@ pub async fn run_slotlake(args: &[&str], env: &[(&str, &str)]) -> (i32, String, 
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// Runs `slotlake tail` (the library) on `slot` until `limit` changes and returns its JSON
+/// lines. Asserts that exactly `limit` changes were printed.
+pub async fn tail_json(
+    info: &ConnInfo,
+    slot: &str,
+    publication: &str,
+    limit: u64,
+    binary: bool,
+    confirm: bool,
+) -> Vec<serde_json::Value> {
+    let opts = slotlake::tail::TailOptions {
+        slot: slot.into(),
+        publication: publication.into(),
+        limit: Some(limit),
+        confirm,
+        binary,
+        messages: false,
+        discard: false,
+        start_lsn: slotlake::lsn::Lsn::INVALID,
+        status_interval: std::time::Duration::from_secs(10),
+    };
+    let mut out = Vec::new();
+    let summary = tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        slotlake::tail::run(info, &opts, &mut out, std::future::pending()),
+    )
+    .await
+    .expect("tail stalled")
+    .unwrap_or_else(|e| panic!("tail: {e:?}"));
+    assert_eq!(summary.changes, limit);
+    String::from_utf8(out)
+        .expect("UTF-8 output")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect()
+}
