@@ -255,6 +255,11 @@ pub struct RunArgs {
     /// Memory for buffered changes; above it, the largest tables are written out early.
     #[arg(long, env = "SLOTLAKE_MEMORY_BUDGET", value_name = "SIZE", default_value = DEFAULT_MEMORY_BUDGET, value_parser = parse_size)]
     pub memory_budget: u64,
+    /// Directory for spill files of large streamed transactions (anonymous files, gone when
+    /// the process exits). A quarter of --memory-budget holds streamed changes in memory;
+    /// beyond it they go here. Default: the system temporary directory.
+    #[arg(long, env = "SLOTLAKE_SPILL_DIR", value_name = "DIR")]
+    pub spill_dir: Option<std::path::PathBuf>,
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, env = "SLOTLAKE_METRICS_ADDR", value_name = "ADDR", default_value = crate::metrics::DEFAULT_METRICS_ADDR)]
     pub metrics_addr: std::net::SocketAddr,

@@ -259,6 +259,7 @@ pub async fn run(a: RunArgs) -> Result<()> {
         target_file_size: a.target_file_size,
         flush_interval: a.flush_interval,
         memory_budget: a.memory_budget,
+        spill_dir: a.spill_dir.unwrap_or_else(std::env::temp_dir),
         status_interval: a.status_interval,
         shutdown_timeout: a.shutdown_timeout,
     };
@@ -269,6 +270,7 @@ pub async fn run(a: RunArgs) -> Result<()> {
         changes = summary.changes,
         transactions = summary.transactions,
         skipped_replayed = summary.skipped_replayed,
+        spilled_bytes = summary.spilled_bytes,
         confirmed = %summary.confirmed,
         "stopped"
     );

@@ -15,7 +15,10 @@ const EXIT_FAILURE: u8 = 1;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log_level, cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // One thread runs the command and polls the sockets itself; file and object-store I/O go
+    // to tokio's blocking pool. A multi-threaded runtime cost `slotlake run` a cross-thread
+    // wakeup per socket read: 4.7 s instead of 3.0 s of system CPU per million changes.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

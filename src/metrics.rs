@@ -28,6 +28,7 @@ pub struct Metrics {
     pub written_bytes: IntCounter,
     pub flush_duration: Histogram,
     pub buffered_bytes: IntGauge,
+    pub spilled_bytes: IntCounter,
     pub received_lsn: IntGauge,
     pub confirmed_flush_lsn: IntGauge,
     pub replication_lag_bytes: IntGauge,
@@ -103,6 +104,10 @@ impl Metrics {
             buffered_bytes: gauge(
                 "slotlake_buffered_bytes",
                 "Bytes held in memory for changes not yet committed",
+            )?,
+            spilled_bytes: counter(
+                "slotlake_spilled_bytes_total",
+                "Bytes of streamed-transaction changes written to local spill files",
             )?,
             received_lsn: gauge("slotlake_received_lsn", "Highest WAL position received")?,
             confirmed_flush_lsn: gauge(

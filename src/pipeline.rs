@@ -37,13 +37,18 @@ use crate::replication::slot::{self, SlotError};
 use crate::replication::sql::TableName;
 use crate::replication::stream::{ReplicationMessage, ReplicationStream, StreamOptions};
 use crate::replication::{ClientError, ConnInfo, PgConnection, SessionKind};
-use crate::txn::{Assembler, ChangeOp, Event, TxnError};
+use crate::txn::{Assembler, ChangeOp, Event, SpillConfig, TxnError};
 use crate::types::arrow::lake_type;
 use crate::types::catalog::TypeCatalog;
 use crate::types::{decode_column, ColumnValue, PgType, ValueError};
 
 /// Rows a table buffers in Arrow builders before handing them to its Parquet writer.
 const BATCH_ROWS: usize = 8192;
+/// Changes between two measurements of the buffered bytes (a full measurement walks every
+/// column builder of every table, too slow to do per change).
+const MEASURE_EVERY: usize = 1024;
+/// Events of a committed streamed transaction handled between two memory checks.
+const REPLAY_SLICE: usize = 4096;
 /// Tables committed concurrently in one flush.
 const COMMIT_CONCURRENCY: usize = 16;
 /// How long opening a change log is retried while the sink fails.
@@ -59,6 +64,8 @@ pub struct RunOptions {
     pub target_file_size: u64,
     pub flush_interval: Duration,
     pub memory_budget: u64,
+    /// Where held changes of streamed transactions go beyond a quarter of the budget.
+    pub spill_dir: std::path::PathBuf,
     pub status_interval: Duration,
     /// Give up a shutdown that cannot commit (sink down) after this long; nothing is lost,
     /// the slot is simply not confirmed.
@@ -119,6 +126,8 @@ pub struct RunSummary {
     pub transactions: u64,
     pub skipped_replayed: u64,
     pub confirmed: Lsn,
+    /// Bytes of streamed-transaction changes that went through local spill files.
+    pub spilled_bytes: u64,
 }
 
 /// Column layout of one relation version, as written.
@@ -182,6 +191,10 @@ pub async fn run(
         last_end: None,
         oldest_pending: None,
         oldest_pending_ts: None,
+        buffered: 0,
+        since_measure: 0,
+        last_status: Instant::now(),
+        spilled_reported: 0,
     };
     p.metrics.streaming.store(true, Ordering::Relaxed);
     let result = p.stream_loop(stream, shutdown).await;
@@ -242,6 +255,12 @@ struct Pipeline {
     /// When the oldest uncommitted change arrived, and its source commit time (µs since 1970).
     oldest_pending: Option<Instant>,
     oldest_pending_ts: Option<i64>,
+    /// Buffered bytes at the last measurement, and changes appended since.
+    buffered: usize,
+    since_measure: usize,
+    /// When the last standby status update went out.
+    last_status: Instant,
+    spilled_reported: u64,
 }
 
 impl Pipeline {
@@ -251,7 +270,10 @@ impl Pipeline {
         shutdown: impl std::future::Future<Output = ()>,
     ) -> Result<(), RunError> {
         let mut decoder = Decoder::new(stream.proto_version());
-        let mut assembler = Assembler::new();
+        let mut assembler = Assembler::with_spill(SpillConfig {
+            dir: self.opts.spill_dir.clone(),
+            memory_limit: (self.opts.memory_budget / 4) as usize,
+        });
         let mut events = Vec::new();
         let mut status = tokio::time::interval(self.opts.status_interval);
         status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -330,13 +352,40 @@ impl Pipeline {
                             lsn: wal_start,
                             source,
                         })?;
-                    for event in std::mem::take(&mut events) {
-                        self.handle_event(event).await?;
+                    loop {
+                        for event in events.drain(..) {
+                            self.handle_event(event).await?;
+                        }
+                        if !assembler.replaying() {
+                            break;
+                        }
+                        // A committed streamed transaction, handed out slice by slice: memory
+                        // stays bounded and the server keeps hearing from us.
+                        assembler
+                            .drain_replay(&mut events, REPLAY_SLICE)
+                            .map_err(|source| RunError::Txn {
+                                lsn: wal_start,
+                                source,
+                            })?;
+                        if self.buffered_estimate() as u64 > self.opts.memory_budget {
+                            self.relieve_memory().await?;
+                        }
+                        if self.last_status.elapsed() >= self.opts.status_interval {
+                            self.send_status(&mut stream).await?;
+                        }
+                    }
+                    let spilled = assembler.spilled_bytes();
+                    if spilled > self.spilled_reported {
+                        self.metrics
+                            .spilled_bytes
+                            .inc_by(spilled - self.spilled_reported);
+                        self.spilled_reported = spilled;
+                        self.summary.spilled_bytes = spilled;
                     }
                     if !assembler.in_transaction() && self.flush_due() {
                         self.flush_all(&mut stream).await?;
                         self.send_status(&mut stream).await?;
-                    } else if self.memory_bytes() as u64 > self.opts.memory_budget {
+                    } else if self.buffered_estimate() as u64 > self.opts.memory_budget {
                         self.relieve_memory().await?;
                     }
                 }
@@ -361,6 +410,7 @@ impl Pipeline {
         let c = self.summary.confirmed;
         self.metrics.confirmed_flush_lsn.set(c.0 as i64);
         stream.send_status(self.received, c, c, false).await?;
+        self.last_status = Instant::now();
         Ok(())
     }
 
@@ -368,16 +418,29 @@ impl Pipeline {
         self.tables.values().any(|t| t.pending_lsn.is_some())
     }
 
-    fn memory_bytes(&self) -> usize {
-        self.tables.values().map(TableState::memory_bytes).sum()
+    /// Measures the bytes buffered in builders and writers of every table.
+    fn measure(&mut self) -> usize {
+        self.buffered = self.tables.values().map(TableState::memory_bytes).sum();
+        self.since_measure = 0;
+        self.metrics.buffered_bytes.set(self.buffered as i64);
+        self.buffered
     }
 
-    fn flush_due(&self) -> bool {
+    /// The buffered bytes, measured again every [`MEASURE_EVERY`] changes.
+    fn buffered_estimate(&mut self) -> usize {
+        if self.since_measure >= MEASURE_EVERY {
+            self.measure()
+        } else {
+            self.buffered
+        }
+    }
+
+    fn flush_due(&mut self) -> bool {
         match self.oldest_pending {
             None => false,
             Some(t) => {
                 t.elapsed() >= self.opts.flush_interval
-                    || self.memory_bytes() as u64 > self.opts.memory_budget
+                    || self.buffered_estimate() as u64 > self.opts.memory_budget
             }
         }
     }
@@ -457,6 +520,7 @@ impl Pipeline {
                     .with_label_values(&[change.op.code()])
                     .inc();
                 self.summary.changes += 1;
+                self.since_measure += 1;
                 state.pending_lsn = Some(lsn);
                 if state.builder.len() >= BATCH_ROWS {
                     state.move_rows_to_writer().await?;
@@ -603,7 +667,7 @@ impl Pipeline {
             t.log.stage().await?;
             total = total.saturating_sub(before.saturating_sub(t.memory_bytes()));
         }
-        self.metrics.buffered_bytes.set(self.memory_bytes() as i64);
+        self.measure();
         Ok(())
     }
 
@@ -617,6 +681,11 @@ impl Pipeline {
             return Ok(());
         }
         let started = Instant::now();
+        let committed_tables = self
+            .tables
+            .values()
+            .filter(|t| t.pending_lsn.is_some())
+            .count();
         let mut backoff = Duration::from_millis(200);
         let mut status = tokio::time::interval(self.opts.status_interval);
         status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -671,9 +740,13 @@ impl Pipeline {
                 }
             }
         }
-        self.metrics
-            .flush_duration
-            .observe(started.elapsed().as_secs_f64());
+        let elapsed = started.elapsed();
+        self.metrics.flush_duration.observe(elapsed.as_secs_f64());
+        tracing::debug!(
+            tables = committed_tables,
+            elapsed_ms = elapsed.as_millis() as u64,
+            "flush committed"
+        );
         if let Some(ts) = self.oldest_pending_ts.take() {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -687,7 +760,7 @@ impl Pipeline {
         if let Some(end) = self.last_end {
             self.summary.confirmed = self.summary.confirmed.max(end);
         }
-        self.metrics.buffered_bytes.set(self.memory_bytes() as i64);
+        self.measure();
         Ok(())
     }
 }

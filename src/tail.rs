@@ -26,7 +26,11 @@ use crate::pgoutput::{DecodeError, Decoder, OldTuple, TupleData};
 use crate::replication::slot::{self, SlotError};
 use crate::replication::stream::{ReplicationMessage, ReplicationStream, StreamOptions};
 use crate::replication::{ClientError, ConnInfo, PgConnection, SessionKind};
-use crate::txn::{Assembler, Change, ChangeOp, Event, TxnError, TxnInfo};
+use crate::txn::{Assembler, Change, ChangeOp, Event, SpillConfig, TxnError, TxnInfo};
+
+/// Bytes of streamed-transaction changes `tail` holds in memory before spilling to the
+/// system temporary directory.
+const TAIL_HELD_MEMORY: usize = 64 << 20;
 use crate::types::catalog::TypeCatalog;
 use crate::types::{calendar, decode_column, json, ColumnValue, PgType, ValueError};
 
@@ -116,7 +120,10 @@ pub async fn run<W: Write>(
     options.messages = opts.messages;
     let mut stream = ReplicationStream::start(repl, &opts.slot, opts.start_lsn, options).await?;
     let mut decoder = Decoder::new(stream.proto_version());
-    let mut assembler = Assembler::new();
+    let mut assembler = Assembler::with_spill(SpillConfig {
+        dir: std::env::temp_dir(),
+        memory_limit: TAIL_HELD_MEMORY,
+    });
     let mut catalog = TypeCatalog::new();
     let mut catalog_conn: Option<PgConnection> = None;
     let mut tables: HashMap<(u32, u32), Arc<TableTypes>> = HashMap::new();
@@ -161,70 +168,78 @@ pub async fn run<W: Write>(
                     assembler
                         .handle(message, &mut events)
                         .map_err(|source| TailError::Txn { lsn: wal_start, source })?;
-                    for event in events.drain(..) {
-                        match event {
-                            Event::Relation { relation, .. } => {
-                                let key = (relation.relation.id, relation.version);
-                                if let std::collections::hash_map::Entry::Vacant(slot) = tables.entry(key) {
-                                    let t = resolve_types(&relation, &mut catalog, &mut catalog_conn, source).await?;
-                                    slot.insert(Arc::new(t));
-                                }
-                            }
-                            Event::Change { txn, position, change } => {
-                                let key = (change.relation.relation.id, change.relation.version);
-                                let types = match tables.get(&key) {
-                                    Some(t) => t.clone(),
-                                    None => {
-                                        let t = Arc::new(
-                                            resolve_types(&change.relation, &mut catalog, &mut catalog_conn, source).await?,
-                                        );
-                                        tables.insert(key, t.clone());
-                                        t
+                    loop {
+                        for event in events.drain(..) {
+                            match event {
+                                Event::Relation { relation, .. } => {
+                                    let key = (relation.relation.id, relation.version);
+                                    if let std::collections::hash_map::Entry::Vacant(slot) = tables.entry(key) {
+                                        let t = resolve_types(&relation, &mut catalog, &mut catalog_conn, source).await?;
+                                        slot.insert(Arc::new(t));
                                     }
-                                };
-                                if limit_reached {
-                                    // Past the limit: read on to the commit, print nothing more.
-                                    txn_cut = true;
-                                    continue;
                                 }
-                                if opts.discard {
-                                    // Decode every value as the lake would, build no JSON.
-                                    decode_only(&txn, &change, &types)?;
-                                } else {
-                                    let line = change_json(&txn, position.seq, &change, &types)?;
-                                    serde_json::to_writer(&mut *out, &line).map_err(|e| TailError::Output(e.into()))?;
-                                    out.write_all(b"\n").map_err(TailError::Output)?;
+                                Event::Change { txn, position, change } => {
+                                    let key = (change.relation.relation.id, change.relation.version);
+                                    let types = match tables.get(&key) {
+                                        Some(t) => t.clone(),
+                                        None => {
+                                            let t = Arc::new(
+                                                resolve_types(&change.relation, &mut catalog, &mut catalog_conn, source).await?,
+                                            );
+                                            tables.insert(key, t.clone());
+                                            t
+                                        }
+                                    };
+                                    if limit_reached {
+                                        // Past the limit: read on to the commit, print nothing more.
+                                        txn_cut = true;
+                                        continue;
+                                    }
+                                    if opts.discard {
+                                        // Decode every value as the lake would, build no JSON.
+                                        decode_only(&txn, &change, &types)?;
+                                    } else {
+                                        let line = change_json(&txn, position.seq, &change, &types)?;
+                                        serde_json::to_writer(&mut *out, &line).map_err(|e| TailError::Output(e.into()))?;
+                                        out.write_all(b"\n").map_err(TailError::Output)?;
+                                    }
+                                    summary.changes += 1;
+                                    limit_reached = opts.limit.is_some_and(|l| summary.changes >= l);
                                 }
-                                summary.changes += 1;
-                                limit_reached = opts.limit.is_some_and(|l| summary.changes >= l);
-                            }
-                            Event::Message { txn, message } => {
-                                if opts.messages && !opts.discard {
-                                    let line = serde_json::json!({
-                                        "lsn": txn.map(|t| t.commit_lsn).unwrap_or(message.lsn).to_string(),
-                                        "op": "M",
-                                        "transactional": message.transactional,
-                                        "prefix": message.prefix,
-                                        "content": String::from_utf8_lossy(&message.content),
-                                    });
-                                    serde_json::to_writer(&mut *out, &line).map_err(|e| TailError::Output(e.into()))?;
-                                    out.write_all(b"\n").map_err(TailError::Output)?;
+                                Event::Message { txn, message } => {
+                                    if opts.messages && !opts.discard {
+                                        let line = serde_json::json!({
+                                            "lsn": txn.map(|t| t.commit_lsn).unwrap_or(message.lsn).to_string(),
+                                            "op": "M",
+                                            "transactional": message.transactional,
+                                            "prefix": message.prefix,
+                                            "content": String::from_utf8_lossy(&message.content),
+                                        });
+                                        serde_json::to_writer(&mut *out, &line).map_err(|e| TailError::Output(e.into()))?;
+                                        out.write_all(b"\n").map_err(TailError::Output)?;
+                                    }
                                 }
-                            }
-                            Event::Begin(_) => txn_cut = false,
-                            Event::Commit { end_lsn, .. } => {
-                                summary.transactions += 1;
-                                out.flush().map_err(TailError::Output)?;
-                                // A transaction cut short by --limit is not confirmed: the
-                                // next reader gets it whole.
-                                if opts.confirm && !txn_cut {
-                                    summary.confirmed = summary.confirmed.max(end_lsn);
-                                }
-                                if limit_reached {
-                                    return Ok(());
+                                Event::Begin(_) => txn_cut = false,
+                                Event::Commit { end_lsn, .. } => {
+                                    summary.transactions += 1;
+                                    out.flush().map_err(TailError::Output)?;
+                                    // A transaction cut short by --limit is not confirmed: the
+                                    // next reader gets it whole.
+                                    if opts.confirm && !txn_cut {
+                                        summary.confirmed = summary.confirmed.max(end_lsn);
+                                    }
+                                    if limit_reached {
+                                        return Ok(());
+                                    }
                                 }
                             }
                         }
+                        if !assembler.replaying() {
+                            break;
+                        }
+                        assembler
+                            .drain_replay(&mut events, 4096)
+                            .map_err(|source| TailError::Txn { lsn: wal_start, source })?;
                     }
                 }
             }

@@ -333,6 +333,10 @@ async fn mixed_workload_lands_exactly_once_on_file_and_s3() {
         let ep = endpoint.clone().unwrap_or_default();
         if endpoint.is_some() {
             extra.extend(["--s3-endpoint", &ep, "--s3-allow-http"]);
+        } else {
+            // A small budget on file://: the big streamed transaction goes through spill files
+            // and its replay through early-staged files.
+            extra.extend(["--memory-budget", "4MiB"]);
         }
         let log = dir.path().join("run.log");
         let runner = Runner::start(&db, &root, &extra, &log);
@@ -340,6 +344,17 @@ async fn mixed_workload_lands_exactly_once_on_file_and_s3() {
         db.exec("INSERT INTO marker VALUES (1)").await;
         wait_for_marker(&root, endpoint.as_deref(), 1, &log).await;
         runner.stop().await;
+        if endpoint.is_none() {
+            let log = std::fs::read_to_string(&log).unwrap();
+            let stopped = log
+                .lines()
+                .find(|l| l.contains("stopped"))
+                .unwrap_or_default();
+            assert!(
+                !stopped.contains("spilled_bytes=0") && stopped.contains("spilled_bytes="),
+                "the streamed transaction was spilled: {stopped}"
+            );
+        }
 
         let mut want = oracle(&db, &oracle_slot(&db)).await;
         want.remove("marker");
@@ -401,7 +416,8 @@ async fn kill_nine_at_random_points_loses_and_duplicates_nothing() {
             c.simple_query(&format!(
                 "BEGIN; INSERT INTO {t} (id, v) SELECT g, 'r{round}' FROM generate_series({base}, {base} + {}) g;
                  UPDATE {t} SET v = 'u' WHERE id = {base}; DELETE FROM {t} WHERE id = {base} + 1; COMMIT;",
-                (round * 37) % 400
+                // Every tenth transaction is big enough to be streamed and spilled.
+                if round % 10 == 9 { 5000 } else { (round * 37) % 400 }
             ))
             .await
             .unwrap();
@@ -416,14 +432,17 @@ async fn kill_nine_at_random_points_loses_and_duplicates_nothing() {
         seed ^= seed << 17;
         lo + seed % (hi - lo)
     };
+    // A small budget: streamed transactions go through spill files, so kills land in the
+    // middle of spilling and of replaying them too.
+    let small = ["--memory-budget", "256KiB"];
     for _ in 0..20 {
-        let mut r = Runner::start(&db, &root, &[], &log);
+        let mut r = Runner::start(&db, &root, &small, &log);
         tokio::time::sleep(Duration::from_millis(rand(100, 700))).await;
         r.kill9().await;
     }
     load.await.unwrap();
     db.exec("INSERT INTO marker VALUES (7)").await;
-    let r = Runner::start(&db, &root, &[], &log);
+    let r = Runner::start(&db, &root, &small, &log);
     wait_for_marker(&root, None, 7, &log).await;
     r.stop().await;
     let mut want = oracle(&db, &oracle_slot(&db)).await;

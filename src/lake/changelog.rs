@@ -14,7 +14,7 @@
 //! is resolved by re-reading the table's `txn` version — never by committing twice. Data files
 //! of a commit that never happened are unreferenced orphans, invisible to readers.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use futures::StreamExt;
@@ -22,13 +22,15 @@ use futures::StreamExt;
 use deltalake::arrow::datatypes::{Field, Schema, SchemaRef};
 use deltalake::arrow::record_batch::RecordBatch;
 use deltalake::kernel::engine::arrow_conversion::{TryIntoArrow, TryIntoKernel};
-use deltalake::kernel::transaction::{CommitBuilder, CommitProperties};
-use deltalake::kernel::{Action, Add, MetadataExt, StructType, Transaction};
+use deltalake::kernel::transaction::CommitData;
+use deltalake::kernel::{Action, Add, Metadata, MetadataExt, StructType, Transaction};
+use deltalake::logstore::{CommitOrBytes, LogStoreRef};
 use deltalake::parquet::basic::{Compression, ZstdLevel};
 use deltalake::parquet::file::properties::{EnabledStatistics, WriterProperties};
 use deltalake::protocol::{DeltaOperation, SaveMode};
 use deltalake::writer::{DeltaWriter, RecordBatchWriter, WriteMode};
 use deltalake::{DeltaTable, DeltaTableError};
+use uuid::Uuid;
 
 use super::store::Sink;
 use crate::lsn::Lsn;
@@ -65,17 +67,31 @@ pub fn app_id(slot: &str) -> String {
     format!("slotlake-{slot}")
 }
 
+/// Commits between Delta checkpoints of a change log.
+const CHECKPOINT_INTERVAL: u64 = 100;
+
 /// One change-log table and its open writer.
+///
+/// The table's file list is never held in memory: it is loaded once at open (to read the `txn`
+/// version) and dropped. Commits are written straight to the Delta log as conditional puts of
+/// the next version, so a commit costs one PUT whatever the size of the log — Delta's own
+/// commit path re-materialises every file's statistics after each commit, which grows with
+/// the table and dominated the ingest profile.
 pub struct ChangeLogTable {
     name: TableName,
-    table: DeltaTable,
+    log_store: LogStoreRef,
     writer: RecordBatchWriter,
     app_id: String,
+    /// Latest Delta version this process knows (its own last commit, or the one it opened).
+    version: u64,
+    /// The table's metadata as of `version` (schema evolution rewrites it).
+    metadata: Metadata,
     /// `txn` version of our app id: every source transaction with commit LSN ≤ this is in.
     committed: Option<Lsn>,
     /// Files written and closed but not yet committed.
     staged: Vec<Add>,
-    target_file_size: u64,
+    /// A checkpoint being written in the background, if any.
+    checkpoint: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl ChangeLogTable {
@@ -131,32 +147,29 @@ impl ChangeLogTable {
                 }
             };
         }
-        let committed = table
-            .snapshot()
-            .map_err(err("snapshot"))?
+        let snapshot = table.snapshot().map_err(err("snapshot"))?;
+        let committed = snapshot
             .transaction_version(log_store.as_ref(), app_id)
             .await
             .map_err(err("read txn version"))?
             .map(|v| Lsn(v as u64));
-        let writer = Self::new_writer(&table, target_file_size).map_err(err("writer"))?;
+        let version = snapshot.version();
+        let metadata = snapshot.metadata().clone();
+        let writer = RecordBatchWriter::for_table(&table)
+            .map_err(err("writer"))?
+            .with_writer_properties(writer_properties())
+            .with_target_file_size(target_file_size);
         Ok(ChangeLogTable {
             name: name.clone(),
-            table,
+            log_store,
             writer,
             app_id: app_id.to_string(),
+            version,
+            metadata,
             committed,
             staged: Vec::new(),
-            target_file_size,
+            checkpoint: None,
         })
-    }
-
-    fn new_writer(
-        table: &DeltaTable,
-        target_file_size: u64,
-    ) -> Result<RecordBatchWriter, DeltaTableError> {
-        Ok(RecordBatchWriter::for_table(table)?
-            .with_writer_properties(writer_properties())
-            .with_target_file_size(target_file_size))
     }
 
     pub fn name(&self) -> &TableName {
@@ -175,11 +188,8 @@ impl ChangeLogTable {
             action: "schema",
             source: Box::new(source),
         };
-        let kernel = self.table.snapshot().map_err(err)?.schema();
-        let arrow: Schema = kernel
-            .as_ref()
-            .try_into_arrow()
-            .map_err(|e| err(e.into()))?;
+        let kernel = self.metadata.parse_schema().map_err(|e| err(e.into()))?;
+        let arrow: Schema = (&kernel).try_into_arrow().map_err(|e| err(e.into()))?;
         Ok(Arc::new(arrow))
     }
 
@@ -209,19 +219,17 @@ impl ChangeLogTable {
             return Ok(());
         }
         let table = self.name.to_string();
-        let schema = self.writer.arrow_schema();
         let adds = self
             .writer
             .flush()
             .await
             .map_err(|source| LakeError::Delta {
-                table: table.clone(),
+                table,
                 action: "stage files",
                 source: Box::new(source),
             })?;
-        self.staged.extend(adds);
         // The flushed writer keeps its (possibly widened) schema for the next files.
-        let _ = schema;
+        self.staged.extend(adds);
         Ok(())
     }
 
@@ -253,70 +261,109 @@ impl ChangeLogTable {
             lsn: version,
         })?;
         let mut actions: Vec<Action> = self.staged.iter().cloned().map(Action::Add).collect();
-        let snapshot = self.table.snapshot().map_err(err("snapshot"))?;
-        if let Some(widened) =
-            widen(&snapshot.schema(), &writer_schema).map_err(err("schema evolution"))?
-        {
-            let metadata = snapshot
-                .metadata()
+        let current = self
+            .metadata
+            .parse_schema()
+            .map_err(|e| err("schema")(e.into()))?;
+        let mut new_metadata = None;
+        if let Some(widened) = widen(&current, &writer_schema).map_err(err("schema evolution"))? {
+            let metadata = self
+                .metadata
                 .clone()
                 .with_schema(&widened)
                 .map_err(|e| err("schema evolution")(e.into()))?;
-            actions.push(Action::Metadata(metadata));
+            actions.push(Action::Metadata(metadata.clone()));
+            new_metadata = Some(metadata);
         }
-        let properties = CommitProperties::default()
-            .with_application_transaction(Transaction::new(&self.app_id, txn_version));
         let operation = DeltaOperation::Write {
             mode: SaveMode::Append,
             partition_by: None,
             predicate: None,
         };
-        // No internal retries: with one writer per slot, a version conflict can only be our
-        // own earlier attempt that landed, and that is resolved below by reading the txn
-        // version — a blind retry at the next version would commit the same files twice.
-        let result = CommitBuilder::from(properties)
-            .with_max_retries(0)
-            .with_actions(actions)
-            .build(Some(snapshot), self.table.log_store(), operation)
+        let data = CommitData::new(
+            actions,
+            operation,
+            HashMap::new(),
+            vec![Transaction::new(&self.app_id, txn_version)],
+        );
+        let bytes = data
+            .get_bytes()
+            .map_err(|e| err("serialize commit")(e.into()))?;
+        // One writer per slot: the next version is ours unless an earlier attempt of this very
+        // commit landed without us hearing the answer, or someone else (a maintenance job)
+        // committed in between. Both are told apart by reading the log, never by guessing.
+        let next = self.version + 1;
+        let written = self
+            .log_store
+            .write_commit_entry(next, CommitOrBytes::LogBytes(bytes), Uuid::new_v4())
             .await;
-        match result {
-            Ok(_) => {}
+        match written {
+            Ok(()) => self.version = next,
             Err(e) => {
-                // The outcome may be unknown: look before trying again.
-                self.table
-                    .update_state()
+                self.resolve_failed_commit(txn_version)
                     .await
-                    .map_err(err("refresh after failed commit"))?;
-                let landed = self
-                    .table
-                    .snapshot()
-                    .map_err(err("snapshot"))?
-                    .transaction_version(self.table.log_store().as_ref(), &self.app_id)
-                    .await
-                    .map_err(err("read txn version"))?
-                    .is_some_and(|v| v >= txn_version);
-                if !landed {
-                    return Err(err("commit")(e));
+                    .map_err(err("read the log after a failed commit"))?;
+                if self.committed != Some(version) {
+                    return Err(err("commit")(e.into()));
                 }
+                new_metadata = None;
             }
+        }
+        if let Some(m) = new_metadata {
+            self.metadata = m;
         }
         let files = self.staged.len() as u64;
         let bytes = self.staged.iter().map(|a| a.size.max(0) as u64).sum();
         self.staged.clear();
         self.committed = Some(version);
-        self.table
-            .update_state()
-            .await
-            .map_err(err("refresh after commit"))?;
-        // A new writer picks up the committed schema.
-        self.writer =
-            Self::new_writer(&self.table, self.target_file_size).map_err(err("writer"))?;
+        if self.version.is_multiple_of(CHECKPOINT_INTERVAL) {
+            self.start_checkpoint();
+        }
         Ok((files, bytes))
     }
 
+    /// After a commit attempt failed: reload the table's version, metadata and `txn` version,
+    /// so that a commit that did land is recognised and a retry targets the right version.
+    async fn resolve_failed_commit(&mut self, txn_version: i64) -> Result<(), DeltaTableError> {
+        let mut table = DeltaTable::new(self.log_store.clone());
+        table.load().await?;
+        let snapshot = table.snapshot()?;
+        let landed = snapshot
+            .transaction_version(self.log_store.as_ref(), &self.app_id)
+            .await?;
+        self.version = snapshot.version();
+        self.metadata = snapshot.metadata().clone();
+        if landed.is_some_and(|v| v >= txn_version) {
+            self.committed = landed.map(|v| Lsn(v as u64));
+        }
+        Ok(())
+    }
+
+    /// Writes a Delta checkpoint of the current version in the background, so that readers
+    /// and restarts do not replay an ever longer JSON log. A failure only costs a warning:
+    /// the next interval tries again.
+    fn start_checkpoint(&mut self) {
+        if self.checkpoint.as_ref().is_some_and(|h| !h.is_finished()) {
+            return;
+        }
+        let log_store = self.log_store.clone();
+        let name = self.name.to_string();
+        let version = self.version;
+        self.checkpoint = Some(tokio::spawn(async move {
+            let mut table = DeltaTable::new(log_store);
+            let result = match table.load_version(version).await {
+                Ok(()) => deltalake::checkpoints::create_checkpoint(&table, None).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = result {
+                tracing::warn!(table = %name, version, error = %e, "cannot write a change-log checkpoint");
+            }
+        }));
+    }
+
     /// Current Delta version (for tests and logs).
-    pub fn version(&self) -> Option<u64> {
-        self.table.version()
+    pub fn version(&self) -> u64 {
+        self.version
     }
 }
 

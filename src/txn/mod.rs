@@ -10,11 +10,17 @@
 //! changes of that subtransaction.
 //!
 //! The state machine is explicit and every protocol violation is a typed [`TxnError`]:
-//! nothing is guessed. Held streamed changes live in memory here; bounded spilling belongs to
-//! the sink that consumes them.
+//! nothing is guessed. Held streamed changes stay in memory up to a limit and go to local spill
+//! files beyond it ([`spill`]); a committed streamed transaction is handed out in slices
+//! ([`Assembler::drain_replay`]) so that it never has to be in memory whole.
 
-use std::collections::HashMap;
+mod spill;
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
 use std::sync::Arc;
+
+use spill::{held_size, subxid_of, SpillReader, SpillWriter};
 
 use crate::lsn::Lsn;
 use crate::pgoutput::relation::{CachedRelation, RelationCache, SchemaChange};
@@ -107,9 +113,19 @@ pub enum SchemaChangeKind {
     Changed { previous_version: u32 },
 }
 
-/// A protocol violation: the stream does not follow the pgoutput transaction grammar.
+/// A protocol violation: the stream does not follow the pgoutput transaction grammar; or a
+/// spill file that cannot be written or read back.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum TxnError {
+    #[error("cannot {action} the spill file of a streamed transaction: {message}")]
+    Spill {
+        action: &'static str,
+        message: String,
+    },
+    #[error("spill file of a streamed transaction is corrupt: {0}")]
+    SpillCorrupt(&'static str),
+    #[error("message received while a committed streamed transaction is still being handed out")]
+    ReplayPending,
     #[error("BEGIN of xid {new} while xid {open} is still open")]
     NestedBegin { open: Xid, new: Xid },
     #[error("COMMIT without a transaction")]
@@ -149,19 +165,88 @@ struct OpenTxn {
     next_seq: u64,
 }
 
+/// Where and beyond how many bytes held streamed changes go to disk.
+#[derive(Debug, Clone)]
+pub struct SpillConfig {
+    pub dir: PathBuf,
+    /// Bytes of held streamed changes kept in memory, over all open streamed transactions.
+    pub memory_limit: usize,
+}
+
+/// An open streamed transaction: its changes in memory (the newest) and on disk (the oldest).
+#[derive(Default)]
+struct Stream {
+    held: Vec<Held>,
+    held_bytes: usize,
+    spill: Option<SpillWriter>,
+    /// Subtransactions aborted after some of their changes were spilled.
+    aborted: HashSet<Xid>,
+}
+
+impl std::fmt::Debug for Stream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stream")
+            .field("held", &self.held.len())
+            .field("spilled", &self.spill.as_ref().map(|s| s.records))
+            .finish()
+    }
+}
+
+/// A committed streamed transaction being handed out.
+struct Replay {
+    info: TxnInfo,
+    end_lsn: Lsn,
+    spilled: Option<SpillReader>,
+    held: std::vec::IntoIter<Held>,
+    aborted: HashSet<Xid>,
+    seq: u64,
+}
+
 /// The transaction assembler. Feed every decoded message to [`Assembler::handle`].
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Assembler {
     relations: RelationCache,
     open: Option<OpenTxn>,
     /// Xid of the stream block we are in, if any.
     stream_block: Option<Xid>,
-    streams: HashMap<Xid, Vec<Held>>,
+    streams: HashMap<Xid, Stream>,
+    spill: Option<SpillConfig>,
+    /// Bytes held in memory over all streams.
+    held_bytes: usize,
+    replay: Option<Replay>,
+    spilled_bytes: u64,
+}
+
+impl std::fmt::Debug for Assembler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Assembler")
+            .field("open", &self.open)
+            .field("stream_block", &self.stream_block)
+            .field("streams", &self.streams)
+            .field("held_bytes", &self.held_bytes)
+            .field("replaying", &self.replay.is_some())
+            .finish()
+    }
 }
 
 impl Assembler {
+    /// An assembler that holds streamed transactions in memory, however large.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An assembler that spills held streamed changes beyond `config.memory_limit` to files in
+    /// `config.dir`.
+    pub fn with_spill(config: SpillConfig) -> Self {
+        Assembler {
+            spill: Some(config),
+            ..Self::default()
+        }
+    }
+
+    /// Bytes of streamed changes written to spill files so far.
+    pub fn spilled_bytes(&self) -> u64 {
+        self.spilled_bytes
     }
 
     pub fn relations(&self) -> &RelationCache {
@@ -171,22 +256,134 @@ impl Assembler {
     /// True between Begin and Commit of an ordinary transaction (streamed ones are held here
     /// and emitted whole, so they never leave a transaction half-emitted).
     pub fn in_transaction(&self) -> bool {
-        self.open.is_some()
+        self.open.is_some() || self.replay.is_some()
+    }
+
+    /// True while a committed streamed transaction is being handed out: call
+    /// [`Assembler::drain_replay`] until it returns `false` before handling the next message.
+    pub fn replaying(&self) -> bool {
+        self.replay.is_some()
     }
 
     /// True when no transaction is open and no streamed transaction is pending: everything
     /// received so far has been emitted as complete transactions.
     pub fn is_idle(&self) -> bool {
-        self.open.is_none() && self.stream_block.is_none() && self.streams.is_empty()
+        self.open.is_none()
+            && self.stream_block.is_none()
+            && self.streams.is_empty()
+            && self.replay.is_none()
     }
 
-    /// Number of changes held for streamed transactions.
+    /// Number of changes and messages held for streamed transactions, in memory or spilled.
     pub fn held_changes(&self) -> usize {
-        self.streams.values().map(Vec::len).sum()
+        self.streams
+            .values()
+            .map(|s| s.held.len() + s.spill.as_ref().map_or(0, |w| w.records as usize))
+            .sum()
     }
 
-    /// Processes one message, appending resulting events to `out` in order.
+    /// Processes one message and everything it completes, however large (for tests and small
+    /// streams; the pipeline uses [`Assembler::handle`] and [`Assembler::drain_replay`]).
+    pub fn handle_all(
+        &mut self,
+        msg: PgOutputMessage,
+        out: &mut Vec<Event>,
+    ) -> Result<(), TxnError> {
+        self.handle(msg, out)?;
+        while self.drain_replay(out, usize::MAX)? {}
+        Ok(())
+    }
+
+    /// Hands out up to `max` events of the committed streamed transaction being replayed, in
+    /// order, ending with its Commit. Returns whether more remain.
+    pub fn drain_replay(&mut self, out: &mut Vec<Event>, max: usize) -> Result<bool, TxnError> {
+        let Some(replay) = self.replay.as_mut() else {
+            return Ok(false);
+        };
+        let mut emitted = 0;
+        while emitted < max {
+            let next = match replay.spilled.as_mut() {
+                Some(reader) => match reader.next()? {
+                    Some(h) => Some(h),
+                    None => {
+                        replay.spilled = None;
+                        continue;
+                    }
+                },
+                None => replay.held.next(),
+            };
+            let Some(held) = next else {
+                out.push(Event::Commit {
+                    txn: replay.info,
+                    end_lsn: replay.end_lsn,
+                    changes: replay.seq,
+                });
+                self.replay = None;
+                return Ok(false);
+            };
+            if replay.aborted.contains(&subxid_of(&held)) {
+                continue;
+            }
+            emitted += 1;
+            match held {
+                Held::Change { change, .. } => {
+                    out.push(Event::Change {
+                        txn: replay.info,
+                        position: Position {
+                            commit_lsn: replay.info.commit_lsn,
+                            seq: replay.seq,
+                        },
+                        change,
+                    });
+                    replay.seq += 1;
+                }
+                Held::Message { message, .. } => out.push(Event::Message {
+                    txn: Some(replay.info),
+                    message,
+                }),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Holds a change or message of the streamed transaction `block`, spilling the largest
+    /// stream to disk when memory passes the limit.
+    fn hold(&mut self, block: Xid, held: Held) -> Result<(), TxnError> {
+        let size = held_size(&held);
+        let stream = self.streams.entry(block).or_default();
+        stream.held.push(held);
+        stream.held_bytes += size;
+        self.held_bytes += size;
+        let Some(config) = &self.spill else {
+            return Ok(());
+        };
+        if self.held_bytes <= config.memory_limit {
+            return Ok(());
+        }
+        let Some((_, largest)) = self.streams.iter_mut().max_by_key(|(_, s)| s.held_bytes) else {
+            return Ok(());
+        };
+        if largest.spill.is_none() {
+            largest.spill = Some(SpillWriter::create(&config.dir)?);
+        }
+        if let Some(writer) = largest.spill.as_mut() {
+            let before = writer.bytes;
+            for h in largest.held.drain(..) {
+                writer.append(&h)?;
+            }
+            self.spilled_bytes += writer.bytes - before;
+        }
+        self.held_bytes -= largest.held_bytes;
+        largest.held_bytes = 0;
+        Ok(())
+    }
+
+    /// Processes one message, appending resulting events to `out` in order. After a Stream
+    /// Commit, the transaction's changes are handed out by [`Assembler::drain_replay`].
     pub fn handle(&mut self, msg: PgOutputMessage, out: &mut Vec<Event>) -> Result<(), TxnError> {
+        if self.replay.is_some() {
+            return Err(TxnError::ReplayPending);
+        }
         match msg {
             PgOutputMessage::Begin(b) => {
                 if let Some(open) = self.open {
@@ -291,10 +488,7 @@ impl Assembler {
                     out.push(Event::Message { txn: None, message });
                 } else if let Some(block) = self.stream_block {
                     let subxid = xid.ok_or(TxnError::StreamedChangeWithoutXid)?;
-                    self.streams
-                        .entry(block)
-                        .or_default()
-                        .push(Held::Message { subxid, message });
+                    self.hold(block, Held::Message { subxid, message })?;
                 } else {
                     let open = self.open.ok_or(TxnError::OutsideTransaction {
                         what: "transactional message",
@@ -317,10 +511,11 @@ impl Assembler {
                 if self.stream_block.is_some() {
                     return Err(TxnError::StreamEndInsideBlock);
                 }
-                let held = self
+                let stream = self
                     .streams
                     .remove(&c.xid)
                     .ok_or(TxnError::UnknownStream(c.xid))?;
+                self.held_bytes -= stream.held_bytes;
                 let info = TxnInfo {
                     xid: c.xid,
                     commit_lsn: c.commit_lsn,
@@ -328,30 +523,17 @@ impl Assembler {
                     streamed: true,
                 };
                 out.push(Event::Begin(info));
-                let mut seq = 0;
-                for h in held {
-                    match h {
-                        Held::Change { change, .. } => {
-                            out.push(Event::Change {
-                                txn: info,
-                                position: Position {
-                                    commit_lsn: info.commit_lsn,
-                                    seq,
-                                },
-                                change,
-                            });
-                            seq += 1;
-                        }
-                        Held::Message { message, .. } => out.push(Event::Message {
-                            txn: Some(info),
-                            message,
-                        }),
-                    }
-                }
-                out.push(Event::Commit {
-                    txn: info,
+                let spilled = match stream.spill {
+                    Some(w) => Some(w.into_reader()?),
+                    None => None,
+                };
+                self.replay = Some(Replay {
+                    info,
                     end_lsn: c.end_lsn,
-                    changes: seq,
+                    spilled,
+                    held: stream.held.into_iter(),
+                    aborted: stream.aborted,
+                    seq: 0,
                 });
             }
             PgOutputMessage::StreamAbort(a) => {
@@ -359,13 +541,23 @@ impl Assembler {
                     return Err(TxnError::StreamEndInsideBlock);
                 }
                 if a.xid == a.subxid {
-                    self.streams.remove(&a.xid);
-                } else if let Some(held) = self.streams.get_mut(&a.xid) {
-                    held.retain(|h| match h {
-                        Held::Change { subxid, .. } | Held::Message { subxid, .. } => {
-                            *subxid != a.subxid
+                    if let Some(stream) = self.streams.remove(&a.xid) {
+                        self.held_bytes -= stream.held_bytes;
+                    }
+                } else if let Some(stream) = self.streams.get_mut(&a.xid) {
+                    let mut dropped = 0;
+                    stream.held.retain(|h| {
+                        let keep = subxid_of(h) != a.subxid;
+                        if !keep {
+                            dropped += held_size(h);
                         }
+                        keep
                     });
+                    stream.held_bytes -= dropped;
+                    self.held_bytes -= dropped;
+                    if stream.spill.is_some() {
+                        stream.aborted.insert(a.subxid);
+                    }
                 }
             }
         }
@@ -387,11 +579,7 @@ impl Assembler {
     ) -> Result<(), TxnError> {
         if let Some(block) = self.stream_block {
             let subxid = xid.ok_or(TxnError::StreamedChangeWithoutXid)?;
-            self.streams
-                .entry(block)
-                .or_default()
-                .push(Held::Change { subxid, change });
-            return Ok(());
+            return self.hold(block, Held::Change { subxid, change });
         }
         let open = self
             .open
@@ -468,8 +656,8 @@ mod tests {
     fn plain_transaction_is_sequenced() {
         let mut a = Assembler::new();
         let mut out = Vec::new();
-        a.handle(rel(1), &mut out).unwrap();
-        a.handle(
+        a.handle_all(rel(1), &mut out).unwrap();
+        a.handle_all(
             PgOutputMessage::Begin(Begin {
                 final_lsn: Lsn(100),
                 commit_ts: PgTimestamp(0),
@@ -479,9 +667,9 @@ mod tests {
         )
         .unwrap();
         assert!(!a.is_idle());
-        a.handle(ins(None, 1, "a"), &mut out).unwrap();
-        a.handle(ins(None, 1, "b"), &mut out).unwrap();
-        a.handle(
+        a.handle_all(ins(None, 1, "a"), &mut out).unwrap();
+        a.handle_all(ins(None, 1, "b"), &mut out).unwrap();
+        a.handle_all(
             PgOutputMessage::Commit(Commit {
                 flags: 0,
                 commit_lsn: Lsn(100),
@@ -510,8 +698,8 @@ mod tests {
     fn streamed_transaction_with_aborted_subtransaction() {
         let mut a = Assembler::new();
         let mut out = Vec::new();
-        a.handle(rel(1), &mut out).unwrap();
-        a.handle(
+        a.handle_all(rel(1), &mut out).unwrap();
+        a.handle_all(
             PgOutputMessage::StreamStart(StreamStart {
                 xid: 10,
                 first_segment: true,
@@ -519,11 +707,12 @@ mod tests {
             &mut out,
         )
         .unwrap();
-        a.handle(ins(Some(10), 1, "top1"), &mut out).unwrap();
-        a.handle(ins(Some(11), 1, "sub-aborted"), &mut out).unwrap();
-        a.handle(PgOutputMessage::StreamStop, &mut out).unwrap();
+        a.handle_all(ins(Some(10), 1, "top1"), &mut out).unwrap();
+        a.handle_all(ins(Some(11), 1, "sub-aborted"), &mut out)
+            .unwrap();
+        a.handle_all(PgOutputMessage::StreamStop, &mut out).unwrap();
         // An unrelated ordinary transaction commits in between.
-        a.handle(
+        a.handle_all(
             PgOutputMessage::Begin(Begin {
                 final_lsn: Lsn(50),
                 commit_ts: PgTimestamp(0),
@@ -532,8 +721,8 @@ mod tests {
             &mut out,
         )
         .unwrap();
-        a.handle(ins(None, 1, "other"), &mut out).unwrap();
-        a.handle(
+        a.handle_all(ins(None, 1, "other"), &mut out).unwrap();
+        a.handle_all(
             PgOutputMessage::Commit(Commit {
                 flags: 0,
                 commit_lsn: Lsn(50),
@@ -543,7 +732,7 @@ mod tests {
             &mut out,
         )
         .unwrap();
-        a.handle(
+        a.handle_all(
             PgOutputMessage::StreamStart(StreamStart {
                 xid: 10,
                 first_segment: false,
@@ -551,9 +740,10 @@ mod tests {
             &mut out,
         )
         .unwrap();
-        a.handle(ins(Some(12), 1, "sub-kept"), &mut out).unwrap();
-        a.handle(PgOutputMessage::StreamStop, &mut out).unwrap();
-        a.handle(
+        a.handle_all(ins(Some(12), 1, "sub-kept"), &mut out)
+            .unwrap();
+        a.handle_all(PgOutputMessage::StreamStop, &mut out).unwrap();
+        a.handle_all(
             PgOutputMessage::StreamAbort(StreamAbort {
                 xid: 10,
                 subxid: 11,
@@ -563,7 +753,7 @@ mod tests {
         .unwrap();
         assert_eq!(a.held_changes(), 2);
         assert!(!a.is_idle());
-        a.handle(
+        a.handle_all(
             PgOutputMessage::StreamCommit(StreamCommit {
                 xid: 10,
                 flags: 0,
@@ -589,8 +779,8 @@ mod tests {
     fn whole_stream_abort_discards_everything() {
         let mut a = Assembler::new();
         let mut out = Vec::new();
-        a.handle(rel(1), &mut out).unwrap();
-        a.handle(
+        a.handle_all(rel(1), &mut out).unwrap();
+        a.handle_all(
             PgOutputMessage::StreamStart(StreamStart {
                 xid: 10,
                 first_segment: true,
@@ -598,9 +788,9 @@ mod tests {
             &mut out,
         )
         .unwrap();
-        a.handle(ins(Some(10), 1, "x"), &mut out).unwrap();
-        a.handle(PgOutputMessage::StreamStop, &mut out).unwrap();
-        a.handle(
+        a.handle_all(ins(Some(10), 1, "x"), &mut out).unwrap();
+        a.handle_all(PgOutputMessage::StreamStop, &mut out).unwrap();
+        a.handle_all(
             PgOutputMessage::StreamAbort(StreamAbort {
                 xid: 10,
                 subxid: 10,
@@ -617,7 +807,7 @@ mod tests {
         let mut a = Assembler::new();
         let mut out = Vec::new();
         assert_eq!(
-            a.handle(
+            a.handle_all(
                 PgOutputMessage::Commit(Commit {
                     flags: 0,
                     commit_lsn: Lsn(1),
@@ -629,15 +819,15 @@ mod tests {
             Err(TxnError::CommitWithoutBegin)
         );
         assert_eq!(
-            a.handle(ins(None, 1, "x"), &mut out),
+            a.handle_all(ins(None, 1, "x"), &mut out),
             Err(TxnError::UnknownRelation(1))
         );
-        a.handle(rel(1), &mut out).unwrap();
+        a.handle_all(rel(1), &mut out).unwrap();
         assert_eq!(
-            a.handle(ins(None, 1, "x"), &mut out),
+            a.handle_all(ins(None, 1, "x"), &mut out),
             Err(TxnError::OutsideTransaction { what: "change" })
         );
-        a.handle(
+        a.handle_all(
             PgOutputMessage::Begin(Begin {
                 final_lsn: Lsn(5),
                 commit_ts: PgTimestamp(0),
@@ -647,7 +837,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            a.handle(
+            a.handle_all(
                 PgOutputMessage::Begin(Begin {
                     final_lsn: Lsn(6),
                     commit_ts: PgTimestamp(0),
@@ -658,7 +848,7 @@ mod tests {
             Err(TxnError::NestedBegin { open: 1, new: 2 })
         );
         assert_eq!(
-            a.handle(
+            a.handle_all(
                 PgOutputMessage::Commit(Commit {
                     flags: 0,
                     commit_lsn: Lsn(9),
@@ -674,7 +864,7 @@ mod tests {
         );
         let mut b = Assembler::new();
         assert_eq!(
-            b.handle(
+            b.handle_all(
                 PgOutputMessage::StreamCommit(StreamCommit {
                     xid: 3,
                     flags: 0,
@@ -685,6 +875,191 @@ mod tests {
                 &mut out
             ),
             Err(TxnError::UnknownStream(3))
+        );
+    }
+
+    fn stream_start(xid: u32) -> PgOutputMessage {
+        PgOutputMessage::StreamStart(StreamStart {
+            xid,
+            first_segment: false,
+        })
+    }
+
+    /// A workload of two interleaved streamed transactions with subtransaction aborts before
+    /// and after spilling, an ordinary transaction in between, and one whole-stream abort.
+    fn streamed_workload() -> Vec<PgOutputMessage> {
+        let mut m = vec![rel(1)];
+        let mut n = 0u32;
+        let mut value = |p: &str| -> &'static str {
+            n += 1;
+            Box::leak(format!("{p}{n}").into_boxed_str())
+        };
+        for round in 0..6u32 {
+            for xid in [10u32, 30] {
+                m.push(stream_start(xid));
+                for k in 0..5 {
+                    m.push(ins(Some(xid), 1, value("top")));
+                    m.push(ins(Some(xid + 1 + round), 1, value("sub")));
+                    if k == 2 {
+                        m.push(PgOutputMessage::Message {
+                            xid: Some(xid),
+                            message: LogicalMessage {
+                                transactional: true,
+                                lsn: Lsn(7),
+                                prefix: "p".into(),
+                                content: Bytes::from_static(b"c"),
+                            },
+                        });
+                    }
+                }
+                m.push(PgOutputMessage::StreamStop);
+                if round % 2 == 1 {
+                    m.push(PgOutputMessage::StreamAbort(StreamAbort {
+                        xid,
+                        subxid: xid + round,
+                    }));
+                }
+            }
+            m.push(PgOutputMessage::Begin(Begin {
+                final_lsn: Lsn(100 + u64::from(round)),
+                commit_ts: PgTimestamp(0),
+                xid: 50 + round,
+            }));
+            m.push(ins(None, 1, value("plain")));
+            m.push(PgOutputMessage::Commit(Commit {
+                flags: 0,
+                commit_lsn: Lsn(100 + u64::from(round)),
+                end_lsn: Lsn(101 + u64::from(round)),
+                commit_ts: PgTimestamp(0),
+            }));
+        }
+        m.push(PgOutputMessage::StreamAbort(StreamAbort {
+            xid: 30,
+            subxid: 30,
+        }));
+        m.push(PgOutputMessage::StreamCommit(StreamCommit {
+            xid: 10,
+            flags: 0,
+            commit_lsn: Lsn(500),
+            end_lsn: Lsn(510),
+            commit_ts: PgTimestamp(0),
+        }));
+        m
+    }
+
+    fn run(mut a: Assembler, messages: &[PgOutputMessage], slice: usize) -> Vec<Event> {
+        let mut out = Vec::new();
+        for msg in messages {
+            a.handle(msg.clone(), &mut out).unwrap();
+            while a.drain_replay(&mut out, slice).unwrap() {}
+        }
+        assert!(a.is_idle());
+        out
+    }
+
+    fn messages_of(events: &[Event]) -> usize {
+        events
+            .iter()
+            .filter(|e| matches!(e, Event::Message { .. }))
+            .count()
+    }
+
+    #[test]
+    fn spilled_streams_replay_exactly_like_held_ones() {
+        let messages = streamed_workload();
+        let expected = run(Assembler::new(), &messages, usize::MAX);
+        let kept = values(&expected);
+        // Aborted subtransactions (odd rounds) and the aborted stream 30 are gone.
+        assert!(kept
+            .iter()
+            .any(|(lsn, _, v)| *lsn == 500 && v.starts_with("sub")));
+        assert!(kept.iter().all(|(lsn, _, _)| *lsn != 0));
+        assert_eq!(
+            kept.iter().filter(|(lsn, _, _)| *lsn == 500).count(),
+            30 + 15
+        );
+        assert_eq!(messages_of(&expected), 6);
+        let dir = tempfile::tempdir().unwrap();
+        for limit in [0, 200, 1_000, 5_000] {
+            for slice in [1, 7, usize::MAX] {
+                let a = Assembler::with_spill(SpillConfig {
+                    dir: dir.path().to_path_buf(),
+                    memory_limit: limit,
+                });
+                let got = run(a, &messages, slice);
+                assert_eq!(values(&got), kept, "limit {limit}, slice {slice}");
+                assert_eq!(messages_of(&got), 6, "limit {limit}, slice {slice}");
+                assert!(matches!(
+                    got.last(),
+                    Some(Event::Commit {
+                        end_lsn: Lsn(510),
+                        changes: 45,
+                        ..
+                    })
+                ));
+            }
+        }
+    }
+
+    #[test]
+    fn spilling_moves_held_changes_to_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = Assembler::with_spill(SpillConfig {
+            dir: dir.path().to_path_buf(),
+            memory_limit: 1_000,
+        });
+        let mut out = Vec::new();
+        a.handle(rel(1), &mut out).unwrap();
+        a.handle(stream_start(10), &mut out).unwrap();
+        for _ in 0..100 {
+            a.handle(ins(Some(10), 1, "0123456789"), &mut out).unwrap();
+        }
+        assert_eq!(a.held_changes(), 100);
+        assert!(a.held_bytes <= 1_000, "{} bytes in memory", a.held_bytes);
+        assert!(a.spilled_bytes() > 1_000);
+        a.handle(PgOutputMessage::StreamStop, &mut out).unwrap();
+        // Nothing else may be handled while the committed stream is handed out.
+        a.handle(
+            PgOutputMessage::StreamCommit(StreamCommit {
+                xid: 10,
+                flags: 0,
+                commit_lsn: Lsn(9),
+                end_lsn: Lsn(10),
+                commit_ts: PgTimestamp(0),
+            }),
+            &mut out,
+        )
+        .unwrap();
+        assert!(a.in_transaction());
+        assert_eq!(
+            a.handle(PgOutputMessage::StreamStop, &mut out),
+            Err(TxnError::ReplayPending)
+        );
+        assert!(a.drain_replay(&mut out, 60).unwrap());
+        assert!(!a.drain_replay(&mut out, 60).unwrap());
+        assert_eq!(values(&out).len(), 100);
+        assert!(a.is_idle());
+    }
+
+    #[test]
+    fn unwritable_spill_directory_is_an_error() {
+        let mut a = Assembler::with_spill(SpillConfig {
+            dir: "/nonexistent/slotlake-spill".into(),
+            memory_limit: 0,
+        });
+        let mut out = Vec::new();
+        a.handle(rel(1), &mut out).unwrap();
+        a.handle(stream_start(10), &mut out).unwrap();
+        let err = a.handle(ins(Some(10), 1, "x"), &mut out).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                TxnError::Spill {
+                    action: "create",
+                    ..
+                }
+            ),
+            "{err}"
         );
     }
 }
