@@ -263,7 +263,46 @@ pub async fn run(a: RunArgs) -> Result<()> {
         status_interval: a.status_interval,
         shutdown_timeout: a.shutdown_timeout,
     };
-    let summary = crate::pipeline::run(&info, &sink, &opts, metrics, shutdown_signal()).await;
+    // SIGTERM/SIGINT flips this; every attempt of the loop below watches it.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let signals = tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    // Transient failures (connection lost, server restart or failover, sink unavailable)
+    // reconnect and resume from the slot's confirmed position; definite ones end the run.
+    let mut backoff = RECONNECT_MIN;
+    let summary = loop {
+        let started = std::time::Instant::now();
+        let result = crate::pipeline::run(
+            &info,
+            &sink,
+            &opts,
+            metrics.clone(),
+            stopped(stop_rx.clone()),
+        )
+        .await;
+        match result {
+            Err(e) if e.is_transient() && !*stop_rx.borrow() => {
+                if started.elapsed() > RECONNECT_RESET_AFTER {
+                    backoff = RECONNECT_MIN;
+                }
+                metrics.retries.with_label_values(&["reconnect"]).inc();
+                let wait = crate::pipeline::jitter(backoff);
+                tracing::warn!(error = %crate::pipeline::error_chain(&e), retry_in = ?wait, "lost the source or the sink; reconnecting from the confirmed position");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = stopped(stop_rx.clone()) => break Ok(crate::pipeline::RunSummary::default()),
+                }
+                backoff = (backoff * 2).min(RECONNECT_MAX);
+            }
+            other => break other,
+        }
+    };
+    signals.abort();
     server.abort();
     let summary = summary?;
     tracing::info!(
@@ -276,6 +315,12 @@ pub async fn run(a: RunArgs) -> Result<()> {
     );
     Ok(())
 }
+
+/// First and longest wait before reconnecting after a transient failure.
+const RECONNECT_MIN: std::time::Duration = std::time::Duration::from_millis(500);
+const RECONNECT_MAX: std::time::Duration = std::time::Duration::from_secs(30);
+/// A run that lasted this long before failing starts the backoff over.
+const RECONNECT_RESET_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Resolves on SIGTERM or SIGINT.
 async fn shutdown_signal() {

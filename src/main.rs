@@ -5,12 +5,21 @@ use std::process::ExitCode;
 use clap::Parser;
 use slotlake::cli::{Cli, Command, LogFormat};
 use slotlake::commands;
+use slotlake::pipeline::RunError;
 use slotlake::replication::slot::SlotError;
 use slotlake::replication::{operator_hint, ClientError};
 use slotlake::tail::TailError;
+use slotlake::txn::TxnError;
 
-/// Exit code for any failure; usage errors exit with clap's 2.
+/// Exit codes (README, "Errors and exit codes"). Usage errors exit with clap's 2.
 const EXIT_FAILURE: u8 = 1;
+/// The source is not set up for slotlake: authentication, privileges, wal_level, publication.
+const EXIT_SOURCE_SETUP: u8 = 3;
+/// The replication slot does not exist (dropped) or cannot be used.
+const EXIT_SLOT: u8 = 4;
+/// The stream carried something slotlake cannot represent: malformed message, undecodable
+/// value. Nothing past it was confirmed.
+const EXIT_BAD_DATA: u8 = 5;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -38,7 +47,7 @@ fn main() -> ExitCode {
             if let Some(hint) = hint(&err) {
                 eprintln!("hint: {hint}");
             }
-            ExitCode::from(EXIT_FAILURE)
+            ExitCode::from(exit_code(&err))
         }
     }
 }
@@ -61,12 +70,72 @@ fn hint(err: &anyhow::Error) -> Option<String> {
         if let Some(s) = e.downcast_ref::<SlotError>() {
             return slot_hint(s);
         }
+        if let Some(r) = e.downcast_ref::<RunError>() {
+            return match r {
+                RunError::Client(c) => operator_hint(c, "<user>"),
+                RunError::Slot(s) => slot_hint(s),
+                _ => None,
+            };
+        }
         match e.downcast_ref::<TailError>()? {
             TailError::Client(c) => operator_hint(c, "<user>"),
             TailError::Slot(s) => slot_hint(s),
             _ => None,
         }
     })
+}
+
+/// The documented exit code for an error.
+fn exit_code(err: &anyhow::Error) -> u8 {
+    fn client(c: &ClientError) -> Option<u8> {
+        match c.sqlstate()? {
+            s if s.starts_with("28") || s == "42501" => Some(EXIT_SOURCE_SETUP),
+            _ => None,
+        }
+    }
+    fn slot(s: &SlotError) -> Option<u8> {
+        match s {
+            SlotError::SlotMissing(_)
+            | SlotError::WrongPlugin { .. }
+            | SlotError::WrongDatabase { .. }
+            | SlotError::NotLogical { .. } => Some(EXIT_SLOT),
+            SlotError::PublicationMissing(_)
+            | SlotError::PublicationMismatch { .. }
+            | SlotError::WalLevel(_) => Some(EXIT_SOURCE_SETUP),
+            SlotError::Client(c) => client(c),
+            _ => None,
+        }
+    }
+    err.chain()
+        .find_map(|e| {
+            if let Some(s) = e.downcast_ref::<SlotError>() {
+                return slot(s);
+            }
+            if let Some(c) = e.downcast_ref::<ClientError>() {
+                return client(c);
+            }
+            if let Some(r) = e.downcast_ref::<RunError>() {
+                return match r {
+                    RunError::Slot(s) => slot(s),
+                    RunError::Client(c) => client(c),
+                    RunError::Decode { .. }
+                    | RunError::Value { .. }
+                    | RunError::Row { .. }
+                    | RunError::ColumnCount { .. } => Some(EXIT_BAD_DATA),
+                    RunError::Txn { source, .. } => match source {
+                        TxnError::Spill { .. } => None,
+                        _ => Some(EXIT_BAD_DATA),
+                    },
+                    _ => None,
+                };
+            }
+            match e.downcast_ref::<TailError>()? {
+                TailError::Slot(s) => slot(s),
+                TailError::Client(c) => client(c),
+                _ => None,
+            }
+        })
+        .unwrap_or(EXIT_FAILURE)
 }
 
 fn slot_hint(e: &SlotError) -> Option<String> {

@@ -119,6 +119,26 @@ pub enum RunError {
     ShutdownTimeout(Duration),
 }
 
+impl RunError {
+    /// Transient failures go away by themselves — the connection to Postgres lost, the server
+    /// restarting or failing over, the sink unavailable for longer than one attempt retries —
+    /// and the run resumes from the slot's confirmed position. Everything else (slot or
+    /// publication gone, privileges, bad data, a full spill disk) needs an operator.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            RunError::Client(c) | RunError::Slot(SlotError::Client(c)) => c.is_transient(),
+            RunError::Lake(_) | RunError::StreamEnded => true,
+            RunError::Slot(_)
+            | RunError::Decode { .. }
+            | RunError::Txn { .. }
+            | RunError::Value { .. }
+            | RunError::Row { .. }
+            | RunError::ColumnCount { .. }
+            | RunError::ShutdownTimeout(_) => false,
+        }
+    }
+}
+
 /// What a run did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RunSummary {
@@ -800,7 +820,7 @@ fn decode_row(
 }
 
 /// ±25 % jitter so that many instances do not retry in lockstep.
-fn jitter(d: Duration) -> Duration {
+pub fn jitter(d: Duration) -> Duration {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|t| t.subsec_nanos())

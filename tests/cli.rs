@@ -77,7 +77,7 @@ async fn slot_lifecycle_create_list_status_tail_drop() {
         "other",
     ])
     .await;
-    assert_eq!(code, 1);
+    assert_eq!(code, 3);
     assert!(
         err.contains("different definition") && err.contains("hint:"),
         "{err}"
@@ -154,7 +154,7 @@ async fn slot_lifecycle_create_list_status_tail_drop() {
     assert!(slot_names(&db).await.is_empty());
     assert!(publication_names(&db).await.is_empty());
     let (code, _, err) = slotlake(&["slot", "status", "--source", &url, "--slot", "life"]).await;
-    assert_eq!(code, 1);
+    assert_eq!(code, 4);
     assert!(
         err.contains("does not exist") && err.contains("slotlake slot create"),
         "{err}"
@@ -174,7 +174,7 @@ async fn wrong_password_fails_clearly_and_never_prints_the_password() {
         vec!["tail", "--source", &url, "--slot", "x"],
     ] {
         let (code, out, err) = slotlake(&args).await;
-        assert_eq!(code, 1);
+        assert_eq!(code, 3);
         assert!(
             err.contains("password authentication failed") && err.contains("28P01"),
             "{err}"
@@ -194,7 +194,7 @@ async fn wrong_password_fails_clearly_and_never_prints_the_password() {
         &[("SLOTLAKE_SOURCE", &url)],
     )
     .await;
-    assert_eq!(code, 1);
+    assert_eq!(code, 3);
     assert!(!err.contains(secret), "password leaked: {err}");
 }
 
@@ -260,7 +260,7 @@ async fn missing_replication_privilege_changes_nothing() {
         "t",
     ])
     .await;
-    assert_eq!(code, 1);
+    assert_eq!(code, 3);
     assert!(
         err.contains("42501") && err.contains("ALTER ROLE") && err.contains("REPLICATION"),
         "{err}"
@@ -283,7 +283,7 @@ async fn wal_level_not_logical_changes_nothing() {
         "--create-publication",
     ])
     .await;
-    assert_eq!(code, 1);
+    assert_eq!(code, 3);
     assert!(
         err.contains("wal_level = replica") && err.contains("hint: set wal_level = logical"),
         "{err}"
@@ -373,7 +373,7 @@ async fn active_missing_and_misnamed_slots_and_missing_publication() {
     first.kill().await.unwrap();
 
     let (code, _, err) = slotlake(&["tail", "--source", &url, "--slot", "nope"]).await;
-    assert_eq!(code, 1);
+    assert_eq!(code, 4);
     assert!(
         err.contains("replication slot \"nope\" does not exist")
             && err.contains("slotlake slot create"),
@@ -390,7 +390,7 @@ async fn active_missing_and_misnamed_slots_and_missing_publication() {
         "No Such Pub",
     ])
     .await;
-    assert_eq!(code, 1);
+    assert_eq!(code, 3);
     assert!(
         err.contains("publication \"No Such Pub\" does not exist")
             && err.contains("--create-publication"),

@@ -131,6 +131,10 @@ struct Runner {
 
 impl Runner {
     fn start(db: &TestDb, sink: &str, extra: &[&str], log: &Path) -> Runner {
+        Runner::start_from(db, &db.url(), sink, extra, log)
+    }
+
+    fn start_from(db: &TestDb, source: &str, sink: &str, extra: &[&str], log: &Path) -> Runner {
         let logf = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -140,7 +144,7 @@ impl Runner {
             .args([
                 "run",
                 "--source",
-                &db.url(),
+                source,
                 "--slot",
                 &lake_slot(db),
                 "--publication",
@@ -610,4 +614,134 @@ async fn idle_database_slot_keeps_advancing_while_another_database_writes() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     runner.stop().await;
+}
+
+/// Inserts `rows` rows into each table in one transaction per table.
+async fn load_rows(db: &TestDb, tables: &[String], base: i64, rows: i64) {
+    let mut sql = String::new();
+    for t in tables {
+        sql.push_str(&format!(
+            "INSERT INTO {t} (id, v) SELECT g, 'x' FROM generate_series({base}, {}) g;
+             UPDATE {t} SET v = 'y' WHERE id = {base};",
+            base + rows - 1
+        ));
+    }
+    db.exec(&sql).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnects_after_a_cut_connection_and_a_server_restart_and_loses_nothing() {
+    let cluster = Cluster::shared();
+    let db = cluster.create_db("reconnect").await;
+    let tables = setup(&db, 5).await;
+    let dir = tempfile::tempdir().unwrap();
+    let root = format!("file://{}", dir.path().join("lake").display());
+    let log = dir.path().join("run.log");
+    // slotlake reaches Postgres through a proxy that can cut every connection.
+    let proxy = s3::TcpProxy::start(std::net::SocketAddr::from(([127, 0, 0, 1], cluster.port())));
+    let source = db.url().replace(
+        &format!(":{}/", cluster.port()),
+        &format!(":{}/", proxy.port()),
+    );
+    let mut runner = Runner::start_from(&db, &source, &root, &[], &log);
+
+    load_rows(&db, &tables, 1_000, 2_000).await;
+    db.exec("INSERT INTO marker VALUES (1)").await;
+    wait_for_marker(&root, None, 1, &log).await;
+
+    // 1. The connection is cut (RST) while changes are in flight.
+    load_rows(&db, &tables, 10_000, 5_000).await;
+    proxy.set_down(true);
+    // Down until the server has seen the cut: the walsender is gone and the slot inactive.
+    let slot = lake_slot(&db);
+    loop {
+        let rows = db
+            .exec(&format!(
+                "SELECT active::text AS a FROM pg_replication_slots WHERE slot_name = '{slot}'"
+            ))
+            .await;
+        if rows[0].get("a") == Some("false") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    proxy.set_down(false);
+    load_rows(&db, &tables, 20_000, 1_000).await;
+    db.exec("INSERT INTO marker VALUES (2)").await;
+    wait_for_marker(&root, None, 2, &log).await;
+
+    // 2. The server restarts (fast shutdown terminates the walsender) while changes are in
+    //    flight.
+    load_rows(&db, &tables, 30_000, 5_000).await;
+    cluster.restart();
+    load_rows(&db, &tables, 40_000, 1_000).await;
+    db.exec("INSERT INTO marker VALUES (3)").await;
+    wait_for_marker(&root, None, 3, &log).await;
+
+    assert!(
+        runner.child.try_wait().unwrap().is_none(),
+        "slotlake stayed up through both outages\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    runner.stop().await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.matches("reconnecting from the confirmed position")
+            .count()
+            >= 2,
+        "one reconnect per outage:\n{text}"
+    );
+    let mut want = oracle(&db, &oracle_slot(&db)).await;
+    want.remove("marker");
+    let got = lake(&root, &tables, None);
+    assert_eq!(got.len(), want.len());
+    for (t, ops) in &want {
+        assert_eq!(got.get(t), Some(ops), "change log of {t}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_slot_is_a_definite_error_with_its_exit_code() {
+    let cluster = Cluster::shared();
+    let db = cluster.create_db("dropped").await;
+    let tables = setup(&db, 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let root = format!("file://{}", dir.path().join("lake").display());
+    let log = dir.path().join("run.log");
+    let mut runner = Runner::start(&db, &root, &[], &log);
+    load_rows(&db, &tables, 1, 10).await;
+    db.exec("INSERT INTO marker VALUES (1)").await;
+    wait_for_marker(&root, None, 1, &log).await;
+    // Terminate the walsender and drop the slot before slotlake takes it again.
+    let slot = lake_slot(&db);
+    let dropped_at = loop {
+        let mut admin = db.admin().await;
+        let dropped = admin
+            .simple_query(&format!(
+                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots
+                 WHERE slot_name = '{slot}' AND active_pid IS NOT NULL;
+                 SELECT pg_drop_replication_slot('{slot}');"
+            ))
+            .await;
+        admin.close().await;
+        if dropped.is_ok() {
+            break tokio::time::Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let status = tokio::time::timeout(Duration::from_secs(10), runner.child.wait())
+        .await
+        .expect("slotlake exits within 10 s of the slot being dropped")
+        .unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(
+        status.code(),
+        Some(4),
+        "exit code for a missing slot\n{text}"
+    );
+    assert!(
+        text.contains("does not exist") && text.contains("slotlake slot create"),
+        "names the slot and the fix:\n{text}"
+    );
+    assert!(dropped_at.elapsed() < Duration::from_secs(10));
 }

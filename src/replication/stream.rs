@@ -131,7 +131,9 @@ impl ReplicationStream {
             let frame = self.conn.read_frame().await?;
             match frame.tag {
                 b'd' => return parse_copy_data(frame.body).map(Some),
-                b'c' => return Ok(None),
+                // CopyDone; or CommandComplete without one, which is how a walsender ends the
+                // stream when its server shuts down (WalSndDone sends "COPY 0" and exits).
+                b'c' | b'C' => return Ok(None),
                 b'E' => return Err(parse_error_response(frame.body)?.into()),
                 b'N' | b'S' => {}
                 other => {

@@ -308,6 +308,34 @@ impl Cluster {
             .expect("admin connect")
     }
 
+    /// The server's TCP port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Restarts the server (fast shutdown: sessions are terminated), waiting until it accepts
+    /// connections again.
+    pub fn restart(&self) {
+        let mut c = pg_command("pg_ctl");
+        c.arg("-D")
+            .arg(self.data_dir())
+            .arg("-l")
+            .arg(self.dir.path().join("server.log"))
+            .arg("-m")
+            .arg("fast")
+            .arg("-w")
+            .arg("-t")
+            .arg("60")
+            .arg("restart")
+            .stdout(Stdio::null());
+        let out = c.output().expect("run pg_ctl restart");
+        assert!(
+            out.status.success(),
+            "pg_ctl restart failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Stops the server now (fast shutdown).
     pub fn stop(&self) {
         if self.stopped.swap(true, Ordering::SeqCst) {
