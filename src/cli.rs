@@ -260,6 +260,10 @@ pub struct RunArgs {
     /// beyond it they go here. Default: the system temporary directory.
     #[arg(long, env = "SLOTLAKE_SPILL_DIR", value_name = "DIR")]
     pub spill_dir: Option<std::path::PathBuf>,
+    /// Write a heartbeat (pg_logical_emit_message) to the source this often, so the slot of a
+    /// database without writes keeps advancing; 0 turns it off.
+    #[arg(long, env = "SLOTLAKE_HEARTBEAT_INTERVAL", value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    pub heartbeat_interval: Duration,
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, env = "SLOTLAKE_METRICS_ADDR", value_name = "ADDR", default_value = crate::metrics::DEFAULT_METRICS_ADDR)]
     pub metrics_addr: std::net::SocketAddr,

@@ -261,6 +261,7 @@ pub async fn run(a: RunArgs) -> Result<()> {
         memory_budget: a.memory_budget,
         spill_dir: a.spill_dir.unwrap_or_else(std::env::temp_dir),
         status_interval: a.status_interval,
+        heartbeat_interval: a.heartbeat_interval,
         shutdown_timeout: a.shutdown_timeout,
     };
     // SIGTERM/SIGINT flips this; every attempt of the loop below watches it.

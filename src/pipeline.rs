@@ -67,6 +67,8 @@ pub struct RunOptions {
     /// Where held changes of streamed transactions go beyond a quarter of the budget.
     pub spill_dir: std::path::PathBuf,
     pub status_interval: Duration,
+    /// Interval of heartbeat messages written to the source's WAL; zero turns them off.
+    pub heartbeat_interval: Duration,
     /// Give up a shutdown that cannot commit (sink down) after this long; nothing is lost,
     /// the slot is simply not confirmed.
     pub shutdown_timeout: Duration,
@@ -196,6 +198,13 @@ pub async fn run(
 ) -> Result<RunSummary, RunError> {
     slot::validate_slot_name(&opts.slot)?;
     let stream = start_stream(source, opts).await?;
+    let heartbeat = (!opts.heartbeat_interval.is_zero()).then(|| {
+        tokio::spawn(heartbeat(
+            source.clone(),
+            opts.heartbeat_interval,
+            metrics.clone(),
+        ))
+    });
     let mut p = Pipeline {
         source: source.clone(),
         sink: sink.clone(),
@@ -218,11 +227,46 @@ pub async fn run(
     };
     p.metrics.streaming.store(true, Ordering::Relaxed);
     let result = p.stream_loop(stream, shutdown).await;
+    if let Some(h) = heartbeat {
+        h.abort();
+    }
     p.metrics.streaming.store(false, Ordering::Relaxed);
     if let Some(c) = p.catalog_conn.take() {
         c.close().await;
     }
     result.map(|()| p.summary)
+}
+
+/// Writes a non-transactional logical message to the source's WAL every `interval`, so that
+/// the slot of a database without writes of its own still has something to decode and confirm
+/// (on Aurora/RDS, WAL from other databases or the service itself does not reach an idle slot).
+/// Failures only cost a warning and `slotlake_retries_total{stage="heartbeat"}`.
+async fn heartbeat(source: ConnInfo, interval: Duration, metrics: Arc<Metrics>) {
+    let mut conn: Option<PgConnection> = None;
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let c = match conn.as_mut() {
+            Some(c) => c,
+            None => match PgConnection::connect(&source, SessionKind::Sql).await {
+                Ok(c) => conn.insert(c),
+                Err(e) => {
+                    metrics.retries.with_label_values(&["heartbeat"]).inc();
+                    tracing::warn!(error = %error_chain(&e), "cannot connect to write a heartbeat");
+                    continue;
+                }
+            },
+        };
+        let sql = "SELECT pg_logical_emit_message(false, 'slotlake-heartbeat', now()::text)";
+        if let Err(e) = c.simple_query(sql).await {
+            metrics.retries.with_label_values(&["heartbeat"]).inc();
+            tracing::warn!(error = %error_chain(&e), "cannot write a heartbeat");
+            if let Some(c) = conn.take() {
+                c.close().await;
+            }
+        }
+    }
 }
 
 /// How long a slot still held by a previous (dying) process is waited for.

@@ -591,7 +591,8 @@ async fn idle_database_slot_keeps_advancing_while_another_database_writes() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("run.log");
     let root = format!("file://{}", dir.path().join("lake").display());
-    let runner = Runner::start(&idle, &root, &[], &log);
+    // Heartbeats off: this is about keepalives alone.
+    let runner = Runner::start(&idle, &root, &["--heartbeat-interval", "0"], &log);
     let before = confirmed_lsn(&idle, &lake_slot(&idle)).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let mut round = 0;
@@ -744,4 +745,37 @@ async fn a_dropped_slot_is_a_definite_error_with_its_exit_code() {
         "names the slot and the fix:\n{text}"
     );
     assert!(dropped_at.elapsed() < Duration::from_secs(10));
+}
+
+#[tokio::test]
+async fn heartbeats_advance_the_slot_of_a_server_without_writes() {
+    // A server of its own: nothing else writes WAL, so only heartbeats can move the slot.
+    let cluster = std::sync::Arc::new(Cluster::start(&["wal_sender_timeout = 2s"]));
+    let db = cluster.create_db("heartbeat").await;
+    setup(&db, 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("run.log");
+    let root = format!("file://{}", dir.path().join("lake").display());
+    let runner = Runner::start(&db, &root, &["--heartbeat-interval", "300ms"], &log);
+    let slot = lake_slot(&db);
+    let mut seen = vec![confirmed_lsn(&db, &slot).await];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while seen.len() < 4 {
+        let now = confirmed_lsn(&db, &slot).await;
+        if now > *seen.last().unwrap() {
+            seen.push(now);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "slot advanced only through {seen:?}\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    runner.stop().await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !text.contains("write a heartbeat"),
+        "no heartbeat failures: {text}"
+    );
 }
