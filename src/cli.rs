@@ -264,6 +264,14 @@ pub struct RunArgs {
     /// database without writes keeps advancing; 0 turns it off.
     #[arg(long, env = "SLOTLAKE_HEARTBEAT_INTERVAL", value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
     pub heartbeat_interval: Duration,
+    /// Check the slot's health (retained WAL, safe_wal_size, invalidation) this often; 0 turns
+    /// it off.
+    #[arg(long, env = "SLOTLAKE_SLOT_CHECK_INTERVAL", value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub slot_check_interval: Duration,
+    /// /readyz is unready while the replication lag (WAL received but not yet committed and
+    /// confirmed) is above this; 0: no limit.
+    #[arg(long, env = "SLOTLAKE_READY_MAX_LAG", value_name = "SIZE", default_value = "1GiB", value_parser = parse_size)]
+    pub ready_max_lag: u64,
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, env = "SLOTLAKE_METRICS_ADDR", value_name = "ADDR", default_value = crate::metrics::DEFAULT_METRICS_ADDR)]
     pub metrics_addr: std::net::SocketAddr,

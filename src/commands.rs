@@ -249,6 +249,9 @@ pub async fn run(a: RunArgs) -> Result<()> {
         repl.close().await;
     }
     let metrics = crate::metrics::Metrics::new(prometheus::Registry::new()).context("metrics")?;
+    metrics
+        .ready_max_lag
+        .store(a.ready_max_lag, std::sync::atomic::Ordering::Relaxed);
     let (addr, server) = crate::metrics::serve(a.metrics_addr, metrics.clone())
         .await
         .with_context(|| format!("cannot listen on --metrics-addr {}", a.metrics_addr))?;
@@ -262,6 +265,7 @@ pub async fn run(a: RunArgs) -> Result<()> {
         spill_dir: a.spill_dir.unwrap_or_else(std::env::temp_dir),
         status_interval: a.status_interval,
         heartbeat_interval: a.heartbeat_interval,
+        slot_check_interval: a.slot_check_interval,
         shutdown_timeout: a.shutdown_timeout,
     };
     // SIGTERM/SIGINT flips this; every attempt of the loop below watches it.

@@ -96,6 +96,7 @@ fn exit_code(err: &anyhow::Error) -> u8 {
     fn slot(s: &SlotError) -> Option<u8> {
         match s {
             SlotError::SlotMissing(_)
+            | SlotError::Invalidated(_)
             | SlotError::WrongPlugin { .. }
             | SlotError::WrongDatabase { .. }
             | SlotError::NotLogical { .. } => Some(EXIT_SLOT),
@@ -141,6 +142,12 @@ fn exit_code(err: &anyhow::Error) -> u8 {
 fn slot_hint(e: &SlotError) -> Option<String> {
     match e {
         SlotError::SlotMissing(_) => Some("create it with `slotlake slot create`".into()),
+        SlotError::Invalidated(slot) => Some(format!(
+            "the lake misses changes from here on: re-create the slot \
+             (`slotlake slot drop --slot {slot}` then `slotlake slot create --slot {slot}`) and \
+             re-load the tables; raise max_slot_wal_keep_size (or watch \
+             slotlake_slot_safe_wal_bytes) so it does not happen again"
+        )),
         SlotError::PublicationMissing(_) => Some(
             "create it with `slotlake slot create --create-publication` (or CREATE PUBLICATION)"
                 .into(),

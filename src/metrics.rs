@@ -35,8 +35,13 @@ pub struct Metrics {
     pub commit_to_durable: Histogram,
     pub tables_active: IntGauge,
     pub retries: IntCounterVec,
+    pub slot_retained_wal_bytes: IntGauge,
+    pub slot_safe_wal_bytes: IntGauge,
+    pub slot_invalidated: IntGauge,
     /// Set while streaming (for /readyz).
     pub streaming: AtomicBool,
+    /// /readyz answers 503 while `slotlake_replication_lag_bytes` is above this; 0: no limit.
+    pub ready_max_lag: AtomicU64,
     /// Last server WAL end seen, for lag.
     pub server_wal_end: AtomicU64,
 }
@@ -125,7 +130,20 @@ impl Metrics {
             )?,
             tables_active: gauge("slotlake_tables_active", "Tables with buffered changes")?,
             retries,
+            slot_retained_wal_bytes: gauge(
+                "slotlake_slot_retained_wal_bytes",
+                "WAL the slot holds on the source (current WAL position - restart_lsn)",
+            )?,
+            slot_safe_wal_bytes: gauge(
+                "slotlake_slot_safe_wal_bytes",
+                "WAL that can still be written before the slot is invalidated (safe_wal_size; -1 when unlimited)",
+            )?,
+            slot_invalidated: gauge(
+                "slotlake_slot_invalidated",
+                "1 when the slot's wal_status is lost (the run then stops with exit code 4)",
+            )?,
             streaming: AtomicBool::new(false),
+            ready_max_lag: AtomicU64::new(0),
             server_wal_end: AtomicU64::new(0),
             registry,
         }))
@@ -139,7 +157,24 @@ impl Metrics {
     }
 }
 
-/// Serves `/metrics`, `/healthz` (alive) and `/readyz` (streaming) on `addr` until the task is
+impl Metrics {
+    /// Ready: streaming, and the replication lag within `ready_max_lag`.
+    pub fn readiness(&self) -> Result<(), String> {
+        if !self.streaming.load(Ordering::Relaxed) {
+            return Err("not streaming\n".into());
+        }
+        let max = self.ready_max_lag.load(Ordering::Relaxed);
+        let lag = self.replication_lag_bytes.get().max(0) as u64;
+        if max > 0 && lag > max {
+            return Err(format!(
+                "replication lag {lag} bytes > --ready-max-lag {max}\n"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Serves `/metrics`, `/healthz` (alive) and `/readyz` (streaming, lag under the limit) on `addr` until the task is
 /// dropped. Returns the bound address (useful with port 0).
 pub async fn serve(
     addr: SocketAddr,
@@ -169,14 +204,10 @@ pub async fn serve(
                 let (status, body, ctype) = match path {
                     "/metrics" => ("200 OK", metrics.render(), "text/plain; version=0.0.4"),
                     "/healthz" => ("200 OK", b"ok\n".to_vec(), "text/plain"),
-                    "/readyz" if metrics.streaming.load(Ordering::Relaxed) => {
-                        ("200 OK", b"ready\n".to_vec(), "text/plain")
-                    }
-                    "/readyz" => (
-                        "503 Service Unavailable",
-                        b"not streaming\n".to_vec(),
-                        "text/plain",
-                    ),
+                    "/readyz" => match metrics.readiness() {
+                        Ok(()) => ("200 OK", b"ready\n".to_vec(), "text/plain"),
+                        Err(why) => ("503 Service Unavailable", why.into_bytes(), "text/plain"),
+                    },
                     _ => ("404 Not Found", b"not found\n".to_vec(), "text/plain"),
                 };
                 let head = format!("HTTP/1.1 {status}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n", body.len());

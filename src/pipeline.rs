@@ -69,6 +69,8 @@ pub struct RunOptions {
     pub status_interval: Duration,
     /// Interval of heartbeat messages written to the source's WAL; zero turns them off.
     pub heartbeat_interval: Duration,
+    /// Interval of slot health checks (retained WAL, invalidation); zero turns them off.
+    pub slot_check_interval: Duration,
     /// Give up a shutdown that cannot commit (sink down) after this long; nothing is lost,
     /// the slot is simply not confirmed.
     pub shutdown_timeout: Duration,
@@ -198,13 +200,13 @@ pub async fn run(
 ) -> Result<RunSummary, RunError> {
     slot::validate_slot_name(&opts.slot)?;
     let stream = start_stream(source, opts).await?;
-    let heartbeat = (!opts.heartbeat_interval.is_zero()).then(|| {
-        tokio::spawn(heartbeat(
-            source.clone(),
-            opts.heartbeat_interval,
-            metrics.clone(),
-        ))
-    });
+    let monitor = tokio::spawn(monitor_source(
+        source.clone(),
+        opts.slot.clone(),
+        opts.heartbeat_interval,
+        opts.slot_check_interval,
+        metrics.clone(),
+    ));
     let mut p = Pipeline {
         source: source.clone(),
         sink: sink.clone(),
@@ -227,9 +229,7 @@ pub async fn run(
     };
     p.metrics.streaming.store(true, Ordering::Relaxed);
     let result = p.stream_loop(stream, shutdown).await;
-    if let Some(h) = heartbeat {
-        h.abort();
-    }
+    monitor.abort();
     p.metrics.streaming.store(false, Ordering::Relaxed);
     if let Some(c) = p.catalog_conn.take() {
         c.close().await;
@@ -237,31 +237,84 @@ pub async fn run(
     result.map(|()| p.summary)
 }
 
-/// Writes a non-transactional logical message to the source's WAL every `interval`, so that
-/// the slot of a database without writes of its own still has something to decode and confirm
-/// (on Aurora/RDS, WAL from other databases or the service itself does not reach an idle slot).
-/// Failures only cost a warning and `slotlake_retries_total{stage="heartbeat"}`.
-async fn heartbeat(source: ConnInfo, interval: Duration, metrics: Arc<Metrics>) {
+/// Side duties on an ordinary SQL connection to the source, next to the stream:
+///
+/// - every `heartbeat` (unless zero), a non-transactional logical message in the source's WAL,
+///   so that the slot of a database without writes of its own still has something to decode
+///   and confirm (on Aurora/RDS, WAL from other databases or the service does not reach it);
+/// - every `slot_check`, the slot's health from `pg_replication_slots`: retained WAL and
+///   `safe_wal_size` as metrics, and a loud error log when it is invalidated (`lost`; the
+///   stream then fails and the restart stops with exit code 4).
+///
+/// Failures only cost a warning and `slotlake_retries_total{stage="heartbeat"|"slot_check"}`.
+async fn monitor_source(
+    source: ConnInfo,
+    slot: String,
+    heartbeat: Duration,
+    slot_check: Duration,
+    metrics: Arc<Metrics>,
+) {
     let mut conn: Option<PgConnection> = None;
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let every = |d: Duration| {
+        let mut t = tokio::time::interval(if d.is_zero() {
+            Duration::from_secs(86_400)
+        } else {
+            d
+        });
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        t
+    };
+    let mut beat = every(heartbeat);
+    let mut check = every(slot_check);
     loop {
-        tick.tick().await;
+        let stage = tokio::select! {
+            _ = beat.tick(), if !heartbeat.is_zero() => "heartbeat",
+            _ = check.tick(), if !slot_check.is_zero() => "slot_check",
+        };
         let c = match conn.as_mut() {
             Some(c) => c,
             None => match PgConnection::connect(&source, SessionKind::Sql).await {
                 Ok(c) => conn.insert(c),
                 Err(e) => {
-                    metrics.retries.with_label_values(&["heartbeat"]).inc();
-                    tracing::warn!(error = %error_chain(&e), "cannot connect to write a heartbeat");
+                    metrics.retries.with_label_values(&[stage]).inc();
+                    tracing::warn!(error = %error_chain(&e), stage, "cannot connect to the source for a heartbeat or slot check");
                     continue;
                 }
             },
         };
-        let sql = "SELECT pg_logical_emit_message(false, 'slotlake-heartbeat', now()::text)";
-        if let Err(e) = c.simple_query(sql).await {
-            metrics.retries.with_label_values(&["heartbeat"]).inc();
-            tracing::warn!(error = %error_chain(&e), "cannot write a heartbeat");
+        let result = if stage == "heartbeat" {
+            let sql = "SELECT pg_logical_emit_message(false, 'slotlake-heartbeat', now()::text)";
+            c.simple_query(sql).await.map(|_| ())
+        } else {
+            match slot::slot_info(c, &slot).await {
+                Ok(Some(info)) => {
+                    if let Some(r) = info.retained_wal_bytes {
+                        metrics.slot_retained_wal_bytes.set(r);
+                    }
+                    metrics
+                        .slot_safe_wal_bytes
+                        .set(info.safe_wal_size.unwrap_or(-1));
+                    let lost = info.wal_status.as_deref() == Some("lost");
+                    metrics.slot_invalidated.set(i64::from(lost));
+                    if lost {
+                        tracing::error!(slot = %slot, "the replication slot was invalidated (wal_status = lost)");
+                    }
+                    Ok(())
+                }
+                Ok(None) => {
+                    tracing::error!(slot = %slot, "the replication slot no longer exists");
+                    Ok(())
+                }
+                Err(SlotError::Client(e)) => Err(e),
+                Err(e) => {
+                    tracing::warn!(error = %error_chain(&e), "cannot check the replication slot");
+                    Ok(())
+                }
+            }
+        };
+        if let Err(e) = result {
+            metrics.retries.with_label_values(&[stage]).inc();
+            tracing::warn!(error = %error_chain(&e), stage, "heartbeat or slot check failed");
             if let Some(c) = conn.take() {
                 c.close().await;
             }
@@ -281,6 +334,9 @@ async fn start_stream(source: &ConnInfo, opts: &RunOptions) -> Result<Replicatio
         let mut repl = PgConnection::connect(source, SessionKind::Replication).await?;
         match slot::slot_info(&mut repl, &opts.slot).await? {
             None => return Err(SlotError::SlotMissing(opts.slot.clone()).into()),
+            Some(info) if info.wal_status.as_deref() == Some("lost") => {
+                return Err(SlotError::Invalidated(opts.slot.clone()).into());
+            }
             Some(info) if info.active && Instant::now() < deadline => {
                 tracing::info!(slot = %opts.slot, pid = ?info.active_pid, "slot is still active; waiting for it to be released");
                 repl.close().await;

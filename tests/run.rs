@@ -152,7 +152,11 @@ impl Runner {
                 "--sink",
                 sink,
             ])
-            .args(["--flush-interval", "200ms", "--status-interval", "1s"])
+            .args(if extra.contains(&"--flush-interval") {
+                &["--status-interval", "1s"][..]
+            } else {
+                &["--flush-interval", "200ms", "--status-interval", "1s"][..]
+            })
             .args(if extra.contains(&"--metrics-addr") {
                 &[][..]
             } else {
@@ -468,12 +472,18 @@ async fn confirmed_lsn(db: &TestDb, slot: &str) -> slotlake::lsn::Lsn {
 }
 
 async fn scrape(port: u16) -> String {
+    http_get(port, "/metrics").await
+}
+
+/// The whole HTTP response (status line, headers, body) to `GET path`; empty when nothing
+/// listens.
+async fn http_get(port: u16, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
         return String::new();
     };
     let _ = s
-        .write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+        .write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
         .await;
     let mut out = String::new();
     let _ = s.read_to_string(&mut out).await;
@@ -777,5 +787,101 @@ async fn heartbeats_advance_the_slot_of_a_server_without_writes() {
     assert!(
         !text.contains("write a heartbeat"),
         "no heartbeat failures: {text}"
+    );
+}
+
+#[tokio::test]
+async fn readyz_is_unready_while_lag_exceeds_the_limit_and_ready_after_catching_up() {
+    let cluster = Cluster::shared();
+    let db = cluster.create_db("readyz").await;
+    let tables = setup(&db, 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let root = format!("file://{}", dir.path().join("lake").display());
+    let log = dir.path().join("run.log");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    // Changes wait up to 3 s before being committed: long enough to see the lag.
+    let runner = Runner::start(
+        &db,
+        &root,
+        &[
+            "--metrics-addr",
+            &addr,
+            "--ready-max-lag",
+            "256KiB",
+            "--flush-interval",
+            "3s",
+        ],
+        &log,
+    );
+    let wait_for = |want: &'static str, why: &'static str| {
+        let log = log.clone();
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            loop {
+                let r = http_get(port, "/readyz").await;
+                if r.starts_with(want) {
+                    return r;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{why}: last answer {r:?}\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    wait_for("HTTP/1.1 200", "ready once streaming").await;
+    load_rows(&db, &tables, 1, 20_000).await;
+    let unready = wait_for("HTTP/1.1 503", "unready while 20,000 changes wait").await;
+    assert!(unready.contains("replication lag"), "{unready}");
+    wait_for("HTTP/1.1 200", "ready again after the commit").await;
+    runner.stop().await;
+}
+
+#[tokio::test]
+async fn an_invalidated_slot_is_a_definite_error_naming_the_recovery() {
+    // Slots may hold at most 1 MB of WAL: easy to invalidate.
+    let cluster = std::sync::Arc::new(Cluster::start(&["max_slot_wal_keep_size = 1MB"]));
+    let db = cluster.create_db("lost").await;
+    let tables = setup(&db, 1).await;
+    let slot = lake_slot(&db);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut base = 0;
+    loop {
+        load_rows(&db, &tables, base, 2_000).await;
+        base += 2_000;
+        db.exec("SELECT pg_switch_wal(); CHECKPOINT;").await;
+        let rows = db
+            .exec(&format!(
+                "SELECT wal_status FROM pg_replication_slots WHERE slot_name = '{slot}'"
+            ))
+            .await;
+        if rows[0].get("wal_status") == Some("lost") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "slot never invalidated"
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = format!("file://{}", dir.path().join("lake").display());
+    let log = dir.path().join("run.log");
+    let mut runner = Runner::start(&db, &root, &[], &log);
+    let status = tokio::time::timeout(Duration::from_secs(30), runner.child.wait())
+        .await
+        .expect("slotlake exits")
+        .unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(status.code(), Some(4), "{text}");
+    assert!(
+        text.contains("invalidated") && text.contains("slotlake slot drop"),
+        "names the cause and the recovery:\n{text}"
     );
 }

@@ -31,6 +31,8 @@ pub enum SlotError {
     WalLevel(String),
     #[error("replication slot {0:?} does not exist")]
     SlotMissing(String),
+    #[error("replication slot {0:?} was invalidated (wal_status = lost): the server removed WAL it still needed, so changes after its position are gone")]
+    Invalidated(String),
     #[error("publication {0:?} does not exist")]
     PublicationMissing(String),
     #[error("publication {name:?} already exists with a different definition: it has {existing}, asked for {wanted}")]
