@@ -30,6 +30,14 @@ echo "== cargo fmt --check"
 cargo fmt --check
 echo "== cargo clippy"
 cargo clippy --all-targets --locked -- -D warnings
+echo "== deploy/: manifests and alert rules"
+python3 scripts/check-deploy.py --self-test
+if command -v promtool >/dev/null 2>&1; then
+  promtool check rules deploy/monitoring/alerts.yml
+else
+  echo "error: promtool not found (Debian package prometheus; .ci/run installs it)" >&2
+  exit 1
+fi
 echo "== tests (PostgreSQL from $SLOTLAKE_PG_BIN)"
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --locked --no-fail-fast "$@"

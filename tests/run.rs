@@ -702,6 +702,12 @@ async fn reconnects_after_a_cut_connection_and_a_server_restart_and_loses_nothin
             >= 2,
         "one reconnect per outage:\n{text}"
     );
+    // Connection errors, reconnects and the source URL were all logged: never the password.
+    assert!(text.contains("********"), "the URL is logged redacted");
+    assert!(
+        !text.contains(SCRAM_PASSWORD) && !text.contains(&urlencode(SCRAM_PASSWORD)),
+        "password leaked into the log"
+    );
     let mut want = oracle(&db, &oracle_slot(&db)).await;
     want.remove("marker");
     let got = lake(&root, &tables, None);
