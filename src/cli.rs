@@ -59,6 +59,17 @@ pub enum Command {
     Tail(TailArgs),
     /// Stream the slot into exactly-once Delta change logs on object storage.
     Run(RunArgs),
+    /// Check the source's prerequisites and apply slotlake's SQL migrations (idempotent).
+    Setup(SetupArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SetupArgs {
+    #[command(flatten)]
+    pub source: SourceArgs,
+    /// Print the checks and the SQL that would run; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 /// Where the source database is.

@@ -342,3 +342,54 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {}
     }
 }
+
+/// `slotlake setup`: prerequisites, then pending migrations (or what would be applied).
+pub async fn setup(a: crate::cli::SetupArgs) -> Result<()> {
+    use crate::setup::{self, SetupError, MIGRATIONS};
+    let info = ConnInfo::parse(&a.source.source).context("invalid --source")?;
+    let mut conn = PgConnection::connect(&info, SessionKind::Sql).await?;
+    let out = &mut std::io::stdout().lock();
+    let checks = setup::checks(&mut conn).await?;
+    let mut missing = 0;
+    for c in &checks {
+        let mark = if c.ok { "ok     " } else { "MISSING" };
+        writeln!(out, "{mark} {:<22} {}", c.name, c.detail)?;
+        if let Some(fix) = &c.fix {
+            writeln!(out, "        fix: {fix}")?;
+            missing += 1;
+        }
+    }
+    if missing > 0 {
+        out.flush()?;
+        conn.close().await;
+        return Err(SetupError::Prerequisites(missing).into());
+    }
+    let applied = setup::applied(&mut conn).await?;
+    let pending: Vec<_> = MIGRATIONS
+        .iter()
+        .filter(|m| !applied.contains(&m.version))
+        .collect();
+    if pending.is_empty() {
+        writeln!(
+            out,
+            "migrations: all {} applied, nothing to do",
+            MIGRATIONS.len()
+        )?;
+    }
+    for m in pending {
+        if a.dry_run {
+            writeln!(
+                out,
+                "would apply migration {:04} {}:\n{}",
+                m.version,
+                m.name,
+                m.sql.trim_end()
+            )?;
+        } else {
+            setup::apply(&mut conn, m).await?;
+            writeln!(out, "applied migration {:04} {}", m.version, m.name)?;
+        }
+    }
+    conn.close().await;
+    Ok(())
+}

@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod pgoutput;
 pub mod pipeline;
 pub mod replication;
+pub mod setup;
 pub mod tail;
 pub mod txn;
 pub mod types;

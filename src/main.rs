@@ -8,6 +8,7 @@ use slotlake::commands;
 use slotlake::pipeline::RunError;
 use slotlake::replication::slot::SlotError;
 use slotlake::replication::{operator_hint, ClientError};
+use slotlake::setup::SetupError;
 use slotlake::tail::TailError;
 use slotlake::txn::TxnError;
 
@@ -57,6 +58,7 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
         Command::Slot(cmd) => commands::slot(cmd).await,
         Command::Tail(args) => commands::tail(args).await,
         Command::Run(args) => commands::run(args).await,
+        Command::Setup(args) => commands::setup(args).await,
     }
 }
 
@@ -114,6 +116,9 @@ fn exit_code(err: &anyhow::Error) -> u8 {
             }
             if let Some(c) = e.downcast_ref::<ClientError>() {
                 return client(c);
+            }
+            if let Some(SetupError::Prerequisites(_)) = e.downcast_ref::<SetupError>() {
+                return Some(EXIT_SOURCE_SETUP);
             }
             if let Some(r) = e.downcast_ref::<RunError>() {
                 return match r {

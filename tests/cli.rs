@@ -290,6 +290,71 @@ async fn wal_level_not_logical_changes_nothing() {
     );
     assert!(slot_names(&db).await.is_empty());
     assert!(publication_names(&db).await.is_empty());
+    // `setup` names the missing prerequisite and its exact fix, and applies nothing.
+    let (code, out, err) = slotlake(&["setup", "--source", &db.admin_url()]).await;
+    assert_eq!(code, 3, "{out}{err}");
+    assert!(
+        out.contains("MISSING wal_level") && out.contains("ALTER SYSTEM SET wal_level = logical"),
+        "{out}"
+    );
+    assert!(!schema_exists(&db, "slotlake").await);
+}
+
+async fn schema_exists(db: &TestDb, schema: &str) -> bool {
+    let rows = db
+        .exec(&format!(
+            "SELECT count(*)::text AS n FROM pg_namespace WHERE nspname = '{schema}'"
+        ))
+        .await;
+    rows[0].get("n") == Some("1")
+}
+
+#[tokio::test]
+async fn setup_applies_migrations_once_and_dry_run_changes_nothing() {
+    let cluster = Cluster::shared();
+    let db = cluster.create_db("setup").await;
+    // Dry run: the checks pass, the SQL is printed, nothing is created.
+    let (code, out, err) = slotlake(&["setup", "--source", &db.url(), "--dry-run"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("ok      wal_level") && out.contains("would apply migration 0001"),
+        "{out}"
+    );
+    assert!(
+        out.contains("CREATE SCHEMA IF NOT EXISTS slotlake"),
+        "{out}"
+    );
+    assert!(!schema_exists(&db, "slotlake").await);
+    // Applied once, recorded, and a second run applies nothing.
+    let (code, out, err) = slotlake(&["setup", "--source", &db.url()]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("applied migration 0001 slotlake_schema"),
+        "{out}"
+    );
+    let (code, out, _) = slotlake(&["setup", "--source", &db.url()]).await;
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("nothing to do") && !out.contains("applied migration"),
+        "{out}"
+    );
+    let rows = db
+        .exec("SELECT count(*)::text AS n FROM slotlake.migrations WHERE version = 1")
+        .await;
+    assert_eq!(rows[0].get("n"), Some("1"));
+    // A role without REPLICATION: the exact GRANT/ALTER to run.
+    let norepl = format!(
+        "postgresql://{NOREPL_USER}:{NOREPL_PASSWORD}@127.0.0.1:{}/{}?sslmode=disable",
+        cluster.port(),
+        db.name
+    );
+    let (code, out, _) = slotlake(&["setup", "--source", &norepl]).await;
+    assert_eq!(code, 3, "{out}");
+    assert!(
+        out.contains("MISSING replication privilege")
+            && out.contains(&format!("ALTER ROLE {NOREPL_USER} REPLICATION;")),
+        "{out}"
+    );
 }
 
 #[tokio::test]
