@@ -801,6 +801,7 @@ impl Pipeline {
             return Ok(());
         }
         let started = Instant::now();
+        let buffered_before = self.measure();
         let committed_tables = self
             .tables
             .values()
@@ -864,6 +865,7 @@ impl Pipeline {
         self.metrics.flush_duration.observe(elapsed.as_secs_f64());
         tracing::debug!(
             tables = committed_tables,
+            buffered_bytes = buffered_before,
             elapsed_ms = elapsed.as_millis() as u64,
             "flush committed"
         );
