@@ -50,7 +50,9 @@ const MEASURE_EVERY: usize = 1024;
 /// Events of a committed streamed transaction handled between two memory checks.
 const REPLAY_SLICE: usize = 4096;
 /// Tables committed concurrently in one flush.
-const COMMIT_CONCURRENCY: usize = 16;
+const COMMIT_CONCURRENCY: usize = 32;
+/// Change logs opened (or created) concurrently in the background.
+const OPEN_CONCURRENCY: usize = 32;
 /// How long opening a change log is retried while the sink fails.
 const OPEN_RETRY_LIMIT: Duration = Duration::from_secs(45);
 /// Upper bound of the retry backoff while the sink fails.
@@ -119,6 +121,8 @@ pub enum RunError {
     },
     #[error("the replication stream ended")]
     StreamEnded,
+    #[error("opening the change log of {table} failed: {message}")]
+    OpenTask { table: String, message: String },
     #[error("shutdown could not commit buffered changes within {0:?}; they will be read again from the slot")]
     ShutdownTimeout(Duration),
 }
@@ -131,7 +135,7 @@ impl RunError {
     pub fn is_transient(&self) -> bool {
         match self {
             RunError::Client(c) | RunError::Slot(SlotError::Client(c)) => c.is_transient(),
-            RunError::Lake(_) | RunError::StreamEnded => true,
+            RunError::Lake(_) | RunError::StreamEnded | RunError::OpenTask { .. } => true,
             RunError::Slot(_)
             | RunError::Decode { .. }
             | RunError::Txn { .. }
@@ -161,33 +165,114 @@ struct RelationLayout {
     specs: Vec<ColumnSpec>,
 }
 
+/// A change log being opened in the background, or open.
+enum LogSlot {
+    Opening(tokio::task::JoinHandle<Result<ChangeLogTable, LakeError>>),
+    Open(Box<ChangeLogTable>),
+}
+
 /// One source table's change log and what is buffered for it.
+///
+/// A table seen for the first time starts buffering at once while its change log is opened
+/// (or created) in the background: with thousands of tables, opening them one after another
+/// on first sight stalled the stream for a minute. Until the open completes the table's `txn`
+/// version is unknown, so rows buffered meanwhile are filtered against it afterwards.
 struct TableState {
-    log: ChangeLogTable,
+    name: TableName,
+    log: LogSlot,
     builder: ChangeBatchBuilder,
     /// (relation id, version) the builder's columns come from.
     layout_key: (u32, u32),
     /// Commit LSN of the last transaction with rows not yet committed.
     pending_lsn: Option<Lsn>,
+    /// Rows buffered before the change log's `txn` version was known: the builder's next
+    /// batch drops rows at or below this commit LSN (replays of committed transactions).
+    filter_at_or_below: Option<Lsn>,
+    /// Rows dropped by that filter.
+    filtered: u64,
 }
 
 impl TableState {
+    /// The change log, waiting for its open to finish if needed.
+    async fn log(&mut self) -> Result<&mut ChangeLogTable, RunError> {
+        if let LogSlot::Opening(handle) = &mut self.log {
+            let log = match handle.await {
+                Ok(r) => r?,
+                Err(e) => {
+                    return Err(RunError::OpenTask {
+                        table: self.name.to_string(),
+                        message: e.to_string(),
+                    })
+                }
+            };
+            if let Some(c) = log.committed_lsn() {
+                tracing::info!(table = %self.name, committed = %c, "change log holds transactions up to this commit LSN");
+                if !self.builder.is_empty() {
+                    self.filter_at_or_below = Some(c);
+                }
+            }
+            self.log = LogSlot::Open(Box::new(log));
+        }
+        match &mut self.log {
+            LogSlot::Open(log) => Ok(log),
+            LogSlot::Opening(_) => unreachable!("the open was awaited above"),
+        }
+    }
+
+    /// The change log if it is open (no waiting).
+    fn open_log(&self) -> Option<&ChangeLogTable> {
+        match &self.log {
+            LogSlot::Open(log) => Some(log),
+            LogSlot::Opening(_) => None,
+        }
+    }
+
     async fn move_rows_to_writer(&mut self) -> Result<(), RunError> {
+        self.log().await?;
         if !self.builder.is_empty() {
             let lsn = self.pending_lsn.unwrap_or_default();
-            let table = self.log.name().to_string();
-            let batch =
-                self.builder
-                    .finish()
-                    .map_err(|source| RunError::Row { table, lsn, source })?;
-            self.log.write(batch).await?;
+            let table = self.name.to_string();
+            let row_err = |source| RunError::Row {
+                table: table.clone(),
+                lsn,
+                source,
+            };
+            let mut batch = self.builder.finish().map_err(row_err)?;
+            if let Some(c) = self.filter_at_or_below.take() {
+                let before = batch.num_rows();
+                batch = drop_replayed(batch, c)
+                    .map_err(|e| row_err(crate::batch::rows::RowError::Batch(e)))?;
+                self.filtered += (before - batch.num_rows()) as u64;
+            }
+            if batch.num_rows() > 0 {
+                self.log().await?.write(batch).await?;
+            }
         }
         Ok(())
     }
 
     fn memory_bytes(&self) -> usize {
-        self.builder.memory_bytes() + self.log.buffered_bytes()
+        self.builder.memory_bytes() + self.open_log().map_or(0, ChangeLogTable::buffered_bytes)
     }
+}
+
+/// The rows of `batch` whose `_lsn` is above `committed`.
+fn drop_replayed(
+    batch: deltalake::arrow::record_batch::RecordBatch,
+    committed: Lsn,
+) -> Result<deltalake::arrow::record_batch::RecordBatch, deltalake::arrow::error::ArrowError> {
+    use deltalake::arrow::array::{BooleanArray, Int64Array};
+    let Some(lsn) = batch
+        .column_by_name(crate::batch::rows::LSN)
+        .and_then(|c| c.as_any().downcast_ref::<Int64Array>())
+    else {
+        return Ok(batch);
+    };
+    let keep: BooleanArray = lsn
+        .iter()
+        .map(|v| Some(v.is_none_or(|v| v as u64 > committed.0)))
+        .collect();
+    deltalake::arrow::compute::filter_record_batch(&batch, &keep)
 }
 
 /// Runs until `shutdown` resolves (then flushes, commits and confirms) or an error.
@@ -224,6 +309,7 @@ pub async fn run(
         oldest_pending_ts: None,
         buffered: 0,
         since_measure: 0,
+        opens: Arc::new(tokio::sync::Semaphore::new(OPEN_CONCURRENCY)),
         last_status: Instant::now(),
         spilled_reported: 0,
     };
@@ -378,6 +464,8 @@ struct Pipeline {
     /// Buffered bytes at the last measurement, and changes appended since.
     buffered: usize,
     since_measure: usize,
+    /// Bounds change logs opened at the same time.
+    opens: Arc<tokio::sync::Semaphore>,
     /// When the last standby status update went out.
     last_status: Instant,
     spilled_reported: u64,
@@ -582,8 +670,8 @@ impl Pipeline {
                     return Ok(());
                 };
                 if state
-                    .log
-                    .committed_lsn()
+                    .open_log()
+                    .and_then(ChangeLogTable::committed_lsn)
                     .is_some_and(|c| position.commit_lsn <= c)
                 {
                     self.summary.skipped_replayed += 1;
@@ -685,8 +773,8 @@ impl Pipeline {
         };
         // Type-change rule: a column whose lake type differs from the one already in the
         // change log is written under `<name>__<pgtype>`; the old column keeps its history.
-        let existing = match self.tables.get(&table) {
-            Some(t) => Some(t.log.schema()?),
+        let existing = match self.tables.get_mut(&table) {
+            Some(t) => Some(t.log().await?.schema()?),
             None => None,
         };
         let specs = rel
@@ -729,41 +817,48 @@ impl Pipeline {
     ) -> Result<(), RunError> {
         if !self.tables.contains_key(&layout.table) {
             let builder = ChangeBatchBuilder::new(layout.specs.clone());
-            // The sink may be down: retry, but not for longer than the server waits for our
-            // status updates (wal_sender_timeout, 60 s by default); then fail and restart.
-            let deadline = Instant::now() + OPEN_RETRY_LIMIT;
-            let mut backoff = Duration::from_millis(200);
-            let schema = builder.schema();
-            let log = loop {
-                let opened = ChangeLogTable::open(
-                    &self.sink,
-                    &layout.table,
-                    &self.app_id,
-                    &schema,
-                    self.opts.target_file_size,
-                )
-                .await;
-                match opened {
-                    Ok(log) => break log,
-                    Err(e) if Instant::now() + backoff < deadline => {
-                        self.metrics.retries.with_label_values(&["open"]).inc();
-                        tracing::warn!(table = %layout.table, error = %error_chain(&e), retry_in = ?backoff, "cannot open the change log; retrying");
-                        tokio::time::sleep(jitter(backoff)).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
+            let (sink, table, app_id, schema, metrics) = (
+                self.sink.clone(),
+                layout.table.clone(),
+                self.app_id.clone(),
+                builder.schema(),
+                self.metrics.clone(),
+            );
+            let target_file_size = self.opts.target_file_size;
+            let opens = self.opens.clone();
+            let open = tokio::spawn(async move {
+                let _permit = opens.acquire_owned().await;
+                // The sink may be down: retry, but not for longer than the server waits for
+                // our status updates (wal_sender_timeout, 60 s by default); then fail and
+                // restart.
+                let deadline = Instant::now() + OPEN_RETRY_LIMIT;
+                let mut backoff = Duration::from_millis(200);
+                loop {
+                    let opened =
+                        ChangeLogTable::open(&sink, &table, &app_id, &schema, target_file_size)
+                            .await;
+                    match opened {
+                        Ok(log) => return Ok(log),
+                        Err(e) if Instant::now() + backoff < deadline => {
+                            metrics.retries.with_label_values(&["open"]).inc();
+                            tracing::warn!(table = %table, error = %error_chain(&e), retry_in = ?backoff, "cannot open the change log; retrying");
+                            tokio::time::sleep(jitter(backoff)).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(5));
+                        }
+                        Err(e) => return Err(e),
                     }
-                    Err(e) => return Err(e.into()),
                 }
-            };
-            if let Some(c) = log.committed_lsn() {
-                tracing::info!(table = %layout.table, committed = %c, "change log holds transactions up to this commit LSN");
-            }
+            });
             self.tables.insert(
                 layout.table.clone(),
                 TableState {
-                    log,
+                    name: layout.table.clone(),
+                    log: LogSlot::Opening(open),
                     builder,
                     layout_key: key,
                     pending_lsn: None,
+                    filter_at_or_below: None,
+                    filtered: 0,
                 },
             );
             self.metrics.tables_active.set(self.tables.len() as i64);
@@ -784,7 +879,7 @@ impl Pipeline {
             }
             let before = t.memory_bytes();
             t.move_rows_to_writer().await?;
-            t.log.stage().await?;
+            t.log().await?.stage().await?;
             total = total.saturating_sub(before.saturating_sub(t.memory_bytes()));
         }
         self.measure();
@@ -822,7 +917,7 @@ impl Pipeline {
                     .map(|t| async move {
                         t.move_rows_to_writer().await?;
                         let lsn = t.pending_lsn.unwrap_or_default();
-                        let (files, bytes) = t.log.commit(lsn).await?;
+                        let (files, bytes) = t.log().await?.commit(lsn).await?;
                         metrics.files_written.inc_by(files);
                         metrics.written_bytes.inc_by(bytes);
                         t.pending_lsn = None;
@@ -843,6 +938,11 @@ impl Pipeline {
             };
             match attempt {
                 None => break,
+                // Rows were lost with a failed data file: only a restart from the slot's
+                // confirmed position brings them back (the caller reconnects).
+                Some(RunError::Lake(e)) if e.lost_buffered_rows() => {
+                    return Err(RunError::Lake(e));
+                }
                 Some(e) => {
                     self.metrics.retries.with_label_values(&["commit"]).inc();
                     tracing::warn!(error = %error_chain(&e), retry_in = ?backoff, "commit to the lake failed; nothing confirmed, retrying");
@@ -879,6 +979,9 @@ impl Pipeline {
                 .observe((now - ts).max(0) as f64 / 1e6);
         }
         self.oldest_pending = None;
+        for t in self.tables.values_mut() {
+            self.summary.skipped_replayed += std::mem::take(&mut t.filtered);
+        }
         if let Some(end) = self.last_end {
             self.summary.confirmed = self.summary.confirmed.max(end);
         }

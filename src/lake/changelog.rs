@@ -50,6 +50,20 @@ pub enum LakeError {
     },
     #[error("change log of {table}: commit LSN {lsn} does not fit a Delta txn version")]
     LsnOutOfRange { table: String, lsn: Lsn },
+    #[error("change log of {table}: an earlier data-file write failed, so its open files are lost; the run must restart from the slot")]
+    WriterFailed { table: String },
+}
+
+impl LakeError {
+    /// A data file could not be written: the rows in the writer are gone, so retrying the
+    /// commit would lose them. Only restarting from the slot's confirmed position is safe.
+    pub fn lost_buffered_rows(&self) -> bool {
+        match self {
+            LakeError::WriterFailed { .. } => true,
+            LakeError::Delta { action, .. } => matches!(*action, "write" | "stage files"),
+            LakeError::LsnOutOfRange { .. } => false,
+        }
+    }
 }
 
 /// Parquet settings for change-log files.
@@ -96,6 +110,8 @@ pub struct ChangeLogTable {
     /// group (not in its `buffer_len`) is estimated from them.
     rows_since_stage: usize,
     arrow_bytes_since_stage: usize,
+    /// A data-file write failed: the writer must not be used again (its files are aborted).
+    failed: bool,
 }
 
 impl ChangeLogTable {
@@ -175,6 +191,7 @@ impl ChangeLogTable {
             checkpoint: None,
             rows_since_stage: 0,
             arrow_bytes_since_stage: 0,
+            failed: false,
         })
     }
 
@@ -202,17 +219,22 @@ impl ChangeLogTable {
     /// Appends a batch. Columns the table does not have yet are added at the next commit;
     /// columns the batch lacks are written as nulls.
     pub async fn write(&mut self, batch: RecordBatch) -> Result<(), LakeError> {
+        let table = self.name.to_string();
+        if self.failed {
+            return Err(LakeError::WriterFailed { table });
+        }
         self.rows_since_stage += batch.num_rows();
         self.arrow_bytes_since_stage += batch.get_array_memory_size();
-        let table = self.name.to_string();
-        self.writer
+        let written = self
+            .writer
             .write_with_mode(batch, WriteMode::MergeSchema)
-            .await
-            .map_err(|source| LakeError::Delta {
-                table,
-                action: "write",
-                source: Box::new(source),
-            })
+            .await;
+        self.failed = written.is_err();
+        written.map_err(|source| LakeError::Delta {
+            table,
+            action: "write",
+            source: Box::new(source),
+        })
     }
 
     /// Memory the writer holds since the last stage or commit: encoded row groups, plus the
@@ -233,19 +255,20 @@ impl ChangeLogTable {
     /// Closes the files written so far (they stay invisible until the next commit) so that
     /// the writer's buffers are released.
     pub async fn stage(&mut self) -> Result<(), LakeError> {
+        let table = self.name.to_string();
+        if self.failed {
+            return Err(LakeError::WriterFailed { table });
+        }
         if self.writer.buffered_record_batch_count() == 0 {
             return Ok(());
         }
-        let table = self.name.to_string();
-        let adds = self
-            .writer
-            .flush()
-            .await
-            .map_err(|source| LakeError::Delta {
-                table,
-                action: "stage files",
-                source: Box::new(source),
-            })?;
+        let flushed = self.writer.flush().await;
+        self.failed = flushed.is_err();
+        let adds = flushed.map_err(|source| LakeError::Delta {
+            table,
+            action: "stage files",
+            source: Box::new(source),
+        })?;
         // The flushed writer keeps its (possibly widened) schema for the next files.
         self.staged.extend(adds);
         self.rows_since_stage = 0;
