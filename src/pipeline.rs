@@ -1045,3 +1045,33 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::PgType;
+
+    #[test]
+    fn replays_buffered_before_the_open_are_dropped_by_commit_lsn() {
+        let mut b = ChangeBatchBuilder::new(vec![ColumnSpec {
+            name: "id".into(),
+            ty: PgType::Int4,
+            is_key: true,
+        }]);
+        for lsn in [5, 10, 10, 15] {
+            b.append_truncate(lsn, 0, 1, 0);
+        }
+        let batch = b.finish().unwrap();
+        let kept = drop_replayed(batch.clone(), Lsn(10)).unwrap();
+        let lsns = kept
+            .column_by_name(crate::batch::rows::LSN)
+            .unwrap()
+            .as_any()
+            .downcast_ref::<deltalake::arrow::array::Int64Array>()
+            .unwrap()
+            .values()
+            .to_vec();
+        assert_eq!(lsns, vec![15]);
+        assert_eq!(drop_replayed(batch, Lsn(0)).unwrap().num_rows(), 4);
+    }
+}
