@@ -782,13 +782,12 @@ impl Pipeline {
             .iter()
             .zip(&types)
             .map(|(c, t)| {
-                let mut name = c.name.clone();
+                let mut name = crate::batch::rows::lake_column_name(&c.name);
                 if let Some(schema) = &existing {
                     if let Ok(field) = schema.field_with_name(&name) {
                         if !crate::types::arrow::same_lake_type(field.data_type(), &lake_type(t)) {
                             name = format!(
-                                "{}__{}",
-                                c.name,
+                                "{name}__{}",
                                 t.name().replace(['(', ')', ',', '[', ']'], "_")
                             );
                         }

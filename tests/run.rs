@@ -891,3 +891,36 @@ async fn an_invalidated_slot_is_a_definite_error_naming_the_recovery() {
         "names the cause and the recovery:\n{text}"
     );
 }
+
+#[tokio::test]
+async fn source_columns_named_like_metadata_columns_are_kept_apart() {
+    let cluster = Cluster::shared();
+    let db = cluster.create_db("names").await;
+    setup(&db, 0).await;
+    db.exec(
+        r#"CREATE TABLE odd (id int PRIMARY KEY, "_op" text, "_lsn" bigint, "_old_id" int);
+           INSERT INTO odd VALUES (1, 'mine', 42, 7);
+           UPDATE odd SET id = 2 WHERE id = 1;"#,
+    )
+    .await;
+    db.exec("INSERT INTO marker VALUES (1)").await;
+    let dir = tempfile::tempdir().unwrap();
+    let root = format!("file://{}", dir.path().join("lake").display());
+    let log = dir.path().join("run.log");
+    let runner = Runner::start(&db, &root, &[], &log);
+    wait_for_marker(&root, None, 1, &log).await;
+    runner.stop().await;
+    let rows = read_table(&format!("{root}/changes/public/odd"), None);
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    let insert = rows.iter().find(|r| r["_op"] == "I").expect("the insert");
+    assert_eq!(insert["_op__source"], "mine");
+    assert_eq!(insert["_lsn__source"], 42);
+    assert_eq!(insert["_old_id__source"], 7);
+    let update = rows.iter().find(|r| r["_op"] == "U").expect("the update");
+    assert_eq!(update["id"], 2);
+    assert_eq!(
+        update["_old_id"], 1,
+        "the old key of the key-changing update"
+    );
+    assert_eq!(update["_old_id__source"], 7);
+}

@@ -46,6 +46,19 @@ pub const SPECIAL: &str = "_special";
 /// Prefix of the old-key columns: `_old_<key column>`.
 pub const OLD_PREFIX: &str = "_old_";
 
+/// The change-log name of a source column: its own, unless it would collide with a metadata
+/// column (`_op`, `_lsn`, `_seq`, `_xid`, `_commit_ts`, `_unchanged`, `_special`, or anything
+/// starting with `_old_`), in which case `<name>__source`.
+pub fn lake_column_name(source: &str) -> String {
+    let reserved = [OP, LSN, SEQ, XID, COMMIT_TS, UNCHANGED, SPECIAL].contains(&source)
+        || source.starts_with(OLD_PREFIX);
+    if reserved {
+        format!("{source}__source")
+    } else {
+        source.to_string()
+    }
+}
+
 /// The `_op` values.
 pub const OP_INSERT: &str = "I";
 pub const OP_UPDATE: &str = "U";
@@ -365,6 +378,16 @@ fn push_specials(special: &mut ListBuilder<StringBuilder>, column: &str, markers
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn source_columns_named_like_metadata_are_renamed() {
+        assert_eq!(lake_column_name("id"), "id");
+        assert_eq!(lake_column_name("_op"), "_op__source");
+        assert_eq!(lake_column_name("_lsn"), "_lsn__source");
+        assert_eq!(lake_column_name("_old_id"), "_old_id__source");
+        assert_eq!(lake_column_name("_opx"), "_opx");
+        assert_eq!(lake_column_name("op"), "op");
+    }
     use crate::types::{ArrayDim, ArrayValue, Infinite, Numeric};
     use deltalake::arrow::array::{
         Array, AsArray, Date32Array, Decimal128Array, Int32Array, Int64Array, ListArray,
