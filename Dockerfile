@@ -1,17 +1,18 @@
-# slotlake: one binary per source database. Multi-stage: build with the Rust toolchain, run on a
-# minimal Debian with only CA certificates (TLS to Postgres and S3) and a non-root user.
+# slotlake: one binary per source database. Multi-stage: build with the Rust toolchain, run on
+# a minimal Debian of the same release as the build image (so glibc matches; the binary needs
+# only libc, libm and libgcc_s) with CA certificates (TLS to Postgres and S3) and a non-root user.
 #
 #   docker build -t slotlake .
 #   docker run --rm slotlake --help
 
-FROM rust:1.95-slim-bookworm AS build
+FROM rust:1.95-slim-trixie AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 RUN cargo build --release --locked --bin slotlake \
     && strip target/release/slotlake
 
-FROM debian:bookworm-slim
+FROM debian:trixie-slim
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates \
     && rm -rf /var/lib/apt/lists/* \

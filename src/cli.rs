@@ -50,6 +50,15 @@ pub enum LogFormat {
     Json,
 }
 
+/// What `run` does when its slot is invalidated (`wal_status = lost`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnSlotInvalidated {
+    /// Stop with exit code 4 and the recovery steps.
+    Fail,
+    /// Re-create the slot and re-load every table (needs the initial snapshot, not built yet).
+    Resnapshot,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Manage the replication slot and publication.
@@ -279,6 +288,15 @@ pub struct RunArgs {
     /// it off.
     #[arg(long, env = "SLOTLAKE_SLOT_CHECK_INTERVAL", value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub slot_check_interval: Duration,
+    /// When the slot is invalidated: fail (exit 4 with the recovery steps), or resnapshot
+    /// (re-create the slot and re-load; not available until the initial snapshot is built).
+    #[arg(
+        long,
+        env = "SLOTLAKE_ON_SLOT_INVALIDATED",
+        value_enum,
+        default_value = "fail"
+    )]
+    pub on_slot_invalidated: OnSlotInvalidated,
     /// /readyz is unready while the replication lag (WAL received but not yet committed and
     /// confirmed) is above this; 0: no limit.
     #[arg(long, env = "SLOTLAKE_READY_MAX_LAG", value_name = "SIZE", default_value = "1GiB", value_parser = parse_size)]

@@ -228,6 +228,12 @@ pub async fn run(a: RunArgs) -> Result<()> {
         region: a.sink.s3_region.clone(),
     };
     let sink = crate::lake::store::Sink::open(&a.sink.sink, &s3).context("invalid --sink")?;
+    if a.on_slot_invalidated == crate::cli::OnSlotInvalidated::Resnapshot {
+        anyhow::bail!(
+            "--on-slot-invalidated=resnapshot needs the initial snapshot (re-loading tables), \
+             which slotlake does not have yet; use --on-slot-invalidated=fail"
+        );
+    }
     slot::validate_slot_name(&a.slot.slot)?;
     if a.create_slot || a.create_publication {
         let mut repl = PgConnection::connect(&info, SessionKind::Replication).await?;
