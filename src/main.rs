@@ -65,26 +65,37 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
 /// The operator hint for the first error in the chain that has one. Wrappers declared
 /// `#[error(transparent)]` hide the wrapped error from the chain, so they are unwrapped here.
 fn hint(err: &anyhow::Error) -> Option<String> {
-    err.chain().find_map(|e| {
-        if let Some(c) = e.downcast_ref::<ClientError>() {
-            return operator_hint(c, "<user>");
-        }
-        if let Some(s) = e.downcast_ref::<SlotError>() {
-            return slot_hint(s);
-        }
-        if let Some(r) = e.downcast_ref::<RunError>() {
-            return match r {
-                RunError::Client(c) => operator_hint(c, "<user>"),
-                RunError::Slot(s) => slot_hint(s),
-                _ => None,
-            };
-        }
-        match e.downcast_ref::<TailError>()? {
-            TailError::Client(c) => operator_hint(c, "<user>"),
-            TailError::Slot(s) => slot_hint(s),
-            _ => None,
-        }
+    err.chain().find_map(|e| match source_error(e)? {
+        SourceError::Client(c) => operator_hint(c, "<user>"),
+        SourceError::Slot(s) => slot_hint(s),
     })
+}
+
+/// A client or slot error, directly or inside a command's error type.
+enum SourceError<'a> {
+    Client(&'a ClientError),
+    Slot(&'a SlotError),
+}
+
+/// The client or slot error `e` is, including the ones `RunError` and `TailError` wrap as
+/// `#[error(transparent)]` (which hides them from the chain).
+fn source_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<SourceError<'a>> {
+    if let Some(c) = e.downcast_ref::<ClientError>() {
+        return Some(SourceError::Client(c));
+    }
+    if let Some(s) = e.downcast_ref::<SlotError>() {
+        return Some(SourceError::Slot(s));
+    }
+    match e.downcast_ref::<RunError>() {
+        Some(RunError::Client(c)) => return Some(SourceError::Client(c)),
+        Some(RunError::Slot(s)) => return Some(SourceError::Slot(s)),
+        _ => {}
+    }
+    match e.downcast_ref::<TailError>()? {
+        TailError::Client(c) => Some(SourceError::Client(c)),
+        TailError::Slot(s) => Some(SourceError::Slot(s)),
+        _ => None,
+    }
 }
 
 /// The documented exit code for an error.
@@ -111,19 +122,16 @@ fn exit_code(err: &anyhow::Error) -> u8 {
     }
     err.chain()
         .find_map(|e| {
-            if let Some(s) = e.downcast_ref::<SlotError>() {
-                return slot(s);
-            }
-            if let Some(c) = e.downcast_ref::<ClientError>() {
-                return client(c);
+            match source_error(e) {
+                Some(SourceError::Slot(s)) => return slot(s),
+                Some(SourceError::Client(c)) => return client(c),
+                None => {}
             }
             if let Some(SetupError::Prerequisites(_)) = e.downcast_ref::<SetupError>() {
                 return Some(EXIT_SOURCE_SETUP);
             }
             if let Some(r) = e.downcast_ref::<RunError>() {
                 return match r {
-                    RunError::Slot(s) => slot(s),
-                    RunError::Client(c) => client(c),
                     RunError::Decode { .. }
                     | RunError::Value { .. }
                     | RunError::Row { .. }
@@ -135,11 +143,7 @@ fn exit_code(err: &anyhow::Error) -> u8 {
                     _ => None,
                 };
             }
-            match e.downcast_ref::<TailError>()? {
-                TailError::Slot(s) => slot(s),
-                TailError::Client(c) => client(c),
-                _ => None,
-            }
+            None
         })
         .unwrap_or(EXIT_FAILURE)
 }

@@ -292,6 +292,13 @@ pub async fn run(
         opts.slot_check_interval,
         metrics.clone(),
     ));
+    let op_changes = [
+        ChangeOp::Insert,
+        ChangeOp::Update,
+        ChangeOp::Delete,
+        ChangeOp::Truncate,
+    ]
+    .map(|op| metrics.changes.with_label_values(&[op.code()]));
     let mut p = Pipeline {
         source: source.clone(),
         sink: sink.clone(),
@@ -312,6 +319,7 @@ pub async fn run(
         opens: Arc::new(tokio::sync::Semaphore::new(OPEN_CONCURRENCY)),
         last_status: Instant::now(),
         spilled_reported: 0,
+        op_changes,
     };
     p.metrics.streaming.store(true, Ordering::Relaxed);
     let result = p.stream_loop(stream, shutdown).await;
@@ -469,6 +477,9 @@ struct Pipeline {
     /// When the last standby status update went out.
     last_status: Instant,
     spilled_reported: u64,
+    /// `slotlake_changes_total{op}` resolved once per op (indexed by `ChangeOp as usize`),
+    /// not looked up per change.
+    op_changes: [prometheus::IntCounter; 4],
 }
 
 impl Pipeline {
@@ -622,8 +633,10 @@ impl Pipeline {
         Ok(())
     }
 
+    /// Whether any table has rows not yet committed: exactly when the oldest such row's
+    /// arrival is recorded (set with the first row, cleared by a flush), so no table walk.
     fn has_pending(&self) -> bool {
-        self.tables.values().any(|t| t.pending_lsn.is_some())
+        self.oldest_pending.is_some()
     }
 
     /// Measures the bytes buffered in builders and writers of every table.
@@ -699,10 +712,11 @@ impl Pipeline {
                     }
                     op => {
                         let (row, old) = match (&change.new, &change.old) {
-                            (Some(new), old) => {
-                                (decode_row(new, &layout, lsn)?, old.as_ref().map(old_tuple))
-                            }
-                            (None, Some(old)) => (decode_row(old_tuple(old), &layout, lsn)?, None),
+                            (Some(new), old) => (
+                                decode_row(new, &layout, lsn)?,
+                                old.as_ref().map(OldTuple::tuple),
+                            ),
+                            (None, Some(old)) => (decode_row(old.tuple(), &layout, lsn)?, None),
                             (None, None) => return Ok(()),
                         };
                         let old = match old {
@@ -723,10 +737,7 @@ impl Pipeline {
                             .map_err(row_err)?;
                     }
                 }
-                self.metrics
-                    .changes
-                    .with_label_values(&[change.op.code()])
-                    .inc();
+                self.op_changes[change.op as usize].inc();
                 self.summary.changes += 1;
                 self.since_measure += 1;
                 state.pending_lsn = Some(lsn);
@@ -742,7 +753,7 @@ impl Pipeline {
                 self.summary.transactions += 1;
                 self.metrics.transactions.inc();
                 self.last_end = Some(end_lsn);
-                if !self.has_pending() && self.oldest_pending.is_none() {
+                if !self.has_pending() {
                     // A transaction that wrote nothing new (filtered or replayed): confirmable.
                     self.summary.confirmed = self.summary.confirmed.max(end_lsn);
                 }
@@ -986,12 +997,6 @@ impl Pipeline {
         }
         self.measure();
         Ok(())
-    }
-}
-
-fn old_tuple(t: &OldTuple) -> &TupleData {
-    match t {
-        OldTuple::Key(d) | OldTuple::Full(d) => d,
     }
 }
 

@@ -366,9 +366,10 @@ fn tuple_json(
 /// Decodes every column of a change into its typed value and drops it (`--discard`).
 fn decode_only(txn: &TxnInfo, change: &Change, types: &TableTypes) -> Result<(), TailError> {
     let rel = &change.relation.relation;
-    let tuples = change.new.iter().chain(change.old.iter().map(|o| match o {
-        OldTuple::Key(t) | OldTuple::Full(t) => t,
-    }));
+    let tuples = change
+        .new
+        .iter()
+        .chain(change.old.iter().map(OldTuple::tuple));
     for tuple in tuples {
         if tuple.columns.len() != types.types.len() {
             return Err(TailError::ColumnCount {

@@ -478,16 +478,11 @@ async fn scrape(port: u16) -> String {
 /// The whole HTTP response (status line, headers, body) to `GET path`; empty when nothing
 /// listens.
 async fn http_get(port: u16, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
-        return String::new();
-    };
-    let _ = s
-        .write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
-        .await;
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out).await;
-    out
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    match s3::http_request(addr, "GET", path, &[], b"").await {
+        Ok(r) => format!("{}\r\n\r\n{}", r.head, r.body),
+        Err(_) => String::new(),
+    }
 }
 
 fn metric(text: &str, name: &str) -> f64 {

@@ -128,6 +128,15 @@ pub enum OldTuple {
     Full(TupleData),
 }
 
+impl OldTuple {
+    /// The tuple, whichever kind it is.
+    pub fn tuple(&self) -> &TupleData {
+        match self {
+            OldTuple::Key(t) | OldTuple::Full(t) => t,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Insert {
     pub relation: RelationId,

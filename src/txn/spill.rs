@@ -313,10 +313,7 @@ pub(super) fn held_size(held: &Held) -> usize {
     match held {
         Held::Change { change, .. } => {
             64 + change.new.as_ref().map_or(0, tuple)
-                + match &change.old {
-                    Some(OldTuple::Key(t) | OldTuple::Full(t)) => tuple(t),
-                    None => 0,
-                }
+                + change.old.as_ref().map_or(0, |o| tuple(o.tuple()))
         }
         Held::Message { message, .. } => 64 + message.prefix.len() + message.content.len(),
     }

@@ -464,48 +464,20 @@ impl ColumnBuilder {
             },
             (Kind::Utf8(b), v) => append_text(b, v),
             (Kind::Binary(b), Value::Bytea(x)) => b.append_value(x),
-            (Kind::Date32(b), Value::Date(d)) => b.append_value(match *d {
-                Infinite::Finite(days) if (DATE_MIN..=DATE_MAX).contains(&days) => days,
-                Infinite::Finite(days) => {
-                    specials.push(format!(
-                        "{SPECIAL_ORIGINAL}{}",
-                        calendar::format_date(Infinite::Finite(days))
-                    ));
-                    days.clamp(DATE_MIN, DATE_MAX)
-                }
-                Infinite::PosInfinity => {
-                    specials.push(SPECIAL_INFINITY.to_owned());
-                    DATE_MAX
-                }
-                Infinite::NegInfinity => {
-                    specials.push(SPECIAL_NEG_INFINITY.to_owned());
-                    DATE_MIN
-                }
-            }),
+            (Kind::Date32(b), Value::Date(d)) => b.append_value(clamp_to_lake(
+                *d,
+                DATE_MIN..=DATE_MAX,
+                calendar::format_date,
+                specials,
+            )),
             (Kind::Timestamp(b), Value::Timestamp(t) | Value::TimestampTz(t)) => {
                 let tz = matches!(v, Value::TimestampTz(_));
-                b.append_value(match *t {
-                    Infinite::Finite(micros)
-                        if (TIMESTAMP_MIN..=TIMESTAMP_MAX).contains(&micros) =>
-                    {
-                        micros
-                    }
-                    Infinite::Finite(micros) => {
-                        specials.push(format!(
-                            "{SPECIAL_ORIGINAL}{}",
-                            calendar::format_timestamp(Infinite::Finite(micros), tz)
-                        ));
-                        micros.clamp(TIMESTAMP_MIN, TIMESTAMP_MAX)
-                    }
-                    Infinite::PosInfinity => {
-                        specials.push(SPECIAL_INFINITY.to_owned());
-                        TIMESTAMP_MAX
-                    }
-                    Infinite::NegInfinity => {
-                        specials.push(SPECIAL_NEG_INFINITY.to_owned());
-                        TIMESTAMP_MIN
-                    }
-                })
+                b.append_value(clamp_to_lake(
+                    *t,
+                    TIMESTAMP_MIN..=TIMESTAMP_MAX,
+                    |t| calendar::format_timestamp(t, tz),
+                    specials,
+                ))
             }
             (Kind::List(list), Value::Array(array)) => list.append(ty, array, specials)?,
             (_, v) => return Err(mismatch(ty, v)),
@@ -754,6 +726,32 @@ impl ListColumn {
             values,
             nulls,
         )
+    }
+}
+
+/// A date or timestamp in the range the lake type holds (years 1–9999): values outside it are
+/// clamped to the nearest end, with `original=<value>` in `_special`; ±infinity become the ends,
+/// marked `infinity` / `-infinity`.
+fn clamp_to_lake<T: Copy + Ord>(
+    value: Infinite<T>,
+    range: std::ops::RangeInclusive<T>,
+    format: impl Fn(Infinite<T>) -> String,
+    specials: &mut Vec<String>,
+) -> T {
+    match value {
+        Infinite::Finite(v) if range.contains(&v) => v,
+        Infinite::Finite(v) => {
+            specials.push(format!("{SPECIAL_ORIGINAL}{}", format(value)));
+            v.clamp(*range.start(), *range.end())
+        }
+        Infinite::PosInfinity => {
+            specials.push(SPECIAL_INFINITY.to_owned());
+            *range.end()
+        }
+        Infinite::NegInfinity => {
+            specials.push(SPECIAL_NEG_INFINITY.to_owned());
+            *range.start()
+        }
     }
 }
 

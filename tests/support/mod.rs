@@ -455,6 +455,11 @@ fn spawn_watchdog(dir: &Path, data: &Path) {
         data = data.display(),
         dir = dir.display()
     );
+    spawn_detached_sh(&script);
+}
+
+/// Runs a shell script in the background, detached from the test's stdio (watchdogs).
+pub fn spawn_detached_sh(script: &str) {
     let _ = Command::new("sh")
         .arg("-c")
         .arg(script)

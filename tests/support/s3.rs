@@ -226,13 +226,7 @@ fn spawn_watchdog(moto_pid: u32, dir: &std::path::Path) {
         pid = std::process::id(),
         dir = dir.display()
     );
-    let _ = Command::new("sh")
-        .arg("-c")
-        .arg(script)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn();
+    super::spawn_detached_sh(&script);
 }
 
 /// A response read by [`http_request`].
