@@ -328,49 +328,39 @@ struct ListColumn {
 impl ColumnBuilder {
     /// An empty builder for a column of type `ty`, producing arrays of [`lake_type`]`(ty)`.
     pub fn new(ty: &PgType) -> Self {
-        let kind = match ty {
-            PgType::Bool => Kind::Bool(BooleanBuilder::new()),
-            PgType::Int2 => Kind::Int16(Int16Builder::new()),
-            PgType::Int4 => Kind::Int32(Int32Builder::new()),
-            PgType::Int8 | PgType::Oid => Kind::Int64(Int64Builder::new()),
-            PgType::Float4 => Kind::Float32(Float32Builder::new()),
-            PgType::Float8 => Kind::Float64(Float64Builder::new()),
-            PgType::Numeric { precision_scale } => match decimal_params(*precision_scale) {
-                Some((precision, scale)) => Kind::Decimal {
-                    // `decimal_params` only admits what `with_precision_and_scale` accepts;
-                    // the fallback sets the same type without the (redundant) validation.
-                    builder: Decimal128Builder::new()
-                        .with_precision_and_scale(precision, scale)
-                        .unwrap_or_else(|_| {
-                            Decimal128Builder::new()
-                                .with_data_type(DataType::Decimal128(precision, scale))
-                        }),
-                    precision,
-                    scale,
-                },
-                None => Kind::Utf8(StringBuilder::new()),
+        // The builder follows the one mapping, `lake_type`, rather than deciding it again.
+        let kind = match (lake_type(ty), ty) {
+            (DataType::Boolean, _) => Kind::Bool(BooleanBuilder::new()),
+            (DataType::Int16, _) => Kind::Int16(Int16Builder::new()),
+            (DataType::Int32, _) => Kind::Int32(Int32Builder::new()),
+            (DataType::Int64, _) => Kind::Int64(Int64Builder::new()),
+            (DataType::Float32, _) => Kind::Float32(Float32Builder::new()),
+            (DataType::Float64, _) => Kind::Float64(Float64Builder::new()),
+            (DataType::Decimal128(precision, scale), _) => Kind::Decimal {
+                // `decimal_params` only admits what `with_precision_and_scale` accepts; the
+                // fallback sets the same type without the (redundant) validation.
+                builder: Decimal128Builder::new()
+                    .with_precision_and_scale(precision, scale)
+                    .unwrap_or_else(|_| {
+                        Decimal128Builder::new()
+                            .with_data_type(DataType::Decimal128(precision, scale))
+                    }),
+                precision,
+                scale,
             },
-            PgType::Text
-            | PgType::Enum { .. }
-            | PgType::Unknown { .. }
-            | PgType::Json
-            | PgType::Jsonb
-            | PgType::Uuid
-            | PgType::Time
-            | PgType::TimeTz
-            | PgType::Interval => Kind::Utf8(StringBuilder::new()),
-            PgType::Bytea => Kind::Binary(BinaryBuilder::new()),
-            PgType::Date => Kind::Date32(Date32Builder::new()),
-            PgType::Timestamp => Kind::Timestamp(TimestampMicrosecondBuilder::new()),
-            PgType::TimestampTz => {
-                Kind::Timestamp(TimestampMicrosecondBuilder::new().with_timezone(UTC))
+            (DataType::Binary, _) => Kind::Binary(BinaryBuilder::new()),
+            (DataType::Date32, _) => Kind::Date32(Date32Builder::new()),
+            (DataType::Timestamp(_, tz), _) => {
+                Kind::Timestamp(TimestampMicrosecondBuilder::new().with_timezone_opt(tz))
             }
-            PgType::Array(element) => Kind::List(Box::new(ListColumn {
-                field: list_element_field(element),
+            (DataType::List(field), PgType::Array(element)) => Kind::List(Box::new(ListColumn {
+                field,
                 offsets: vec![0],
                 nulls: NullBufferBuilder::new(0),
                 elements: ColumnBuilder::new(element),
             })),
+            // Utf8, and nothing else: `lake_type` produces no other type.
+            _ => Kind::Utf8(StringBuilder::new()),
         };
         ColumnBuilder {
             ty: ty.clone(),
