@@ -70,6 +70,38 @@ pub enum Command {
     Run(RunArgs),
     /// Check the source's prerequisites and apply slotlake's SQL migrations (idempotent).
     Setup(SetupArgs),
+    /// Fold change logs into current-state (SCD1) and history (SCD2) Delta tables, once or
+    /// every --interval.
+    Compact(CompactArgs),
+}
+
+/// How compaction runs (shared by `compact` and `run --compact-interval`).
+#[derive(Debug, Args, Clone)]
+pub struct CompactTuning {
+    /// Memory for one compaction step (the changes it reads and the buckets they touch).
+    #[arg(long, env = "SLOTLAKE_COMPACT_MEMORY", value_name = "SIZE", default_value = "512MiB", value_parser = parse_size)]
+    pub compact_memory: u64,
+    /// A bucket of the current table (one file) splits in two above this many bytes of rows
+    /// in memory (about 4× their Parquet size).
+    #[arg(long, env = "SLOTLAKE_BUCKET_SIZE", value_name = "SIZE", default_value = "128MiB", value_parser = parse_size)]
+    pub bucket_size: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct CompactArgs {
+    #[command(flatten)]
+    pub sink: SinkArgs,
+    /// Compact only these tables (schema.table; repeatable). Default: every change log.
+    #[arg(long = "table", value_name = "SCHEMA.TABLE")]
+    pub tables: Vec<String>,
+    /// Run again this long after each pass, until SIGTERM/SIGINT; default: once.
+    #[arg(long, env = "SLOTLAKE_COMPACT_INTERVAL", value_name = "DURATION", value_parser = parse_duration)]
+    pub interval: Option<Duration>,
+    #[command(flatten)]
+    pub tuning: CompactTuning,
+    /// Report format.
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: OutputFormat,
 }
 
 #[derive(Debug, Args)]
@@ -301,6 +333,12 @@ pub struct RunArgs {
     /// confirmed) is above this; 0: no limit.
     #[arg(long, env = "SLOTLAKE_READY_MAX_LAG", value_name = "SIZE", default_value = "1GiB", value_parser = parse_size)]
     pub ready_max_lag: u64,
+    /// Compact the change logs into current and history tables this often, in a thread of
+    /// its own; 0 turns it off (then run `slotlake compact` elsewhere).
+    #[arg(long, env = "SLOTLAKE_COMPACT_INTERVAL", value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
+    pub compact_interval: Duration,
+    #[command(flatten)]
+    pub compact: CompactTuning,
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, env = "SLOTLAKE_METRICS_ADDR", value_name = "ADDR", default_value = crate::metrics::DEFAULT_METRICS_ADDR)]
     pub metrics_addr: std::net::SocketAddr,

@@ -280,6 +280,16 @@ pub async fn run(a: RunArgs) -> Result<()> {
         shutdown_signal().await;
         let _ = stop_tx.send(true);
     });
+    if !a.compact_interval.is_zero() {
+        crate::compact::spawn_background(
+            sink.clone(),
+            a.compact_interval,
+            compact_options(&a.compact),
+            metrics.clone(),
+            stop_rx.clone(),
+        )
+        .context("cannot start the compaction thread")?;
+    }
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
@@ -324,6 +334,91 @@ pub async fn run(a: RunArgs) -> Result<()> {
         confirmed = %summary.confirmed,
         "stopped"
     );
+    Ok(())
+}
+
+fn sink_of(a: &crate::cli::SinkArgs) -> Result<crate::lake::store::Sink> {
+    let s3 = crate::lake::store::S3Options {
+        endpoint: a.s3_endpoint.clone(),
+        allow_http: a.s3_allow_http,
+        region: a.s3_region.clone(),
+    };
+    crate::lake::store::Sink::open(&a.sink, &s3).context("invalid --sink")
+}
+
+fn compact_options(t: &crate::cli::CompactTuning) -> crate::compact::CompactOptions {
+    crate::compact::CompactOptions {
+        memory_budget: t.compact_memory,
+        bucket_bytes: t.bucket_size,
+    }
+}
+
+/// `slotlake compact`: one pass over the chosen tables, or one every --interval until a
+/// signal. Fails (after finishing the other tables) when a table could not be compacted.
+pub async fn compact(a: crate::cli::CompactArgs) -> Result<()> {
+    let sink = sink_of(&a.sink)?;
+    let tables = a
+        .tables
+        .iter()
+        .map(|t| TableName::parse(t).map_err(|e| anyhow::anyhow!("--table {t:?}: {e}")))
+        .collect::<Result<Vec<_>>>()?;
+    let options = compact_options(&a.tuning);
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let signals = tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let mut failed = 0usize;
+    loop {
+        let started = std::time::Instant::now();
+        let pass = crate::compact::compact_all(&sink, &tables, &options).await?;
+        let elapsed = started.elapsed();
+        for (name, result) in &pass {
+            match result {
+                Ok(r) => match a.format {
+                    crate::cli::OutputFormat::Json => println!(
+                        "{}",
+                        serde_json::json!({
+                            "table": name.to_string(),
+                            "from_version": r.from_version,
+                            "to_version": r.to_version,
+                            "steps": r.steps,
+                            "changes": r.changes,
+                            "buckets_rewritten": r.buckets_rewritten,
+                            "buckets": r.buckets_total,
+                            "current_bytes_rewritten": r.current_bytes_rewritten,
+                            "current_bytes": r.current_bytes_total,
+                            "versions_closed": r.history_versions_closed,
+                        })
+                    ),
+                    crate::cli::OutputFormat::Table => println!(
+                        "{name}: {} changes in {} steps, {}/{} buckets rewritten ({} of {} bytes), change log through version {}",
+                        r.changes,
+                        r.steps,
+                        r.buckets_rewritten,
+                        r.buckets_total,
+                        r.current_bytes_rewritten,
+                        r.current_bytes_total,
+                        r.to_version.map_or("-".to_string(), |v| v.to_string()),
+                    ),
+                },
+                Err(e) => {
+                    failed += 1;
+                    eprintln!("{name}: {}", crate::pipeline::error_chain(e));
+                }
+            }
+        }
+        tracing::debug!(tables = pass.len(), elapsed_ms = elapsed.as_millis() as u64, "compaction pass");
+        let Some(interval) = a.interval else { break };
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = stop_rx.wait_for(|s| *s) => break,
+        }
+    }
+    signals.abort();
+    if failed > 0 {
+        anyhow::bail!("{failed} table(s) could not be compacted");
+    }
     Ok(())
 }
 

@@ -8,6 +8,7 @@
 pub mod batch;
 pub mod cli;
 pub mod commands;
+pub mod compact;
 pub mod config;
 pub mod lake;
 pub mod lsn;

@@ -59,6 +59,7 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
         Command::Tail(args) => commands::tail(args).await,
         Command::Run(args) => commands::run(args).await,
         Command::Setup(args) => commands::setup(args).await,
+        Command::Compact(args) => commands::compact(args).await,
     }
 }
 

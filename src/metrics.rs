@@ -35,6 +35,9 @@ pub struct Metrics {
     pub commit_to_durable: Histogram,
     pub tables_active: IntGauge,
     pub retries: IntCounterVec,
+    pub compactions: IntCounterVec,
+    pub compacted_changes: IntCounter,
+    pub compaction_duration: Histogram,
     pub slot_retained_wal_bytes: IntGauge,
     pub slot_safe_wal_bytes: IntGauge,
     pub slot_invalidated: IntGauge,
@@ -80,6 +83,14 @@ impl Metrics {
             &["stage"],
         )?;
         registry.register(Box::new(retries.clone()))?;
+        let compactions = IntCounterVec::new(
+            Opts::new(
+                "slotlake_compactions_total",
+                "Table compactions (change log into current and history tables), by result",
+            ),
+            &["result"],
+        )?;
+        registry.register(Box::new(compactions.clone()))?;
         let secs = vec![
             0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
         ];
@@ -126,10 +137,20 @@ impl Metrics {
             commit_to_durable: histogram(
                 "slotlake_commit_to_durable_seconds",
                 "Source commit timestamp to committed in the lake",
-                secs,
+                secs.clone(),
             )?,
             tables_active: gauge("slotlake_tables_active", "Tables with buffered changes")?,
             retries,
+            compactions,
+            compacted_changes: counter(
+                "slotlake_compacted_changes_total",
+                "Change-log rows folded into current and history tables",
+            )?,
+            compaction_duration: histogram(
+                "slotlake_compaction_duration_seconds",
+                "Time of one compaction pass over all tables",
+                secs.clone(),
+            )?,
             slot_retained_wal_bytes: gauge(
                 "slotlake_slot_retained_wal_bytes",
                 "WAL the slot holds on the source (current WAL position - restart_lsn)",

@@ -50,13 +50,17 @@ pub const OLD_PREFIX: &str = "_old_";
 /// column (`_op`, `_lsn`, `_seq`, `_xid`, `_commit_ts`, `_unchanged`, `_special`, or anything
 /// starting with `_old_`), in which case `<name>__source`.
 pub fn lake_column_name(source: &str) -> String {
-    let reserved = [OP, LSN, SEQ, XID, COMMIT_TS, UNCHANGED, SPECIAL].contains(&source)
-        || source.starts_with(OLD_PREFIX);
-    if reserved {
+    if is_metadata_column(source) {
         format!("{source}__source")
     } else {
         source.to_string()
     }
+}
+
+/// True for the change log's own columns (not source columns): `_op`, `_lsn`, `_seq`, `_xid`,
+/// `_commit_ts`, `_unchanged`, `_special` and the `_old_<k>` columns.
+pub fn is_metadata_column(name: &str) -> bool {
+    [OP, LSN, SEQ, XID, COMMIT_TS, UNCHANGED, SPECIAL].contains(&name) || name.starts_with(OLD_PREFIX)
 }
 
 /// The `_op` values.

@@ -411,7 +411,7 @@ impl ChangeLogTable {
 }
 
 /// The table schema widened by the fields `batch_schema` adds, or `None` when it adds none.
-fn widen(
+pub(crate) fn widen(
     table: &StructType,
     batch_schema: &SchemaRef,
 ) -> Result<Option<StructType>, DeltaTableError> {

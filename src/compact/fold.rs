@@ -1,0 +1,576 @@
+//! The compaction fold: change-log rows applied, in (`_lsn`, `_seq`) order, to the open
+//! versions of a set of keys. Pure: record batches in, record batches out, no I/O.
+//!
+//! State is one *version* per key: the key's current row (live) or a tombstone (the key was
+//! deleted; its later re-insert closes it). A version does not copy its values: it points at a
+//! row of a source batch (the open versions read back from the history table, or the changes),
+//! with per-column overrides for TOAST columns that Postgres did not send and that keep the
+//! previous version's value. Output columns are gathered with one `interleave` per column.
+//!
+//! | change                    | effect on the key's open version                               |
+//! |---------------------------|----------------------------------------------------------------|
+//! | `I`, `R`, `U`             | the open version (live or tombstone) is closed at the change's LSN; the new row opens |
+//! | `U` with a different old key | the old key's version is closed and a tombstone opens for it; then as above |
+//! | `D`                       | a live version is closed and a tombstone opens                 |
+//! | `T`                       | every live version is closed and a tombstone opens for each     |
+//!
+//! Tombstones carry the key and nulls elsewhere, with `_deleted = true`, so that the history
+//! table "as of LSN X" is `_valid_from_lsn <= X AND (_valid_to_lsn > X OR _valid_to_lsn IS
+//! NULL) AND NOT _deleted`, and the current table is the open versions that are not tombstones.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use deltalake::arrow::array::{
+    Array, ArrayRef, AsArray, BooleanArray, Int64Array, RecordBatch, TimestampMicrosecondArray,
+    UInt32Array,
+};
+use deltalake::arrow::compute::{interleave, lexsort_to_indices, take, SortColumn};
+use deltalake::arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef, TimeUnit};
+use deltalake::arrow::error::ArrowError;
+use deltalake::arrow::row::{RowConverter, Rows, SortField};
+
+use crate::batch::rows::{COMMIT_TS, LSN, OLD_PREFIX, OP, SEQ, UNCHANGED};
+use crate::types::arrow::UTC;
+
+pub const VALID_FROM_LSN: &str = "_valid_from_lsn";
+pub const VALID_TO_LSN: &str = "_valid_to_lsn";
+pub const VALID_FROM: &str = "_valid_from";
+pub const VALID_TO: &str = "_valid_to";
+pub const IS_CURRENT: &str = "_is_current";
+pub const DELETED: &str = "_deleted";
+
+#[derive(Debug, thiserror::Error)]
+pub enum FoldError {
+    #[error("change log column {0:?} is missing")]
+    MissingColumn(String),
+    #[error("change log column {column:?} has type {found}, expected {expected}")]
+    ColumnType {
+        column: String,
+        found: DataType,
+        expected: DataType,
+    },
+    #[error("unknown change-log operation {0:?}")]
+    UnknownOp(String),
+    #[error("too many rows for one compaction step")]
+    TooManyRows,
+    #[error(transparent)]
+    Arrow(#[from] ArrowError),
+}
+
+/// The source columns of a table and which of them form the key.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    /// Source columns, in change-log order, with their lake names and types (all nullable).
+    pub source: SchemaRef,
+    /// Indices into `source` of the key columns: the primary key or replica identity (the
+    /// columns that have an `_old_<k>` column in the change log), or every column when the
+    /// table has none.
+    pub key: Vec<usize>,
+}
+
+fn ts_type() -> DataType {
+    DataType::Timestamp(TimeUnit::Microsecond, Some(UTC.into()))
+}
+
+impl Layout {
+    /// Derives the layout from a change-log schema.
+    pub fn from_changelog(schema: &Schema) -> Layout {
+        let meta = crate::batch::rows::is_metadata_column;
+        let source: Vec<Field> = schema
+            .fields()
+            .iter()
+            .filter(|f| !meta(f.name()))
+            .map(|f| f.as_ref().clone().with_nullable(true))
+            .collect();
+        let mut key: Vec<usize> = source
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| {
+                schema
+                    .field_with_name(&format!("{OLD_PREFIX}{}", f.name()))
+                    .is_ok()
+            })
+            .map(|(i, _)| i)
+            .collect();
+        if key.is_empty() {
+            key = (0..source.len()).collect();
+        }
+        Layout {
+            source: Arc::new(Schema::new(source)),
+            key,
+        }
+    }
+
+    /// A stable description of the key (names and types): buckets are hashed from it, so a
+    /// change means the table's buckets must be re-hashed.
+    pub fn key_signature(&self) -> String {
+        self.key
+            .iter()
+            .map(|&i| {
+                let f = self.source.field(i);
+                format!("{}:{}", f.name(), f.data_type())
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The history table's schema: source columns + validity columns.
+    pub fn history_schema(&self) -> SchemaRef {
+        let mut fields: Vec<Field> = self.source.fields().iter().map(|f| f.as_ref().clone()).collect();
+        fields.extend([
+            Field::new(VALID_FROM_LSN, DataType::Int64, false),
+            Field::new(VALID_TO_LSN, DataType::Int64, true),
+            Field::new(VALID_FROM, ts_type(), false),
+            Field::new(VALID_TO, ts_type(), true),
+            Field::new(IS_CURRENT, DataType::Boolean, false),
+            Field::new(DELETED, DataType::Boolean, false),
+        ]);
+        Arc::new(Schema::new(fields))
+    }
+
+    /// The current table's schema: source columns + `_lsn`, `_commit_ts`.
+    pub fn current_schema(&self) -> SchemaRef {
+        let mut fields: Vec<Field> = self.source.fields().iter().map(|f| f.as_ref().clone()).collect();
+        fields.extend([
+            Field::new(LSN, DataType::Int64, false),
+            Field::new(COMMIT_TS, ts_type(), false),
+        ]);
+        Arc::new(Schema::new(fields))
+    }
+
+    fn key_converter(&self) -> Result<RowConverter, ArrowError> {
+        RowConverter::new(
+            self.key
+                .iter()
+                .map(|&i| SortField::new(self.source.field(i).data_type().clone()))
+                .collect(),
+        )
+    }
+
+    /// The key rows of `batch` (whose first columns are the source columns), for hashing.
+    pub fn key_rows(&self, batch: &RecordBatch, names: KeyNames) -> Result<Rows, FoldError> {
+        let converter = self.key_converter()?;
+        let cols = self.key_columns(batch, names)?;
+        Ok(converter.convert_columns(&cols)?)
+    }
+
+    fn key_columns(&self, batch: &RecordBatch, names: KeyNames) -> Result<Vec<ArrayRef>, FoldError> {
+        self.key
+            .iter()
+            .map(|&i| {
+                let f = self.source.field(i);
+                let name = match names {
+                    KeyNames::Row => f.name().clone(),
+                    KeyNames::Old => format!("{OLD_PREFIX}{}", f.name()),
+                };
+                column(batch, &name, f.data_type())
+            })
+            .collect()
+    }
+}
+
+/// Which columns hold a key: the row's own, or the `_old_<k>` columns of a change.
+#[derive(Debug, Clone, Copy)]
+pub enum KeyNames {
+    Row,
+    Old,
+}
+
+fn column(batch: &RecordBatch, name: &str, ty: &DataType) -> Result<ArrayRef, FoldError> {
+    let col = batch
+        .column_by_name(name)
+        .ok_or_else(|| FoldError::MissingColumn(name.to_string()))?;
+    if col.data_type() != ty {
+        return Err(FoldError::ColumnType {
+            column: name.to_string(),
+            found: col.data_type().clone(),
+            expected: ty.clone(),
+        });
+    }
+    Ok(col.clone())
+}
+
+/// The bucket hash of a key: FNV-1a over the key's Arrow row encoding, then a 64-bit
+/// finaliser. Buckets on storage depend on it: `tests` pin known values, so that a change
+/// of the row encoding (an Arrow upgrade) cannot silently re-bucket tables.
+pub fn key_hash(key: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    // splitmix64 finaliser: spreads FNV's weak high bits.
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 27;
+    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
+}
+
+type RowRef = (u32, u32);
+
+#[derive(Debug, Clone)]
+struct Version {
+    src: RowRef,
+    /// TOAST columns carried from an earlier version: (column index, where the value is).
+    overrides: Option<Box<[(u32, RowRef)]>>,
+    from_lsn: i64,
+    from_ts: i64,
+    deleted: bool,
+}
+
+impl Version {
+    fn value_ref(&self, col: u32) -> RowRef {
+        self.overrides
+            .as_ref()
+            .and_then(|o| o.iter().find(|(c, _)| *c == col).map(|(_, r)| *r))
+            .unwrap_or(self.src)
+    }
+}
+
+struct Closed {
+    v: Version,
+    to_lsn: i64,
+    to_ts: i64,
+}
+
+/// What a fold produces.
+pub struct FoldOutput {
+    /// The open versions (history schema), sorted by key hash.
+    pub open: RecordBatch,
+    /// The key hash of each row of `open`.
+    pub open_hashes: Vec<u64>,
+    /// Versions closed by this fold (history schema).
+    pub closed: RecordBatch,
+    /// Changes applied.
+    pub changes: usize,
+}
+
+impl FoldOutput {
+    /// The current table's rows: the open versions that are not tombstones.
+    pub fn current(&self, layout: &Layout) -> Result<RecordBatch, FoldError> {
+        current_rows(layout, &self.open)
+    }
+}
+
+/// The current table's rows of a batch of open history versions.
+pub fn current_rows(layout: &Layout, open: &RecordBatch) -> Result<RecordBatch, FoldError> {
+    let deleted = open
+        .column_by_name(DELETED)
+        .ok_or_else(|| FoldError::MissingColumn(DELETED.into()))?
+        .as_boolean_opt()
+        .ok_or_else(|| FoldError::MissingColumn(DELETED.into()))?;
+    let live = deltalake::arrow::compute::not(deleted)?;
+    let kept = deltalake::arrow::compute::filter_record_batch(open, &live)?;
+    let n = layout.source.fields().len();
+    let mut cols: Vec<ArrayRef> = kept.columns()[..n].to_vec();
+    cols.push(kept.column(n).clone()); // _valid_from_lsn → _lsn
+    cols.push(kept.column(n + 2).clone()); // _valid_from → _commit_ts
+    Ok(RecordBatch::try_new(layout.current_schema(), cols)?)
+}
+
+/// Applies `changes` (change-log rows already conformed to `layout`: the source columns, then
+/// `_op`, `_lsn`, `_seq`, `_commit_ts`, `_unchanged` and the `_old_<k>` columns, in any order
+/// of rows) to `base` (open versions in the history schema).
+pub fn fold(
+    layout: &Layout,
+    base: &[RecordBatch],
+    changes: &RecordBatch,
+) -> Result<FoldOutput, FoldError> {
+    let ncols = layout.source.fields().len();
+    let converter = layout.key_converter()?;
+    let mut state: HashMap<Box<[u8]>, Version> = HashMap::new();
+    let mut sources: Vec<&RecordBatch> = Vec::with_capacity(base.len() + 2);
+
+    for batch in base {
+        let src = u32::try_from(sources.len()).map_err(|_| FoldError::TooManyRows)?;
+        sources.push(batch);
+        let keys = converter.convert_columns(&layout.key_columns(batch, KeyNames::Row)?)?;
+        let from_lsn = int64(batch, VALID_FROM_LSN)?;
+        let from_ts = timestamps(batch, VALID_FROM)?;
+        let deleted = bools(batch, DELETED)?;
+        for row in 0..batch.num_rows() {
+            let r = u32::try_from(row).map_err(|_| FoldError::TooManyRows)?;
+            state.insert(
+                keys.row(row).as_ref().into(),
+                Version {
+                    src: (src, r),
+                    overrides: None,
+                    from_lsn: from_lsn.value(row),
+                    from_ts: from_ts.value(row),
+                    deleted: deleted.value(row),
+                },
+            );
+        }
+    }
+
+    let change_src = u32::try_from(sources.len()).map_err(|_| FoldError::TooManyRows)?;
+    sources.push(changes);
+    let mut closed: Vec<Closed> = Vec::new();
+    let n = changes.num_rows();
+    if n > 0 {
+        let keys = converter.convert_columns(&layout.key_columns(changes, KeyNames::Row)?)?;
+        let old_cols = layout.key_columns(changes, KeyNames::Old)?;
+        let old_keys = converter.convert_columns(&old_cols)?;
+        let has_old: Vec<bool> = (0..n)
+            .map(|i| old_cols.iter().any(|c| c.is_valid(i)))
+            .collect();
+        let ops = changes
+            .column_by_name(OP)
+            .and_then(|c| c.as_string_opt::<i32>())
+            .ok_or_else(|| FoldError::MissingColumn(OP.into()))?;
+        let lsn = int64(changes, LSN)?;
+        let seq = int64(changes, SEQ)?;
+        let ts = timestamps(changes, COMMIT_TS)?;
+        let unchanged = changes
+            .column_by_name(UNCHANGED)
+            .and_then(|c| c.as_list_opt::<i32>())
+            .ok_or_else(|| FoldError::MissingColumn(UNCHANGED.into()))?;
+        let col_index: HashMap<&str, u32> = layout
+            .source
+            .fields()
+            .iter()
+            .enumerate()
+            .map(|(i, f)| (f.name().as_str(), i as u32))
+            .collect();
+        let order = lexsort_to_indices(
+            &[
+                SortColumn {
+                    values: Arc::new(lsn.clone()),
+                    options: None,
+                },
+                SortColumn {
+                    values: Arc::new(seq.clone()),
+                    options: None,
+                },
+            ],
+            None,
+        )?;
+        for &row in order.values() {
+            let i = row as usize;
+            let (l, t) = (lsn.value(i), ts.value(i));
+            let close = |v: Version, closed: &mut Vec<Closed>| {
+                closed.push(Closed {
+                    v,
+                    to_lsn: l,
+                    to_ts: t,
+                })
+            };
+            match ops.value(i) {
+                "I" | "R" | "U" => {
+                    let key = keys.row(i);
+                    let mut carried_from: Option<Version> = None;
+                    if has_old[i] && old_keys.row(i) != key {
+                        // The key changed: the old key's row ends here.
+                        if let Some(prev) = state.remove(old_keys.row(i).as_ref()) {
+                            if !prev.deleted {
+                                carried_from = Some(prev.clone());
+                                let tomb = Version {
+                                    from_lsn: l,
+                                    from_ts: t,
+                                    deleted: true,
+                                    ..prev.clone()
+                                };
+                                close(prev, &mut closed);
+                                state.insert(old_keys.row(i).as_ref().into(), tomb);
+                            } else {
+                                state.insert(old_keys.row(i).as_ref().into(), prev);
+                            }
+                        }
+                    }
+                    let prev = state.remove(key.as_ref());
+                    if carried_from.is_none() {
+                        carried_from = prev.as_ref().filter(|p| !p.deleted).cloned();
+                    }
+                    if let Some(prev) = prev {
+                        close(prev, &mut closed);
+                    }
+                    let mut overrides = Vec::new();
+                    if unchanged.is_valid(i) {
+                        let names = unchanged.value(i);
+                        let names = names.as_string::<i32>();
+                        for name in names.iter().flatten() {
+                            if let Some(&c) = col_index.get(name) {
+                                // No earlier version known: the value stays null.
+                                if let Some(p) = &carried_from {
+                                    overrides.push((c, p.value_ref(c)));
+                                }
+                            }
+                        }
+                    }
+                    state.insert(
+                        key.as_ref().into(),
+                        Version {
+                            src: (change_src, row),
+                            overrides: (!overrides.is_empty()).then(|| overrides.into()),
+                            from_lsn: l,
+                            from_ts: t,
+                            deleted: false,
+                        },
+                    );
+                }
+                "D" => {
+                    let key = keys.row(i);
+                    if let Some(prev) = state.get_mut(key.as_ref()) {
+                        if !prev.deleted {
+                            let tomb = Version {
+                                from_lsn: l,
+                                from_ts: t,
+                                deleted: true,
+                                ..prev.clone()
+                            };
+                            let ended = std::mem::replace(prev, tomb);
+                            close(ended, &mut closed);
+                        }
+                    }
+                }
+                "T" => {
+                    for v in state.values_mut() {
+                        if !v.deleted {
+                            let tomb = Version {
+                                from_lsn: l,
+                                from_ts: t,
+                                deleted: true,
+                                ..v.clone()
+                            };
+                            let ended = std::mem::replace(v, tomb);
+                            closed.push(Closed {
+                                v: ended,
+                                to_lsn: l,
+                                to_ts: t,
+                            });
+                        }
+                    }
+                }
+                other => return Err(FoldError::UnknownOp(other.to_string())),
+            }
+        }
+    }
+
+    // Open versions, sorted by key hash (then key bytes, for a deterministic order).
+    let mut open: Vec<(u64, Box<[u8]>, Version)> = state
+        .into_iter()
+        .map(|(k, v)| (key_hash(&k), k, v))
+        .collect();
+    open.sort_unstable_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+    let open_hashes: Vec<u64> = open.iter().map(|o| o.0).collect();
+    let null_src = u32::try_from(sources.len()).map_err(|_| FoldError::TooManyRows)?;
+    let nulls: Vec<ArrayRef> = layout
+        .source
+        .fields()
+        .iter()
+        .map(|f| deltalake::arrow::array::new_null_array(f.data_type(), 1))
+        .collect();
+    let gather = Gather {
+        layout,
+        sources: &sources,
+        nulls: &nulls,
+        null_src,
+        ncols,
+    };
+    let open_batch = gather.batch(open.iter().map(|o| (&o.2, None)))?;
+    let closed_batch = gather.batch(closed.iter().map(|c| (&c.v, Some((c.to_lsn, c.to_ts)))))?;
+    Ok(FoldOutput {
+        open: open_batch,
+        open_hashes,
+        closed: closed_batch,
+        changes: n,
+    })
+}
+
+struct Gather<'a> {
+    layout: &'a Layout,
+    sources: &'a [&'a RecordBatch],
+    nulls: &'a [ArrayRef],
+    null_src: u32,
+    ncols: usize,
+}
+
+impl Gather<'_> {
+    /// The history rows of `versions` (`Some((to_lsn, to_ts))` for closed ones).
+    fn batch<'v>(
+        &self,
+        versions: impl Iterator<Item = (&'v Version, Option<(i64, i64)>)> + Clone,
+    ) -> Result<RecordBatch, FoldError> {
+        let versions: Vec<(&Version, Option<(i64, i64)>)> = versions.collect();
+        let mut cols: Vec<ArrayRef> = Vec::with_capacity(self.ncols + 6);
+        for c in 0..self.ncols {
+            let is_key = self.layout.key.contains(&c);
+            let mut arrays: Vec<&dyn Array> = self
+                .sources
+                .iter()
+                .map(|b| b.column(c).as_ref())
+                .collect();
+            arrays.push(self.nulls[c].as_ref());
+            let indices: Vec<(usize, usize)> = versions
+                .iter()
+                .map(|(v, _)| {
+                    let (s, r) = if v.deleted && !is_key {
+                        (self.null_src, 0)
+                    } else {
+                        v.value_ref(c as u32)
+                    };
+                    (s as usize, r as usize)
+                })
+                .collect();
+            cols.push(interleave(&arrays, &indices)?);
+        }
+        cols.push(Arc::new(Int64Array::from_iter_values(
+            versions.iter().map(|(v, _)| v.from_lsn),
+        )));
+        cols.push(Arc::new(Int64Array::from_iter(
+            versions.iter().map(|(_, to)| to.map(|t| t.0)),
+        )));
+        cols.push(Arc::new(
+            TimestampMicrosecondArray::from_iter_values(versions.iter().map(|(v, _)| v.from_ts))
+                .with_timezone(UTC),
+        ));
+        cols.push(Arc::new(
+            TimestampMicrosecondArray::from_iter(versions.iter().map(|(_, to)| to.map(|t| t.1)))
+                .with_timezone(UTC),
+        ));
+        cols.push(Arc::new(BooleanArray::from_iter(
+            versions.iter().map(|(_, to)| Some(to.is_none())),
+        )));
+        cols.push(Arc::new(BooleanArray::from_iter(
+            versions.iter().map(|(v, _)| Some(v.deleted)),
+        )));
+        Ok(RecordBatch::try_new(self.layout.history_schema(), cols)?)
+    }
+}
+
+fn int64<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a Int64Array, FoldError> {
+    batch
+        .column_by_name(name)
+        .and_then(|c| c.as_primitive_opt::<Int64Type>())
+        .ok_or_else(|| FoldError::MissingColumn(name.into()))
+}
+
+fn timestamps<'a>(
+    batch: &'a RecordBatch,
+    name: &str,
+) -> Result<&'a TimestampMicrosecondArray, FoldError> {
+    batch
+        .column_by_name(name)
+        .and_then(|c| c.as_any().downcast_ref::<TimestampMicrosecondArray>())
+        .ok_or_else(|| FoldError::MissingColumn(name.into()))
+}
+
+fn bools<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a BooleanArray, FoldError> {
+    batch
+        .column_by_name(name)
+        .and_then(|c| c.as_boolean_opt())
+        .ok_or_else(|| FoldError::MissingColumn(name.into()))
+}
+
+/// Rows `indices` of `batch`.
+pub fn take_rows(batch: &RecordBatch, indices: &[u32]) -> Result<RecordBatch, FoldError> {
+    let idx = UInt32Array::from(indices.to_vec());
+    let cols = batch
+        .columns()
+        .iter()
+        .map(|c| take(c.as_ref(), &idx, None))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(RecordBatch::try_new(batch.schema(), cols)?)
+}

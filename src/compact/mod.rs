@@ -1,0 +1,1068 @@
+//! Compaction: each table's change log folded into a current-state table (SCD1) at
+//! `<sink>/current/<schema>/<table>/` and a history table (SCD2) at
+//! `<sink>/history/<schema>/<table>/`.
+//!
+//! **Incremental.** Both targets carry a Delta `txn` action (app id [`APP_ID`], version = the
+//! change-log version compacted through). A run reads only the change-log commits after it,
+//! in steps that fit the memory budget; each step commits the history table, then the current
+//! table. A crash between the two is repaired by the next run before anything else: the
+//! current table is a pure function of the history table's open versions (each current file is
+//! derived from one open-history file with the same id), so it is rebuilt from them.
+//!
+//! **Buckets.** Open versions are clustered by a hash of the key ([`fold::key_hash`]) into
+//! buckets, each one file of the current table and one "open" file of the history table,
+//! named after the hash range they hold (`b<lo>-<hi>-<id>.parquet`,
+//! `open-<key signature>-<lo>-<hi>-<id>.parquet`). A step rewrites only the buckets its
+//! changes touch; a bucket that grows past the bucket size splits in two. Versions closed by a
+//! step are appended to the history table as `closed-<id>.parquet` and never rewritten. A small
+//! table is one bucket: one file in each target. A truncate touches every bucket; a
+//! key-changing update whose old and new keys hash to different buckets merges those two into
+//! one unit of work (values of unchanged TOAST columns travel with the row).
+//!
+//! **Order.** Within a step, changes are applied in (`_lsn`, `_seq`) order whatever the file
+//! order; steps follow the change-log versions, which are in commit-LSN order.
+
+pub mod fold;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use futures::StreamExt;
+
+use deltalake::arrow::array::{new_null_array, ArrayRef, RecordBatch};
+use deltalake::arrow::compute::{cast, concat_batches};
+use deltalake::arrow::datatypes::{Field, Schema, SchemaRef};
+use deltalake::kernel::engine::arrow_conversion::{TryIntoArrow, TryIntoKernel};
+use deltalake::kernel::transaction::CommitData;
+use deltalake::kernel::{Action, Add, Metadata, MetadataExt, Remove, StructType, Transaction};
+use deltalake::logstore::{CommitOrBytes, LogStoreRef};
+use deltalake::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use deltalake::parquet::arrow::async_writer::AsyncArrowWriter;
+use object_store::buffered::BufWriter;
+use deltalake::protocol::{DeltaOperation, SaveMode};
+use deltalake::DeltaTable;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt};
+use uuid::Uuid;
+
+use crate::batch::rows::{COMMIT_TS, LSN, OLD_PREFIX, OP, SEQ, UNCHANGED};
+use crate::lake::changelog::writer_properties;
+use crate::lake::store::Sink;
+use crate::replication::sql::TableName;
+use fold::{FoldError, KeyNames, Layout};
+
+/// The `txn` app id compaction records in the current and history tables.
+pub const APP_ID: &str = "slotlake-compact";
+
+/// Commits between Delta checkpoints of the compacted tables.
+const CHECKPOINT_INTERVAL: u64 = 50;
+
+/// Rows per batch when reading Parquet.
+const READ_BATCH_ROWS: usize = 64 * 1024;
+
+/// Arrow bytes per byte of change-log Parquet, to size steps before reading them (measured on
+/// the bench workload: zstd Parquet of integer and short text columns expands ~4×).
+const PARQUET_EXPANSION: u64 = 4;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CompactError {
+    #[error("compaction of {table}: {action} failed")]
+    Failed {
+        table: String,
+        action: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("compaction of {table}: {target} table changed underneath (another compactor?); retry")]
+    Conflict { table: String, target: &'static str },
+    #[error("compaction of {table}: the change log at version {version} is not readable any more (vacuumed before it was compacted?)")]
+    MissingCommit { table: String, version: u64 },
+}
+
+impl CompactError {
+    /// Worth retrying: storage errors and lost races, not bad data.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            CompactError::Conflict { .. } => true,
+            CompactError::Failed { source, .. } => !source.is::<FoldError>(),
+            CompactError::MissingCommit { .. } => false,
+        }
+    }
+}
+
+/// Compaction settings.
+#[derive(Debug, Clone)]
+pub struct CompactOptions {
+    /// Memory for one step's changes and the buckets they touch.
+    pub memory_budget: u64,
+    /// Arrow bytes of open versions above which a bucket splits.
+    pub bucket_bytes: u64,
+}
+
+impl Default for CompactOptions {
+    fn default() -> Self {
+        CompactOptions {
+            memory_budget: 512 << 20,
+            bucket_bytes: 128 << 20,
+        }
+    }
+}
+
+/// What one table's compaction did.
+#[derive(Debug, Default, Clone)]
+pub struct TableReport {
+    pub table: String,
+    /// Change-log version compacted through, before and after.
+    pub from_version: Option<u64>,
+    pub to_version: Option<u64>,
+    pub steps: u64,
+    pub changes: u64,
+    /// Current-table buckets rewritten and their bytes, of the table's total after the run.
+    pub buckets_rewritten: u64,
+    pub buckets_total: u64,
+    pub current_bytes_rewritten: u64,
+    pub current_bytes_total: u64,
+    pub history_versions_closed: u64,
+}
+
+/// Tables that have a change log under `sink`.
+pub async fn list_tables(sink: &Sink) -> Result<Vec<TableName>, CompactError> {
+    let err = |source: object_store::Error| CompactError::Failed {
+        table: "*".into(),
+        action: "list change logs",
+        source: Box::new(source),
+    };
+    let root = sink.table_path(&["changes"]);
+    let store = sink.root();
+    let schemas = store.list_with_delimiter(Some(&root)).await.map_err(err)?;
+    let mut tables = Vec::new();
+    for schema_dir in schemas.common_prefixes {
+        let listing = store
+            .list_with_delimiter(Some(&schema_dir))
+            .await
+            .map_err(err)?;
+        for table_dir in listing.common_prefixes {
+            let (Some(schema), Some(table)) = (schema_dir.filename(), table_dir.filename()) else {
+                continue;
+            };
+            let log = table_dir.clone().join("_delta_log");
+            if store.list(Some(&log)).next().await.is_some() {
+                tables.push(TableName {
+                    schema: decode(schema),
+                    name: decode(table),
+                });
+            }
+        }
+    }
+    tables.sort_by(|a, b| (&a.schema, &a.name).cmp(&(&b.schema, &b.name)));
+    Ok(tables)
+}
+
+fn decode(segment: &str) -> String {
+    percent_encoding::percent_decode_str(segment)
+        .decode_utf8_lossy()
+        .into_owned()
+}
+
+/// One compacted table (current or history) as this run sees it.
+struct Target {
+    kind: &'static str,
+    log_store: LogStoreRef,
+    store: Arc<dyn ObjectStore>,
+    /// `None` until the table exists.
+    version: Option<u64>,
+    metadata: Option<Metadata>,
+    /// Change-log version compacted through.
+    txn: Option<u64>,
+    /// Data files: path → (size, rows).
+    files: BTreeMap<String, (i64, Option<usize>)>,
+}
+
+struct Ctx<'a> {
+    sink: &'a Sink,
+    name: &'a TableName,
+    table: String,
+}
+
+impl Ctx<'_> {
+    fn fail<E: std::error::Error + Send + Sync + 'static>(
+        &self,
+        action: &'static str,
+    ) -> impl FnOnce(E) -> CompactError + '_ {
+        move |source| CompactError::Failed {
+            table: self.table.clone(),
+            action,
+            source: Box::new(source),
+        }
+    }
+
+    async fn load(&self, kind: &'static str) -> Result<Target, CompactError> {
+        let path = self.sink.table_path(&[kind, &self.name.schema, &self.name.name]);
+        let (log_store, store, _) = self.sink.table_store(&path);
+        let mut target = Target {
+            kind,
+            log_store: log_store.clone(),
+            store: store.clone(),
+            version: None,
+            metadata: None,
+            txn: None,
+            files: BTreeMap::new(),
+        };
+        if store
+            .list(Some(&Path::from("_delta_log")))
+            .next()
+            .await
+            .is_none()
+        {
+            return Ok(target);
+        }
+        let mut table = DeltaTable::new(log_store.clone());
+        table.load().await.map_err(self.fail("load"))?;
+        let snapshot = table.snapshot().map_err(self.fail("load"))?;
+        target.version = Some(snapshot.version());
+        target.metadata = Some(snapshot.metadata().clone());
+        target.txn = snapshot
+            .transaction_version(log_store.as_ref(), APP_ID)
+            .await
+            .map_err(self.fail("read txn version"))?
+            .map(|v| v as u64);
+        for f in snapshot.log_data().iter() {
+            target
+                .files
+                .insert(f.path().into_owned(), (f.size(), f.num_records()));
+        }
+        Ok(target)
+    }
+
+    /// Commits `adds`/`removes` with `txn` to `target`, creating it (with `schema`) first if
+    /// needed and widening its schema when `schema` has new columns.
+    async fn commit(
+        &self,
+        target: &mut Target,
+        schema: &SchemaRef,
+        adds: Vec<Add>,
+        removes: Vec<Remove>,
+        txn: u64,
+    ) -> Result<(), CompactError> {
+        let kernel: StructType = schema
+            .as_ref()
+            .try_into_kernel()
+            .map_err(self.fail("schema conversion"))?;
+        if target.version.is_none() {
+            let created = deltalake::operations::create::CreateBuilder::new()
+                .with_log_store(target.log_store.clone())
+                .with_table_name(self.name.name.clone())
+                .with_comment(format!("slotlake {} table of {}", target.kind, self.name))
+                .with_columns(kernel.fields().cloned())
+                .await;
+            match created {
+                Ok(t) => {
+                    let snapshot = t.snapshot().map_err(self.fail("create"))?;
+                    target.version = Some(snapshot.version());
+                    target.metadata = Some(snapshot.metadata().clone());
+                }
+                Err(_) => {
+                    return Err(CompactError::Conflict {
+                        table: self.table.clone(),
+                        target: target.kind,
+                    })
+                }
+            }
+        }
+        let (Some(version), Some(metadata)) = (target.version, target.metadata.clone()) else {
+            return Err(CompactError::Conflict {
+                table: self.table.clone(),
+                target: target.kind,
+            });
+        };
+        let mut actions: Vec<Action> = Vec::with_capacity(adds.len() + removes.len() + 1);
+        let current = metadata.parse_schema().map_err(self.fail("schema"))?;
+        let mut new_metadata = None;
+        if let Some(widened) = crate::lake::changelog::widen(&current, schema)
+            .map_err(self.fail("schema evolution"))?
+        {
+            let m = metadata
+                .with_schema(&widened)
+                .map_err(self.fail("schema evolution"))?;
+            actions.push(Action::Metadata(m.clone()));
+            new_metadata = Some(m);
+        }
+        for r in &removes {
+            target.files.remove(&r.path);
+        }
+        for a in &adds {
+            target
+                .files
+                .insert(a.path.clone(), (a.size, Some(num_records(a))));
+        }
+        actions.extend(removes.into_iter().map(Action::Remove));
+        actions.extend(adds.into_iter().map(Action::Add));
+        let data = CommitData::new(
+            actions,
+            DeltaOperation::Write {
+                mode: SaveMode::Append,
+                partition_by: None,
+                predicate: None,
+            },
+            HashMap::new(),
+            vec![Transaction::new(APP_ID, txn as i64)],
+        );
+        let bytes = data.get_bytes().map_err(self.fail("serialize commit"))?;
+        let next = version + 1;
+        target
+            .log_store
+            .write_commit_entry(next, CommitOrBytes::LogBytes(bytes), Uuid::new_v4())
+            .await
+            .map_err(|e| match e {
+                deltalake::kernel::transaction::TransactionError::VersionAlreadyExists(_) => {
+                    CompactError::Conflict {
+                        table: self.table.clone(),
+                        target: target.kind,
+                    }
+                }
+                other => CompactError::Failed {
+                    table: self.table.clone(),
+                    action: "commit",
+                    source: Box::new(other),
+                },
+            })?;
+        target.version = Some(next);
+        if let Some(m) = new_metadata {
+            target.metadata = Some(m);
+        }
+        target.txn = Some(txn);
+        if next.is_multiple_of(CHECKPOINT_INTERVAL) {
+            let mut table = DeltaTable::new(target.log_store.clone());
+            let done = match table.load_version(next).await {
+                Ok(()) => deltalake::checkpoints::create_checkpoint(&table, None).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = done {
+                tracing::warn!(table = %self.table, target = target.kind, error = %e, "cannot write a checkpoint");
+            }
+        }
+        Ok(())
+    }
+
+    async fn read_parquet(
+        &self,
+        store: &Arc<dyn ObjectStore>,
+        path: &str,
+        size: Option<u64>,
+        schema: &SchemaRef,
+    ) -> Result<Vec<RecordBatch>, CompactError> {
+        let location = Path::parse(path).map_err(self.fail("file path"))?;
+        // One GET per file: files are bounded by the bucket size or the change log's target
+        // file size, and one request beats many ranged ones on S3.
+        let _ = size;
+        let bytes = store
+            .get(&location)
+            .await
+            .map_err(self.fail("read Parquet"))?
+            .bytes()
+            .await
+            .map_err(self.fail("read Parquet"))?;
+        let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
+            .map_err(self.fail("read Parquet"))?
+            .with_batch_size(READ_BATCH_ROWS)
+            .build()
+            .map_err(self.fail("read Parquet"))?;
+        let batches: Vec<RecordBatch> = reader
+            .collect::<Result<_, _>>()
+            .map_err(self.fail("read Parquet"))?;
+        batches
+            .iter()
+            .map(|b| conform(b, schema).map_err(self.fail("conform schema")))
+            .collect()
+    }
+
+    async fn write_parquet(
+        &self,
+        target: &Target,
+        file: String,
+        batch: &RecordBatch,
+    ) -> Result<Add, CompactError> {
+        let location = Path::from(file.as_str());
+        let writer = BufWriter::new(target.store.clone(), location);
+        let mut w = AsyncArrowWriter::try_new(writer, batch.schema(), Some(writer_properties()))
+            .map_err(self.fail("write Parquet"))?;
+        w.write(batch).await.map_err(self.fail("write Parquet"))?;
+        w.finish().await.map_err(self.fail("write Parquet"))?;
+        let size = w.bytes_written() as i64;
+        Ok(Add {
+            path: file,
+            partition_values: HashMap::new(),
+            size,
+            modification_time: now_millis(),
+            data_change: true,
+            stats: Some(format!("{{\"numRecords\":{}}}", batch.num_rows())),
+            tags: None,
+            deletion_vector: None,
+            base_row_id: None,
+            default_row_commit_version: None,
+            clustering_provider: None,
+        })
+    }
+}
+
+fn now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn num_records(add: &Add) -> usize {
+    add.stats
+        .as_deref()
+        .and_then(|s| serde_json::from_str::<serde_json::Value>(s).ok())
+        .and_then(|v| v.get("numRecords").and_then(|n| n.as_u64()))
+        .unwrap_or(0) as usize
+}
+
+fn remove_of(path: &str, size: i64) -> Remove {
+    Remove {
+        path: path.to_string(),
+        data_change: true,
+        deletion_timestamp: Some(now_millis()),
+        extended_file_metadata: Some(true),
+        partition_values: Some(HashMap::new()),
+        size: Some(size),
+        tags: None,
+        deletion_vector: None,
+        base_row_id: None,
+        default_row_commit_version: None,
+    }
+}
+
+/// `batch` with exactly `schema`'s columns: missing ones null, others cast by name.
+pub fn conform(
+    batch: &RecordBatch,
+    schema: &SchemaRef,
+) -> Result<RecordBatch, deltalake::arrow::error::ArrowError> {
+    let cols = schema
+        .fields()
+        .iter()
+        .map(|f| match batch.column_by_name(f.name()) {
+            Some(c) if c.data_type() == f.data_type() => Ok(c.clone()),
+            Some(c) => cast(c, f.data_type()),
+            None => Ok(new_null_array(f.data_type(), batch.num_rows())),
+        })
+        .collect::<Result<Vec<ArrayRef>, _>>()?;
+    RecordBatch::try_new_with_options(
+        schema.clone(),
+        cols,
+        &deltalake::arrow::array::RecordBatchOptions::new().with_row_count(Some(batch.num_rows())),
+    )
+}
+
+/// The change columns the fold needs, in the layout's types.
+fn change_schema(layout: &Layout, changelog: &Schema) -> SchemaRef {
+    let mut fields: Vec<Field> = layout
+        .source
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone())
+        .collect();
+    for name in [OP, LSN, SEQ, COMMIT_TS, UNCHANGED] {
+        if let Ok(f) = changelog.field_with_name(name) {
+            fields.push(f.clone());
+        }
+    }
+    for &k in &layout.key {
+        let f = layout.source.field(k);
+        fields.push(Field::new(
+            format!("{OLD_PREFIX}{}", f.name()),
+            f.data_type().clone(),
+            true,
+        ));
+    }
+    Arc::new(Schema::new(fields))
+}
+
+/// A bucket: an inclusive key-hash range and, when it exists on storage, its files.
+#[derive(Debug, Clone)]
+struct Bucket {
+    lo: u64,
+    hi: u64,
+    /// The open-history file and the current file with their sizes.
+    open: Option<(String, i64)>,
+    current: Option<(String, i64)>,
+    /// Key signature the bucket was hashed with.
+    signature: String,
+}
+
+fn signature_tag(layout: &Layout) -> String {
+    format!("{:08x}", fold::key_hash(layout.key_signature().as_bytes()) as u32)
+}
+
+fn open_name(sig: &str, lo: u64, hi: u64, id: &str) -> String {
+    format!("open-{sig}-{lo:016x}-{hi:016x}-{id}.parquet")
+}
+
+fn current_name(lo: u64, hi: u64, id: &str) -> String {
+    format!("b{lo:016x}-{hi:016x}-{id}.parquet")
+}
+
+/// Parses `open-<sig>-<lo>-<hi>-<id>.parquet` into (sig, lo, hi, id).
+fn parse_open(path: &str) -> Option<(String, u64, u64, String)> {
+    let rest = path.strip_prefix("open-")?.strip_suffix(".parquet")?;
+    let mut parts = rest.splitn(4, '-');
+    let sig = parts.next()?.to_string();
+    let lo = u64::from_str_radix(parts.next()?, 16).ok()?;
+    let hi = u64::from_str_radix(parts.next()?, 16).ok()?;
+    Some((sig, lo, hi, parts.next()?.to_string()))
+}
+
+fn find(parent: &mut [usize], mut x: usize) -> usize {
+    while parent[x] != x {
+        parent[x] = parent[parent[x]];
+        x = parent[x];
+    }
+    x
+}
+
+/// Compacts one table through the change log's latest version.
+pub async fn compact_table(
+    sink: &Sink,
+    name: &TableName,
+    options: &CompactOptions,
+) -> Result<TableReport, CompactError> {
+    let ctx = Ctx {
+        sink,
+        name,
+        table: name.to_string(),
+    };
+    let mut report = TableReport {
+        table: ctx.table.clone(),
+        ..Default::default()
+    };
+    let changes_path = sink.table_path(&["changes", &name.schema, &name.name]);
+    let (changes_log, changes_store, _) = sink.table_store(&changes_path);
+    let mut changes_table = DeltaTable::new(changes_log.clone());
+    changes_table
+        .load()
+        .await
+        .map_err(ctx.fail("load change log"))?;
+    let snapshot = changes_table
+        .snapshot()
+        .map_err(ctx.fail("load change log"))?;
+    let latest = snapshot.version();
+    let kernel_schema = snapshot.schema();
+    let changelog_schema: Schema = kernel_schema
+        .as_ref()
+        .try_into_arrow()
+        .map_err(ctx.fail("change-log schema"))?;
+    drop(changes_table);
+    let layout = Layout::from_changelog(&changelog_schema);
+    let change_schema = change_schema(&layout, &changelog_schema);
+    let history_schema = layout.history_schema();
+    let current_schema = layout.current_schema();
+
+    let mut history = ctx.load("history").await?;
+    let mut current = ctx.load("current").await?;
+    report.from_version = history.txn;
+    repair_current(&ctx, &layout, &history, &mut current).await?;
+
+    let mut next = history.txn.map_or(0, |v| v + 1);
+    while next <= latest {
+        // Gather the commits of one step.
+        let mut files: Vec<(String, i64)> = Vec::new();
+        let mut estimate: u64 = 0;
+        let mut last = next;
+        let mut v = next;
+        while v <= latest {
+            let bytes = changes_log
+                .read_commit_entry(v)
+                .await
+                .map_err(ctx.fail("read change-log commit"))?
+                .ok_or(CompactError::MissingCommit {
+                    table: ctx.table.clone(),
+                    version: v,
+                })?;
+            let adds = commit_adds(&bytes).map_err(ctx.fail("parse change-log commit"))?;
+            let size: u64 = adds.iter().map(|a| a.1.max(0) as u64).sum();
+            if v > next && estimate + size * PARQUET_EXPANSION > options.memory_budget / 2 {
+                break;
+            }
+            estimate += size * PARQUET_EXPANSION;
+            files.extend(adds);
+            last = v;
+            v += 1;
+        }
+        let stepped = step(
+            &ctx,
+            &layout,
+            &change_schema,
+            &history_schema,
+            &current_schema,
+            &changes_store,
+            files,
+            last,
+            &mut history,
+            &mut current,
+            options,
+        )
+        .await?;
+        report.steps += 1;
+        report.changes += stepped.changes;
+        report.buckets_rewritten += stepped.buckets_rewritten;
+        report.current_bytes_rewritten += stepped.bytes_rewritten;
+        report.history_versions_closed += stepped.closed;
+        next = last + 1;
+    }
+    report.to_version = history.txn;
+    report.buckets_total = current.files.len() as u64;
+    report.current_bytes_total = current.files.values().map(|f| f.0.max(0) as u64).sum();
+    Ok(report)
+}
+
+/// Data files a change-log commit adds (path, size), skipping rewrites (`dataChange: false`).
+fn commit_adds(bytes: &[u8]) -> Result<Vec<(String, i64)>, serde_json::Error> {
+    let mut adds = Vec::new();
+    for line in bytes.split(|b| *b == b'\n') {
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_slice(line)?;
+        if let Some(add) = v.get("add") {
+            if add.get("dataChange").and_then(|d| d.as_bool()) == Some(false) {
+                continue;
+            }
+            if let Some(path) = add.get("path").and_then(|p| p.as_str()) {
+                let size = add.get("size").and_then(|s| s.as_i64()).unwrap_or(0);
+                adds.push((path.to_string(), size));
+            }
+        }
+    }
+    Ok(adds)
+}
+
+/// The buckets of a table, from its history files.
+fn buckets(history: &Target, current: &Target) -> Vec<Bucket> {
+    let mut current_by_id: HashMap<String, (String, i64)> = HashMap::new();
+    for (path, (size, _)) in &current.files {
+        // b<lo>-<hi>-<id>: the id (a uuid) has dashes of its own.
+        if let Some(rest) = path.strip_prefix('b').and_then(|p| p.strip_suffix(".parquet")) {
+            if let Some(id) = rest.splitn(3, '-').nth(2) {
+                current_by_id.insert(id.to_string(), (path.clone(), *size));
+            }
+        }
+    }
+    let mut out: Vec<Bucket> = history
+        .files
+        .iter()
+        .filter_map(|(path, (size, _))| {
+            let (sig, lo, hi, id) = parse_open(path)?;
+            Some(Bucket {
+                lo,
+                hi,
+                open: Some((path.clone(), *size)),
+                current: current_by_id.get(&id).cloned(),
+                signature: sig,
+            })
+        })
+        .collect();
+    out.sort_by_key(|b| b.lo);
+    out
+}
+
+/// Makes the current table match the history table's open versions, when a crash came
+/// between the history commit and the current commit of a step.
+async fn repair_current(
+    ctx: &Ctx<'_>,
+    layout: &Layout,
+    history: &Target,
+    current: &mut Target,
+) -> Result<(), CompactError> {
+    let Some(txn) = history.txn else {
+        return Ok(());
+    };
+    if current.txn == Some(txn) {
+        return Ok(());
+    }
+    tracing::info!(table = %ctx.table, "repairing the current table from the history table after an interrupted compaction");
+    let all = buckets(history, current);
+    let keep: std::collections::HashSet<&str> = all
+        .iter()
+        .filter_map(|b| b.current.as_ref().map(|c| c.0.as_str()))
+        .collect();
+    let removes: Vec<Remove> = current
+        .files
+        .iter()
+        .filter(|(p, _)| !keep.contains(p.as_str()))
+        .map(|(p, (s, _))| remove_of(p, *s))
+        .collect();
+    let mut adds = Vec::new();
+    let history_schema = layout.history_schema();
+    for b in all.iter().filter(|b| b.current.is_none()) {
+        let Some((open_path, size)) = &b.open else {
+            continue;
+        };
+        let Some((_, lo, hi, id)) = parse_open(open_path) else {
+            continue;
+        };
+        let batches = ctx
+            .read_parquet(&history.store, open_path, Some(*size as u64), &history_schema)
+            .await?;
+        let open = concat_batches(&history_schema, &batches).map_err(ctx.fail("concat"))?;
+        let rows = fold::current_rows(layout, &open).map_err(ctx.fail("current rows"))?;
+        adds.push(ctx.write_parquet(current, current_name(lo, hi, &id), &rows).await?);
+    }
+    ctx.commit(current, &layout.current_schema(), adds, removes, txn)
+        .await
+}
+
+struct StepReport {
+    changes: u64,
+    buckets_rewritten: u64,
+    bytes_rewritten: u64,
+    closed: u64,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn step(
+    ctx: &Ctx<'_>,
+    layout: &Layout,
+    change_schema: &SchemaRef,
+    history_schema: &SchemaRef,
+    current_schema: &SchemaRef,
+    changes_store: &Arc<dyn ObjectStore>,
+    files: Vec<(String, i64)>,
+    last_version: u64,
+    history: &mut Target,
+    current: &mut Target,
+    options: &CompactOptions,
+) -> Result<StepReport, CompactError> {
+    let sig = signature_tag(layout);
+    let mut bucket_list = buckets(history, current);
+    let rebucket = bucket_list.iter().any(|b| b.signature != sig);
+    if bucket_list.is_empty() {
+        bucket_list.push(Bucket {
+            lo: 0,
+            hi: u64::MAX,
+            open: None,
+            current: None,
+            signature: sig.clone(),
+        });
+    }
+    let nb = bucket_list.len();
+    let bucket_of = |h: u64| -> usize {
+        bucket_list
+            .partition_point(|b| b.hi < h)
+            .min(nb - 1)
+    };
+
+    // Route the changes to buckets.
+    let mut routed: Vec<Vec<RecordBatch>> = vec![Vec::new(); nb];
+    let mut parent: Vec<usize> = (0..nb).collect();
+    let mut touched = vec![rebucket; nb];
+    let mut changes: u64 = 0;
+    for (path, size) in &files {
+        let batches = ctx
+            .read_parquet(changes_store, path, Some(*size as u64), change_schema)
+            .await?;
+        for batch in batches {
+            changes += batch.num_rows() as u64;
+            let keys = layout
+                .key_rows(&batch, KeyNames::Row)
+                .map_err(ctx.fail("key"))?;
+            let old = layout
+                .key_rows(&batch, KeyNames::Old)
+                .map_err(ctx.fail("key"))?;
+            let old_present: Vec<bool> = {
+                let cols: Vec<&ArrayRef> = layout
+                    .key
+                    .iter()
+                    .filter_map(|&k| {
+                        batch.column_by_name(&format!(
+                            "{OLD_PREFIX}{}",
+                            layout.source.field(k).name()
+                        ))
+                    })
+                    .collect();
+                (0..batch.num_rows())
+                    .map(|i| cols.iter().any(|c| c.is_valid(i)))
+                    .collect()
+            };
+            let ops = batch
+                .column_by_name(OP)
+                .and_then(|c| c.as_any().downcast_ref::<deltalake::arrow::array::StringArray>())
+                .ok_or_else(|| ctx.fail("read _op")(FoldError::MissingColumn(OP.into())))?;
+            let mut idx: Vec<Vec<u32>> = vec![Vec::new(); nb];
+            for i in 0..batch.num_rows() {
+                if ops.value(i) == "T" {
+                    for (b, list) in idx.iter_mut().enumerate() {
+                        list.push(i as u32);
+                        touched[b] = true;
+                    }
+                    continue;
+                }
+                let b = bucket_of(fold::key_hash(keys.row(i).as_ref()));
+                idx[b].push(i as u32);
+                touched[b] = true;
+                if old_present[i] {
+                    let ob = bucket_of(fold::key_hash(old.row(i).as_ref()));
+                    if ob != b {
+                        let (x, y) = (find(&mut parent, ob), find(&mut parent, b));
+                        parent[x] = y;
+                        idx[ob].push(i as u32);
+                        touched[ob] = true;
+                    }
+                }
+            }
+            for (b, list) in idx.into_iter().enumerate() {
+                if !list.is_empty() {
+                    routed[b].push(fold::take_rows(&batch, &list).map_err(ctx.fail("route"))?);
+                }
+            }
+        }
+    }
+    if rebucket {
+        for b in 0..nb {
+            let (x, y) = (find(&mut parent, b), find(&mut parent, 0));
+            parent[x] = y;
+        }
+    }
+
+    // Units of work: touched buckets joined by key moves.
+    let mut units: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for b in 0..nb {
+        if touched[b] {
+            units.entry(find(&mut parent, b)).or_default().push(b);
+        }
+    }
+
+    let mut history_adds = Vec::new();
+    let mut history_removes = Vec::new();
+    let mut current_adds = Vec::new();
+    let mut current_removes = Vec::new();
+    let mut report = StepReport {
+        changes,
+        buckets_rewritten: 0,
+        bytes_rewritten: 0,
+        closed: 0,
+    };
+    for members in units.values() {
+        let mut base = Vec::new();
+        let mut unit_changes = Vec::new();
+        for &b in members {
+            let bucket = &bucket_list[b];
+            if let Some((path, size)) = &bucket.open {
+                base.extend(
+                    ctx.read_parquet(&history.store, path, Some(*size as u64), history_schema)
+                        .await?,
+                );
+                history_removes.push(remove_of(path, *size));
+            }
+            if let Some((path, size)) = &bucket.current {
+                current_removes.push(remove_of(path, *size));
+            }
+            unit_changes.append(&mut routed[b]);
+        }
+        // A change routed to two buckets of one unit (a key move) is applied once.
+        let mut unit_changes =
+            concat_batches(change_schema, &unit_changes).map_err(ctx.fail("concat"))?;
+        if members.len() > 1 {
+            unit_changes = dedup_changes(&unit_changes).map_err(ctx.fail("dedup"))?;
+        }
+        let out = fold::fold(layout, &base, &unit_changes).map_err(ctx.fail("fold"))?;
+        drop(base);
+        drop(unit_changes);
+        if out.closed.num_rows() > 0 {
+            report.closed += out.closed.num_rows() as u64;
+            let id = Uuid::new_v4().to_string();
+            history_adds.push(
+                ctx.write_parquet(history, format!("closed-{id}.parquet"), &out.closed)
+                    .await?,
+            );
+        }
+        // Output ranges: the unit's buckets (all of the hash space when re-bucketing).
+        let ranges: Vec<(u64, u64)> = if rebucket {
+            vec![(0, u64::MAX)]
+        } else {
+            members.iter().map(|&b| (bucket_list[b].lo, bucket_list[b].hi)).collect()
+        };
+        let mut pieces = Vec::new();
+        for (lo, hi) in ranges {
+            split(&out, lo, hi, options.bucket_bytes, &mut pieces);
+        }
+        for (lo, hi, start, len) in pieces {
+            let open = out.open.slice(start, len);
+            // An empty bucket still owns its range: it keeps a file so the ranges stay whole.
+            let id = Uuid::new_v4().to_string();
+            history_adds.push(
+                ctx.write_parquet(history, open_name(&sig, lo, hi, &id), &open)
+                    .await?,
+            );
+            let rows = fold::current_rows(layout, &open).map_err(ctx.fail("current rows"))?;
+            let add = ctx
+                .write_parquet(current, current_name(lo, hi, &id), &rows)
+                .await?;
+            report.buckets_rewritten += 1;
+            report.bytes_rewritten += add.size.max(0) as u64;
+            current_adds.push(add);
+        }
+    }
+    ctx.commit(history, history_schema, history_adds, history_removes, last_version)
+        .await?;
+    ctx.commit(current, current_schema, current_adds, current_removes, last_version)
+        .await?;
+    Ok(report)
+}
+
+/// Rows of `out.open` in [lo, hi] as (lo, hi, start, len) pieces, halving the range while a
+/// piece is over `max_bytes`.
+fn split(
+    out: &fold::FoldOutput,
+    lo: u64,
+    hi: u64,
+    max_bytes: u64,
+    pieces: &mut Vec<(u64, u64, usize, usize)>,
+) {
+    let start = out.open_hashes.partition_point(|&h| h < lo);
+    let end = out.open_hashes.partition_point(|&h| h <= hi);
+    let len = end - start;
+    let bytes = if out.open.num_rows() == 0 {
+        0
+    } else {
+        out.open.get_array_memory_size() as u64 * len as u64 / out.open.num_rows() as u64
+    };
+    if bytes > max_bytes && hi > lo && len > 1 {
+        let mid = lo + (hi - lo) / 2;
+        split(out, lo, mid, max_bytes, pieces);
+        split(out, mid + 1, hi, max_bytes, pieces);
+    } else {
+        pieces.push((lo, hi, start, len));
+    }
+}
+
+/// Drops repeated change rows (same `_lsn`, `_seq`): a key move routed to both of its buckets
+/// appears twice in a unit that holds both.
+fn dedup_changes(batch: &RecordBatch) -> Result<RecordBatch, FoldError> {
+    let lsn = batch
+        .column_by_name(LSN)
+        .and_then(|c| c.as_any().downcast_ref::<deltalake::arrow::array::Int64Array>())
+        .ok_or_else(|| FoldError::MissingColumn(LSN.into()))?;
+    let seq = batch
+        .column_by_name(SEQ)
+        .and_then(|c| c.as_any().downcast_ref::<deltalake::arrow::array::Int64Array>())
+        .ok_or_else(|| FoldError::MissingColumn(SEQ.into()))?;
+    let mut seen = std::collections::HashSet::new();
+    let keep: Vec<u32> = (0..batch.num_rows())
+        .filter(|&i| seen.insert((lsn.value(i), seq.value(i))))
+        .map(|i| i as u32)
+        .collect();
+    if keep.len() == batch.num_rows() {
+        return Ok(batch.clone());
+    }
+    fold::take_rows(batch, &keep)
+}
+
+/// Compacts `tables` (every change log when empty), one after the other. A table that fails
+/// does not stop the others; its error is in its slot of the result.
+pub async fn compact_all(
+    sink: &Sink,
+    tables: &[TableName],
+    options: &CompactOptions,
+) -> Result<Vec<(TableName, Result<TableReport, CompactError>)>, CompactError> {
+    let tables = if tables.is_empty() {
+        list_tables(sink).await?
+    } else {
+        tables.to_vec()
+    };
+    let mut out = Vec::with_capacity(tables.len());
+    for name in tables {
+        let started = std::time::Instant::now();
+        let mut result = compact_table(sink, &name, options).await;
+        // A lost race (another compactor) is retried once against the new state.
+        if matches!(result, Err(CompactError::Conflict { .. })) {
+            result = compact_table(sink, &name, options).await;
+        }
+        match &result {
+            Ok(r) if r.changes > 0 || r.steps > 0 => tracing::info!(
+                table = %name,
+                changes = r.changes,
+                steps = r.steps,
+                buckets_rewritten = r.buckets_rewritten,
+                buckets = r.buckets_total,
+                versions_closed = r.history_versions_closed,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "compacted"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(table = %name, error = %crate::pipeline::error_chain(e), "compaction failed"),
+        }
+        out.push((name, result));
+    }
+    Ok(out)
+}
+
+/// Compaction every `interval` in a thread of its own (its own runtime), so that folding
+/// never delays the replication stream's reads and status updates. Stops when `stop` is set;
+/// an interrupted pass is safe (see the module doc).
+pub fn spawn_background(
+    sink: Sink,
+    interval: std::time::Duration,
+    options: CompactOptions,
+    metrics: Arc<crate::metrics::Metrics>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("slotlake-compact".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start the compaction thread");
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                let mut stop = stop;
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(interval) => {}
+                        _ = stop.wait_for(|s| *s) => return,
+                    }
+                    let started = std::time::Instant::now();
+                    let pass = tokio::select! {
+                        r = compact_all(&sink, &[], &options) => r,
+                        _ = stop.wait_for(|s| *s) => return,
+                    };
+                    record(&metrics, &pass, started.elapsed());
+                }
+            });
+        })
+}
+
+/// Compaction metrics of one pass.
+pub fn record(
+    metrics: &crate::metrics::Metrics,
+    pass: &Result<Vec<(TableName, Result<TableReport, CompactError>)>, CompactError>,
+    elapsed: std::time::Duration,
+) {
+    metrics.compaction_duration.observe(elapsed.as_secs_f64());
+    match pass {
+        Ok(tables) => {
+            for (_, r) in tables {
+                match r {
+                    Ok(r) => {
+                        metrics.compactions.with_label_values(&["ok"]).inc();
+                        metrics.compacted_changes.inc_by(r.changes);
+                    }
+                    Err(_) => metrics.compactions.with_label_values(&["error"]).inc(),
+                }
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %crate::pipeline::error_chain(e), "compaction pass failed");
+            metrics.compactions.with_label_values(&["error"]).inc();
+        }
+    }
+}

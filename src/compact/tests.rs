@@ -1,0 +1,339 @@
+//! Property tests of the fold against a naive model of the source table: random change
+//! sequences (inserts, updates with key changes and unchanged TOAST values, deletes,
+//! re-inserts, truncates, an added column), split into any number of compaction runs and
+//! shuffled within a run.
+
+use std::collections::BTreeMap;
+
+use deltalake::arrow::array::{Array, AsArray, RecordBatch};
+use deltalake::arrow::datatypes::{Int64Type, TimestampMicrosecondType};
+use proptest::prelude::*;
+
+use super::conform;
+use super::fold::{self, Layout, DELETED, VALID_FROM_LSN, VALID_TO_LSN};
+use crate::batch::rows::{ChangeBatchBuilder, ColumnSpec};
+use crate::types::{ColumnValue, PgType, Value};
+
+#[derive(Debug, Clone)]
+enum Action {
+    Insert { k: u8, a: Option<u8>, b: i64 },
+    /// `a`: `None` = the TOAST column was not sent (unchanged).
+    Update { pick: usize, new_k: Option<u8>, a: Option<Option<u8>>, b: i64 },
+    Delete { pick: usize },
+    Truncate,
+    AddColumn,
+    Commit,
+}
+
+fn action() -> impl Strategy<Value = Action> {
+    prop_oneof![
+        4 => (0u8..24, proptest::option::of(0u8..5), any::<i64>()).prop_map(|(k, a, b)| Action::Insert { k, a, b }),
+        5 => (any::<usize>(), proptest::option::weighted(0.2, 0u8..24), proptest::option::weighted(0.6, proptest::option::of(0u8..5)), any::<i64>())
+            .prop_map(|(pick, new_k, a, b)| Action::Update { pick, new_k, a, b }),
+        2 => any::<usize>().prop_map(|pick| Action::Delete { pick }),
+        1 => Just(Action::Truncate),
+        1 => Just(Action::AddColumn),
+        3 => Just(Action::Commit),
+    ]
+}
+
+type Row = (Option<String>, Option<i64>, Option<i64>);
+type Table = BTreeMap<i64, Row>;
+
+/// One change as the change log would hold it.
+#[derive(Debug, Clone)]
+struct Change {
+    op: &'static str,
+    row: Vec<ColumnValue>,
+    old: Option<Vec<ColumnValue>>,
+    lsn: i64,
+    seq: i64,
+    with_c: bool,
+}
+
+/// The changes the source would send for `actions`, and the table after each commit.
+fn realize(actions: &[Action]) -> (Vec<Change>, Vec<(i64, Table)>) {
+    let mut model = Table::new();
+    let mut changes = Vec::new();
+    let mut snapshots = Vec::new();
+    let mut txn = 1i64;
+    let mut seq = 0i64;
+    let mut with_c = false;
+    let text = |a: Option<u8>| a.map(|v| format!("text-{v}"));
+    let val = |v: &Option<String>| v.clone().map_or(ColumnValue::Value(Value::Null), |s| ColumnValue::Value(Value::Text(s)));
+    let int = |v: Option<i64>| ColumnValue::Value(v.map_or(Value::Null, Value::Int8));
+    let mut push = |changes: &mut Vec<Change>, op, row, old, with_c, seq: &mut i64, txn: i64| {
+        changes.push(Change { op, row, old, lsn: txn * 100, seq: *seq, with_c });
+        *seq += 1;
+    };
+    for a in actions {
+        let c_of = |b: i64, with_c: bool| with_c.then_some(b.wrapping_mul(3));
+        match a {
+            Action::Insert { k, a, b } => {
+                let id = i64::from(*k);
+                let r: Row = (text(*a), Some(*b), c_of(*b, with_c));
+                let op = if model.contains_key(&id) { "U" } else { "I" };
+                let mut row = vec![int(Some(id)), val(&r.0), int(r.1)];
+                if with_c {
+                    row.push(int(r.2));
+                }
+                model.insert(id, r);
+                push(&mut changes, op, row, None, with_c, &mut seq, txn);
+            }
+            Action::Update { pick, new_k, a, b } => {
+                if model.is_empty() {
+                    continue;
+                }
+                let old_id = *model.keys().nth(pick % model.len()).unwrap_or(&0);
+                let id = new_k.map_or(old_id, i64::from);
+                if id != old_id && model.contains_key(&id) {
+                    continue; // would violate the primary key
+                }
+                let prev = model.remove(&old_id).unwrap_or((None, None, None));
+                let new_a = match a {
+                    Some(v) => text(*v),
+                    None => prev.0.clone(),
+                };
+                let r: Row = (new_a, Some(*b), c_of(*b, with_c));
+                let a_col = match a {
+                    Some(_) => val(&r.0),
+                    None => ColumnValue::UnchangedToast,
+                };
+                let mut row = vec![int(Some(id)), a_col, int(r.1)];
+                if with_c {
+                    row.push(int(r.2));
+                }
+                let old = (id != old_id).then(|| {
+                    let mut o = vec![int(Some(old_id)), int(None), int(None)];
+                    if with_c {
+                        o.push(int(None));
+                    }
+                    o
+                });
+                model.insert(id, r);
+                push(&mut changes, "U", row, old, with_c, &mut seq, txn);
+            }
+            Action::Delete { pick } => {
+                if model.is_empty() {
+                    continue;
+                }
+                let id = *model.keys().nth(pick % model.len()).unwrap_or(&0);
+                model.remove(&id);
+                let mut row = vec![int(Some(id)), int(None), int(None)];
+                if with_c {
+                    row.push(int(None));
+                }
+                push(&mut changes, "D", row, None, with_c, &mut seq, txn);
+            }
+            Action::Truncate => {
+                model.clear();
+                push(&mut changes, "T", Vec::new(), None, with_c, &mut seq, txn);
+            }
+            Action::AddColumn => with_c = true,
+            Action::Commit => {
+                snapshots.push((txn * 100, model.clone()));
+                txn += 1;
+                seq = 0;
+            }
+        }
+    }
+    snapshots.push((txn * 100, model.clone()));
+    (changes, snapshots)
+}
+
+fn specs(with_c: bool) -> Vec<ColumnSpec> {
+    let mut s = vec![
+        ColumnSpec { name: "id".into(), ty: PgType::Int8, is_key: true },
+        ColumnSpec { name: "a".into(), ty: PgType::Text, is_key: false },
+        ColumnSpec { name: "b".into(), ty: PgType::Int8, is_key: false },
+    ];
+    if with_c {
+        s.push(ColumnSpec { name: "c".into(), ty: PgType::Int8, is_key: false });
+    }
+    s
+}
+
+/// A change-log batch of `changes` (with column `c` when any of them has it), rows reversed
+/// when `reverse`: the fold must not depend on row order.
+fn batch(changes: &[Change], reverse: bool) -> RecordBatch {
+    let with_c = changes.iter().any(|c| c.with_c);
+    let mut b = ChangeBatchBuilder::new(specs(with_c));
+    let mut list: Vec<&Change> = changes.iter().collect();
+    if reverse {
+        list.reverse();
+    }
+    for c in list {
+        if c.op == "T" {
+            b.append_truncate(c.lsn, c.seq, 1, c.lsn * 10);
+            continue;
+        }
+        let mut row = c.row.clone();
+        let mut old = c.old.clone();
+        if with_c && !c.with_c {
+            row.push(ColumnValue::Value(Value::Null));
+            if let Some(o) = old.as_mut() {
+                o.push(ColumnValue::Value(Value::Null));
+            }
+        }
+        b.append(c.op, c.lsn, c.seq, 1, c.lsn * 10, &row, old.as_deref())
+            .expect("valid change");
+    }
+    b.finish().expect("batch")
+}
+
+/// Runs the fold over `changes` cut at `cuts`; returns the final open versions and every
+/// version (open and closed) with its layout applied.
+fn compact(changes: &[Change], cuts: &[usize], reverse: bool) -> (RecordBatch, Vec<RecordBatch>) {
+    let mut bounds: Vec<usize> = cuts.iter().map(|c| c % (changes.len() + 1)).collect();
+    bounds.push(0);
+    bounds.push(changes.len());
+    bounds.sort_unstable();
+    bounds.dedup();
+    let mut open: Option<RecordBatch> = None;
+    let mut closed = Vec::new();
+    let mut layout = Layout::from_changelog(&batch(&[], false).schema());
+    for w in bounds.windows(2) {
+        let part = &changes[w[0]..w[1]];
+        let b = batch(part, reverse);
+        if part.iter().any(|c| c.with_c) {
+            layout = Layout::from_changelog(&b.schema());
+        }
+        let change_schema = super::change_schema(&layout, &b.schema());
+        let b = conform(&b, &change_schema).expect("conform changes");
+        let history = layout.history_schema();
+        let base: Vec<RecordBatch> = open
+            .iter()
+            .map(|o| conform(o, &history).expect("conform base"))
+            .collect();
+        closed = closed
+            .into_iter()
+            .map(|c: RecordBatch| conform(&c, &history).expect("conform closed"))
+            .collect();
+        let out = fold::fold(&layout, &base, &b).expect("fold");
+        assert!(out.open_hashes.windows(2).all(|w| w[0] <= w[1]), "open rows sorted by hash");
+        closed.push(out.closed.clone());
+        open = Some(out.open);
+    }
+    let open = open.unwrap_or_else(|| RecordBatch::new_empty(layout.history_schema()));
+    let history = layout.history_schema();
+    let mut all: Vec<RecordBatch> = closed
+        .into_iter()
+        .map(|c| conform(&c, &history).expect("conform"))
+        .collect();
+    all.push(open.clone());
+    (open, all)
+}
+
+fn col_i64(b: &RecordBatch, name: &str, i: usize) -> Option<i64> {
+    let c = b.column_by_name(name)?;
+    let c = c.as_primitive_opt::<Int64Type>()?;
+    c.is_valid(i).then(|| c.value(i))
+}
+
+fn row_of(b: &RecordBatch, i: usize) -> (i64, Row) {
+    let a = b.column_by_name("a").expect("a").as_string::<i32>();
+    (
+        col_i64(b, "id", i).expect("key"),
+        (a.is_valid(i).then(|| a.value(i).to_string()), col_i64(b, "b", i), col_i64(b, "c", i)),
+    )
+}
+
+/// The table as the current rows of a batch of open versions.
+fn scd1(open: &RecordBatch, layout_hint: &RecordBatch) -> Table {
+    let _ = layout_hint;
+    let deleted = open.column_by_name(DELETED).expect("_deleted").as_boolean().clone();
+    let mut t = Table::new();
+    for i in 0..open.num_rows() {
+        if !deleted.value(i) {
+            let (k, r) = row_of(open, i);
+            assert!(t.insert(k, r).is_none(), "one open version per key");
+        }
+    }
+    t
+}
+
+/// The table as of `lsn` from all history versions.
+fn as_of(all: &[RecordBatch], lsn: i64) -> Table {
+    let mut t = Table::new();
+    for b in all {
+        let deleted = b.column_by_name(DELETED).expect("_deleted").as_boolean();
+        for i in 0..b.num_rows() {
+            let from = col_i64(b, VALID_FROM_LSN, i).expect("from");
+            let to = col_i64(b, VALID_TO_LSN, i);
+            if from <= lsn && to.is_none_or(|t| t > lsn) && !deleted.value(i) {
+                let (k, r) = row_of(b, i);
+                assert!(t.insert(k, r).is_none(), "two versions of one key valid at {lsn}");
+            }
+        }
+    }
+    t
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn fold_matches_the_model_in_any_number_of_runs(
+        actions in proptest::collection::vec(action(), 0..80),
+        cuts in proptest::collection::vec(any::<usize>(), 0..6),
+        reverse in any::<bool>(),
+    ) {
+        let (changes, snapshots) = realize(&actions);
+        let (open, all) = compact(&changes, &cuts, reverse);
+        let final_model = &snapshots.last().expect("final snapshot").1;
+        prop_assert_eq!(&scd1(&open, &open), final_model);
+        for (lsn, model) in &snapshots {
+            prop_assert_eq!(&as_of(&all, *lsn), model, "history as of {}", lsn);
+        }
+        // One run gives the same tables.
+        let (one_open, one_all) = compact(&changes, &[], false);
+        prop_assert_eq!(scd1(&one_open, &one_open), scd1(&open, &open));
+        let versions = |all: &[RecordBatch]| all.iter().map(|b| b.num_rows()).sum::<usize>();
+        prop_assert_eq!(versions(&one_all), versions(&all));
+    }
+}
+
+#[test]
+fn timestamps_follow_the_commit() {
+    let actions = [
+        Action::Insert { k: 1, a: Some(1), b: 5 },
+        Action::Commit,
+        Action::Update { pick: 0, new_k: None, a: None, b: 6 },
+    ];
+    let (changes, _) = realize(&actions);
+    let (open, all) = compact(&changes, &[], false);
+    let from = open
+        .column_by_name(fold::VALID_FROM)
+        .expect("_valid_from")
+        .as_primitive::<TimestampMicrosecondType>()
+        .value(0);
+    assert_eq!(from, 200 * 10, "the update's commit time");
+    let closed = &all[0];
+    assert_eq!(col_i64(closed, VALID_TO_LSN, 0), Some(200));
+    // The TOAST column kept its value.
+    assert_eq!(row_of(&open, 0).1 .0.as_deref(), Some("text-1"));
+}
+
+#[test]
+fn key_hash_is_pinned() {
+    // Buckets on storage depend on these values: a change means existing tables would be
+    // re-bucketed wrongly. The Arrow row encoding of an Int64 key and a Utf8 key:
+    let layout = Layout::from_changelog(&batch(&[], false).schema());
+    let b = batch(
+        &[Change {
+            op: "I",
+            row: vec![
+                ColumnValue::Value(Value::Int8(42)),
+                ColumnValue::Value(Value::Null),
+                ColumnValue::Value(Value::Null),
+            ],
+            old: None,
+            lsn: 1,
+            seq: 0,
+            with_c: false,
+        }],
+        false,
+    );
+    let rows = layout.key_rows(&b, fold::KeyNames::Row).expect("rows");
+    assert_eq!(fold::key_hash(rows.row(0).as_ref()), 2_035_672_712_108_122_778);
+}
