@@ -73,6 +73,35 @@ pub enum Command {
     /// Fold change logs into current-state (SCD1) and history (SCD2) Delta tables, once or
     /// every --interval.
     Compact(CompactArgs),
+    /// Compare the lake with the live source: the history table as of a snapshot of the
+    /// source, and the current table with the history table. Exit 6 on any difference.
+    Verify(VerifyArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    pub source: SourceArgs,
+    #[command(flatten)]
+    pub slot: SlotArgs,
+    #[command(flatten)]
+    pub publication: PublicationArgs,
+    #[command(flatten)]
+    pub sink: SinkArgs,
+    /// Verify only these tables (schema.table; repeatable). Default: the publication's tables.
+    #[arg(long = "table", value_name = "SCHEMA.TABLE")]
+    pub tables: Vec<String>,
+    /// How long to wait for the slot (`slotlake run`) to pass the verification snapshot.
+    #[arg(long, value_name = "DURATION", default_value = "2m", value_parser = parse_duration)]
+    pub wait: Duration,
+    /// Differing keys printed per table.
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    pub max_keys: usize,
+    #[command(flatten)]
+    pub tuning: CompactTuning,
+    /// Report format.
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: OutputFormat,
 }
 
 /// How compaction runs (shared by `compact` and `run --compact-interval`).

@@ -408,7 +408,11 @@ pub async fn compact(a: crate::cli::CompactArgs) -> Result<()> {
                 }
             }
         }
-        tracing::debug!(tables = pass.len(), elapsed_ms = elapsed.as_millis() as u64, "compaction pass");
+        tracing::debug!(
+            tables = pass.len(),
+            elapsed_ms = elapsed.as_millis() as u64,
+            "compaction pass"
+        );
         let Some(interval) = a.interval else { break };
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
@@ -418,6 +422,79 @@ pub async fn compact(a: crate::cli::CompactArgs) -> Result<()> {
     signals.abort();
     if failed > 0 {
         anyhow::bail!("{failed} table(s) could not be compacted");
+    }
+    Ok(())
+}
+
+/// The lake differs from the source (`slotlake verify`): exit code 6.
+#[derive(Debug, thiserror::Error)]
+#[error("the lake differs from the source in {0} table(s)")]
+pub struct VerifyFailed(pub usize);
+
+/// `slotlake verify`: per-table counts and the first differing keys on stdout.
+pub async fn verify(a: crate::cli::VerifyArgs) -> Result<()> {
+    let info = source(&a.source.source)?;
+    let sink = sink_of(&a.sink)?;
+    let tables = a
+        .tables
+        .iter()
+        .map(|t| TableName::parse(t).map_err(|e| anyhow::anyhow!("--table {t:?}: {e}")))
+        .collect::<Result<Vec<_>>>()?;
+    let opts = crate::verify::VerifyOptions {
+        slot: a.slot.slot,
+        publication: a.publication.publication,
+        tables,
+        wait: a.wait,
+        max_keys: a.max_keys,
+        compact: compact_options(&a.tuning),
+    };
+    let v = crate::verify::verify(&info, &sink, &opts).await?;
+    let mut failed = 0;
+    for t in &v.tables {
+        if !t.ok() {
+            failed += 1;
+        }
+        match a.format {
+            crate::cli::OutputFormat::Json => println!(
+                "{}",
+                serde_json::json!({
+                    "table": t.table,
+                    "as_of_lsn": v.as_of.to_string(),
+                    "ok": t.ok(),
+                    "source_rows": t.source_rows,
+                    "lake_rows": t.lake_rows,
+                    "missing": t.missing,
+                    "extra": t.extra,
+                    "different": t.different,
+                    "current_mismatch": t.current_mismatch,
+                    "keys": t.keys,
+                    "error": t.error,
+                })
+            ),
+            crate::cli::OutputFormat::Table => {
+                println!(
+                    "{} {}: source {} rows, lake {} rows as of {}; missing {}, extra {}, different {}, current-table mismatches {}",
+                    if t.ok() { "OK  " } else { "FAIL" },
+                    t.table,
+                    t.source_rows,
+                    t.lake_rows,
+                    v.as_of,
+                    t.missing,
+                    t.extra,
+                    t.different,
+                    t.current_mismatch
+                );
+                if let Some(e) = &t.error {
+                    println!("     error: {e}");
+                }
+                for k in &t.keys {
+                    println!("     {k}");
+                }
+            }
+        }
+    }
+    if failed > 0 {
+        return Err(VerifyFailed(failed).into());
     }
     Ok(())
 }

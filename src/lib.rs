@@ -20,3 +20,4 @@ pub mod setup;
 pub mod tail;
 pub mod txn;
 pub mod types;
+pub mod verify;

@@ -21,6 +21,8 @@ const EXIT_SLOT: u8 = 4;
 /// The stream carried something slotlake cannot represent: malformed message, undecodable
 /// value. Nothing past it was confirmed.
 const EXIT_BAD_DATA: u8 = 5;
+/// `slotlake verify` found the lake different from the source.
+const EXIT_VERIFY_DIFFERS: u8 = 6;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -60,6 +62,7 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
         Command::Run(args) => commands::run(args).await,
         Command::Setup(args) => commands::setup(args).await,
         Command::Compact(args) => commands::compact(args).await,
+        Command::Verify(args) => commands::verify(args).await,
     }
 }
 
@@ -127,6 +130,9 @@ fn exit_code(err: &anyhow::Error) -> u8 {
                 Some(SourceError::Slot(s)) => return slot(s),
                 Some(SourceError::Client(c)) => return client(c),
                 None => {}
+            }
+            if e.is::<slotlake::commands::VerifyFailed>() {
+                return Some(EXIT_VERIFY_DIFFERS);
             }
             if let Some(SetupError::Prerequisites(_)) = e.downcast_ref::<SetupError>() {
                 return Some(EXIT_SOURCE_SETUP);

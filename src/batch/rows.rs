@@ -60,7 +60,8 @@ pub fn lake_column_name(source: &str) -> String {
 /// True for the change log's own columns (not source columns): `_op`, `_lsn`, `_seq`, `_xid`,
 /// `_commit_ts`, `_unchanged`, `_special` and the `_old_<k>` columns.
 pub fn is_metadata_column(name: &str) -> bool {
-    [OP, LSN, SEQ, XID, COMMIT_TS, UNCHANGED, SPECIAL].contains(&name) || name.starts_with(OLD_PREFIX)
+    [OP, LSN, SEQ, XID, COMMIT_TS, UNCHANGED, SPECIAL].contains(&name)
+        || name.starts_with(OLD_PREFIX)
 }
 
 /// The `_op` values.

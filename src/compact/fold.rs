@@ -117,7 +117,12 @@ impl Layout {
 
     /// The history table's schema: source columns + validity columns.
     pub fn history_schema(&self) -> SchemaRef {
-        let mut fields: Vec<Field> = self.source.fields().iter().map(|f| f.as_ref().clone()).collect();
+        let mut fields: Vec<Field> = self
+            .source
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone())
+            .collect();
         fields.extend([
             Field::new(VALID_FROM_LSN, DataType::Int64, false),
             Field::new(VALID_TO_LSN, DataType::Int64, true),
@@ -131,7 +136,12 @@ impl Layout {
 
     /// The current table's schema: source columns + `_lsn`, `_commit_ts`.
     pub fn current_schema(&self) -> SchemaRef {
-        let mut fields: Vec<Field> = self.source.fields().iter().map(|f| f.as_ref().clone()).collect();
+        let mut fields: Vec<Field> = self
+            .source
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone())
+            .collect();
         fields.extend([
             Field::new(LSN, DataType::Int64, false),
             Field::new(COMMIT_TS, ts_type(), false),
@@ -155,7 +165,11 @@ impl Layout {
         Ok(converter.convert_columns(&cols)?)
     }
 
-    fn key_columns(&self, batch: &RecordBatch, names: KeyNames) -> Result<Vec<ArrayRef>, FoldError> {
+    fn key_columns(
+        &self,
+        batch: &RecordBatch,
+        names: KeyNames,
+    ) -> Result<Vec<ArrayRef>, FoldError> {
         self.key
             .iter()
             .map(|&i| {
@@ -497,11 +511,8 @@ impl Gather<'_> {
         let mut cols: Vec<ArrayRef> = Vec::with_capacity(self.ncols + 6);
         for c in 0..self.ncols {
             let is_key = self.layout.key.contains(&c);
-            let mut arrays: Vec<&dyn Array> = self
-                .sources
-                .iter()
-                .map(|b| b.column(c).as_ref())
-                .collect();
+            let mut arrays: Vec<&dyn Array> =
+                self.sources.iter().map(|b| b.column(c).as_ref()).collect();
             arrays.push(self.nulls[c].as_ref());
             let indices: Vec<(usize, usize)> = versions
                 .iter()

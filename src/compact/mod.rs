@@ -40,9 +40,9 @@ use deltalake::kernel::{Action, Add, Metadata, MetadataExt, Remove, StructType, 
 use deltalake::logstore::{CommitOrBytes, LogStoreRef};
 use deltalake::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use deltalake::parquet::arrow::async_writer::AsyncArrowWriter;
-use object_store::buffered::BufWriter;
 use deltalake::protocol::{DeltaOperation, SaveMode};
 use deltalake::DeltaTable;
+use object_store::buffered::BufWriter;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
 use uuid::Uuid;
@@ -75,7 +75,9 @@ pub enum CompactError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
-    #[error("compaction of {table}: {target} table changed underneath (another compactor?); retry")]
+    #[error(
+        "compaction of {table}: {target} table changed underneath (another compactor?); retry"
+    )]
     Conflict { table: String, target: &'static str },
     #[error("compaction of {table}: the change log at version {version} is not readable any more (vacuumed before it was compacted?)")]
     MissingCommit { table: String, version: u64 },
@@ -160,6 +162,22 @@ pub async fn list_tables(sink: &Sink) -> Result<Vec<TableName>, CompactError> {
     Ok(tables)
 }
 
+/// True when `name` has a change log (at least one commit).
+pub async fn has_change_log(sink: &Sink, name: &TableName) -> Result<bool, CompactError> {
+    let path = sink
+        .table_path(&["changes", &name.schema, &name.name])
+        .join("_delta_log");
+    match sink.root().list(Some(&path)).next().await {
+        None | Some(Err(object_store::Error::NotFound { .. })) => Ok(false),
+        Some(Ok(_)) => Ok(true),
+        Some(Err(e)) => Err(CompactError::Failed {
+            table: name.to_string(),
+            action: "list change log",
+            source: Box::new(e),
+        }),
+    }
+}
+
 fn decode(segment: &str) -> String {
     percent_encoding::percent_decode_str(segment)
         .decode_utf8_lossy()
@@ -199,7 +217,9 @@ impl Ctx<'_> {
     }
 
     async fn load(&self, kind: &'static str) -> Result<Target, CompactError> {
-        let path = self.sink.table_path(&[kind, &self.name.schema, &self.name.name]);
+        let path = self
+            .sink
+            .table_path(&[kind, &self.name.schema, &self.name.name]);
         let (log_store, store, _) = self.sink.table_store(&path);
         let mut target = Target {
             kind,
@@ -495,7 +515,10 @@ struct Bucket {
 }
 
 fn signature_tag(layout: &Layout) -> String {
-    format!("{:08x}", fold::key_hash(layout.key_signature().as_bytes()) as u32)
+    format!(
+        "{:08x}",
+        fold::key_hash(layout.key_signature().as_bytes()) as u32
+    )
 }
 
 fn open_name(sig: &str, lo: u64, hi: u64, id: &str) -> String {
@@ -645,7 +668,10 @@ fn buckets(history: &Target, current: &Target) -> Vec<Bucket> {
     let mut current_by_id: HashMap<String, (String, i64)> = HashMap::new();
     for (path, (size, _)) in &current.files {
         // b<lo>-<hi>-<id>: the id (a uuid) has dashes of its own.
-        if let Some(rest) = path.strip_prefix('b').and_then(|p| p.strip_suffix(".parquet")) {
+        if let Some(rest) = path
+            .strip_prefix('b')
+            .and_then(|p| p.strip_suffix(".parquet"))
+        {
             if let Some(id) = rest.splitn(3, '-').nth(2) {
                 current_by_id.insert(id.to_string(), (path.clone(), *size));
             }
@@ -705,11 +731,19 @@ async fn repair_current(
             continue;
         };
         let batches = ctx
-            .read_parquet(&history.store, open_path, Some(*size as u64), &history_schema)
+            .read_parquet(
+                &history.store,
+                open_path,
+                Some(*size as u64),
+                &history_schema,
+            )
             .await?;
         let open = concat_batches(&history_schema, &batches).map_err(ctx.fail("concat"))?;
         let rows = fold::current_rows(layout, &open).map_err(ctx.fail("current rows"))?;
-        adds.push(ctx.write_parquet(current, current_name(lo, hi, &id), &rows).await?);
+        adds.push(
+            ctx.write_parquet(current, current_name(lo, hi, &id), &rows)
+                .await?,
+        );
     }
     ctx.commit(current, &layout.current_schema(), adds, removes, txn)
         .await
@@ -749,11 +783,7 @@ async fn step(
         });
     }
     let nb = bucket_list.len();
-    let bucket_of = |h: u64| -> usize {
-        bucket_list
-            .partition_point(|b| b.hi < h)
-            .min(nb - 1)
-    };
+    let bucket_of = |h: u64| -> usize { bucket_list.partition_point(|b| b.hi < h).min(nb - 1) };
 
     // Route the changes to buckets.
     let mut routed: Vec<Vec<RecordBatch>> = vec![Vec::new(); nb];
@@ -789,10 +819,13 @@ async fn step(
             };
             let ops = batch
                 .column_by_name(OP)
-                .and_then(|c| c.as_any().downcast_ref::<deltalake::arrow::array::StringArray>())
+                .and_then(|c| {
+                    c.as_any()
+                        .downcast_ref::<deltalake::arrow::array::StringArray>()
+                })
                 .ok_or_else(|| ctx.fail("read _op")(FoldError::MissingColumn(OP.into())))?;
             let mut idx: Vec<Vec<u32>> = vec![Vec::new(); nb];
-            for i in 0..batch.num_rows() {
+            for (i, &moved) in old_present.iter().enumerate() {
                 if ops.value(i) == "T" {
                     for (b, list) in idx.iter_mut().enumerate() {
                         list.push(i as u32);
@@ -803,7 +836,7 @@ async fn step(
                 let b = bucket_of(fold::key_hash(keys.row(i).as_ref()));
                 idx[b].push(i as u32);
                 touched[b] = true;
-                if old_present[i] {
+                if moved {
                     let ob = bucket_of(fold::key_hash(old.row(i).as_ref()));
                     if ob != b {
                         let (x, y) = (find(&mut parent, ob), find(&mut parent, b));
@@ -829,8 +862,8 @@ async fn step(
 
     // Units of work: touched buckets joined by key moves.
     let mut units: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-    for b in 0..nb {
-        if touched[b] {
+    for (b, &t) in touched.iter().enumerate() {
+        if t {
             units.entry(find(&mut parent, b)).or_default().push(b);
         }
     }
@@ -883,7 +916,10 @@ async fn step(
         let ranges: Vec<(u64, u64)> = if rebucket {
             vec![(0, u64::MAX)]
         } else {
-            members.iter().map(|&b| (bucket_list[b].lo, bucket_list[b].hi)).collect()
+            members
+                .iter()
+                .map(|&b| (bucket_list[b].lo, bucket_list[b].hi))
+                .collect()
         };
         let mut pieces = Vec::new();
         for (lo, hi) in ranges {
@@ -906,10 +942,22 @@ async fn step(
             current_adds.push(add);
         }
     }
-    ctx.commit(history, history_schema, history_adds, history_removes, last_version)
-        .await?;
-    ctx.commit(current, current_schema, current_adds, current_removes, last_version)
-        .await?;
+    ctx.commit(
+        history,
+        history_schema,
+        history_adds,
+        history_removes,
+        last_version,
+    )
+    .await?;
+    ctx.commit(
+        current,
+        current_schema,
+        current_adds,
+        current_removes,
+        last_version,
+    )
+    .await?;
     Ok(report)
 }
 
@@ -944,11 +992,17 @@ fn split(
 fn dedup_changes(batch: &RecordBatch) -> Result<RecordBatch, FoldError> {
     let lsn = batch
         .column_by_name(LSN)
-        .and_then(|c| c.as_any().downcast_ref::<deltalake::arrow::array::Int64Array>())
+        .and_then(|c| {
+            c.as_any()
+                .downcast_ref::<deltalake::arrow::array::Int64Array>()
+        })
         .ok_or_else(|| FoldError::MissingColumn(LSN.into()))?;
     let seq = batch
         .column_by_name(SEQ)
-        .and_then(|c| c.as_any().downcast_ref::<deltalake::arrow::array::Int64Array>())
+        .and_then(|c| {
+            c.as_any()
+                .downcast_ref::<deltalake::arrow::array::Int64Array>()
+        })
         .ok_or_else(|| FoldError::MissingColumn(SEQ.into()))?;
     let mut seen = std::collections::HashSet::new();
     let keep: Vec<u32> = (0..batch.num_rows())
@@ -961,13 +1015,16 @@ fn dedup_changes(batch: &RecordBatch) -> Result<RecordBatch, FoldError> {
     fold::take_rows(batch, &keep)
 }
 
+/// Each table of a compaction pass with its outcome.
+pub type Pass = Vec<(TableName, Result<TableReport, CompactError>)>;
+
 /// Compacts `tables` (every change log when empty), one after the other. A table that fails
 /// does not stop the others; its error is in its slot of the result.
 pub async fn compact_all(
     sink: &Sink,
     tables: &[TableName],
     options: &CompactOptions,
-) -> Result<Vec<(TableName, Result<TableReport, CompactError>)>, CompactError> {
+) -> Result<Pass, CompactError> {
     let tables = if tables.is_empty() {
         list_tables(sink).await?
     } else {
@@ -993,7 +1050,9 @@ pub async fn compact_all(
                 "compacted"
             ),
             Ok(_) => {}
-            Err(e) => tracing::warn!(table = %name, error = %crate::pipeline::error_chain(e), "compaction failed"),
+            Err(e) => {
+                tracing::warn!(table = %name, error = %crate::pipeline::error_chain(e), "compaction failed")
+            }
         }
         out.push((name, result));
     }
@@ -1044,7 +1103,7 @@ pub fn spawn_background(
 /// Compaction metrics of one pass.
 pub fn record(
     metrics: &crate::metrics::Metrics,
-    pass: &Result<Vec<(TableName, Result<TableReport, CompactError>)>, CompactError>,
+    pass: &Result<Pass, CompactError>,
     elapsed: std::time::Duration,
 ) {
     metrics.compaction_duration.observe(elapsed.as_secs_f64());

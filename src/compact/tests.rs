@@ -16,10 +16,21 @@ use crate::types::{ColumnValue, PgType, Value};
 
 #[derive(Debug, Clone)]
 enum Action {
-    Insert { k: u8, a: Option<u8>, b: i64 },
+    Insert {
+        k: u8,
+        a: Option<u8>,
+        b: i64,
+    },
     /// `a`: `None` = the TOAST column was not sent (unchanged).
-    Update { pick: usize, new_k: Option<u8>, a: Option<Option<u8>>, b: i64 },
-    Delete { pick: usize },
+    Update {
+        pick: usize,
+        new_k: Option<u8>,
+        a: Option<Option<u8>>,
+        b: i64,
+    },
+    Delete {
+        pick: usize,
+    },
     Truncate,
     AddColumn,
     Commit,
@@ -60,10 +71,21 @@ fn realize(actions: &[Action]) -> (Vec<Change>, Vec<(i64, Table)>) {
     let mut seq = 0i64;
     let mut with_c = false;
     let text = |a: Option<u8>| a.map(|v| format!("text-{v}"));
-    let val = |v: &Option<String>| v.clone().map_or(ColumnValue::Value(Value::Null), |s| ColumnValue::Value(Value::Text(s)));
+    let val = |v: &Option<String>| {
+        v.clone().map_or(ColumnValue::Value(Value::Null), |s| {
+            ColumnValue::Value(Value::Text(s))
+        })
+    };
     let int = |v: Option<i64>| ColumnValue::Value(v.map_or(Value::Null, Value::Int8));
-    let mut push = |changes: &mut Vec<Change>, op, row, old, with_c, seq: &mut i64, txn: i64| {
-        changes.push(Change { op, row, old, lsn: txn * 100, seq: *seq, with_c });
+    let push = |changes: &mut Vec<Change>, op, row, old, with_c, seq: &mut i64, txn: i64| {
+        changes.push(Change {
+            op,
+            row,
+            old,
+            lsn: txn * 100,
+            seq: *seq,
+            with_c,
+        });
         *seq += 1;
     };
     for a in actions {
@@ -143,12 +165,28 @@ fn realize(actions: &[Action]) -> (Vec<Change>, Vec<(i64, Table)>) {
 
 fn specs(with_c: bool) -> Vec<ColumnSpec> {
     let mut s = vec![
-        ColumnSpec { name: "id".into(), ty: PgType::Int8, is_key: true },
-        ColumnSpec { name: "a".into(), ty: PgType::Text, is_key: false },
-        ColumnSpec { name: "b".into(), ty: PgType::Int8, is_key: false },
+        ColumnSpec {
+            name: "id".into(),
+            ty: PgType::Int8,
+            is_key: true,
+        },
+        ColumnSpec {
+            name: "a".into(),
+            ty: PgType::Text,
+            is_key: false,
+        },
+        ColumnSpec {
+            name: "b".into(),
+            ty: PgType::Int8,
+            is_key: false,
+        },
     ];
     if with_c {
-        s.push(ColumnSpec { name: "c".into(), ty: PgType::Int8, is_key: false });
+        s.push(ColumnSpec {
+            name: "c".into(),
+            ty: PgType::Int8,
+            is_key: false,
+        });
     }
     s
 }
@@ -210,7 +248,10 @@ fn compact(changes: &[Change], cuts: &[usize], reverse: bool) -> (RecordBatch, V
             .map(|c: RecordBatch| conform(&c, &history).expect("conform closed"))
             .collect();
         let out = fold::fold(&layout, &base, &b).expect("fold");
-        assert!(out.open_hashes.windows(2).all(|w| w[0] <= w[1]), "open rows sorted by hash");
+        assert!(
+            out.open_hashes.windows(2).all(|w| w[0] <= w[1]),
+            "open rows sorted by hash"
+        );
         closed.push(out.closed.clone());
         open = Some(out.open);
     }
@@ -234,14 +275,22 @@ fn row_of(b: &RecordBatch, i: usize) -> (i64, Row) {
     let a = b.column_by_name("a").expect("a").as_string::<i32>();
     (
         col_i64(b, "id", i).expect("key"),
-        (a.is_valid(i).then(|| a.value(i).to_string()), col_i64(b, "b", i), col_i64(b, "c", i)),
+        (
+            a.is_valid(i).then(|| a.value(i).to_string()),
+            col_i64(b, "b", i),
+            col_i64(b, "c", i),
+        ),
     )
 }
 
 /// The table as the current rows of a batch of open versions.
 fn scd1(open: &RecordBatch, layout_hint: &RecordBatch) -> Table {
     let _ = layout_hint;
-    let deleted = open.column_by_name(DELETED).expect("_deleted").as_boolean().clone();
+    let deleted = open
+        .column_by_name(DELETED)
+        .expect("_deleted")
+        .as_boolean()
+        .clone();
     let mut t = Table::new();
     for i in 0..open.num_rows() {
         if !deleted.value(i) {
@@ -262,7 +311,10 @@ fn as_of(all: &[RecordBatch], lsn: i64) -> Table {
             let to = col_i64(b, VALID_TO_LSN, i);
             if from <= lsn && to.is_none_or(|t| t > lsn) && !deleted.value(i) {
                 let (k, r) = row_of(b, i);
-                assert!(t.insert(k, r).is_none(), "two versions of one key valid at {lsn}");
+                assert!(
+                    t.insert(k, r).is_none(),
+                    "two versions of one key valid at {lsn}"
+                );
             }
         }
     }
@@ -296,9 +348,18 @@ proptest! {
 #[test]
 fn timestamps_follow_the_commit() {
     let actions = [
-        Action::Insert { k: 1, a: Some(1), b: 5 },
+        Action::Insert {
+            k: 1,
+            a: Some(1),
+            b: 5,
+        },
         Action::Commit,
-        Action::Update { pick: 0, new_k: None, a: None, b: 6 },
+        Action::Update {
+            pick: 0,
+            new_k: None,
+            a: None,
+            b: 6,
+        },
     ];
     let (changes, _) = realize(&actions);
     let (open, all) = compact(&changes, &[], false);
@@ -335,5 +396,8 @@ fn key_hash_is_pinned() {
         false,
     );
     let rows = layout.key_rows(&b, fold::KeyNames::Row).expect("rows");
-    assert_eq!(fold::key_hash(rows.row(0).as_ref()), 2_035_672_712_108_122_778);
+    assert_eq!(
+        fold::key_hash(rows.row(0).as_ref()),
+        2_035_672_712_108_122_778
+    );
 }

@@ -1,0 +1,535 @@
+//! `slotlake verify`: the lake compared with the live source (DESIGN.md guarantee 7).
+//!
+//! 1. A temporary logical slot is created inside a `REPEATABLE READ` transaction with
+//!    `USE_SNAPSHOT`: the transaction sees exactly the transactions whose commit record is
+//!    before the slot's consistent point C, i.e. the source "as of LSN C − 1".
+//! 2. Once the lake's slot has confirmed past C (everything up to C is in the change logs),
+//!    each table is compacted, and its history table as of C − 1 (`_valid_from_lsn <= X AND
+//!    (_valid_to_lsn > X OR _valid_to_lsn IS NULL) AND NOT _deleted`) is compared with the
+//!    source rows read in that transaction: by key, and by the whole row's encoding.
+//! 3. The current table is compared with the history table's open versions (they must be the
+//!    same rows), which catches damage to either.
+//!
+//! Source values are parsed with the same text parser and Arrow builders as streamed changes,
+//! so both sides have identical types; rows are compared through Arrow's row encoding.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use deltalake::arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
+use deltalake::arrow::datatypes::{Int64Type, Schema, SchemaRef};
+use deltalake::arrow::row::{RowConverter, SortField};
+use deltalake::arrow::util::display::{ArrayFormatter, FormatOptions};
+use deltalake::kernel::engine::arrow_conversion::TryIntoArrow;
+use deltalake::DeltaTable;
+
+use crate::batch::rows::{lake_column_name, ChangeBatchBuilder, ColumnSpec, OP_READ};
+use crate::compact::fold::{Layout, DELETED, VALID_FROM_LSN, VALID_TO_LSN};
+use crate::compact::{conform, CompactOptions};
+use crate::lake::store::Sink;
+use crate::lsn::Lsn;
+use crate::pgoutput::{Relation, RelationColumn, ReplicaIdentity};
+use crate::replication::sql::{quote_ident, quote_literal, TableName};
+use crate::replication::{ConnInfo, PgConnection, SessionKind};
+use crate::types::catalog::TypeCatalog;
+use crate::types::{ColumnValue, PgType, Value};
+
+/// Rows fetched from the source cursor at a time.
+const FETCH_ROWS: usize = 10_000;
+
+#[derive(Debug, Clone)]
+pub struct VerifyOptions {
+    /// The slot `slotlake run` streams from: verification waits for it to pass the snapshot.
+    pub slot: String,
+    pub publication: String,
+    /// Only these tables (all published ones when empty).
+    pub tables: Vec<TableName>,
+    /// How long to wait for the slot to pass the snapshot point.
+    pub wait: Duration,
+    /// Differing keys printed per table.
+    pub max_keys: usize,
+    pub compact: CompactOptions,
+}
+
+/// The comparison of one table.
+#[derive(Debug, Clone, Default)]
+pub struct TableVerdict {
+    pub table: String,
+    pub source_rows: u64,
+    pub lake_rows: u64,
+    /// Keys in the source but not in the lake, in the lake but not the source, and in both
+    /// with different values.
+    pub missing: u64,
+    pub extra: u64,
+    pub different: u64,
+    /// Rows of the current table that are not the history table's open versions.
+    pub current_mismatch: u64,
+    /// The first differing keys, rendered.
+    pub keys: Vec<String>,
+    /// The lake could not be read (a file is gone, a table is missing).
+    pub error: Option<String>,
+}
+
+impl TableVerdict {
+    pub fn ok(&self) -> bool {
+        self.error.is_none()
+            && self.missing == 0
+            && self.extra == 0
+            && self.different == 0
+            && self.current_mismatch == 0
+    }
+}
+
+/// What a verification compared: the snapshot LSN and each table.
+#[derive(Debug, Clone)]
+pub struct Verification {
+    pub as_of: Lsn,
+    pub tables: Vec<TableVerdict>,
+}
+
+pub async fn verify(
+    info: &ConnInfo,
+    sink: &Sink,
+    opts: &VerifyOptions,
+) -> anyhow::Result<Verification> {
+    use anyhow::Context;
+    let mut sql = PgConnection::connect(info, SessionKind::Sql).await?;
+    let mut tables = published_tables(&mut sql, &opts.publication).await?;
+    if !opts.tables.is_empty() {
+        tables.retain(|t| opts.tables.contains(t));
+        for t in &opts.tables {
+            if !tables.contains(t) {
+                anyhow::bail!("--table {t} is not in publication {:?}", opts.publication);
+            }
+        }
+    }
+
+    // The source as of the consistent point of a temporary slot.
+    let mut snap = PgConnection::connect(info, SessionKind::Replication).await?;
+    snap.simple_query("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        .await?;
+    let name = format!("slotlake_verify_{}", std::process::id());
+    let rows = snap
+        .simple_query(&format!(
+            "CREATE_REPLICATION_SLOT {} TEMPORARY LOGICAL pgoutput USE_SNAPSHOT",
+            quote_ident(&name)
+        ))
+        .await
+        .context("cannot create the temporary slot that gives verification its snapshot")?;
+    let point: Lsn = rows
+        .first()
+        .and_then(|r| r.get("consistent_point"))
+        .and_then(|v| v.parse().ok())
+        .context("CREATE_REPLICATION_SLOT returned no consistent point")?;
+    let as_of = Lsn(point.0.saturating_sub(1));
+
+    // Everything before the point must be in the change logs.
+    let started = Instant::now();
+    loop {
+        let rows = sql
+            .simple_query(&format!(
+                "SELECT confirmed_flush_lsn::text AS c FROM pg_replication_slots WHERE slot_name = {}",
+                quote_literal(&opts.slot)
+            ))
+            .await?;
+        let confirmed: Option<Lsn> = rows
+            .first()
+            .and_then(|r| r.get("c"))
+            .and_then(|v| v.parse().ok());
+        match confirmed {
+            None => anyhow::bail!(
+                "slot {:?} does not exist: verify compares the lake that `slotlake run --slot {0}` writes",
+                opts.slot
+            ),
+            Some(c) if c >= point => break,
+            Some(c) if started.elapsed() >= opts.wait => anyhow::bail!(
+                "slot {:?} is at {c}, not past the verification point {point} after {:?}: is `slotlake run` streaming?",
+                opts.slot,
+                opts.wait
+            ),
+            Some(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+
+    let mut catalog = TypeCatalog::new();
+    let mut catalog_conn = None;
+    let mut verdicts = Vec::with_capacity(tables.len());
+    for table in &tables {
+        let mut verdict = TableVerdict {
+            table: table.to_string(),
+            ..Default::default()
+        };
+        let (specs, types, names) =
+            source_columns(&mut sql, &mut catalog, &mut catalog_conn, info, table).await?;
+        let has_log = crate::compact::has_change_log(sink, table)
+            .await
+            .map_err(|e| anyhow::anyhow!(crate::pipeline::error_chain(&e)))?;
+        if has_log {
+            // Through compact_all: a race with a background compactor is retried.
+            let pass =
+                crate::compact::compact_all(sink, std::slice::from_ref(table), &opts.compact)
+                    .await
+                    .map_err(|e| anyhow::anyhow!(crate::pipeline::error_chain(&e)))?;
+            if let Some((_, Err(e))) = pass.first() {
+                verdict.error = Some(crate::pipeline::error_chain(e));
+                verdicts.push(verdict);
+                continue;
+            }
+        }
+        // A table without a change log (no row ever streamed) is compared as empty.
+        let (history, current) = if has_log {
+            (
+                read_table(sink, "history", table).await,
+                read_table(sink, "current", table).await,
+            )
+        } else {
+            (Ok(Vec::new()), Ok(Vec::new()))
+        };
+        let (history, current) = match (history, current) {
+            (Ok(h), Ok(c)) => (h, c),
+            (Err(e), _) | (_, Err(e)) => {
+                verdict.error = Some(e);
+                verdicts.push(verdict);
+                continue;
+            }
+        };
+        let source = read_source(&mut snap, table, &specs, &types, &names).await?;
+        compare(
+            &mut verdict,
+            &specs,
+            source,
+            history,
+            current,
+            as_of,
+            opts.max_keys,
+        )?;
+        verdicts.push(verdict);
+    }
+    if let Some(c) = catalog_conn.take() {
+        c.close().await;
+    }
+    let _ = snap.simple_query("ROLLBACK").await;
+    snap.close().await;
+    sql.close().await;
+    Ok(Verification {
+        as_of,
+        tables: verdicts,
+    })
+}
+
+async fn published_tables(
+    sql: &mut PgConnection,
+    publication: &str,
+) -> anyhow::Result<Vec<TableName>> {
+    let rows = sql
+        .simple_query(&format!(
+            "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = {} ORDER BY 1, 2",
+            quote_literal(publication)
+        ))
+        .await?;
+    Ok(rows
+        .iter()
+        .filter_map(|r| {
+            Some(TableName {
+                schema: r.get("schemaname")?.to_string(),
+                name: r.get("tablename")?.to_string(),
+            })
+        })
+        .collect())
+}
+
+/// The table's published columns as change-log columns (lake names, types, key flags).
+async fn source_columns(
+    sql: &mut PgConnection,
+    catalog: &mut TypeCatalog,
+    catalog_conn: &mut Option<PgConnection>,
+    info: &ConnInfo,
+    table: &TableName,
+) -> anyhow::Result<(Vec<ColumnSpec>, Vec<PgType>, Vec<String>)> {
+    let rows = sql
+        .simple_query(&format!(
+            "SELECT a.attname, a.atttypid::int8 AS oid, a.atttypmod,
+                    (c.relreplident = 'f' OR EXISTS (
+                        SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid
+                          AND ((c.relreplident = 'd' AND i.indisprimary)
+                            OR (c.relreplident = 'i' AND i.indisreplident))
+                          AND a.attnum = ANY (i.indkey))) AS is_key
+               FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+              WHERE a.attrelid = {}::regclass AND a.attnum > 0 AND NOT a.attisdropped
+                AND a.attgenerated = ''
+              ORDER BY a.attnum",
+            quote_literal(&table.quoted())
+        ))
+        .await?;
+    let columns: Vec<RelationColumn> = rows
+        .iter()
+        .map(|r| RelationColumn {
+            is_key: r.get("is_key") == Some("t"),
+            name: r.get("attname").unwrap_or_default().to_string(),
+            type_oid: r.get("oid").and_then(|v| v.parse().ok()).unwrap_or(0),
+            type_modifier: r
+                .get("atttypmod")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(-1),
+        })
+        .collect();
+    let relation = Relation {
+        id: 0,
+        namespace: table.schema.clone(),
+        name: table.name.clone(),
+        replica_identity: ReplicaIdentity::Default,
+        columns,
+    };
+    let types = catalog
+        .resolve_relation(&relation, catalog_conn, info)
+        .await?;
+    let specs = relation
+        .columns
+        .iter()
+        .zip(&types)
+        .map(|(c, t)| ColumnSpec {
+            name: lake_column_name(&c.name),
+            ty: t.clone(),
+            is_key: c.is_key,
+        })
+        .collect();
+    let names = relation.columns.into_iter().map(|c| c.name).collect();
+    Ok((specs, types, names))
+}
+
+/// Every row of one of the table's compacted tables (`history` or `current`).
+async fn read_table(
+    sink: &Sink,
+    kind: &str,
+    table: &TableName,
+) -> Result<Vec<RecordBatch>, String> {
+    let path = sink.table_path(&[kind, &table.schema, &table.name]);
+    let (log_store, store, _) = sink.table_store(&path);
+    let mut t = DeltaTable::new(log_store);
+    if let Err(e) = t.load().await {
+        return Err(format!("{kind} table of {table} cannot be loaded: {e}"));
+    }
+    let snapshot = t.snapshot().map_err(|e| e.to_string())?;
+    let schema: Schema = snapshot
+        .schema()
+        .as_ref()
+        .try_into_arrow()
+        .map_err(|e: deltalake::arrow::error::ArrowError| e.to_string())?;
+    let schema = Arc::new(schema);
+    let paths: Vec<String> = snapshot
+        .log_data()
+        .iter()
+        .map(|f| f.path().into_owned())
+        .collect();
+    let mut out = Vec::new();
+    for p in paths {
+        let location = object_store::path::Path::parse(&p).map_err(|e| e.to_string())?;
+        let bytes = match store.get(&location).await {
+            Ok(r) => r.bytes().await,
+            Err(e) => Err(e),
+        }
+        .map_err(|e| format!("{kind} table of {table}: file {p} cannot be read: {e}"))?;
+        let reader =
+            deltalake::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+                bytes,
+            )
+            .and_then(|b| b.build())
+            .map_err(|e| format!("{kind} table of {table}: file {p}: {e}"))?;
+        for batch in reader {
+            let batch = batch.map_err(|e| format!("{kind} table of {table}: file {p}: {e}"))?;
+            out.push(conform(&batch, &schema).map_err(|e| e.to_string())?);
+        }
+    }
+    Ok(out)
+}
+
+use object_store::ObjectStoreExt as _;
+
+/// The table's rows in the verification snapshot, as change-log batches.
+async fn read_source(
+    snap: &mut PgConnection,
+    table: &TableName,
+    specs: &[ColumnSpec],
+    types: &[PgType],
+    names: &[String],
+) -> anyhow::Result<Vec<RecordBatch>> {
+    let mut builder = ChangeBatchBuilder::new(specs.to_vec());
+    let select = names
+        .iter()
+        .map(|n| quote_ident(n))
+        .collect::<Vec<_>>()
+        .join(", ");
+    snap.simple_query(&format!(
+        "DECLARE slotlake_verify NO SCROLL CURSOR FOR SELECT {select} FROM {}",
+        table.quoted()
+    ))
+    .await?;
+    let mut out = Vec::new();
+    loop {
+        let rows = snap
+            .simple_query(&format!("FETCH FORWARD {FETCH_ROWS} FROM slotlake_verify"))
+            .await?;
+        if rows.is_empty() {
+            break;
+        }
+        let mut values: Vec<ColumnValue> = Vec::with_capacity(types.len());
+        for r in &rows {
+            values.clear();
+            for (i, ty) in types.iter().enumerate() {
+                let v = match r.values().get(i).and_then(|v| v.as_deref()) {
+                    None => Value::Null,
+                    Some(text) => crate::types::text::parse(ty, text.as_bytes())?,
+                };
+                values.push(ColumnValue::Value(v));
+            }
+            builder.append(OP_READ, 0, 0, 0, 0, &values, None)?;
+        }
+        out.push(builder.finish()?);
+    }
+    snap.simple_query("CLOSE slotlake_verify").await?;
+    Ok(out)
+}
+
+/// Key encoding → (row encoding, the key rendered for the report).
+type RowIndex = HashMap<Vec<u8>, (Vec<u8>, String)>;
+
+/// Key → row encoding of every row of `batches` (all conformed to `schema`).
+fn index(
+    batches: &[RecordBatch],
+    schema: &SchemaRef,
+    key: &[usize],
+    keep: impl Fn(&RecordBatch, usize) -> bool,
+) -> anyhow::Result<(RowIndex, u64)> {
+    let all = RowConverter::new(
+        schema
+            .fields()
+            .iter()
+            .map(|f| SortField::new(f.data_type().clone()))
+            .collect(),
+    )?;
+    let keys = RowConverter::new(
+        key.iter()
+            .map(|&i| SortField::new(schema.field(i).data_type().clone()))
+            .collect(),
+    )?;
+    let mut map = HashMap::new();
+    let mut duplicates = 0;
+    for original in batches {
+        let b = conform(original, schema)?;
+        let rows = all.convert_columns(b.columns())?;
+        let key_cols: Vec<ArrayRef> = key.iter().map(|&i| b.column(i).clone()).collect();
+        let key_rows = keys.convert_columns(&key_cols)?;
+        let formatters: Vec<ArrayFormatter> = key_cols
+            .iter()
+            .map(|c| ArrayFormatter::try_new(c.as_ref(), &FormatOptions::default()))
+            .collect::<Result<_, _>>()?;
+        for i in 0..b.num_rows() {
+            if !keep(original, i) {
+                continue;
+            }
+            let rendered = formatters
+                .iter()
+                .map(|f| f.value(i).to_string())
+                .collect::<Vec<_>>()
+                .join(", ");
+            if map
+                .insert(
+                    key_rows.row(i).as_ref().to_vec(),
+                    (rows.row(i).as_ref().to_vec(), rendered),
+                )
+                .is_some()
+            {
+                duplicates += 1;
+            }
+        }
+    }
+    Ok((map, duplicates))
+}
+
+fn compare(
+    verdict: &mut TableVerdict,
+    specs: &[ColumnSpec],
+    source: Vec<RecordBatch>,
+    history: Vec<RecordBatch>,
+    current: Vec<RecordBatch>,
+    as_of: Lsn,
+    max_keys: usize,
+) -> anyhow::Result<()> {
+    let schema = crate::batch::rows::changelog_schema(specs);
+    let layout = Layout::from_changelog(&schema);
+    let cols: SchemaRef = layout.source.clone();
+    let x = as_of.0 as i64;
+    let valid_at = |b: &RecordBatch, i: usize| -> bool {
+        let from = b
+            .column_by_name(VALID_FROM_LSN)
+            .and_then(|c| c.as_primitive_opt::<Int64Type>())
+            .map(|c| c.value(i));
+        let to = b
+            .column_by_name(VALID_TO_LSN)
+            .and_then(|c| c.as_primitive_opt::<Int64Type>())
+            .map(|c| c.is_valid(i).then(|| c.value(i)));
+        let deleted = b
+            .column_by_name(DELETED)
+            .and_then(|c| c.as_boolean_opt())
+            .map(|c| c.value(i));
+        matches!((from, to, deleted), (Some(f), Some(t), Some(false)) if f <= x && t.is_none_or(|t| t > x))
+    };
+    let (src, _) = index(&source, &cols, &layout.key, |_, _| true)?;
+    let (lake, dup) = index(&history, &cols, &layout.key, valid_at)?;
+    verdict.source_rows = src.len() as u64;
+    verdict.lake_rows = lake.len() as u64 + dup;
+    verdict.extra += dup;
+    let mut keys: Vec<String> = Vec::new();
+    for (k, (row, rendered)) in &src {
+        match lake.get(k) {
+            None => {
+                verdict.missing += 1;
+                keys.push(format!("missing ({rendered})"));
+            }
+            Some((other, _)) if other != row => {
+                verdict.different += 1;
+                keys.push(format!("different ({rendered})"));
+            }
+            Some(_) => {}
+        }
+    }
+    for (k, (_, rendered)) in &lake {
+        if !src.contains_key(k) {
+            verdict.extra += 1;
+            keys.push(format!("extra ({rendered})"));
+        }
+    }
+    // The current table is the history table's open versions, less tombstones.
+    let open = |b: &RecordBatch, i: usize| -> bool {
+        let to_null = b
+            .column_by_name(VALID_TO_LSN)
+            .map(|c| c.is_null(i))
+            .unwrap_or(false);
+        let deleted = b
+            .column_by_name(DELETED)
+            .and_then(|c| c.as_boolean_opt())
+            .map(|c| c.value(i))
+            .unwrap_or(true);
+        to_null && !deleted
+    };
+    let (open_rows, _) = index(&history, &cols, &layout.key, open)?;
+    let (current_rows, current_dup) = index(&current, &cols, &layout.key, |_, _| true)?;
+    verdict.current_mismatch += current_dup;
+    for (k, (row, rendered)) in &open_rows {
+        if current_rows.get(k).map(|r| &r.0) != Some(row) {
+            verdict.current_mismatch += 1;
+            keys.push(format!("current table differs ({rendered})"));
+        }
+    }
+    for (k, (_, rendered)) in &current_rows {
+        if !open_rows.contains_key(k) {
+            verdict.current_mismatch += 1;
+            keys.push(format!("current table has extra ({rendered})"));
+        }
+    }
+    keys.sort();
+    keys.truncate(max_keys);
+    verdict.keys = keys;
+    Ok(())
+}

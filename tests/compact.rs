@@ -1,0 +1,564 @@
+//! Compaction and `slotlake verify` end to end on real parts: a real PostgreSQL with concurrent
+//! writers, `slotlake run` into file:// and into a real S3-compatible server (moto) on
+//! loopback, `slotlake compact` / background compaction, `slotlake verify` against the live
+//! source, and the current tables read back with an independent reader (Python `deltalake`).
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use support::*;
+
+const S3_ENV: [(&str, &str); 2] = [
+    ("AWS_ACCESS_KEY_ID", "test"),
+    ("AWS_SECRET_ACCESS_KEY", "test"),
+];
+
+/// Rows of a Delta table read by Python `deltalake` (scripts/lib/read_delta.py).
+fn read_table(uri: &str, s3_endpoint: Option<&str>) -> Vec<serde_json::Value> {
+    let mut c = std::process::Command::new(s3::venv_dir().join("bin/python"));
+    c.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/lib/read_delta.py"))
+        .arg(uri);
+    if let Some(ep) = s3_endpoint {
+        c.arg("--s3-endpoint").arg(ep);
+    }
+    let out = c.output().expect("run the reader (scripts/lib/venv.sh)");
+    assert!(
+        out.status.success(),
+        "reader failed on {uri}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn sha256_hex(s: &str) -> String {
+    use sha2::Digest;
+    let d = sha2::Sha256::digest(s.as_bytes());
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `acct` from the source: id → (owner, balance, sha256(note), tier).
+async fn source_acct(db: &TestDb) -> BTreeMap<i64, (String, String, String, String)> {
+    db.exec("SELECT id, owner, balance, encode(sha256(convert_to(note, 'UTF8')), 'hex') AS note, coalesce(tier::text, 'null') AS tier FROM acct")
+        .await
+        .iter()
+        .map(|r| {
+            (
+                r.get("id").unwrap().parse().unwrap(),
+                (
+                    r.get("owner").unwrap_or("null").to_string(),
+                    r.get("balance").unwrap_or("null").to_string(),
+                    r.get("note").unwrap_or("null").to_string(),
+                    r.get("tier").unwrap().to_string(),
+                ),
+            )
+        })
+        .collect()
+}
+
+/// `acct` from the lake's current table, read by Python `deltalake`.
+fn lake_acct(root: &str, s3: Option<&str>) -> BTreeMap<i64, (String, String, String, String)> {
+    let text = |v: &serde_json::Value| match v {
+        serde_json::Value::Null => "null".to_string(),
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    read_table(&format!("{root}/current/public/acct"), s3)
+        .iter()
+        .map(|r| {
+            (
+                r["id"].as_i64().unwrap(),
+                (
+                    text(&r["owner"]),
+                    text(&r["balance"]),
+                    r["note"].as_str().map_or("null".into(), sha256_hex),
+                    text(&r["tier"]),
+                ),
+            )
+        })
+        .collect()
+}
+
+async fn start_run(
+    db: &TestDb,
+    slot: &str,
+    sink: &str,
+    extra: &[&str],
+    log: &Path,
+) -> tokio::process::Child {
+    let logf = std::fs::File::create(log).unwrap();
+    tokio::process::Command::new(slotlake_bin())
+        .args([
+            "run",
+            "--source",
+            &db.url(),
+            "--slot",
+            slot,
+            "--publication",
+            "pub",
+            "--sink",
+            sink,
+        ])
+        .args(["--create-slot", "--flush-interval", "200ms"])
+        .args(["--status-interval", "1s", "--metrics-addr", "127.0.0.1:0"])
+        .args(extra)
+        .envs(S3_ENV)
+        .stdout(Stdio::null())
+        .stderr(logf)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+async fn stop(mut child: tokio::process::Child, log: &Path) {
+    let pid = child.id().unwrap();
+    std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(60), child.wait())
+        .await
+        .expect("stop in time")
+        .unwrap();
+    assert!(
+        status.success(),
+        "run exit {status:?}\n{}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+}
+
+const SCHEMA: &str = "
+    CREATE TABLE acct (id int PRIMARY KEY, owner text, balance bigint, note text);
+    ALTER TABLE acct ALTER COLUMN note SET STORAGE EXTERNAL;
+    CREATE TABLE kv (k text PRIMARY KEY, v int);
+    CREATE TABLE events (a int, b text);
+    ALTER TABLE events REPLICA IDENTITY FULL;
+    CREATE TABLE quiet (id int PRIMARY KEY);
+";
+
+/// The schema, and the publication (FOR ALL TABLES needs a superuser).
+async fn create_schema(db: &TestDb) {
+    db.exec(SCHEMA).await;
+    // verify reads the tables as slotlake's user (the database owner here).
+    db.exec(
+        "DO $$ BEGIN EXECUTE format('GRANT SELECT ON ALL TABLES IN SCHEMA public TO %I',
+           (SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = current_database())); END $$",
+    )
+    .await;
+    let mut admin = db.admin().await;
+    slotlake::replication::slot::ensure_publication(
+        &mut admin,
+        "pub",
+        &slotlake::replication::slot::PublicationScope::AllTables,
+    )
+    .await
+    .unwrap();
+    admin.close().await;
+}
+
+/// Inserts, updates that leave the TOASTed `note` unsent, key changes, deletes, re-inserts,
+/// a truncate, an added column; `writers` connections at once.
+async fn workload(db: &TestDb, rounds: usize) {
+    db.exec(
+        "INSERT INTO acct SELECT g, 'owner ' || g, g * 10, repeat(md5(g::text), 100) FROM generate_series(1, 3000) g;
+         INSERT INTO kv SELECT 'k' || g, g FROM generate_series(1, 500) g;
+         INSERT INTO events SELECT g % 50, 'e' || g FROM generate_series(1, 300) g;",
+    )
+    .await;
+    let mut writers = Vec::new();
+    for w in 0..2i64 {
+        let db_url = db.admin_url();
+        writers.push(tokio::spawn(async move {
+            let info = slotlake::replication::ConnInfo::parse(&db_url).unwrap();
+            let mut c = slotlake::replication::PgConnection::connect(&info, slotlake::replication::SessionKind::Sql)
+                .await
+                .unwrap();
+            for r in 0..rounds as i64 {
+                let base = 1 + (r * 37 + w * 500) % 2900;
+                c.simple_query(&format!(
+                    "BEGIN;
+                     UPDATE acct SET balance = balance + 1 WHERE id BETWEEN {base} AND {base} + 40 AND id % 2 = {w};
+                     UPDATE acct SET id = id + 100000 WHERE id = {base} + 41 + {w};
+                     DELETE FROM acct WHERE id = {base} + 43 + {w};
+                     INSERT INTO acct VALUES ({base} + 43 + {w}, 'again', -1, 'short') ON CONFLICT (id) DO NOTHING;
+                     UPDATE kv SET v = v * 2 WHERE k = 'k{}';
+                     UPDATE events SET b = b || '+' WHERE a = {};
+                     COMMIT;",
+                    1 + (r + w) % 500,
+                    (r + w) % 50
+                ))
+                .await
+                .unwrap();
+            }
+            c.close().await;
+        }));
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    db.exec(
+        "TRUNCATE kv;
+         INSERT INTO kv SELECT 'k' || g, -g FROM generate_series(1, 50) g;
+         ALTER TABLE acct ADD COLUMN tier int;
+         UPDATE acct SET tier = id % 3 WHERE id % 5 = 0;
+         DELETE FROM events WHERE a = 7;",
+    )
+    .await;
+}
+
+/// Waits until slot `slot` confirmed the source's current WAL position.
+async fn caught_up(db: &TestDb, slot: &str, log: &Path) {
+    let target = db.exec("SELECT pg_current_wal_lsn()::text AS w").await[0]
+        .get("w")
+        .unwrap()
+        .to_string();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let r = db
+            .exec(&format!(
+                "SELECT confirmed_flush_lsn >= '{target}' AS ok FROM pg_replication_slots WHERE slot_name = '{slot}'"
+            ))
+            .await;
+        if r.first().and_then(|r| r.get("ok")) == Some("t") {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "slot never caught up\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn verify_args<'a>(
+    db_url: &'a str,
+    slot: &'a str,
+    root: &'a str,
+    s3: &'a [&'a str],
+) -> Vec<&'a str> {
+    let mut v = vec![
+        "verify",
+        "--source",
+        db_url,
+        "--slot",
+        slot,
+        "--publication",
+        "pub",
+        "--sink",
+        root,
+        "--bucket-size",
+        "64KiB",
+        "--wait",
+        "60s",
+    ];
+    v.extend_from_slice(s3);
+    v
+}
+
+#[tokio::test]
+async fn compaction_and_verify_match_the_source_on_file_and_s3() {
+    let cluster = Cluster::shared();
+    let s3 = s3::S3Server::shared();
+    let bucket = s3.new_bucket("compact").await;
+    let endpoint = s3.endpoint();
+    for label in ["file", "s3"] {
+        let db = cluster.create_db(&format!("compact_{label}")).await;
+        create_schema(&db).await;
+        let dir = tempfile::tempdir().unwrap();
+        let (root, s3_flags): (String, Vec<&str>) = if label == "s3" {
+            (
+                format!("s3://{bucket}/lake"),
+                vec!["--s3-endpoint", &endpoint, "--s3-allow-http"],
+            )
+        } else {
+            (
+                format!("file://{}", dir.path().join("lake").display()),
+                Vec::new(),
+            )
+        };
+        let s3_reader = (label == "s3").then_some(endpoint.as_str());
+        let slot = format!("c_{label}");
+        let log = dir.path().join("run.log");
+        // On file://, compaction also runs in the background of `run`, racing verify's.
+        let mut extra = s3_flags.clone();
+        if label == "file" {
+            extra.extend(["--compact-interval", "1s", "--bucket-size", "64KiB"]);
+        } else {
+            extra.extend(["--compact-interval", "0"]);
+        }
+        let run = start_run(&db, &slot, &root, &extra, &log).await;
+        // The slot exists before the workload starts.
+        caught_up(&db, &slot, &log).await;
+        workload(&db, 60).await;
+        caught_up(&db, &slot, &log).await;
+
+        let db_url = db.url();
+        let args = verify_args(&db_url, &slot, &root, &s3_flags);
+        let (code, out, err) = run_slotlake(&args, &S3_ENV).await;
+        assert_eq!(code, 0, "{label}: verify passes\n{out}\n{err}");
+        for t in ["public.acct", "public.kv", "public.events", "public.quiet"] {
+            assert!(
+                out.lines()
+                    .any(|l| l.starts_with("OK") && l.contains(&format!("{t}:"))),
+                "{label}: {t} verified\n{out}"
+            );
+        }
+        stop(run, &log).await;
+
+        // An independent reader sees exactly the source rows in the current table.
+        let want = source_acct(&db).await;
+        assert!(want.len() > 2500, "{label}: the workload left rows");
+        assert_eq!(lake_acct(&root, s3_reader), want, "{label}: current acct");
+        let kv: BTreeMap<String, i64> = read_table(&format!("{root}/current/public/kv"), s3_reader)
+            .iter()
+            .map(|r| {
+                (
+                    r["k"].as_str().unwrap().to_string(),
+                    r["v"].as_i64().unwrap(),
+                )
+            })
+            .collect();
+        let want_kv: BTreeMap<String, i64> = db
+            .exec("SELECT k, v FROM kv")
+            .await
+            .iter()
+            .map(|r| {
+                (
+                    r.get("k").unwrap().to_string(),
+                    r.get("v").unwrap().parse().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(kv, want_kv, "{label}: current kv after the truncate");
+        // History as of the last LSN equals the current table; versions of acct's rows exist.
+        let history = read_table(&format!("{root}/history/public/acct"), s3_reader);
+        let open_live = history
+            .iter()
+            .filter(|r| r["_valid_to_lsn"].is_null() && r["_deleted"] == false)
+            .count();
+        assert_eq!(
+            open_live,
+            want.len(),
+            "{label}: open history versions = current rows"
+        );
+        assert!(
+            history.iter().any(|r| r["_deleted"] == true),
+            "{label}: tombstones for deletes"
+        );
+
+        if label == "file" {
+            // Several buckets (64KiB each): the table is clustered, not one file.
+            let files = std::fs::read_dir(dir.path().join("lake/current/public/acct"))
+                .unwrap()
+                .filter(|e| {
+                    e.as_ref()
+                        .unwrap()
+                        .file_name()
+                        .to_string_lossy()
+                        .ends_with(".parquet")
+                })
+                .count();
+            assert!(
+                files > 2,
+                "acct is split into buckets ({files} files written)"
+            );
+            corrupt_and_verify_fails(&db, &slot, &root, dir.path()).await;
+        }
+    }
+}
+
+/// A row edited in a lake file, then a file removed: verify fails and names the table.
+async fn corrupt_and_verify_fails(db: &TestDb, slot: &str, root: &str, dir: &Path) {
+    let lake = dir.join("lake");
+    // Edit one row of acct's history: the open version of some key gets another balance.
+    let script = r#"
+import sys, glob, pyarrow.parquet as pq, pyarrow as pa, pyarrow.compute as pc
+files = sorted(glob.glob(sys.argv[1] + "/history/public/acct/open-*.parquet"))
+for f in files:
+    t = pq.read_table(f)
+    if t.num_rows == 0:
+        continue
+    bal = t.column("balance").to_pylist()
+    deleted = t.column("_deleted").to_pylist()
+    i = next(i for i in range(len(bal)) if not deleted[i])
+    bal[i] = (bal[i] or 0) + 7
+    t = t.set_column(t.schema.get_field_index("balance"), t.schema.field("balance"), pa.array(bal, pa.int64()))
+    pq.write_table(t, f + ".tmp")
+    import os; os.replace(f + ".tmp", f)
+    print(t.column("id")[i].as_py())
+    break
+"#;
+    let out = std::process::Command::new(s3::venv_dir().join("bin/python"))
+        .args(["-c", script, lake.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let edited_key = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(!edited_key.is_empty(), "a row was edited");
+
+    // Verify needs a running slot consumer to pass its snapshot point.
+    let log = dir.join("run2.log");
+    let run = start_run(db, slot, root, &["--compact-interval", "0"], &log).await;
+    let db_url = db.url();
+    let args = verify_args(&db_url, slot, root, &[]);
+    let (code, out, err) = run_slotlake(&args, &[]).await;
+    assert_eq!(code, 6, "verify fails on an edited row\n{out}\n{err}");
+    let line = out
+        .lines()
+        .find(|l| l.contains("public.acct:"))
+        .unwrap_or_default();
+    assert!(line.starts_with("FAIL"), "acct named as failing: {out}");
+    assert!(
+        out.contains(&format!("({edited_key})")),
+        "the edited key {edited_key} is named: {out}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("OK") && l.contains("public.kv:")),
+        "kv still fine: {out}"
+    );
+
+    // Remove a data file of kv's current table.
+    let kv_dir = lake.join("current/public/kv");
+    let victim = std::fs::read_dir(&kv_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "parquet"))
+        .expect("a kv file");
+    // Only the file the Delta log references counts: remove them all to be sure.
+    for e in std::fs::read_dir(&kv_dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|e| e == "parquet") {
+            std::fs::remove_file(p).unwrap();
+        }
+    }
+    let _ = victim;
+    let (code, out, err) = run_slotlake(&args, &[]).await;
+    assert_eq!(code, 6, "verify fails on a removed file\n{out}\n{err}");
+    let line = out
+        .lines()
+        .find(|l| l.contains("public.kv:"))
+        .unwrap_or_default();
+    assert!(line.starts_with("FAIL"), "kv named as failing: {out}");
+    stop(run, &log).await;
+}
+
+/// `slotlake compact` killed with SIGKILL at random points, re-run each time: the tables end
+/// identical to a clean compaction of the same change logs, and a further run changes nothing.
+#[tokio::test]
+async fn kill_nine_during_compaction_then_rerun_gives_identical_tables() {
+    let cluster = Cluster::shared();
+    let db = cluster.create_db("compact_kill").await;
+    create_schema(&db).await;
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    let root = format!("file://{}", lake.display());
+    let slot = "c_kill";
+    let log = dir.path().join("run.log");
+    let run = start_run(&db, slot, &root, &["--compact-interval", "0"], &log).await;
+    caught_up(&db, slot, &log).await;
+    workload(&db, 120).await;
+    caught_up(&db, slot, &log).await;
+    stop(run, &log).await;
+
+    // The reference: a copy of the change logs, compacted without interruption.
+    let reference = dir.path().join("reference");
+    copy_dir(&lake.join("changes"), &reference.join("changes"));
+    let reference_root = format!("file://{}", reference.display());
+    // Small steps and buckets: many commits, so kills land between and inside them.
+    let tuning = ["--compact-memory", "256KiB", "--bucket-size", "32KiB"];
+    let started = std::time::Instant::now();
+    let (code, out, err) = run_slotlake(
+        &[&["compact", "--sink", &reference_root][..], &tuning].concat(),
+        &[],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    let clean = started.elapsed();
+
+    let mut interrupted = 0;
+    let mut attempts = 0;
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15 ^ std::process::id() as u64;
+    while interrupted < 10 {
+        attempts += 1;
+        assert!(attempts < 200, "could not interrupt compaction 10 times");
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let delay = Duration::from_micros(seed % (clean.as_micros() as u64).max(1));
+        let mut child = tokio::process::Command::new(slotlake_bin())
+            .args(["compact", "--sink", &root])
+            .args(tuning)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        tokio::time::sleep(delay).await;
+        if child.try_wait().unwrap().is_none() {
+            child.kill().await.unwrap();
+            interrupted += 1;
+        } else if interrupted < 10 {
+            // It finished: start over from the change logs alone, to interrupt again.
+            for kind in ["current", "history"] {
+                let _ = std::fs::remove_dir_all(lake.join(kind));
+            }
+        }
+    }
+    let (code, out, err) =
+        run_slotlake(&[&["compact", "--sink", &root][..], &tuning].concat(), &[]).await;
+    assert_eq!(code, 0, "the re-run completes\n{out}\n{err}");
+
+    for kind in ["current", "history"] {
+        for t in ["acct", "kv", "events"] {
+            let got = read_table(&format!("{root}/{kind}/public/{t}"), None);
+            let want = read_table(&format!("{reference_root}/{kind}/public/{t}"), None);
+            assert!(!want.is_empty(), "{kind} {t} has rows");
+            assert_eq!(got, want, "{kind} table of {t} after {interrupted} kills");
+        }
+    }
+    // Once more: nothing to do, nothing committed.
+    let versions = |kind: &str| {
+        std::fs::read_dir(lake.join(kind).join("public/acct/_delta_log"))
+            .unwrap()
+            .count()
+    };
+    let before = (versions("current"), versions("history"));
+    let (code, out, _) = run_slotlake(&["compact", "--sink", &root, "--format", "json"], &[]).await;
+    assert_eq!(code, 0);
+    for line in out.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(v["changes"], 0, "a second run does nothing: {line}");
+    }
+    assert_eq!(
+        (versions("current"), versions("history")),
+        before,
+        "no new commits"
+    );
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), target).unwrap();
+        }
+    }
+}
