@@ -346,6 +346,13 @@ fn sink_of(a: &crate::cli::SinkArgs) -> Result<crate::lake::store::Sink> {
     crate::lake::store::Sink::open(&a.sink, &s3).context("invalid --sink")
 }
 
+/// `--table schema.table` arguments.
+fn parse_tables(args: &[String]) -> Result<Vec<TableName>> {
+    args.iter()
+        .map(|t| TableName::parse(t).map_err(|e| anyhow::anyhow!("--table {t:?}: {e}")))
+        .collect()
+}
+
 fn compact_options(t: &crate::cli::CompactTuning) -> crate::compact::CompactOptions {
     crate::compact::CompactOptions {
         memory_budget: t.compact_memory,
@@ -357,11 +364,7 @@ fn compact_options(t: &crate::cli::CompactTuning) -> crate::compact::CompactOpti
 /// signal. Fails (after finishing the other tables) when a table could not be compacted.
 pub async fn compact(a: crate::cli::CompactArgs) -> Result<()> {
     let sink = sink_of(&a.sink)?;
-    let tables = a
-        .tables
-        .iter()
-        .map(|t| TableName::parse(t).map_err(|e| anyhow::anyhow!("--table {t:?}: {e}")))
-        .collect::<Result<Vec<_>>>()?;
+    let tables = parse_tables(&a.tables)?;
     let options = compact_options(&a.tuning);
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let signals = tokio::spawn(async move {
@@ -435,11 +438,7 @@ pub struct VerifyFailed(pub usize);
 pub async fn verify(a: crate::cli::VerifyArgs) -> Result<()> {
     let info = source(&a.source.source)?;
     let sink = sink_of(&a.sink)?;
-    let tables = a
-        .tables
-        .iter()
-        .map(|t| TableName::parse(t).map_err(|e| anyhow::anyhow!("--table {t:?}: {e}")))
-        .collect::<Result<Vec<_>>>()?;
+    let tables = parse_tables(&a.tables)?;
     let opts = crate::verify::VerifyOptions {
         slot: a.slot.slot,
         publication: a.publication.publication,

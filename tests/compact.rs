@@ -17,27 +17,6 @@ const S3_ENV: [(&str, &str); 2] = [
     ("AWS_SECRET_ACCESS_KEY", "test"),
 ];
 
-/// Rows of a Delta table read by Python `deltalake` (scripts/lib/read_delta.py).
-fn read_table(uri: &str, s3_endpoint: Option<&str>) -> Vec<serde_json::Value> {
-    let mut c = std::process::Command::new(s3::venv_dir().join("bin/python"));
-    c.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/lib/read_delta.py"))
-        .arg(uri);
-    if let Some(ep) = s3_endpoint {
-        c.arg("--s3-endpoint").arg(ep);
-    }
-    let out = c.output().expect("run the reader (scripts/lib/venv.sh)");
-    assert!(
-        out.status.success(),
-        "reader failed on {uri}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 fn sha256_hex(s: &str) -> String {
     use sha2::Digest;
     let d = sha2::Sha256::digest(s.as_bytes());
@@ -70,7 +49,7 @@ fn lake_acct(root: &str, s3: Option<&str>) -> BTreeMap<i64, (String, String, Str
         serde_json::Value::String(s) => s.clone(),
         other => other.to_string(),
     };
-    read_table(&format!("{root}/current/public/acct"), s3)
+    read_delta(&format!("{root}/current/public/acct"), s3)
         .iter()
         .map(|r| {
             (
@@ -153,15 +132,7 @@ async fn create_schema(db: &TestDb) {
            (SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = current_database())); END $$",
     )
     .await;
-    let mut admin = db.admin().await;
-    slotlake::replication::slot::ensure_publication(
-        &mut admin,
-        "pub",
-        &slotlake::replication::slot::PublicationScope::AllTables,
-    )
-    .await
-    .unwrap();
-    admin.close().await;
+    db.publish_all("pub").await;
 }
 
 /// Inserts, updates that leave the TOASTed `note` unsent, key changes, deletes, re-inserts,
@@ -318,7 +289,7 @@ async fn compaction_and_verify_match_the_source_on_file_and_s3() {
         let want = source_acct(&db).await;
         assert!(want.len() > 2500, "{label}: the workload left rows");
         assert_eq!(lake_acct(&root, s3_reader), want, "{label}: current acct");
-        let kv: BTreeMap<String, i64> = read_table(&format!("{root}/current/public/kv"), s3_reader)
+        let kv: BTreeMap<String, i64> = read_delta(&format!("{root}/current/public/kv"), s3_reader)
             .iter()
             .map(|r| {
                 (
@@ -340,7 +311,7 @@ async fn compaction_and_verify_match_the_source_on_file_and_s3() {
             .collect();
         assert_eq!(kv, want_kv, "{label}: current kv after the truncate");
         // History as of the last LSN equals the current table; versions of acct's rows exist.
-        let history = read_table(&format!("{root}/history/public/acct"), s3_reader);
+        let history = read_delta(&format!("{root}/history/public/acct"), s3_reader);
         let open_live = history
             .iter()
             .filter(|r| r["_valid_to_lsn"].is_null() && r["_deleted"] == false)
@@ -384,7 +355,7 @@ async fn corrupt_and_verify_fails(db: &TestDb, slot: &str, root: &str, dir: &Pat
 import sys, glob, pyarrow.parquet as pq, pyarrow as pa, pyarrow.compute as pc
 files = sorted(glob.glob(sys.argv[1] + "/history/public/acct/open-*.parquet"))
 for f in files:
-    t = pq.read_table(f)
+    t = pq.read_delta(f)
     if t.num_rows == 0:
         continue
     bal = t.column("balance").to_pylist()
@@ -524,8 +495,8 @@ async fn kill_nine_during_compaction_then_rerun_gives_identical_tables() {
 
     for kind in ["current", "history"] {
         for t in ["acct", "kv", "events"] {
-            let got = read_table(&format!("{root}/{kind}/public/{t}"), None);
-            let want = read_table(&format!("{reference_root}/{kind}/public/{t}"), None);
+            let got = read_delta(&format!("{root}/{kind}/public/{t}"), None);
+            let want = read_delta(&format!("{reference_root}/{kind}/public/{t}"), None);
             assert!(!want.is_empty(), "{kind} {t} has rows");
             assert_eq!(got, want, "{kind} table of {t} after {interrupted} kills");
         }

@@ -12,33 +12,8 @@ use std::time::Duration;
 
 use support::*;
 
-const VENV_HINT: &str = "run scripts/lib/venv.sh first (scripts/test.sh does)";
-
 fn venv() -> PathBuf {
     s3::venv_dir()
-}
-
-/// Every row of a change-log table, read by the Python `deltalake` package.
-fn read_table(uri: &str, s3_endpoint: Option<&str>) -> Vec<serde_json::Value> {
-    let mut c = std::process::Command::new(venv().join("bin/python"));
-    c.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/lib/read_delta.py"))
-        .arg(uri);
-    if let Some(ep) = s3_endpoint {
-        c.arg("--s3-endpoint").arg(ep);
-    }
-    let out = c
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run the reader ({VENV_HINT}): {e}"));
-    assert!(
-        out.status.success(),
-        "reader failed on {uri}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 /// (op, id) per table, in commit order, from a `test_decoding` slot.
@@ -87,7 +62,7 @@ async fn oracle(db: &TestDb, slot: &str) -> BTreeMap<String, Vec<(String, i64)>>
 fn lake(root: &str, tables: &[String], s3: Option<&str>) -> BTreeMap<String, Vec<(String, i64)>> {
     let mut out = BTreeMap::new();
     for t in tables {
-        let rows = read_table(&format!("{root}/changes/public/{t}"), s3);
+        let rows = read_delta(&format!("{root}/changes/public/{t}"), s3);
         let mut seen = std::collections::HashSet::new();
         for r in &rows {
             let identity = (r["_lsn"].to_string(), r["_seq"].as_i64().unwrap());
@@ -238,14 +213,8 @@ async fn setup(db: &TestDb, tables: usize) -> Vec<String> {
         sql.push_str(&format!("CREATE TABLE {t} (id int PRIMARY KEY, v text, n numeric(10,2), ts timestamptz DEFAULT now());"));
     }
     db.exec(&sql).await;
+    db.publish_all("pub").await;
     let mut admin = db.admin().await;
-    slotlake::replication::slot::ensure_publication(
-        &mut admin,
-        "pub",
-        &slotlake::replication::slot::PublicationScope::AllTables,
-    )
-    .await
-    .unwrap();
     // The oracle slot and slotlake's slot start at (nearly) the same point; both before any change.
     admin
         .simple_query(&format!(
@@ -372,7 +341,7 @@ async fn mixed_workload_lands_exactly_once_on_file_and_s3() {
             assert_eq!(got.get(t), Some(ops), "{label}: change log of {t}");
         }
         // Schema evolution: the added column is there with its value.
-        let t0 = read_table(
+        let t0 = read_delta(
             &format!("{root}/changes/public/{}", tables[0]),
             endpoint.as_deref(),
         );
@@ -383,7 +352,7 @@ async fn mixed_workload_lands_exactly_once_on_file_and_s3() {
         // The slot was confirmed past everything.
         let slot = db.exec(&format!("SELECT confirmed_flush_lsn::text AS c, pg_current_wal_lsn()::text AS w FROM pg_replication_slots WHERE slot_name = '{}'", lake_slot(&db))).await;
         let c: slotlake::lsn::Lsn = slot[0].get("c").unwrap().parse().unwrap();
-        let marker_lsn: slotlake::lsn::Lsn = read_table(
+        let marker_lsn: slotlake::lsn::Lsn = read_delta(
             &format!("{root}/changes/public/marker"),
             endpoint.as_deref(),
         )[0]["_lsn"]
@@ -905,7 +874,7 @@ async fn source_columns_named_like_metadata_columns_are_kept_apart() {
     let runner = Runner::start(&db, &root, &[], &log);
     wait_for_marker(&root, None, 1, &log).await;
     runner.stop().await;
-    let rows = read_table(&format!("{root}/changes/public/odd"), None);
+    let rows = read_delta(&format!("{root}/changes/public/odd"), None);
     assert_eq!(rows.len(), 2, "{rows:?}");
     let insert = rows.iter().find(|r| r["_op"] == "I").expect("the insert");
     assert_eq!(insert["_op__source"], "mine");

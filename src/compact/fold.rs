@@ -115,14 +115,17 @@ impl Layout {
             .join(",")
     }
 
-    /// The history table's schema: source columns + validity columns.
-    pub fn history_schema(&self) -> SchemaRef {
-        let mut fields: Vec<Field> = self
-            .source
+    fn source_fields(&self) -> Vec<Field> {
+        self.source
             .fields()
             .iter()
             .map(|f| f.as_ref().clone())
-            .collect();
+            .collect()
+    }
+
+    /// The history table's schema: source columns + validity columns.
+    pub fn history_schema(&self) -> SchemaRef {
+        let mut fields = self.source_fields();
         fields.extend([
             Field::new(VALID_FROM_LSN, DataType::Int64, false),
             Field::new(VALID_TO_LSN, DataType::Int64, true),
@@ -136,12 +139,7 @@ impl Layout {
 
     /// The current table's schema: source columns + `_lsn`, `_commit_ts`.
     pub fn current_schema(&self) -> SchemaRef {
-        let mut fields: Vec<Field> = self
-            .source
-            .fields()
-            .iter()
-            .map(|f| f.as_ref().clone())
-            .collect();
+        let mut fields = self.source_fields();
         fields.extend([
             Field::new(LSN, DataType::Int64, false),
             Field::new(COMMIT_TS, ts_type(), false),

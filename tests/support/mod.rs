@@ -381,6 +381,19 @@ impl TestDb {
         self.cluster.admin(&self.name).await
     }
 
+    /// Creates publication `name` FOR ALL TABLES (which needs a superuser).
+    pub async fn publish_all(&self, name: &str) {
+        let mut admin = self.admin().await;
+        slotlake::replication::slot::ensure_publication(
+            &mut admin,
+            name,
+            &slotlake::replication::slot::PublicationScope::AllTables,
+        )
+        .await
+        .expect("create publication");
+        admin.close().await;
+    }
+
     /// Runs SQL as the admin in this database.
     pub async fn exec(&self, sql: &str) -> Vec<slotlake::replication::connection::Row> {
         let mut c = self.admin().await;
@@ -526,5 +539,29 @@ pub async fn tail_json(
         .expect("UTF-8 output")
         .lines()
         .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect()
+}
+
+/// Every row of a Delta table, read by an independent implementation: Python `deltalake`
+/// through scripts/lib/read_delta.py (canonical JSON lines, order independent of files).
+pub fn read_delta(uri: &str, s3_endpoint: Option<&str>) -> Vec<serde_json::Value> {
+    let mut c = Command::new(s3::venv_dir().join("bin/python"));
+    c.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/lib/read_delta.py"))
+        .arg(uri);
+    if let Some(ep) = s3_endpoint {
+        c.arg("--s3-endpoint").arg(ep);
+    }
+    let out = c.output().unwrap_or_else(|e| {
+        panic!("cannot run the reader (run scripts/lib/venv.sh first; scripts/test.sh does): {e}")
+    });
+    assert!(
+        out.status.success(),
+        "reader failed on {uri}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .expect("utf-8 from the reader")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON from the reader"))
         .collect()
 }
