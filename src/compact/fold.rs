@@ -25,7 +25,7 @@ use deltalake::arrow::array::{
     Array, ArrayRef, AsArray, BooleanArray, Int64Array, RecordBatch, TimestampMicrosecondArray,
     UInt32Array,
 };
-use deltalake::arrow::compute::{interleave, lexsort_to_indices, take, SortColumn};
+use deltalake::arrow::compute::{interleave, take};
 use deltalake::arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef, TimeUnit};
 use deltalake::arrow::error::ArrowError;
 use deltalake::arrow::row::{RowConverter, Rows, SortField};
@@ -288,12 +288,14 @@ pub fn current_rows(layout: &Layout, open: &RecordBatch) -> Result<RecordBatch, 
 pub fn fold(
     layout: &Layout,
     base: &[RecordBatch],
-    changes: &RecordBatch,
+    changes: &[RecordBatch],
 ) -> Result<FoldOutput, FoldError> {
     let ncols = layout.source.fields().len();
     let converter = layout.key_converter()?;
-    let mut state: HashMap<Box<[u8]>, Version> = HashMap::new();
-    let mut sources: Vec<&RecordBatch> = Vec::with_capacity(base.len() + 2);
+    let base_rows: usize = base.iter().map(|b| b.num_rows()).sum();
+    let mut state: HashMap<Box<[u8]>, Version, foldhash::fast::RandomState> =
+        HashMap::with_capacity_and_hasher(base_rows + base_rows / 4, Default::default());
+    let mut sources: Vec<&RecordBatch> = Vec::with_capacity(base.len() + changes.len() + 1);
 
     for batch in base {
         let src = u32::try_from(sources.len()).map_err(|_| FoldError::TooManyRows)?;
@@ -317,114 +319,49 @@ pub fn fold(
         }
     }
 
-    let change_src = u32::try_from(sources.len()).map_err(|_| FoldError::TooManyRows)?;
-    sources.push(changes);
+    let col_index: HashMap<&str, u32> = layout
+        .source
+        .fields()
+        .iter()
+        .enumerate()
+        .map(|(i, f)| (f.name().as_str(), i as u32))
+        .collect();
+    let mut views = Vec::with_capacity(changes.len());
+    let mut order: Vec<(i64, i64, u32, u32)> =
+        Vec::with_capacity(changes.iter().map(|c| c.num_rows()).sum());
+    for batch in changes {
+        let src = u32::try_from(sources.len()).map_err(|_| FoldError::TooManyRows)?;
+        sources.push(batch);
+        let view = ChangeView::new(layout, &converter, batch)?;
+        let b = u32::try_from(views.len()).map_err(|_| FoldError::TooManyRows)?;
+        for row in 0..batch.num_rows() {
+            let r = u32::try_from(row).map_err(|_| FoldError::TooManyRows)?;
+            order.push((view.lsn.value(row), view.seq.value(row), b, r));
+        }
+        views.push((src, view));
+    }
+    // Commit order; (_lsn, _seq) is unique, so the order never depends on file order.
+    order.sort_unstable();
+    let n = order.len();
     let mut closed: Vec<Closed> = Vec::new();
-    let n = changes.num_rows();
-    if n > 0 {
-        let keys = converter.convert_columns(&layout.key_columns(changes, KeyNames::Row)?)?;
-        let old_cols = layout.key_columns(changes, KeyNames::Old)?;
-        let old_keys = converter.convert_columns(&old_cols)?;
-        let has_old: Vec<bool> = (0..n)
-            .map(|i| old_cols.iter().any(|c| c.is_valid(i)))
-            .collect();
-        let ops = changes
-            .column_by_name(OP)
-            .and_then(|c| c.as_string_opt::<i32>())
-            .ok_or_else(|| FoldError::MissingColumn(OP.into()))?;
-        let lsn = int64(changes, LSN)?;
-        let seq = int64(changes, SEQ)?;
-        let ts = timestamps(changes, COMMIT_TS)?;
-        let unchanged = changes
-            .column_by_name(UNCHANGED)
-            .and_then(|c| c.as_list_opt::<i32>())
-            .ok_or_else(|| FoldError::MissingColumn(UNCHANGED.into()))?;
-        let col_index: HashMap<&str, u32> = layout
-            .source
-            .fields()
-            .iter()
-            .enumerate()
-            .map(|(i, f)| (f.name().as_str(), i as u32))
-            .collect();
-        let order = lexsort_to_indices(
-            &[
-                SortColumn {
-                    values: Arc::new(lsn.clone()),
-                    options: None,
-                },
-                SortColumn {
-                    values: Arc::new(seq.clone()),
-                    options: None,
-                },
-            ],
-            None,
-        )?;
-        for &row in order.values() {
-            let i = row as usize;
-            let (l, t) = (lsn.value(i), ts.value(i));
-            let close = |v: Version, closed: &mut Vec<Closed>| {
-                closed.push(Closed {
-                    v,
-                    to_lsn: l,
-                    to_ts: t,
-                })
-            };
-            match ops.value(i) {
-                "I" | "R" | "U" => {
-                    let key = keys.row(i);
-                    let mut carried_from: Option<Version> = None;
-                    if has_old[i] && old_keys.row(i) != key {
-                        // The key changed: the old key's row ends here.
-                        if let Some(prev) = state.remove(old_keys.row(i).as_ref()) {
-                            if !prev.deleted {
-                                carried_from = Some(prev.clone());
-                                let tomb = Version {
-                                    from_lsn: l,
-                                    from_ts: t,
-                                    deleted: true,
-                                    ..prev.clone()
-                                };
-                                close(prev, &mut closed);
-                                state.insert(old_keys.row(i).as_ref().into(), tomb);
-                            } else {
-                                state.insert(old_keys.row(i).as_ref().into(), prev);
-                            }
-                        }
-                    }
-                    let prev = state.remove(key.as_ref());
-                    if carried_from.is_none() {
-                        carried_from = prev.as_ref().filter(|p| !p.deleted).cloned();
-                    }
-                    if let Some(prev) = prev {
-                        close(prev, &mut closed);
-                    }
-                    let mut overrides = Vec::new();
-                    if unchanged.is_valid(i) {
-                        let names = unchanged.value(i);
-                        let names = names.as_string::<i32>();
-                        for name in names.iter().flatten() {
-                            if let Some(&c) = col_index.get(name) {
-                                // No earlier version known: the value stays null.
-                                if let Some(p) = &carried_from {
-                                    overrides.push((c, p.value_ref(c)));
-                                }
-                            }
-                        }
-                    }
-                    state.insert(
-                        key.as_ref().into(),
-                        Version {
-                            src: (change_src, row),
-                            overrides: (!overrides.is_empty()).then(|| overrides.into()),
-                            from_lsn: l,
-                            from_ts: t,
-                            deleted: false,
-                        },
-                    );
-                }
-                "D" => {
-                    let key = keys.row(i);
-                    if let Some(prev) = state.get_mut(key.as_ref()) {
+    for &(l, _, b, row) in &order {
+        let (src, view) = &views[b as usize];
+        let i = row as usize;
+        let t = view.ts.value(i);
+        let close = |v: Version, closed: &mut Vec<Closed>| {
+            closed.push(Closed {
+                v,
+                to_lsn: l,
+                to_ts: t,
+            })
+        };
+        match view.ops.value(i) {
+            "I" | "R" | "U" => {
+                let key = view.keys.row(i);
+                let mut carried_from: Option<Version> = None;
+                if view.has_old[i] && view.old_keys.row(i) != key {
+                    // The key changed: the old key's row ends here and a tombstone opens.
+                    if let Some(prev) = state.get_mut(view.old_keys.row(i).as_ref()) {
                         if !prev.deleted {
                             let tomb = Version {
                                 from_lsn: l,
@@ -433,30 +370,74 @@ pub fn fold(
                                 ..prev.clone()
                             };
                             let ended = std::mem::replace(prev, tomb);
+                            carried_from = Some(ended.clone());
                             close(ended, &mut closed);
                         }
                     }
                 }
-                "T" => {
-                    for v in state.values_mut() {
-                        if !v.deleted {
-                            let tomb = Version {
-                                from_lsn: l,
-                                from_ts: t,
-                                deleted: true,
-                                ..v.clone()
-                            };
-                            let ended = std::mem::replace(v, tomb);
-                            closed.push(Closed {
-                                v: ended,
-                                to_lsn: l,
-                                to_ts: t,
-                            });
+                let mut overrides = Vec::new();
+                let next = |overrides: Vec<(u32, RowRef)>| Version {
+                    src: (*src, row),
+                    overrides: (!overrides.is_empty()).then(|| overrides.into()),
+                    from_lsn: l,
+                    from_ts: t,
+                    deleted: false,
+                };
+                let carry = |from: Option<&Version>, overrides: &mut Vec<(u32, RowRef)>| {
+                    if !view.unchanged.is_valid(i) {
+                        return;
+                    }
+                    let names = view.unchanged.value(i);
+                    for name in names.as_string::<i32>().iter().flatten() {
+                        if let (Some(&c), Some(p)) = (col_index.get(name), from) {
+                            // No earlier version known: the value stays null.
+                            overrides.push((c, p.value_ref(c)));
                         }
                     }
+                };
+                match state.get_mut(key.as_ref()) {
+                    Some(prev) => {
+                        let from = carried_from.as_ref().or((!prev.deleted).then_some(&*prev));
+                        carry(from, &mut overrides);
+                        let ended = std::mem::replace(prev, next(overrides));
+                        close(ended, &mut closed);
+                    }
+                    None => {
+                        carry(carried_from.as_ref(), &mut overrides);
+                        state.insert(key.as_ref().into(), next(overrides));
+                    }
                 }
-                other => return Err(FoldError::UnknownOp(other.to_string())),
             }
+            "D" => {
+                let key = view.keys.row(i);
+                if let Some(prev) = state.get_mut(key.as_ref()) {
+                    if !prev.deleted {
+                        let tomb = Version {
+                            from_lsn: l,
+                            from_ts: t,
+                            deleted: true,
+                            ..prev.clone()
+                        };
+                        let ended = std::mem::replace(prev, tomb);
+                        close(ended, &mut closed);
+                    }
+                }
+            }
+            "T" => {
+                for v in state.values_mut() {
+                    if !v.deleted {
+                        let tomb = Version {
+                            from_lsn: l,
+                            from_ts: t,
+                            deleted: true,
+                            ..v.clone()
+                        };
+                        let ended = std::mem::replace(v, tomb);
+                        close(ended, &mut closed);
+                    }
+                }
+            }
+            other => return Err(FoldError::UnknownOp(other.to_string())),
         }
     }
 
@@ -489,6 +470,46 @@ pub fn fold(
         closed: closed_batch,
         changes: n,
     })
+}
+
+/// The columns of one change batch the fold reads.
+struct ChangeView<'a> {
+    keys: Rows,
+    old_keys: Rows,
+    has_old: Vec<bool>,
+    ops: &'a deltalake::arrow::array::StringArray,
+    lsn: &'a Int64Array,
+    seq: &'a Int64Array,
+    ts: &'a TimestampMicrosecondArray,
+    unchanged: &'a deltalake::arrow::array::ListArray,
+}
+
+impl<'a> ChangeView<'a> {
+    fn new(
+        layout: &Layout,
+        converter: &RowConverter,
+        batch: &'a RecordBatch,
+    ) -> Result<ChangeView<'a>, FoldError> {
+        let old_cols = layout.key_columns(batch, KeyNames::Old)?;
+        Ok(ChangeView {
+            keys: converter.convert_columns(&layout.key_columns(batch, KeyNames::Row)?)?,
+            old_keys: converter.convert_columns(&old_cols)?,
+            has_old: (0..batch.num_rows())
+                .map(|i| old_cols.iter().any(|c| c.is_valid(i)))
+                .collect(),
+            ops: batch
+                .column_by_name(OP)
+                .and_then(|c| c.as_string_opt::<i32>())
+                .ok_or_else(|| FoldError::MissingColumn(OP.into()))?,
+            lsn: int64(batch, LSN)?,
+            seq: int64(batch, SEQ)?,
+            ts: timestamps(batch, COMMIT_TS)?,
+            unchanged: batch
+                .column_by_name(UNCHANGED)
+                .and_then(|c| c.as_list_opt::<i32>())
+                .ok_or_else(|| FoldError::MissingColumn(UNCHANGED.into()))?,
+        })
+    }
 }
 
 struct Gather<'a> {

@@ -847,7 +847,10 @@ async fn step(
                 }
             }
             for (b, list) in idx.into_iter().enumerate() {
-                if !list.is_empty() {
+                if list.len() == batch.num_rows() {
+                    // Every row to one bucket (always, for a one-bucket table): no copy.
+                    routed[b].push(batch.clone());
+                } else if !list.is_empty() {
                     routed[b].push(fold::take_rows(&batch, &list).map_err(ctx.fail("route"))?);
                 }
             }
@@ -895,11 +898,9 @@ async fn step(
             }
             unit_changes.append(&mut routed[b]);
         }
-        // A change routed to two buckets of one unit (a key move) is applied once.
-        let mut unit_changes =
-            concat_batches(change_schema, &unit_changes).map_err(ctx.fail("concat"))?;
+        // A change routed to several buckets of one unit (a key move, a truncate) is applied once.
         if members.len() > 1 {
-            unit_changes = dedup_changes(&unit_changes).map_err(ctx.fail("dedup"))?;
+            unit_changes = dedup_changes(unit_changes).map_err(ctx.fail("dedup"))?;
         }
         let out = fold::fold(layout, &base, &unit_changes).map_err(ctx.fail("fold"))?;
         drop(base);
@@ -987,32 +988,34 @@ fn split(
     }
 }
 
-/// Drops repeated change rows (same `_lsn`, `_seq`): a key move routed to both of its buckets
-/// appears twice in a unit that holds both.
-fn dedup_changes(batch: &RecordBatch) -> Result<RecordBatch, FoldError> {
-    let lsn = batch
-        .column_by_name(LSN)
-        .and_then(|c| {
-            c.as_any()
-                .downcast_ref::<deltalake::arrow::array::Int64Array>()
-        })
-        .ok_or_else(|| FoldError::MissingColumn(LSN.into()))?;
-    let seq = batch
-        .column_by_name(SEQ)
-        .and_then(|c| {
-            c.as_any()
-                .downcast_ref::<deltalake::arrow::array::Int64Array>()
-        })
-        .ok_or_else(|| FoldError::MissingColumn(SEQ.into()))?;
+/// Drops repeated change rows (same `_lsn`, `_seq`): a key move or a truncate routed to
+/// several buckets appears once per bucket in a unit that holds them.
+fn dedup_changes(batches: Vec<RecordBatch>) -> Result<Vec<RecordBatch>, FoldError> {
     let mut seen = std::collections::HashSet::new();
-    let keep: Vec<u32> = (0..batch.num_rows())
-        .filter(|&i| seen.insert((lsn.value(i), seq.value(i))))
-        .map(|i| i as u32)
-        .collect();
-    if keep.len() == batch.num_rows() {
-        return Ok(batch.clone());
+    let mut out = Vec::with_capacity(batches.len());
+    for batch in batches {
+        let int64 = |name: &str| {
+            batch
+                .column_by_name(name)
+                .and_then(|c| {
+                    c.as_any()
+                        .downcast_ref::<deltalake::arrow::array::Int64Array>()
+                })
+                .cloned()
+                .ok_or_else(|| FoldError::MissingColumn(name.into()))
+        };
+        let (lsn, seq) = (int64(LSN)?, int64(SEQ)?);
+        let keep: Vec<u32> = (0..batch.num_rows())
+            .filter(|&i| seen.insert((lsn.value(i), seq.value(i))))
+            .map(|i| i as u32)
+            .collect();
+        if keep.len() == batch.num_rows() {
+            out.push(batch);
+        } else if !keep.is_empty() {
+            out.push(fold::take_rows(&batch, &keep)?);
+        }
     }
-    fold::take_rows(batch, &keep)
+    Ok(out)
 }
 
 /// Each table of a compaction pass with its outcome.

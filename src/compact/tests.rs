@@ -247,7 +247,7 @@ fn compact(changes: &[Change], cuts: &[usize], reverse: bool) -> (RecordBatch, V
             .into_iter()
             .map(|c: RecordBatch| conform(&c, &history).expect("conform closed"))
             .collect();
-        let out = fold::fold(&layout, &base, &b).expect("fold");
+        let out = fold::fold(&layout, &base, std::slice::from_ref(&b)).expect("fold");
         assert!(
             out.open_hashes.windows(2).all(|w| w[0] <= w[1]),
             "open rows sorted by hash"

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+#
+# scripts/bench-compact.sh — compaction throughput against DuckDB, in the same run.
+#
+#   1. A change log of CHANGES change rows over KEYS keys (inserts, then updates of
+#      pseudo-random keys, every 97th a delete) in slotlake's change-log layout, as a Delta
+#      table of 10 commits (written by delta-rs, not by slotlake).
+#   2. `slotlake compact` folds it into the current (SCD1) and history (SCD2) tables.
+#   3. DuckDB computes the same SCD1 from the same Parquet files with SQL (latest per key by
+#      _lsn, _seq; deletes removed) and writes it as zstd Parquet.
+#   4. The two SCD1 results are compared row for row (the bench fails if they differ).
+#   5. 100,000 more updates are appended and compacted incrementally: the share of the current
+#      table's bytes rewritten is reported.
+#
+# Prints both rates (change rows per second), the ratio slotlake/DuckDB, peak RSS of each, and
+# the incremental rewrite share. slotlake writes the history table as well; DuckDB only the
+# SCD1 — the ratio is therefore conservative for slotlake.
+#
+#   scripts/bench-compact.sh                 # 10,000,000 changes over 1,000,000 keys
+#   CHANGES=1000000 KEYS=100000 scripts/bench-compact.sh   # a quick run
+#
+# Environment: SLOTLAKE_BIN (default: cargo build --release), SLOTLAKE_VENV (the Python venv
+# with duckdb and deltalake, made by scripts/lib/venv.sh), BENCH_DIR (default a temp dir),
+# COMPACT_FLAGS (extra flags for slotlake compact).
+
+set -euo pipefail
+script_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo_dir=$(cd "$script_dir/.." && pwd)
+
+CHANGES=${CHANGES:-10000000}
+KEYS=${KEYS:-1000000}
+UPDATES=${UPDATES:-100000}
+
+# shellcheck source=lib/venv.sh
+source "$script_dir/lib/venv.sh"
+py="$SLOTLAKE_VENV/bin/python"
+helper="$script_dir/lib/bench_compact.py"
+
+if [ -z "${SLOTLAKE_BIN:-}" ]; then
+  (cd "$repo_dir" && cargo build --release --locked --quiet --bin slotlake)
+  SLOTLAKE_BIN="${CARGO_TARGET_DIR:-$repo_dir/target}/release/slotlake"
+fi
+
+dir=${BENCH_DIR:-$(mktemp -d /tmp/slotlake-bench-compact.XXXXXX)}
+trap '[ -z "${BENCH_DIR:-}" ] && rm -rf "$dir"' EXIT
+lake="$dir/lake"
+changes="$lake/changes/public/bench"
+mkdir -p "$changes"
+
+echo "== generating $CHANGES changes over $KEYS keys (delta-rs + DuckDB)" >&2
+"$py" "$helper" generate "$changes" --keys "$KEYS" --changes "$CHANGES" --commits 10
+du -sh "$changes" >&2
+
+echo "== slotlake compact" >&2
+/usr/bin/time -f '%e %M' -o "$dir/slotlake.time" \
+  "$SLOTLAKE_BIN" compact --sink "file://$lake" --format json ${COMPACT_FLAGS:-} > "$dir/slotlake.json"
+read -r s_secs s_rss < "$dir/slotlake.time"
+cat "$dir/slotlake.json" >&2
+
+echo "== DuckDB (same files, same machine)" >&2
+/usr/bin/time -f '%e %M' -o "$dir/duck.time" \
+  "$py" "$helper" duckdb "$changes" "$dir/duck.parquet" > "$dir/duck.out"
+read -r d_query_secs d_rows < "$dir/duck.out"
+read -r d_secs d_rss < "$dir/duck.time"
+
+echo "== comparing the two SCD1 results" >&2
+"$py" "$helper" check "$lake/current/public/bench" "$dir/duck.parquet" >&2
+
+echo "== $UPDATES more updates, compacted incrementally" >&2
+"$py" "$helper" append "$changes" --updates "$UPDATES" --first-lsn $((CHANGES + 1)) --keys "$KEYS"
+/usr/bin/time -f '%e %M' -o "$dir/incr.time" \
+  "$SLOTLAKE_BIN" compact --sink "file://$lake" --format json ${COMPACT_FLAGS:-} > "$dir/incr.json"
+read -r i_secs i_rss < "$dir/incr.time"
+cat "$dir/incr.json" >&2
+
+"$py" - "$CHANGES" "$s_secs" "$s_rss" "$d_secs" "$d_query_secs" "$d_rss" "$d_rows" "$dir/incr.json" "$i_secs" <<'PY'
+import json, sys
+changes, s_secs, s_rss, d_secs, d_q, d_rss, d_rows, incr, i_secs = sys.argv[1:]
+changes = int(changes)
+s_rate = changes / float(s_secs)
+d_rate = changes / float(d_secs)
+r = json.loads(open(incr).read().splitlines()[0])
+share = r["current_bytes_rewritten"] / max(r["current_bytes"], 1)
+print(f"slotlake compact : {float(s_secs):8.2f} s  {s_rate:12,.0f} changes/s  peak RSS {int(s_rss)/1024:7.0f} MiB  (current + history)")
+print(f"DuckDB SCD1      : {float(d_secs):8.2f} s  {d_rate:12,.0f} changes/s  peak RSS {int(d_rss)/1024:7.0f} MiB  (query {float(d_q):.2f} s, {int(d_rows):,} rows)")
+print(f"ratio slotlake/DuckDB: {s_rate / d_rate:.2f}x")
+print(f"incremental: {r['changes']:,} changes in {float(i_secs):.2f} s; rewrote {r['buckets_rewritten']}/{r['buckets']} buckets, "
+      f"{r['current_bytes_rewritten']:,} of {r['current_bytes']:,} current-table bytes ({share:.1%})")
+PY
