@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The newcomer's demo: a throwaway PostgreSQL with logical WAL, a slot and publication made by
 # slotlake, some changes, `slotlake tail` printing them decoded, then `slotlake run` landing
-# them as Delta change logs in ./lake, read back with an independent reader (Python deltalake).
+# them as Delta change logs in ./lake, `slotlake compact` folding them into current (SCD1) and
+# history (SCD2) tables, `slotlake verify` checking them against the source, all read back with
+# an independent reader (Python deltalake).
 #
 #   ./scripts/demo.sh
 #
@@ -65,11 +67,19 @@ until [ "$(pg_value "SELECT confirmed_flush_lsn >= '$target' FROM pg_replication
   kill -0 "$RUN_PID" 2>/dev/null || { echo "error: slotlake run stopped" >&2; exit 1; }
   sleep 0.2
 done
+echo "== slotlake compact   (change logs -> current (SCD1) and history (SCD2) tables)" >&2
+"$SLOTLAKE" compact --sink "file://$PWD/lake"
+echo "== slotlake verify    (the lake against a snapshot of the live source)" >&2
+"$SLOTLAKE" verify --source "$SOURCE" --slot demo --publication demo --sink "file://$PWD/lake"
 kill -TERM "$RUN_PID"
 wait "$RUN_PID"
 
 echo "== the change log of public.orders, read by Python deltalake (not slotlake)" >&2
 .venv/bin/python scripts/lib/read_delta.py "file://$PWD/lake/changes/public/orders"
+echo "== the current table of public.customers (SCD1), read by Python deltalake" >&2
+.venv/bin/python scripts/lib/read_delta.py "file://$PWD/lake/current/public/customers"
+echo "== its history table (SCD2): customer 2 became 3 (a key change), leaving a tombstone" >&2
+.venv/bin/python scripts/lib/read_delta.py "file://$PWD/lake/history/public/customers"
 echo "== the lake:" >&2
 find lake -name '*.json' -path '*_delta_log*' | sort
 

@@ -355,7 +355,7 @@ async fn corrupt_and_verify_fails(db: &TestDb, slot: &str, root: &str, dir: &Pat
 import sys, glob, pyarrow.parquet as pq, pyarrow as pa, pyarrow.compute as pc
 files = sorted(glob.glob(sys.argv[1] + "/history/public/acct/open-*.parquet"))
 for f in files:
-    t = pq.read_delta(f)
+    t = pq.read_table(f)
     if t.num_rows == 0:
         continue
     bal = t.column("balance").to_pylist()

@@ -52,6 +52,8 @@ pub enum FoldError {
     },
     #[error("unknown change-log operation {0:?}")]
     UnknownOp(String),
+    #[error("the writer of closed versions stopped (its error follows)")]
+    OutputClosed,
     #[error("too many rows for one compaction step")]
     TooManyRows,
     #[error(transparent)]
@@ -222,6 +224,9 @@ pub fn key_hash(key: &[u8]) -> u64 {
 
 type RowRef = (u32, u32);
 
+/// Closed versions are handed over in chunks of this many rows.
+const CLOSED_CHUNK: usize = 128 * 1024;
+
 #[derive(Debug, Clone)]
 struct Version {
     src: RowRef,
@@ -253,8 +258,8 @@ pub struct FoldOutput {
     pub open: RecordBatch,
     /// The key hash of each row of `open`.
     pub open_hashes: Vec<u64>,
-    /// Versions closed by this fold (history schema).
-    pub closed: RecordBatch,
+    /// Versions closed by this fold (handed to `on_closed` in chunks as they were produced).
+    pub closed_rows: usize,
     /// Changes applied.
     pub changes: usize,
 }
@@ -289,6 +294,7 @@ pub fn fold(
     layout: &Layout,
     base: &[RecordBatch],
     changes: &[RecordBatch],
+    on_closed: &mut dyn FnMut(RecordBatch) -> Result<(), FoldError>,
 ) -> Result<FoldOutput, FoldError> {
     let ncols = layout.source.fields().len();
     let converter = layout.key_converter()?;
@@ -343,8 +349,28 @@ pub fn fold(
     // Commit order; (_lsn, _seq) is unique, so the order never depends on file order.
     order.sort_unstable();
     let n = order.len();
-    let mut closed: Vec<Closed> = Vec::new();
+    let null_src = u32::try_from(sources.len()).map_err(|_| FoldError::TooManyRows)?;
+    let nulls: Vec<ArrayRef> = layout
+        .source
+        .fields()
+        .iter()
+        .map(|f| deltalake::arrow::array::new_null_array(f.data_type(), 1))
+        .collect();
+    let gather = Gather {
+        layout,
+        sources: &sources,
+        nulls: &nulls,
+        null_src,
+        ncols,
+    };
+    let mut closed: Vec<Closed> = Vec::with_capacity(CLOSED_CHUNK.min(n));
+    let mut closed_rows = 0usize;
     for &(l, _, b, row) in &order {
+        if closed.len() >= CLOSED_CHUNK {
+            closed_rows += closed.len();
+            on_closed(gather.closed(&closed)?)?;
+            closed.clear();
+        }
         let (src, view) = &views[b as usize];
         let i = row as usize;
         let t = view.ts.value(i);
@@ -448,26 +474,15 @@ pub fn fold(
         .collect();
     open.sort_unstable_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
     let open_hashes: Vec<u64> = open.iter().map(|o| o.0).collect();
-    let null_src = u32::try_from(sources.len()).map_err(|_| FoldError::TooManyRows)?;
-    let nulls: Vec<ArrayRef> = layout
-        .source
-        .fields()
-        .iter()
-        .map(|f| deltalake::arrow::array::new_null_array(f.data_type(), 1))
-        .collect();
-    let gather = Gather {
-        layout,
-        sources: &sources,
-        nulls: &nulls,
-        null_src,
-        ncols,
-    };
     let open_batch = gather.batch(open.iter().map(|o| (&o.2, None)))?;
-    let closed_batch = gather.batch(closed.iter().map(|c| (&c.v, Some((c.to_lsn, c.to_ts)))))?;
+    if !closed.is_empty() {
+        closed_rows += closed.len();
+        on_closed(gather.closed(&closed)?)?;
+    }
     Ok(FoldOutput {
         open: open_batch,
         open_hashes,
-        closed: closed_batch,
+        closed_rows,
         changes: n,
     })
 }
@@ -521,6 +536,10 @@ struct Gather<'a> {
 }
 
 impl Gather<'_> {
+    fn closed(&self, closed: &[Closed]) -> Result<RecordBatch, FoldError> {
+        self.batch(closed.iter().map(|c| (&c.v, Some((c.to_lsn, c.to_ts)))))
+    }
+
     /// The history rows of `versions` (`Some((to_lsn, to_ts))` for closed ones).
     fn batch<'v>(
         &self,

@@ -881,6 +881,8 @@ async fn step(
         bytes_rewritten: 0,
         closed: 0,
     };
+    let closed_writer = ClosedWriter::start(history.store.clone(), history_schema.clone())
+        .map_err(ctx.fail("start the closed-version writer"))?;
     for members in units.values() {
         let mut base = Vec::new();
         let mut unit_changes = Vec::new();
@@ -902,17 +904,24 @@ async fn step(
         if members.len() > 1 {
             unit_changes = dedup_changes(unit_changes).map_err(ctx.fail("dedup"))?;
         }
-        let out = fold::fold(layout, &base, &unit_changes).map_err(ctx.fail("fold"))?;
+        let folded = fold::fold(layout, &base, &unit_changes, &mut |batch| {
+            closed_writer.send(batch)
+        });
+        let out = match folded {
+            Ok(out) => out,
+            Err(FoldError::OutputClosed) => {
+                // The writer's own error says why.
+                let e = closed_writer
+                    .finish()
+                    .err()
+                    .unwrap_or(ClosedWriteError::Stopped);
+                return Err(ctx.fail("write closed versions")(e));
+            }
+            Err(e) => return Err(ctx.fail("fold")(e)),
+        };
         drop(base);
         drop(unit_changes);
-        if out.closed.num_rows() > 0 {
-            report.closed += out.closed.num_rows() as u64;
-            let id = Uuid::new_v4().to_string();
-            history_adds.push(
-                ctx.write_parquet(history, format!("closed-{id}.parquet"), &out.closed)
-                    .await?,
-            );
-        }
+        report.closed += out.closed_rows as u64;
         // Output ranges: the unit's buckets (all of the hash space when re-bucketing).
         let ranges: Vec<(u64, u64)> = if rebucket {
             vec![(0, u64::MAX)]
@@ -942,6 +951,12 @@ async fn step(
             report.bytes_rewritten += add.size.max(0) as u64;
             current_adds.push(add);
         }
+    }
+    if let Some(add) = closed_writer
+        .finish()
+        .map_err(ctx.fail("write closed versions"))?
+    {
+        history_adds.push(add);
     }
     ctx.commit(
         history,
@@ -1125,6 +1140,95 @@ pub fn record(
         Err(e) => {
             tracing::warn!(error = %crate::pipeline::error_chain(e), "compaction pass failed");
             metrics.compactions.with_label_values(&["error"]).inc();
+        }
+    }
+}
+
+/// Writes the versions a step closes to one `closed-<id>.parquet` of the history table, in a
+/// thread of its own (with its own runtime), so that encoding them overlaps the fold and the
+/// bucket rewrites on the caller's thread. At most two chunks wait in between.
+struct ClosedWriter {
+    tx: Option<std::sync::mpsc::SyncSender<RecordBatch>>,
+    thread: Option<std::thread::JoinHandle<Result<Option<Add>, ClosedWriteError>>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ClosedWriteError {
+    #[error("writing closed versions")]
+    Parquet(#[from] deltalake::parquet::errors::ParquetError),
+    #[error("the closed-version writer stopped")]
+    Stopped,
+    #[error("starting the closed-version writer")]
+    Io(#[from] std::io::Error),
+}
+
+impl ClosedWriter {
+    fn start(
+        store: Arc<dyn ObjectStore>,
+        schema: SchemaRef,
+    ) -> Result<ClosedWriter, ClosedWriteError> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<RecordBatch>(2);
+        let thread = std::thread::Builder::new()
+            .name("slotlake-closed".into())
+            .spawn(move || -> Result<Option<Add>, ClosedWriteError> {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                let mut writer: Option<(String, AsyncArrowWriter<BufWriter>)> = None;
+                let mut rows = 0usize;
+                while let Ok(batch) = rx.recv() {
+                    if writer.is_none() {
+                        let file = format!("closed-{}.parquet", Uuid::new_v4());
+                        let w = AsyncArrowWriter::try_new(
+                            BufWriter::new(store.clone(), Path::from(file.as_str())),
+                            schema.clone(),
+                            Some(writer_properties()),
+                        )?;
+                        writer = Some((file, w));
+                    }
+                    if let Some((_, w)) = writer.as_mut() {
+                        rows += batch.num_rows();
+                        runtime.block_on(w.write(&batch))?;
+                    }
+                }
+                let Some((file, mut w)) = writer else {
+                    return Ok(None);
+                };
+                runtime.block_on(w.finish())?;
+                Ok(Some(Add {
+                    path: file,
+                    partition_values: HashMap::new(),
+                    size: w.bytes_written() as i64,
+                    modification_time: now_millis(),
+                    data_change: true,
+                    stats: Some(format!("{{\"numRecords\":{rows}}}")),
+                    tags: None,
+                    deletion_vector: None,
+                    base_row_id: None,
+                    default_row_commit_version: None,
+                    clustering_provider: None,
+                }))
+            })?;
+        Ok(ClosedWriter {
+            tx: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    fn send(&self, batch: RecordBatch) -> Result<(), FoldError> {
+        match self.tx.as_ref().map(|tx| tx.send(batch)) {
+            Some(Ok(())) => Ok(()),
+            // The writer failed; its error comes out of `finish`.
+            _ => Err(FoldError::OutputClosed),
+        }
+    }
+
+    /// Waits for the file; `None` when nothing was closed.
+    fn finish(mut self) -> Result<Option<Add>, ClosedWriteError> {
+        self.tx = None;
+        match self.thread.take().map(|t| t.join()) {
+            Some(Ok(result)) => result,
+            _ => Err(ClosedWriteError::Stopped),
         }
     }
 }

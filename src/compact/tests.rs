@@ -247,12 +247,21 @@ fn compact(changes: &[Change], cuts: &[usize], reverse: bool) -> (RecordBatch, V
             .into_iter()
             .map(|c: RecordBatch| conform(&c, &history).expect("conform closed"))
             .collect();
-        let out = fold::fold(&layout, &base, std::slice::from_ref(&b)).expect("fold");
+        let mut chunks = Vec::new();
+        let out = fold::fold(&layout, &base, std::slice::from_ref(&b), &mut |c| {
+            chunks.push(c);
+            Ok(())
+        })
+        .expect("fold");
+        assert_eq!(
+            chunks.iter().map(|c| c.num_rows()).sum::<usize>(),
+            out.closed_rows
+        );
         assert!(
             out.open_hashes.windows(2).all(|w| w[0] <= w[1]),
             "open rows sorted by hash"
         );
-        closed.push(out.closed.clone());
+        closed.extend(chunks);
         open = Some(out.open);
     }
     let open = open.unwrap_or_else(|| RecordBatch::new_empty(layout.history_schema()));
