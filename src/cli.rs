@@ -59,6 +59,14 @@ pub enum OnSlotInvalidated {
     Resnapshot,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SnapshotMode {
+    /// Load existing rows when `run` creates the slot.
+    Initial,
+    /// Stream changes only.
+    Never,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Manage the replication slot and publication.
@@ -362,6 +370,22 @@ pub struct RunArgs {
     /// confirmed) is above this; 0: no limit.
     #[arg(long, env = "SLOTLAKE_READY_MAX_LAG", value_name = "SIZE", default_value = "1GiB", value_parser = parse_size)]
     pub ready_max_lag: u64,
+    /// Initial snapshot: `initial` loads every published table's existing rows when run
+    /// creates the slot (and finishes a load a crash interrupted); `never` streams only.
+    #[arg(long, env = "SLOTLAKE_SNAPSHOT", value_enum, default_value = "initial")]
+    pub snapshot: SnapshotMode,
+    /// Connections reading the initial snapshot in parallel.
+    #[arg(
+        long,
+        env = "SLOTLAKE_SNAPSHOT_WORKERS",
+        value_name = "N",
+        default_value_t = 4
+    )]
+    pub snapshot_workers: usize,
+    /// Tables are read in chunks of this much heap (ctid ranges), so a large table uses every
+    /// worker.
+    #[arg(long, env = "SLOTLAKE_SNAPSHOT_CHUNK_SIZE", value_name = "SIZE", default_value = "64MiB", value_parser = parse_size)]
+    pub snapshot_chunk_size: u64,
     /// Compact the change logs into current and history tables this often, in a thread of
     /// its own; 0 turns it off (then run `slotlake compact` elsewhere).
     #[arg(long, env = "SLOTLAKE_COMPACT_INTERVAL", value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]

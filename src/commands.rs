@@ -235,8 +235,10 @@ pub async fn run(a: RunArgs) -> Result<()> {
         );
     }
     slot::validate_slot_name(&a.slot.slot)?;
+    let mut exported: Option<(PgConnection, crate::snapshot::ExportedSnapshot)> = None;
     if a.create_slot || a.create_publication {
         let mut repl = PgConnection::connect(&info, SessionKind::Replication).await?;
+        let mut kept = None;
         slot::check_logical_wal_level(&mut repl).await?;
         if a.create_publication {
             slot::ensure_publication(
@@ -247,12 +249,38 @@ pub async fn run(a: RunArgs) -> Result<()> {
             .await?;
         }
         if a.create_slot {
-            let created = slot::create_slot(&mut repl, &a.slot.slot, SnapshotAction::None).await?;
+            let action = match a.snapshot {
+                crate::cli::SnapshotMode::Initial => SnapshotAction::Export,
+                crate::cli::SnapshotMode::Never => SnapshotAction::None,
+            };
+            if action == SnapshotAction::Export
+                && slot::slot_info(&mut repl, &a.slot.slot).await?.is_none()
+            {
+                // Recorded before the slot exists: a crash right after creating it still
+                // leaves a load to finish, never a slot whose older rows are silently missing.
+                crate::snapshot::write_record(
+                    &sink,
+                    &a.slot.slot,
+                    &crate::snapshot::LoadRecord {
+                        consistent_point: String::new(),
+                        state: "loading".into(),
+                    },
+                )
+                .await?;
+            }
+            let created = slot::create_slot(&mut repl, &a.slot.slot, action).await?;
             if let Some(lsn) = created.consistent_point {
                 tracing::info!(slot = %created.name, consistent_point = %lsn, "created replication slot");
             }
+            if let (Some(point), Some(name)) = (created.consistent_point, created.snapshot_name) {
+                kept = Some(crate::snapshot::ExportedSnapshot { name, point });
+            }
         }
-        repl.close().await;
+        // The exported snapshot lives while this session stays open and idle.
+        match kept {
+            Some(snap) => exported = Some((repl, snap)),
+            None => repl.close().await,
+        }
     }
     let metrics = crate::metrics::Metrics::new(prometheus::Registry::new()).context("metrics")?;
     metrics
@@ -261,6 +289,7 @@ pub async fn run(a: RunArgs) -> Result<()> {
     let (addr, server) = crate::metrics::serve(a.metrics_addr, metrics.clone())
         .await
         .with_context(|| format!("cannot listen on --metrics-addr {}", a.metrics_addr))?;
+    initial_snapshot(&a, &info, &sink, exported, &metrics).await?;
     tracing::info!(source = %info.redacted(), sink = %sink, slot = %a.slot.slot, metrics = %addr, "streaming");
     let opts = crate::pipeline::RunOptions {
         slot: a.slot.slot,
@@ -495,6 +524,67 @@ pub async fn verify(a: crate::cli::VerifyArgs) -> Result<()> {
     if failed > 0 {
         return Err(VerifyFailed(failed).into());
     }
+    Ok(())
+}
+
+/// The initial snapshot of `run`: from the new slot's exported snapshot, or — when a load
+/// was interrupted — from a temporary slot's (see `crate::snapshot`).
+async fn initial_snapshot(
+    a: &RunArgs,
+    info: &ConnInfo,
+    sink: &crate::lake::store::Sink,
+    exported: Option<(PgConnection, crate::snapshot::ExportedSnapshot)>,
+    metrics: &crate::metrics::Metrics,
+) -> Result<()> {
+    use crate::snapshot::{load, read_record, temporary_snapshot, write_record, LoadRecord};
+    if a.snapshot == crate::cli::SnapshotMode::Never {
+        return Ok(());
+    }
+    let opts = crate::snapshot::LoadOptions {
+        slot: a.slot.slot.clone(),
+        publication: a.publication.publication.clone(),
+        workers: a.snapshot_workers,
+        chunk_bytes: a.snapshot_chunk_size,
+        target_file_size: a.target_file_size,
+        memory_budget: a.memory_budget,
+    };
+    let (session, snapshot, point) = match exported {
+        Some((repl, snap)) => {
+            let point = snap.point;
+            write_record(
+                sink,
+                &a.slot.slot,
+                &LoadRecord {
+                    consistent_point: point.to_string(),
+                    state: "loading".into(),
+                },
+            )
+            .await?;
+            (repl, snap, point)
+        }
+        None => match read_record(sink, &a.slot.slot).await? {
+            Some(r) if r.state == "loading" => {
+                tracing::info!(slot = %a.slot.slot, "resuming an interrupted initial snapshot from a new snapshot");
+                let (repl, snap) = temporary_snapshot(info).await?;
+                // The slot's own start when known; otherwise it is at least the slot's.
+                let point = r.consistent_point.parse().unwrap_or(snap.point);
+                (repl, snap, point)
+            }
+            _ => return Ok(()),
+        },
+    };
+    let loaded = load(info, sink, &snapshot, &opts, metrics).await;
+    session.close().await;
+    loaded?;
+    write_record(
+        sink,
+        &a.slot.slot,
+        &LoadRecord {
+            consistent_point: point.to_string(),
+            state: "done".into(),
+        },
+    )
+    .await?;
     Ok(())
 }
 

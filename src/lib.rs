@@ -17,6 +17,8 @@ pub mod pgoutput;
 pub mod pipeline;
 pub mod replication;
 pub mod setup;
+pub mod snapshot;
+pub mod source;
 pub mod tail;
 pub mod txn;
 pub mod types;

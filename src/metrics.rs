@@ -36,6 +36,8 @@ pub struct Metrics {
     pub tables_active: IntGauge,
     pub retries: IntCounterVec,
     pub compactions: IntCounterVec,
+    pub snapshot_rows: IntCounter,
+    pub snapshot_tables_remaining: IntGauge,
     pub compacted_changes: IntCounter,
     pub compaction_duration: Histogram,
     pub slot_retained_wal_bytes: IntGauge,
@@ -142,6 +144,14 @@ impl Metrics {
             tables_active: gauge("slotlake_tables_active", "Tables with buffered changes")?,
             retries,
             compactions,
+            snapshot_rows: counter(
+                "slotlake_snapshot_rows_total",
+                "Rows read by the initial snapshot and written to change logs",
+            )?,
+            snapshot_tables_remaining: gauge(
+                "slotlake_snapshot_tables_remaining",
+                "Tables the initial snapshot has not finished",
+            )?,
             compacted_changes: counter(
                 "slotlake_compacted_changes_total",
                 "Change-log rows folded into current and history tables",

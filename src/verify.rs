@@ -24,19 +24,14 @@ use deltalake::arrow::util::display::{ArrayFormatter, FormatOptions};
 use deltalake::kernel::engine::arrow_conversion::TryIntoArrow;
 use deltalake::DeltaTable;
 
-use crate::batch::rows::{lake_column_name, ChangeBatchBuilder, ColumnSpec, OP_READ};
+use crate::batch::rows::ColumnSpec;
 use crate::compact::fold::{Layout, DELETED, VALID_FROM_LSN, VALID_TO_LSN};
 use crate::compact::{conform, CompactOptions};
 use crate::lake::store::Sink;
 use crate::lsn::Lsn;
-use crate::pgoutput::{Relation, RelationColumn, ReplicaIdentity};
 use crate::replication::sql::{quote_ident, quote_literal, TableName};
 use crate::replication::{ConnInfo, PgConnection, SessionKind};
 use crate::types::catalog::TypeCatalog;
-use crate::types::{ColumnValue, PgType, Value};
-
-/// Rows fetched from the source cursor at a time.
-const FETCH_ROWS: usize = 10_000;
 
 #[derive(Debug, Clone)]
 pub struct VerifyOptions {
@@ -95,7 +90,7 @@ pub async fn verify(
 ) -> anyhow::Result<Verification> {
     use anyhow::Context;
     let mut sql = PgConnection::connect(info, SessionKind::Sql).await?;
-    let mut tables = published_tables(&mut sql, &opts.publication).await?;
+    let mut tables = crate::source::published_tables(&mut sql, &opts.publication).await?;
     if !opts.tables.is_empty() {
         tables.retain(|t| opts.tables.contains(t));
         for t in &opts.tables {
@@ -161,7 +156,8 @@ pub async fn verify(
             ..Default::default()
         };
         let (specs, types, names) =
-            source_columns(&mut sql, &mut catalog, &mut catalog_conn, info, table).await?;
+            crate::source::source_columns(&mut sql, &mut catalog, &mut catalog_conn, info, table)
+                .await?;
         let has_log = crate::compact::has_change_log(sink, table)
             .await
             .map_err(|e| anyhow::anyhow!(crate::pipeline::error_chain(&e)))?;
@@ -194,7 +190,25 @@ pub async fn verify(
                 continue;
             }
         };
-        let source = read_source(&mut snap, table, &specs, &types, &names).await?;
+        let source_table = crate::source::SourceTable {
+            name: table.clone(),
+            specs: specs.clone(),
+            types,
+            names,
+        };
+        let stamp = crate::source::RowStamp {
+            op: crate::batch::rows::OP_READ,
+            lsn: 0,
+            first_seq: 0,
+            commit_ts_micros: 0,
+        };
+        let mut cursor =
+            crate::source::Cursor::open(&mut snap, "slotlake_verify", &source_table, None, stamp)
+                .await?;
+        let mut source = Vec::new();
+        while let Some(batch) = cursor.next(&mut snap).await? {
+            source.push(batch);
+        }
         compare(
             &mut verdict,
             &specs,
@@ -216,86 +230,6 @@ pub async fn verify(
         as_of,
         tables: verdicts,
     })
-}
-
-async fn published_tables(
-    sql: &mut PgConnection,
-    publication: &str,
-) -> anyhow::Result<Vec<TableName>> {
-    let rows = sql
-        .simple_query(&format!(
-            "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = {} ORDER BY 1, 2",
-            quote_literal(publication)
-        ))
-        .await?;
-    Ok(rows
-        .iter()
-        .filter_map(|r| {
-            Some(TableName {
-                schema: r.get("schemaname")?.to_string(),
-                name: r.get("tablename")?.to_string(),
-            })
-        })
-        .collect())
-}
-
-/// The table's published columns as change-log columns (lake names, types, key flags).
-async fn source_columns(
-    sql: &mut PgConnection,
-    catalog: &mut TypeCatalog,
-    catalog_conn: &mut Option<PgConnection>,
-    info: &ConnInfo,
-    table: &TableName,
-) -> anyhow::Result<(Vec<ColumnSpec>, Vec<PgType>, Vec<String>)> {
-    let rows = sql
-        .simple_query(&format!(
-            "SELECT a.attname, a.atttypid::int8 AS oid, a.atttypmod,
-                    (c.relreplident = 'f' OR EXISTS (
-                        SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid
-                          AND ((c.relreplident = 'd' AND i.indisprimary)
-                            OR (c.relreplident = 'i' AND i.indisreplident))
-                          AND a.attnum = ANY (i.indkey))) AS is_key
-               FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
-              WHERE a.attrelid = {}::regclass AND a.attnum > 0 AND NOT a.attisdropped
-                AND a.attgenerated = ''
-              ORDER BY a.attnum",
-            quote_literal(&table.quoted())
-        ))
-        .await?;
-    let columns: Vec<RelationColumn> = rows
-        .iter()
-        .map(|r| RelationColumn {
-            is_key: r.get("is_key") == Some("t"),
-            name: r.get("attname").unwrap_or_default().to_string(),
-            type_oid: r.get("oid").and_then(|v| v.parse().ok()).unwrap_or(0),
-            type_modifier: r
-                .get("atttypmod")
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(-1),
-        })
-        .collect();
-    let relation = Relation {
-        id: 0,
-        namespace: table.schema.clone(),
-        name: table.name.clone(),
-        replica_identity: ReplicaIdentity::Default,
-        columns,
-    };
-    let types = catalog
-        .resolve_relation(&relation, catalog_conn, info)
-        .await?;
-    let specs = relation
-        .columns
-        .iter()
-        .zip(&types)
-        .map(|(c, t)| ColumnSpec {
-            name: lake_column_name(&c.name),
-            ty: t.clone(),
-            is_key: c.is_key,
-        })
-        .collect();
-    let names = relation.columns.into_iter().map(|c| c.name).collect();
-    Ok((specs, types, names))
 }
 
 /// Every row of one of the table's compacted tables (`history` or `current`).
@@ -345,51 +279,6 @@ async fn read_table(
 }
 
 use object_store::ObjectStoreExt as _;
-
-/// The table's rows in the verification snapshot, as change-log batches.
-async fn read_source(
-    snap: &mut PgConnection,
-    table: &TableName,
-    specs: &[ColumnSpec],
-    types: &[PgType],
-    names: &[String],
-) -> anyhow::Result<Vec<RecordBatch>> {
-    let mut builder = ChangeBatchBuilder::new(specs.to_vec());
-    let select = names
-        .iter()
-        .map(|n| quote_ident(n))
-        .collect::<Vec<_>>()
-        .join(", ");
-    snap.simple_query(&format!(
-        "DECLARE slotlake_verify NO SCROLL CURSOR FOR SELECT {select} FROM {}",
-        table.quoted()
-    ))
-    .await?;
-    let mut out = Vec::new();
-    loop {
-        let rows = snap
-            .simple_query(&format!("FETCH FORWARD {FETCH_ROWS} FROM slotlake_verify"))
-            .await?;
-        if rows.is_empty() {
-            break;
-        }
-        let mut values: Vec<ColumnValue> = Vec::with_capacity(types.len());
-        for r in &rows {
-            values.clear();
-            for (i, ty) in types.iter().enumerate() {
-                let v = match r.values().get(i).and_then(|v| v.as_deref()) {
-                    None => Value::Null,
-                    Some(text) => crate::types::text::parse(ty, text.as_bytes())?,
-                };
-                values.push(ColumnValue::Value(v));
-            }
-            builder.append(OP_READ, 0, 0, 0, 0, &values, None)?;
-        }
-        out.push(builder.finish()?);
-    }
-    snap.simple_query("CLOSE slotlake_verify").await?;
-    Ok(out)
-}
 
 /// Key encoding → (row encoding, the key rendered for the report).
 type RowIndex = HashMap<Vec<u8>, (Vec<u8>, String)>;

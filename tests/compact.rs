@@ -12,11 +12,6 @@ use std::time::Duration;
 
 use support::*;
 
-const S3_ENV: [(&str, &str); 2] = [
-    ("AWS_ACCESS_KEY_ID", "test"),
-    ("AWS_SECRET_ACCESS_KEY", "test"),
-];
-
 fn sha256_hex(s: &str) -> String {
     use sha2::Digest;
     let d = sha2::Sha256::digest(s.as_bytes());
@@ -63,55 +58,6 @@ fn lake_acct(root: &str, s3: Option<&str>) -> BTreeMap<i64, (String, String, Str
             )
         })
         .collect()
-}
-
-async fn start_run(
-    db: &TestDb,
-    slot: &str,
-    sink: &str,
-    extra: &[&str],
-    log: &Path,
-) -> tokio::process::Child {
-    let logf = std::fs::File::create(log).unwrap();
-    tokio::process::Command::new(slotlake_bin())
-        .args([
-            "run",
-            "--source",
-            &db.url(),
-            "--slot",
-            slot,
-            "--publication",
-            "pub",
-            "--sink",
-            sink,
-        ])
-        .args(["--create-slot", "--flush-interval", "200ms"])
-        .args(["--status-interval", "1s", "--metrics-addr", "127.0.0.1:0"])
-        .args(extra)
-        .envs(S3_ENV)
-        .stdout(Stdio::null())
-        .stderr(logf)
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap()
-}
-
-async fn stop(mut child: tokio::process::Child, log: &Path) {
-    let pid = child.id().unwrap();
-    std::process::Command::new("kill")
-        .arg("-TERM")
-        .arg(pid.to_string())
-        .status()
-        .unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(60), child.wait())
-        .await
-        .expect("stop in time")
-        .unwrap();
-    assert!(
-        status.success(),
-        "run exit {status:?}\n{}",
-        std::fs::read_to_string(log).unwrap_or_default()
-    );
 }
 
 const SCHEMA: &str = "
@@ -183,31 +129,6 @@ async fn workload(db: &TestDb, rounds: usize) {
          DELETE FROM events WHERE a = 7;",
     )
     .await;
-}
-
-/// Waits until slot `slot` confirmed the source's current WAL position.
-async fn caught_up(db: &TestDb, slot: &str, log: &Path) {
-    let target = db.exec("SELECT pg_current_wal_lsn()::text AS w").await[0]
-        .get("w")
-        .unwrap()
-        .to_string();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    loop {
-        let r = db
-            .exec(&format!(
-                "SELECT confirmed_flush_lsn >= '{target}' AS ok FROM pg_replication_slots WHERE slot_name = '{slot}'"
-            ))
-            .await;
-        if r.first().and_then(|r| r.get("ok")) == Some("t") {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "slot never caught up\n{}",
-            std::fs::read_to_string(log).unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 fn verify_args<'a>(

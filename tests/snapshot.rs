@@ -1,0 +1,222 @@
+//! The initial snapshot end to end on real parts: tables with rows before the slot, concurrent
+//! writers during the load, parallel chunked reads, `kill -9` during the load and resume; the
+//! lake is then checked against the live source with `slotlake verify`.
+
+mod support;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use support::*;
+
+/// `big` with `big_rows` rows, six `mid_*` tables of 20,000, `small`, and an empty table,
+/// filled before any slot exists; the publication; SELECT for slotlake's role (verify).
+async fn create_tables(db: &TestDb, big_rows: u64) {
+    let mut sql = format!(
+        "CREATE TABLE big (id int PRIMARY KEY, v text, n bigint);
+         INSERT INTO big SELECT g, 'v' || g, g * 3 FROM generate_series(1, {big_rows}) g;
+         CREATE TABLE small (k text PRIMARY KEY, v int);
+         INSERT INTO small SELECT 'k' || g, g FROM generate_series(1, 1000) g;
+         CREATE TABLE empty_t (id int PRIMARY KEY);"
+    );
+    for i in 0..6 {
+        sql.push_str(&format!(
+            "CREATE TABLE mid_{i} (id int PRIMARY KEY, v text);
+             INSERT INTO mid_{i} SELECT g, md5(g::text) FROM generate_series(1, 20000) g;"
+        ));
+    }
+    sql.push_str(
+        "DO $$ BEGIN EXECUTE format('GRANT SELECT ON ALL TABLES IN SCHEMA public TO %I',
+           (SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = current_database())); END $$;",
+    );
+    db.exec(&sql).await;
+    db.publish_all("pub").await;
+}
+
+/// Writers changing `big`, `small` and `mid_0` until `stop` is set: updates, deletes,
+/// inserts, one transaction after the other.
+fn start_writers(db: &TestDb, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<u64> {
+    let url = db.admin_url();
+    tokio::spawn(async move {
+        let info = slotlake::replication::ConnInfo::parse(&url).unwrap();
+        let mut c = slotlake::replication::PgConnection::connect(
+            &info,
+            slotlake::replication::SessionKind::Sql,
+        )
+        .await
+        .unwrap();
+        let mut round = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            let id = 1 + (round * 7919) % 20000;
+            c.simple_query(&format!(
+                "BEGIN;
+                 UPDATE big SET n = n + 1, v = 'w{round}' WHERE id = {id};
+                 DELETE FROM big WHERE id = {id} + 1;
+                 INSERT INTO big VALUES (2000000 + {round}, 'new', 0);
+                 UPDATE small SET v = v + 1 WHERE k = 'k{}';
+                 UPDATE mid_0 SET v = 'changed' WHERE id = {id};
+                 COMMIT;",
+                1 + round % 1000
+            ))
+            .await
+            .unwrap();
+            round += 1;
+        }
+        c.close().await;
+        round
+    })
+}
+
+async fn wait_for_log(log: &Path, needle: &str, secs: u64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.contains(needle) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no {needle:?} in the log:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn verify_ok(db: &TestDb, slot: &str, root: &str, tables: &[&str]) {
+    let url = db.url();
+    let (code, out, err) = run_slotlake(
+        &[
+            "verify",
+            "--source",
+            &url,
+            "--slot",
+            slot,
+            "--publication",
+            "pub",
+            "--sink",
+            root,
+            "--wait",
+            "60s",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(code, 0, "verify passes\n{out}\n{err}");
+    for t in tables {
+        let line = out
+            .lines()
+            .find(|l| l.contains(&format!("public.{t}:")))
+            .unwrap_or_default();
+        assert!(line.starts_with("OK"), "{t} verified: {out}");
+    }
+}
+
+#[tokio::test]
+async fn initial_snapshot_in_parallel_chunks_with_concurrent_writers_equals_the_source() {
+    let cluster = Cluster::shared();
+    let db = cluster.create_db("snapshot").await;
+    create_tables(&db, 1_000_000).await;
+    let dir = tempfile::tempdir().unwrap();
+    let root = format!("file://{}", dir.path().join("lake").display());
+    let log = dir.path().join("run.log");
+    let stop_writers = Arc::new(AtomicBool::new(false));
+    let writers = start_writers(&db, stop_writers.clone());
+    let run = start_run(
+        &db,
+        "s_par",
+        &root,
+        &[
+            "--snapshot-workers",
+            "4",
+            "--snapshot-chunk-size",
+            "8MiB",
+            "--compact-interval",
+            "0",
+        ],
+        &log,
+    )
+    .await;
+    wait_for_log(&log, "initial snapshot: done", 300).await;
+    stop_writers.store(true, Ordering::Relaxed);
+    let rounds = writers.await.unwrap();
+    assert!(rounds > 0, "the writers ran during the load");
+    caught_up(&db, "s_par", &log).await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    let loading = text
+        .lines()
+        .find(|l| l.contains("initial snapshot: loading"))
+        .unwrap();
+    let chunks: u64 = loading
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("chunks="))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!(
+        chunks >= 8,
+        "the 1M-row table is split for 4 workers: {loading}"
+    );
+    verify_ok(
+        &db,
+        "s_par",
+        &root,
+        &["big", "small", "empty_t", "mid_0", "mid_5"],
+    )
+    .await;
+    stop(run, &log).await;
+}
+
+#[tokio::test]
+async fn kill_nine_during_the_initial_snapshot_resumes_and_loses_nothing() {
+    let cluster = Cluster::shared();
+    let db = cluster.create_db("snapshot_kill").await;
+    create_tables(&db, 600_000).await;
+    let dir = tempfile::tempdir().unwrap();
+    let root = format!("file://{}", dir.path().join("lake").display());
+    let log = dir.path().join("run.log");
+    let stop_writers = Arc::new(AtomicBool::new(false));
+    let writers = start_writers(&db, stop_writers.clone());
+    let args = [
+        "--snapshot-workers",
+        "2",
+        "--snapshot-chunk-size",
+        "1MiB",
+        "--compact-interval",
+        "0",
+    ];
+    let mut seed: u64 = 0x2545_f491_4f6c_dd1d ^ u64::from(std::process::id());
+    let mut kills = 0;
+    while kills < 10 {
+        let mut run = start_run(&db, "s_kill", &root, &args, &log).await;
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        tokio::time::sleep(Duration::from_millis(50 + seed % 1200)).await;
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(
+            !text.contains("initial snapshot: done"),
+            "the load finished before 10 kills; make it larger\n{text}"
+        );
+        run.kill().await.unwrap();
+        kills += 1;
+    }
+    let run = start_run(&db, "s_kill", &root, &args, &log).await;
+    wait_for_log(&log, "initial snapshot: done", 300).await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("resuming an interrupted initial snapshot"),
+        "a load was resumed:\n{text}"
+    );
+    stop_writers.store(true, Ordering::Relaxed);
+    writers.await.unwrap();
+    caught_up(&db, "s_kill", &log).await;
+    verify_ok(
+        &db,
+        "s_kill",
+        &root,
+        &["big", "small", "empty_t", "mid_0", "mid_3"],
+    )
+    .await;
+    stop(run, &log).await;
+}
