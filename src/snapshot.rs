@@ -200,6 +200,16 @@ pub async fn load(
     let queue = Arc::new(std::sync::Mutex::new(chunks));
     let specs: Arc<Vec<SourceTable>> = Arc::new(tables.iter().map(|t| t.0.clone()).collect());
     let (tx, mut rx) = tokio::sync::mpsc::channel::<anyhow::Result<Msg>>(8);
+    // Workers parse rows on a runtime of their own, so that parsing (on up to two threads)
+    // overlaps the Parquet encoding this task does.
+    let worker_runtime = RuntimeGuard(Some(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(opts.workers.clamp(1, 2))
+            .thread_name("slotlake-snapshot")
+            .enable_all()
+            .build()
+            .context("starting the snapshot workers")?,
+    ));
     let mut workers = Vec::new();
     for w in 0..opts.workers.max(1) {
         let (queue, specs, tx, info, name) = (
@@ -209,7 +219,7 @@ pub async fn load(
             info.clone(),
             snapshot.name.clone(),
         );
-        workers.push(tokio::spawn(async move {
+        workers.push(worker_runtime.handle().spawn(async move {
             let result = worker(w, &info, &name, &queue, &specs, lsn, stamp_ts, &tx).await;
             if let Err(e) = result {
                 let _ = tx.send(Err(e)).await;
@@ -265,6 +275,7 @@ pub async fn load(
     for w in workers {
         w.await.context("snapshot worker")?;
     }
+    drop(worker_runtime);
     anyhow::ensure!(
         tables_left == 0,
         "the initial snapshot ended with {tables_left} table(s) unfinished"
@@ -397,4 +408,25 @@ pub async fn temporary_snapshot(
             point,
         },
     ))
+}
+
+/// Shuts a runtime down without blocking when dropped (dropping a runtime inside another one's
+/// task would panic), on every path out of `load`.
+struct RuntimeGuard(Option<tokio::runtime::Runtime>);
+
+impl RuntimeGuard {
+    fn handle(&self) -> tokio::runtime::Handle {
+        match &self.0 {
+            Some(rt) => rt.handle().clone(),
+            None => tokio::runtime::Handle::current(),
+        }
+    }
+}
+
+impl Drop for RuntimeGuard {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
 }

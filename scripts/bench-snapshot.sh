@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+#
+# scripts/bench-snapshot.sh — the initial snapshot against COPY, in the same run.
+#
+# A throwaway server with ROWS rows over TABLES tables (one of them BIG_ROWS rows, the rest
+# split evenly); columns: id bigint primary key, a bigint, b text, c timestamptz, d numeric.
+#
+#   baseline  `COPY <table> TO STDOUT (FORMAT binary)` of every table to /dev/null, with WORKERS
+#             psql processes in parallel (tables largest first, the big one split by ctid
+#             ranges like slotlake's chunks)
+#   slotlake  `slotlake run --create-slot --snapshot-workers WORKERS` into file:// until the log
+#             says the load is done (the change logs written, zstd Parquet)
+#
+# Prints both rates (rows per second), the ratio and slotlake's peak RSS.
+#
+#   scripts/bench-snapshot.sh                              # 20,000,000 rows, 50 tables
+#   ROWS=2000000 BIG_ROWS=1000000 scripts/bench-snapshot.sh   # a quick run
+#
+# Environment: SLOTLAKE_BIN (default: cargo build --release), SLOTLAKE_PG_BIN, WORKERS (4),
+# CHUNK (slotlake's --snapshot-chunk-size, default 64MiB).
+
+set -euo pipefail
+script_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo_dir=$(cd "$script_dir/.." && pwd)
+ROWS=${ROWS:-20000000}
+BIG_ROWS=${BIG_ROWS:-10000000}
+TABLES=${TABLES:-50}
+WORKERS=${WORKERS:-4}
+CHUNK=${CHUNK:-64MiB}
+
+if [ -z "${SLOTLAKE_BIN:-}" ]; then
+  (cd "$repo_dir" && cargo build --release --locked --quiet --bin slotlake)
+  SLOTLAKE_BIN="${CARGO_TARGET_DIR:-$repo_dir/target}/release/slotlake"
+fi
+
+PG_USER=bench
+# shellcheck source=lib/pg.sh
+source "$script_dir/lib/pg.sh"
+pg_start shared_buffers=1GB max_wal_size=8GB autovacuum=off
+conn=$(pg_conninfo unix)
+
+echo "== loading $ROWS rows over $TABLES tables (big: $BIG_ROWS)" >&2
+rest=$(( (ROWS - BIG_ROWS) / (TABLES - 1) ))
+{
+  echo "CREATE TABLE t00 (id bigint PRIMARY KEY, a bigint, b text, c timestamptz, d numeric(12,2));"
+  echo "INSERT INTO t00 SELECT g, g * 7, 'row ' || g, '2026-01-01'::timestamptz + g * interval '1 second', g / 100.0 FROM generate_series(1, $BIG_ROWS) g;"
+  for i in $(seq 1 $((TABLES - 1))); do
+    t=$(printf 't%02d' "$i")
+    echo "CREATE TABLE $t (id bigint PRIMARY KEY, a bigint, b text, c timestamptz, d numeric(12,2));"
+    echo "INSERT INTO $t SELECT g, g * 7, 'row ' || g, '2026-01-01'::timestamptz + g * interval '1 second', g / 100.0 FROM generate_series(1, $rest) g;"
+  done
+  echo "VACUUM ANALYZE;"
+  echo "CREATE PUBLICATION bench FOR ALL TABLES;"
+} | pg_psql >/dev/null
+total=$(pg_value "SELECT sum(n_live_tup) FROM pg_stat_user_tables")
+echo "   $total rows" >&2
+
+echo "== baseline: COPY (FORMAT binary) to /dev/null, $WORKERS connections" >&2
+jobs_file="$PG_DIR/copy_jobs"
+: > "$jobs_file"
+pages=$(pg_value "SELECT pg_relation_size('t00') / current_setting('block_size')::int")
+per=$(( (pages + WORKERS * 2 - 1) / (WORKERS * 2) ))
+for k in $(seq 0 $((WORKERS * 2 - 1))); do
+  lo=$((k * per)); hi=$(((k + 1) * per))
+  echo "COPY (SELECT * FROM t00 WHERE ctid >= '($lo,0)'::tid AND ctid < '($hi,0)'::tid) TO STDOUT (FORMAT binary)" >> "$jobs_file"
+done
+for i in $(seq 1 $((TABLES - 1))); do
+  echo "COPY $(printf 't%02d' "$i") TO STDOUT (FORMAT binary)" >> "$jobs_file"
+done
+start=$(date +%s.%N)
+# shellcheck disable=SC2016
+xargs -P "$WORKERS" -I{} -d '\n' "$PG_BIN/psql" -X -q -h "$PG_SOCKDIR" -p "$PG_PORT" -U "$PG_USER" -d "$PG_DB" -o /dev/null -c '{}' < "$jobs_file"
+copy_secs=$(echo "$(date +%s.%N) - $start" | bc)
+
+echo "== slotlake run --create-slot (initial snapshot, $WORKERS workers)" >&2
+lake="$PG_DIR/lake"
+log="$PG_DIR/run.log"
+start=$(date +%s.%N)
+/usr/bin/time -f '%M' -o "$PG_DIR/rss" "$SLOTLAKE_BIN" run --source "$conn" --slot bench --publication bench \
+  --sink "file://$lake" --create-slot --snapshot-workers "$WORKERS" --snapshot-chunk-size "$CHUNK" \
+  --compact-interval 0 --metrics-addr 127.0.0.1:0 2> "$log" &
+pid=$!
+until grep -q "initial snapshot: done" "$log"; do
+  kill -0 "$pid" 2>/dev/null || { cat "$log" >&2; pg_die "slotlake run stopped"; }
+  sleep 0.2
+done
+snap_secs=$(echo "$(date +%s.%N) - $start" | bc)
+# $pid is /usr/bin/time; SIGTERM goes to slotlake, its child.
+pkill -TERM -P "$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+wait "$pid" || true
+grep "initial snapshot: done" "$log" >&2
+rss_kib=$(tail -1 "$PG_DIR/rss" 2>/dev/null || echo 0)
+
+python3 - "$total" "$copy_secs" "$snap_secs" "$rss_kib" <<'PY'
+import sys
+rows, copy_s, snap_s, rss = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+print(f"COPY binary to /dev/null : {copy_s:7.2f} s  {rows / copy_s:12,.0f} rows/s")
+print(f"slotlake initial snapshot: {snap_s:7.2f} s  {rows / snap_s:12,.0f} rows/s  peak RSS {int(rss or 0) / 1024:.0f} MiB")
+print(f"ratio slotlake/COPY: {copy_s / snap_s:.2f}x")
+PY
