@@ -55,7 +55,8 @@ pub enum LogFormat {
 pub enum OnSlotInvalidated {
     /// Stop with exit code 4 and the recovery steps.
     Fail,
-    /// Re-create the slot and re-load every table (needs the initial snapshot, not built yet).
+    /// Drop and re-create the slot, then re-load every published table from its snapshot,
+    /// replacing what the lake held.
     Resnapshot,
 }
 
@@ -358,7 +359,7 @@ pub struct RunArgs {
     #[arg(long, env = "SLOTLAKE_SLOT_CHECK_INTERVAL", value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub slot_check_interval: Duration,
     /// When the slot is invalidated: fail (exit 4 with the recovery steps), or resnapshot
-    /// (re-create the slot and re-load; not available until the initial snapshot is built).
+    /// (re-create the slot and re-load every table, replacing the lake's contents).
     #[arg(
         long,
         env = "SLOTLAKE_ON_SLOT_INVALIDATED",

@@ -228,12 +228,6 @@ pub async fn run(a: RunArgs) -> Result<()> {
         region: a.sink.s3_region.clone(),
     };
     let sink = crate::lake::store::Sink::open(&a.sink.sink, &s3).context("invalid --sink")?;
-    if a.on_slot_invalidated == crate::cli::OnSlotInvalidated::Resnapshot {
-        anyhow::bail!(
-            "--on-slot-invalidated=resnapshot needs the initial snapshot (re-loading tables), \
-             which slotlake does not have yet; use --on-slot-invalidated=fail"
-        );
-    }
     slot::validate_slot_name(&a.slot.slot)?;
     let mut exported: Option<(PgConnection, crate::snapshot::ExportedSnapshot)> = None;
     if a.create_slot || a.create_publication {
@@ -289,7 +283,15 @@ pub async fn run(a: RunArgs) -> Result<()> {
     let (addr, server) = crate::metrics::serve(a.metrics_addr, metrics.clone())
         .await
         .with_context(|| format!("cannot listen on --metrics-addr {}", a.metrics_addr))?;
-    initial_snapshot(&a, &info, &sink, exported, &metrics).await?;
+    let load_opts = crate::snapshot::LoadOptions {
+        slot: a.slot.slot.clone(),
+        publication: a.publication.publication.clone(),
+        workers: a.snapshot_workers,
+        chunk_bytes: a.snapshot_chunk_size,
+        target_file_size: a.target_file_size,
+        memory_budget: a.memory_budget,
+    };
+    initial_snapshot(&load_opts, a.snapshot, &info, &sink, exported, &metrics).await?;
     tracing::info!(source = %info.redacted(), sink = %sink, slot = %a.slot.slot, metrics = %addr, "streaming");
     let opts = crate::pipeline::RunOptions {
         slot: a.slot.slot,
@@ -336,6 +338,14 @@ pub async fn run(a: RunArgs) -> Result<()> {
         )
         .await;
         match result {
+            Err(crate::pipeline::RunError::Slot(slot::SlotError::Invalidated(_)))
+                if a.on_slot_invalidated == crate::cli::OnSlotInvalidated::Resnapshot
+                    && !*stop_rx.borrow() =>
+            {
+                metrics.retries.with_label_values(&["resnapshot"]).inc();
+                tracing::warn!(slot = %load_opts.slot, "the slot was invalidated; --on-slot-invalidated=resnapshot: re-creating it and re-loading every table");
+                resnapshot(&load_opts, &info, &sink, &metrics).await?;
+            }
             Err(e) if e.is_transient() && !*stop_rx.borrow() => {
                 if started.elapsed() > RECONNECT_RESET_AFTER {
                     backoff = RECONNECT_MIN;
@@ -530,62 +540,102 @@ pub async fn verify(a: crate::cli::VerifyArgs) -> Result<()> {
 /// The initial snapshot of `run`: from the new slot's exported snapshot, or — when a load
 /// was interrupted — from a temporary slot's (see `crate::snapshot`).
 async fn initial_snapshot(
-    a: &RunArgs,
+    opts: &crate::snapshot::LoadOptions,
+    mode: crate::cli::SnapshotMode,
     info: &ConnInfo,
     sink: &crate::lake::store::Sink,
     exported: Option<(PgConnection, crate::snapshot::ExportedSnapshot)>,
     metrics: &crate::metrics::Metrics,
 ) -> Result<()> {
-    use crate::snapshot::{load, read_record, temporary_snapshot, write_record, LoadRecord};
-    if a.snapshot == crate::cli::SnapshotMode::Never {
+    use crate::snapshot::{read_record, temporary_snapshot, LoadRecord};
+    if mode == crate::cli::SnapshotMode::Never {
         return Ok(());
     }
-    let opts = crate::snapshot::LoadOptions {
-        slot: a.slot.slot.clone(),
-        publication: a.publication.publication.clone(),
-        workers: a.snapshot_workers,
-        chunk_bytes: a.snapshot_chunk_size,
-        target_file_size: a.target_file_size,
-        memory_budget: a.memory_budget,
-    };
     let (session, snapshot, point) = match exported {
         Some((repl, snap)) => {
             let point = snap.point;
-            write_record(
-                sink,
-                &a.slot.slot,
-                &LoadRecord {
-                    consistent_point: point.to_string(),
-                    state: "loading".into(),
-                },
-            )
-            .await?;
             (repl, snap, point)
         }
-        None => match read_record(sink, &a.slot.slot).await? {
-            Some(r) if r.state == "loading" => {
-                tracing::info!(slot = %a.slot.slot, "resuming an interrupted initial snapshot from a new snapshot");
+        None => match read_record(sink, &opts.slot).await? {
+            Some(LoadRecord {
+                state,
+                consistent_point,
+            }) if state == "loading" => {
+                tracing::info!(slot = %opts.slot, "resuming an interrupted initial snapshot from a new snapshot");
+                // The slot never confirmed during the load: its position is still its start.
+                let point = match consistent_point.parse::<crate::lsn::Lsn>() {
+                    Ok(p) => p,
+                    Err(_) => {
+                        let mut repl =
+                            PgConnection::connect(info, SessionKind::Replication).await?;
+                        let slot_info = slot::slot_info(&mut repl, &opts.slot).await?;
+                        repl.close().await;
+                        slot_info
+                            .and_then(|s| s.confirmed_flush_lsn)
+                            .and_then(|l| l.parse().ok())
+                            .context("the slot of an interrupted snapshot is gone")?
+                    }
+                };
                 let (repl, snap) = temporary_snapshot(info).await?;
-                // The slot's own start when known; otherwise it is at least the slot's.
-                let point = r.consistent_point.parse().unwrap_or(snap.point);
                 (repl, snap, point)
             }
             _ => return Ok(()),
         },
     };
-    let loaded = load(info, sink, &snapshot, &opts, metrics).await;
+    load_recorded(opts, info, sink, session, &snapshot, point, metrics).await
+}
+
+/// Runs a load with its record: `loading` (with the slot's start) before, `done` after.
+async fn load_recorded(
+    opts: &crate::snapshot::LoadOptions,
+    info: &ConnInfo,
+    sink: &crate::lake::store::Sink,
+    session: PgConnection,
+    snapshot: &crate::snapshot::ExportedSnapshot,
+    point: crate::lsn::Lsn,
+    metrics: &crate::metrics::Metrics,
+) -> Result<()> {
+    use crate::snapshot::{load, write_record, LoadRecord};
+    let record = |state: &str| LoadRecord {
+        consistent_point: point.to_string(),
+        state: state.into(),
+    };
+    write_record(sink, &opts.slot, &record("loading")).await?;
+    let since = crate::lsn::Lsn(point.0.saturating_sub(1));
+    let loaded = load(info, sink, snapshot, opts, since, metrics).await;
     session.close().await;
     loaded?;
-    write_record(
+    write_record(sink, &opts.slot, &record("done")).await?;
+    Ok(())
+}
+
+/// `--on-slot-invalidated=resnapshot`: drop the invalidated slot, create it again and re-load
+/// every published table from its exported snapshot, replacing what the lake held.
+async fn resnapshot(
+    opts: &crate::snapshot::LoadOptions,
+    info: &ConnInfo,
+    sink: &crate::lake::store::Sink,
+    metrics: &crate::metrics::Metrics,
+) -> Result<()> {
+    let mut repl = PgConnection::connect(info, SessionKind::Replication).await?;
+    slot::drop_slot(&mut repl, &opts.slot, true).await?;
+    // Recorded before the new slot exists, as in `run --create-slot`.
+    crate::snapshot::write_record(
         sink,
-        &a.slot.slot,
-        &LoadRecord {
-            consistent_point: point.to_string(),
-            state: "done".into(),
+        &opts.slot,
+        &crate::snapshot::LoadRecord {
+            consistent_point: String::new(),
+            state: "loading".into(),
         },
     )
     .await?;
-    Ok(())
+    let created = slot::create_slot(&mut repl, &opts.slot, SnapshotAction::Export).await?;
+    let (Some(point), Some(name)) = (created.consistent_point, created.snapshot_name) else {
+        anyhow::bail!("re-creating slot {:?} exported no snapshot", opts.slot);
+    };
+    tracing::info!(slot = %opts.slot, consistent_point = %point, "re-created the invalidated slot; re-loading every table");
+    let snapshot = crate::snapshot::ExportedSnapshot { name, point };
+    load_recorded(opts, info, sink, repl, &snapshot, point, metrics).await
 }
 
 /// First and longest wait before reconnecting after a transient failure.

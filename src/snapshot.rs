@@ -102,6 +102,8 @@ pub async fn write_record(sink: &Sink, slot: &str, record: &LoadRecord) -> anyho
 pub struct LoadSummary {
     pub tables: usize,
     pub skipped: usize,
+    /// Tables whose earlier contents (from a previous slot) the load replaced.
+    pub replaced: usize,
     pub rows: u64,
     pub chunks: usize,
 }
@@ -120,11 +122,16 @@ enum Msg {
 }
 
 /// Loads every published table whose change log does not hold it yet, from `snapshot`.
+/// `since` is C − 1 for the slot's start C: a change log committed at or past it already holds
+/// this slot's load; one committed before it holds an earlier slot's data (the slot was
+/// re-created, e.g. after it was invalidated) and is replaced — a truncate row (`_seq` −1, so
+/// before the snapshot's rows) precedes the rows, and compaction empties the table first.
 pub async fn load(
     info: &ConnInfo,
     sink: &Sink,
     snapshot: &ExportedSnapshot,
     opts: &LoadOptions,
+    since: Lsn,
     metrics: &crate::metrics::Metrics,
 ) -> anyhow::Result<LoadSummary> {
     let started = Instant::now();
@@ -153,9 +160,17 @@ pub async fn load(
         let log = ChangeLogTable::open(sink, name, &app, &schema, opts.target_file_size)
             .await
             .with_context(|| format!("opening the change log of {name}"))?;
-        if log.committed_lsn().is_some() {
+        let committed = log.committed_lsn();
+        if committed.is_some_and(|c| c >= since) {
             summary.skipped += 1;
             continue;
+        }
+        let mut log = log;
+        if committed.is_some() {
+            let mut truncate = crate::batch::rows::ChangeBatchBuilder::new(table.specs.clone());
+            truncate.append_truncate(lsn.0 as i64, -1, 0, stamp_ts);
+            log.write(truncate.finish()?).await?;
+            summary.replaced += 1;
         }
         let pages = table_pages(&mut sql, name).await?;
         let block = block_size(&mut sql).await?;
@@ -191,6 +206,7 @@ pub async fn load(
         tables = tables.len(),
         chunks = chunks.len(),
         skipped = summary.skipped,
+        replaced = summary.replaced,
         workers = opts.workers,
         snapshot_lsn = %lsn,
         "initial snapshot: loading"

@@ -468,28 +468,3 @@ async fn active_missing_and_misnamed_slots_and_missing_publication() {
     assert!(err.contains("invalid slot name"), "{err}");
     assert_eq!(slot_names(&db).await, vec!["busy".to_string()]);
 }
-
-#[tokio::test]
-async fn resnapshot_on_invalidation_is_refused_until_snapshots_exist() {
-    let dir = tempfile::tempdir().unwrap();
-    let sink = format!("file://{}", dir.path().display());
-    let (code, _, err) = slotlake(&[
-        "run",
-        "--source",
-        "postgresql://nobody@127.0.0.1:1/none",
-        "--slot",
-        "s",
-        "--publication",
-        "p",
-        "--sink",
-        &sink,
-        "--on-slot-invalidated",
-        "resnapshot",
-    ])
-    .await;
-    assert_eq!(code, 1, "{err}");
-    assert!(
-        err.contains("--on-slot-invalidated=resnapshot needs the initial snapshot"),
-        "{err}"
-    );
-}

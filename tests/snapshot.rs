@@ -220,3 +220,72 @@ async fn kill_nine_during_the_initial_snapshot_resumes_and_loses_nothing() {
     .await;
     stop(run, &log).await;
 }
+
+/// An invalidated slot with `--on-slot-invalidated=resnapshot`: run re-creates it and re-loads
+/// every table, replacing the lake's contents — rows deleted while the slot was lost are gone.
+#[tokio::test]
+async fn an_invalidated_slot_is_recreated_and_the_tables_reloaded_with_resnapshot() {
+    // Slots may hold at most 1 MB of WAL: easy to invalidate.
+    let cluster = Arc::new(Cluster::start(&["max_slot_wal_keep_size = 1MB"]));
+    let db = cluster.create_db("resnap").await;
+    db.exec(
+        "CREATE TABLE t (id int PRIMARY KEY, v text);
+         CREATE TABLE filler (id bigint PRIMARY KEY, pad text);
+         DO $$ BEGIN EXECUTE format('GRANT SELECT ON ALL TABLES IN SCHEMA public TO %I',
+           (SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = current_database())); END $$;",
+    )
+    .await;
+    db.publish_all("pub").await;
+    let dir = tempfile::tempdir().unwrap();
+    let root = format!("file://{}", dir.path().join("lake").display());
+    let log = dir.path().join("run.log");
+    let args = [
+        "--compact-interval",
+        "0",
+        "--on-slot-invalidated",
+        "resnapshot",
+    ];
+    let run = start_run(&db, "s_lost", &root, &args, &log).await;
+    caught_up(&db, "s_lost", &log).await;
+    db.exec("INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 100) g")
+        .await;
+    caught_up(&db, "s_lost", &log).await;
+    stop(run, &log).await;
+
+    // While slotlake is down: changes, then enough WAL to invalidate the slot.
+    db.exec("DELETE FROM t WHERE id <= 10; UPDATE t SET v = 'changed' WHERE id > 90")
+        .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut base = 0;
+    loop {
+        db.exec(&format!(
+            "INSERT INTO filler SELECT g, repeat('x', 200) FROM generate_series({base}, {base} + 1999) g;
+             SELECT pg_switch_wal(); CHECKPOINT;"
+        ))
+        .await;
+        base += 2000;
+        let rows = db
+            .exec("SELECT wal_status FROM pg_replication_slots WHERE slot_name = 's_lost'")
+            .await;
+        if rows[0].get("wal_status") == Some("lost") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "slot never invalidated"
+        );
+    }
+
+    let run = start_run(&db, "s_lost", &root, &args, &log).await;
+    wait_for_log(&log, "re-created the invalidated slot", 60).await;
+    wait_for_log(&log, "initial snapshot: done", 120).await;
+    db.exec("INSERT INTO t VALUES (1000, 'after')").await;
+    caught_up(&db, "s_lost", &log).await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("replaced=2") || text.contains("replaced=1"),
+        "tables replaced:\n{text}"
+    );
+    verify_ok(&db, "s_lost", &root, &["t", "filler"]).await;
+    stop(run, &log).await;
+}
