@@ -123,6 +123,22 @@ pub struct CompactTuning {
     /// in memory (about 4× their Parquet size).
     #[arg(long, env = "SLOTLAKE_BUCKET_SIZE", value_name = "SIZE", default_value = "128MiB", value_parser = parse_size)]
     pub bucket_size: u64,
+    /// Delete the files compaction replaced (old buckets) this long after; readers of older
+    /// table versions keep working meanwhile. `off` keeps them.
+    #[arg(long, env = "SLOTLAKE_VACUUM_RETENTION", value_name = "DURATION", default_value = "168h", value_parser = parse_optional_duration)]
+    pub vacuum_retention: OptionalDuration,
+}
+
+/// A duration, or `off`.
+#[derive(Debug, Clone, Copy)]
+pub struct OptionalDuration(pub Option<Duration>);
+
+fn parse_optional_duration(s: &str) -> Result<OptionalDuration, String> {
+    if s == "off" {
+        Ok(OptionalDuration(None))
+    } else {
+        parse_duration(s).map(|d| OptionalDuration(Some(d)))
+    }
 }
 
 #[derive(Debug, Args)]

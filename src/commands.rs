@@ -396,6 +396,7 @@ fn compact_options(t: &crate::cli::CompactTuning) -> crate::compact::CompactOpti
     crate::compact::CompactOptions {
         memory_budget: t.compact_memory,
         bucket_bytes: t.bucket_size,
+        vacuum_retention: t.vacuum_retention.0,
     }
 }
 
@@ -431,6 +432,7 @@ pub async fn compact(a: crate::cli::CompactArgs) -> Result<()> {
                             "current_bytes_rewritten": r.current_bytes_rewritten,
                             "current_bytes": r.current_bytes_total,
                             "versions_closed": r.history_versions_closed,
+                            "files_vacuumed": r.files_vacuumed,
                         })
                     ),
                     crate::cli::OutputFormat::Table => println!(

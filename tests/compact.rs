@@ -414,6 +414,53 @@ async fn kill_nine_during_compaction_then_rerun_gives_identical_tables() {
         run_slotlake(&[&["compact", "--sink", &root][..], &tuning].concat(), &[]).await;
     assert_eq!(code, 0, "the re-run completes\n{out}\n{err}");
 
+    // Vacuum with no retention: the reference keeps exactly the files its logs reference (the
+    // comparison below then shows nothing live was deleted).
+    let (code, out, err) = run_slotlake(
+        &[
+            &[
+                "compact",
+                "--sink",
+                &reference_root,
+                "--vacuum-retention",
+                "0s",
+            ][..],
+            &tuning,
+        ]
+        .concat(),
+        &[],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    for kind in ["current", "history"] {
+        let table = reference.join(kind).join("public/acct");
+        let on_disk = std::fs::read_dir(&table)
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".parquet")
+            })
+            .count();
+        let active = std::process::Command::new(s3::venv_dir().join("bin/python"))
+            .args([
+                "-c",
+                "import sys; from deltalake import DeltaTable; print(len(DeltaTable(sys.argv[1]).file_uris()))",
+                table.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        let active: usize = String::from_utf8_lossy(&active.stdout)
+            .trim()
+            .parse()
+            .unwrap();
+        assert_eq!(
+            on_disk, active,
+            "{kind}: replaced files vacuumed, live ones kept"
+        );
+    }
     for kind in ["current", "history"] {
         for t in ["acct", "kv", "events"] {
             let got = read_delta(&format!("{root}/{kind}/public/{t}"), None);

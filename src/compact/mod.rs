@@ -101,6 +101,9 @@ pub struct CompactOptions {
     pub memory_budget: u64,
     /// Arrow bytes of open versions above which a bucket splits.
     pub bucket_bytes: u64,
+    /// Files the current and history tables replaced are deleted this long after (Delta
+    /// vacuum: readers of older versions keep working meanwhile); `None`: never.
+    pub vacuum_retention: Option<std::time::Duration>,
 }
 
 impl Default for CompactOptions {
@@ -108,6 +111,7 @@ impl Default for CompactOptions {
         CompactOptions {
             memory_budget: 512 << 20,
             bucket_bytes: 128 << 20,
+            vacuum_retention: Some(std::time::Duration::from_secs(7 * 24 * 3600)),
         }
     }
 }
@@ -127,6 +131,8 @@ pub struct TableReport {
     pub current_bytes_rewritten: u64,
     pub current_bytes_total: u64,
     pub history_versions_closed: u64,
+    /// Replaced files deleted by vacuum.
+    pub files_vacuumed: u64,
 }
 
 /// Tables that have a change log under `sink`.
@@ -364,6 +370,27 @@ impl Ctx<'_> {
             }
         }
         Ok(())
+    }
+
+    /// Deletes files `target` removed from its log more than `retention` ago (Delta vacuum,
+    /// lite mode: only files named by expired `remove` actions).
+    async fn vacuum(
+        &self,
+        target: &Target,
+        retention: std::time::Duration,
+    ) -> Result<u64, CompactError> {
+        let retention = chrono::Duration::from_std(retention)
+            .unwrap_or_else(|_| chrono::Duration::days(36_500));
+        let mut table = DeltaTable::new(target.log_store.clone());
+        table.load().await.map_err(self.fail("vacuum"))?;
+        let (_, metrics) = table
+            .vacuum()
+            .with_retention_period(retention)
+            .with_enforce_retention_duration(false)
+            .with_mode(deltalake::operations::vacuum::VacuumMode::Lite)
+            .await
+            .map_err(self.fail("vacuum"))?;
+        Ok(metrics.files_deleted.len() as u64)
     }
 
     async fn read_parquet(
@@ -637,6 +664,13 @@ pub async fn compact_table(
         next = last + 1;
     }
     report.to_version = history.txn;
+    if let Some(retention) = options.vacuum_retention {
+        for target in [&history, &current] {
+            if target.version.is_some() {
+                report.files_vacuumed += ctx.vacuum(target, retention).await?;
+            }
+        }
+    }
     report.buckets_total = current.files.len() as u64;
     report.current_bytes_total = current.files.values().map(|f| f.0.max(0) as u64).sum();
     Ok(report)

@@ -628,9 +628,13 @@ pub async fn stop(mut child: tokio::process::Child, log: &Path) {
     );
 }
 
-/// Waits until slot `slot` confirmed the source's current WAL position.
+/// Waits until slot `slot` confirmed the source's current WAL insert position. (The insert
+/// position, not `pg_current_wal_lsn()`: with `synchronous_commit = off` the write position can
+/// still be before a commit that has returned.)
 pub async fn caught_up(db: &TestDb, slot: &str, log: &Path) {
-    let target = db.exec("SELECT pg_current_wal_lsn()::text AS w").await[0]
+    let target = db
+        .exec("SELECT pg_current_wal_insert_lsn()::text AS w")
+        .await[0]
         .get("w")
         .unwrap()
         .to_string();
