@@ -403,6 +403,11 @@ pub struct RunArgs {
     /// worker.
     #[arg(long, env = "SLOTLAKE_SNAPSHOT_CHUNK_SIZE", value_name = "SIZE", default_value = "64MiB", value_parser = parse_size)]
     pub snapshot_chunk_size: u64,
+    /// Check the publication for tables that joined it this often and backfill their
+    /// existing rows (streaming pauses while they load); 0 turns it off. Needs --snapshot
+    /// initial.
+    #[arg(long, env = "SLOTLAKE_PUBLICATION_CHECK_INTERVAL", value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub publication_check_interval: Duration,
     /// Compact the change logs into current and history tables this often, in a thread of
     /// its own; 0 turns it off (then run `slotlake compact` elsewhere).
     #[arg(long, env = "SLOTLAKE_COMPACT_INTERVAL", value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]

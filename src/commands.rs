@@ -258,6 +258,7 @@ pub async fn run(a: RunArgs) -> Result<()> {
                     &crate::snapshot::LoadRecord {
                         consistent_point: String::new(),
                         state: "loading".into(),
+                        tables: Vec::new(),
                     },
                 )
                 .await?;
@@ -290,6 +291,7 @@ pub async fn run(a: RunArgs) -> Result<()> {
         chunk_bytes: a.snapshot_chunk_size,
         target_file_size: a.target_file_size,
         memory_budget: a.memory_budget,
+        only: None,
     };
     initial_snapshot(&load_opts, a.snapshot, &info, &sink, exported, &metrics).await?;
     tracing::info!(source = %info.redacted(), sink = %sink, slot = %a.slot.slot, metrics = %addr, "streaming");
@@ -327,6 +329,28 @@ pub async fn run(a: RunArgs) -> Result<()> {
     // Transient failures (connection lost, server restart or failover, sink unavailable)
     // reconnect and resume from the slot's confirmed position; definite ones end the run.
     let mut backoff = RECONNECT_MIN;
+    // Tables that join the publication later are backfilled: the watcher asks the pipeline to
+    // stop cleanly (everything committed and confirmed), they are loaded, streaming resumes.
+    let (backfill_tx, backfill_rx) = tokio::sync::watch::channel(false);
+    let watcher = (a.snapshot == crate::cli::SnapshotMode::Initial
+        && !a.publication_check_interval.is_zero())
+    .then(|| {
+        tokio::spawn(watch_publication(
+            info.clone(),
+            sink.clone(),
+            load_opts.clone(),
+            a.publication_check_interval,
+            backfill_tx,
+        ))
+    });
+    let stop_or_backfill =
+        |stop: tokio::sync::watch::Receiver<bool>,
+         mut backfill: tokio::sync::watch::Receiver<bool>| async move {
+            tokio::select! {
+                _ = stopped(stop) => {}
+                _ = backfill.wait_for(|b| *b) => {}
+            }
+        };
     let summary = loop {
         let started = std::time::Instant::now();
         let result = crate::pipeline::run(
@@ -334,10 +358,18 @@ pub async fn run(a: RunArgs) -> Result<()> {
             &sink,
             &opts,
             metrics.clone(),
-            stopped(stop_rx.clone()),
+            stop_or_backfill(stop_rx.clone(), backfill_rx.clone()),
         )
         .await;
         match result {
+            Ok(_) if !*stop_rx.borrow() && *backfill_rx.borrow() => {
+                backfill(&load_opts, &info, &sink, &metrics).await?;
+                // The watcher clears the request once it sees the record list the tables.
+                let mut rx = backfill_rx.clone();
+                let _ =
+                    tokio::time::timeout(a.publication_check_interval * 2, rx.wait_for(|b| !*b))
+                        .await;
+            }
             Err(crate::pipeline::RunError::Slot(slot::SlotError::Invalidated(_)))
                 if a.on_slot_invalidated == crate::cli::OnSlotInvalidated::Resnapshot
                     && !*stop_rx.borrow() =>
@@ -364,6 +396,9 @@ pub async fn run(a: RunArgs) -> Result<()> {
     };
     signals.abort();
     server.abort();
+    if let Some(w) = watcher {
+        w.abort();
+    }
     let summary = summary?;
     tracing::info!(
         changes = summary.changes,
@@ -562,6 +597,7 @@ async fn initial_snapshot(
             Some(LoadRecord {
                 state,
                 consistent_point,
+                ..
             }) if state == "loading" => {
                 tracing::info!(slot = %opts.slot, "resuming an interrupted initial snapshot from a new snapshot");
                 // The slot never confirmed during the load: its position is still its start.
@@ -598,16 +634,100 @@ async fn load_recorded(
     metrics: &crate::metrics::Metrics,
 ) -> Result<()> {
     use crate::snapshot::{load, write_record, LoadRecord};
-    let record = |state: &str| LoadRecord {
+    let record = |state: &str, tables: Vec<String>| LoadRecord {
         consistent_point: point.to_string(),
         state: state.into(),
+        tables,
     };
-    write_record(sink, &opts.slot, &record("loading")).await?;
+    write_record(sink, &opts.slot, &record("loading", Vec::new())).await?;
     let since = crate::lsn::Lsn(point.0.saturating_sub(1));
     let loaded = load(info, sink, snapshot, opts, since, metrics).await;
     session.close().await;
-    loaded?;
-    write_record(sink, &opts.slot, &record("done")).await?;
+    let loaded = loaded?;
+    let tables = loaded.covered.iter().map(|t| t.to_string()).collect();
+    write_record(sink, &opts.slot, &record("done", tables)).await?;
+    Ok(())
+}
+
+/// Polls the publication; when it has tables the snapshot record does not list, requests a
+/// backfill (the flag stays set until the record lists them).
+async fn watch_publication(
+    info: ConnInfo,
+    sink: crate::lake::store::Sink,
+    opts: crate::snapshot::LoadOptions,
+    interval: std::time::Duration,
+    request: tokio::sync::watch::Sender<bool>,
+) {
+    loop {
+        tokio::time::sleep(interval).await;
+        match new_tables(&info, &sink, &opts).await {
+            Ok(new) => {
+                let _ = request.send(!new.is_empty());
+            }
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "cannot check the publication for new tables");
+            }
+        }
+    }
+}
+
+/// Published tables the slot's finished load does not list (none while no load finished).
+async fn new_tables(
+    info: &ConnInfo,
+    sink: &crate::lake::store::Sink,
+    opts: &crate::snapshot::LoadOptions,
+) -> Result<Vec<TableName>> {
+    let Some(record) = crate::snapshot::read_record(sink, &opts.slot).await? else {
+        return Ok(Vec::new());
+    };
+    if record.state != "done" {
+        return Ok(Vec::new());
+    }
+    let mut sql = PgConnection::connect(info, SessionKind::Sql).await?;
+    let published = crate::source::published_tables(&mut sql, &opts.publication).await;
+    sql.close().await;
+    Ok(published?
+        .into_iter()
+        .filter(|t| !record.tables.contains(&t.to_string()))
+        .collect())
+}
+
+/// Loads tables that joined the publication, from a temporary slot's snapshot at C2: their
+/// rows at C2 − 1, replacing the changes streamed for them so far (that snapshot holds them);
+/// streaming then skips their changes up to C2 − 1.
+async fn backfill(
+    opts: &crate::snapshot::LoadOptions,
+    info: &ConnInfo,
+    sink: &crate::lake::store::Sink,
+    metrics: &crate::metrics::Metrics,
+) -> Result<()> {
+    let new = new_tables(info, sink, opts).await?;
+    if new.is_empty() {
+        return Ok(());
+    }
+    let Some(mut record) = crate::snapshot::read_record(sink, &opts.slot).await? else {
+        return Ok(());
+    };
+    tracing::info!(
+        tables = new.len(),
+        "backfilling tables that joined the publication"
+    );
+    let (session, snapshot) = crate::snapshot::temporary_snapshot(info).await?;
+    let mut o = opts.clone();
+    o.only = Some(new);
+    let since = crate::lsn::Lsn(snapshot.point.0.saturating_sub(1));
+    let loaded = crate::snapshot::load(info, sink, &snapshot, &o, since, metrics).await;
+    session.close().await;
+    let loaded = loaded?;
+    record
+        .tables
+        .extend(loaded.covered.iter().map(|t| t.to_string()));
+    crate::snapshot::write_record(sink, &opts.slot, &record).await?;
+    tracing::info!(
+        tables = loaded.covered.len(),
+        rows = loaded.rows,
+        "backfill done"
+    );
     Ok(())
 }
 
@@ -628,6 +748,7 @@ async fn resnapshot(
         &crate::snapshot::LoadRecord {
             consistent_point: String::new(),
             state: "loading".into(),
+            tables: Vec::new(),
         },
     )
     .await?;

@@ -51,6 +51,8 @@ pub struct LoadOptions {
     pub chunk_bytes: u64,
     pub target_file_size: u64,
     pub memory_budget: u64,
+    /// Only these tables (a backfill); all published ones when `None`.
+    pub only: Option<Vec<TableName>>,
 }
 
 /// A snapshot to load from: its name (for `SET TRANSACTION SNAPSHOT`) and the consistent point
@@ -68,6 +70,10 @@ pub struct LoadRecord {
     pub consistent_point: String,
     /// `loading` or `done`.
     pub state: String,
+    /// The tables loaded (`schema.table`); a published table not listed joined the
+    /// publication later and is backfilled.
+    #[serde(default)]
+    pub tables: Vec<String>,
 }
 
 fn record_path(sink: &Sink, slot: &str) -> Path {
@@ -106,6 +112,8 @@ pub struct LoadSummary {
     pub replaced: usize,
     pub rows: u64,
     pub chunks: usize,
+    /// Every table the load covered (loaded, replaced or already there).
+    pub covered: Vec<TableName>,
 }
 
 struct Chunk {
@@ -145,7 +153,10 @@ pub async fn load(
     // Tables and their chunks, read in the snapshot (the catalog as of the snapshot).
     let mut sql = PgConnection::connect(info, SessionKind::Sql).await?;
     import(&mut sql, &snapshot.name).await?;
-    let names = crate::source::published_tables(&mut sql, &opts.publication).await?;
+    let mut names = crate::source::published_tables(&mut sql, &opts.publication).await?;
+    if let Some(only) = &opts.only {
+        names.retain(|n| only.contains(n));
+    }
     let mut catalog = TypeCatalog::new();
     let mut catalog_conn = None;
     let mut tables: Vec<(SourceTable, ChangeLogTable)> = Vec::new();
@@ -198,6 +209,7 @@ pub async fn load(
     sql.close().await;
     summary.tables = tables.len();
     summary.chunks = chunks.len();
+    summary.covered = names.clone();
     metrics.snapshot_tables_remaining.set(tables.len() as i64);
     if tables.is_empty() {
         return Ok(summary);

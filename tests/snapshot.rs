@@ -289,3 +289,81 @@ async fn an_invalidated_slot_is_recreated_and_the_tables_reloaded_with_resnapsho
     verify_ok(&db, "s_lost", &root, &["t", "filler"]).await;
     stop(run, &log).await;
 }
+
+/// A table with rows joins the publication while `run` streams, with a writer changing it
+/// throughout: its rows are backfilled and the lake equals the source.
+#[tokio::test]
+async fn a_table_added_to_the_publication_is_backfilled_while_it_changes() {
+    let cluster = Cluster::shared();
+    let db = cluster.create_db("backfill").await;
+    db.exec(
+        "CREATE TABLE a (id int PRIMARY KEY, v text);
+         INSERT INTO a SELECT g, 'a' || g FROM generate_series(1, 1000) g;
+         CREATE TABLE b (id int PRIMARY KEY, v text, n bigint);
+         INSERT INTO b SELECT g, 'b' || g, g FROM generate_series(1, 50000) g;
+         CREATE PUBLICATION pub FOR TABLE a;
+         DO $$ BEGIN EXECUTE format('GRANT SELECT ON ALL TABLES IN SCHEMA public TO %I',
+           (SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = current_database())); END $$;",
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let root = format!("file://{}", dir.path().join("lake").display());
+    let log = dir.path().join("run.log");
+    let run = start_run(
+        &db,
+        "s_back",
+        &root,
+        &[
+            "--compact-interval",
+            "0",
+            "--publication-check-interval",
+            "300ms",
+        ],
+        &log,
+    )
+    .await;
+    wait_for_log(&log, "initial snapshot: done", 60).await;
+
+    // A writer on b (and a) from before it joins until after it is backfilled.
+    let stop_writer = Arc::new(AtomicBool::new(false));
+    let url = db.admin_url();
+    let flag = stop_writer.clone();
+    let writer = tokio::spawn(async move {
+        let info = slotlake::replication::ConnInfo::parse(&url).unwrap();
+        let mut c = slotlake::replication::PgConnection::connect(
+            &info,
+            slotlake::replication::SessionKind::Sql,
+        )
+        .await
+        .unwrap();
+        let mut round = 0i64;
+        while !flag.load(Ordering::Relaxed) {
+            let id = 1 + (round * 7919) % 50000;
+            c.simple_query(&format!(
+                "BEGIN;
+                 UPDATE b SET n = n + 1, v = 'w{round}' WHERE id = {id};
+                 DELETE FROM b WHERE id = {id} + 1;
+                 INSERT INTO b VALUES (100000 + {round}, 'new', 0);
+                 UPDATE a SET v = 'w{round}' WHERE id = {};
+                 COMMIT;",
+                1 + round % 1000
+            ))
+            .await
+            .unwrap();
+            round += 1;
+        }
+        c.close().await;
+        round
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    db.exec("ALTER PUBLICATION pub ADD TABLE b").await;
+    wait_for_log(&log, "backfill done", 120).await;
+    // Changes after the backfill still land.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop_writer.store(true, Ordering::Relaxed);
+    let rounds = writer.await.unwrap();
+    assert!(rounds > 0);
+    caught_up(&db, "s_back", &log).await;
+    verify_ok(&db, "s_back", &root, &["a", "b"]).await;
+    stop(run, &log).await;
+}
