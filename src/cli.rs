@@ -82,9 +82,23 @@ pub enum Command {
     /// Fold change logs into current-state (SCD1) and history (SCD2) Delta tables, once or
     /// every --interval.
     Compact(CompactArgs),
+    /// Re-load chosen tables: the running `slotlake run` of --slot backfills them at its next
+    /// publication check.
+    Snapshot(SnapshotArgs),
     /// Compare the lake with the live source: the history table as of a snapshot of the
     /// source, and the current table with the history table. Exit 6 on any difference.
     Verify(VerifyArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SnapshotArgs {
+    #[command(flatten)]
+    pub sink: SinkArgs,
+    #[command(flatten)]
+    pub slot: SlotArgs,
+    /// A table to re-load (schema.table; repeatable).
+    #[arg(long = "table", value_name = "SCHEMA.TABLE", required = true)]
+    pub tables: Vec<String>,
 }
 
 #[derive(Debug, Args)]

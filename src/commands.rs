@@ -505,6 +505,33 @@ pub async fn compact(a: crate::cli::CompactArgs) -> Result<()> {
     Ok(())
 }
 
+/// `slotlake snapshot --table …`: removes the tables from the slot's snapshot record, so the
+/// running `run` backfills them at its next publication check.
+pub async fn snapshot(a: crate::cli::SnapshotArgs) -> Result<()> {
+    let sink = sink_of(&a.sink)?;
+    let tables = parse_tables(&a.tables)?;
+    let Some(mut record) = crate::snapshot::read_record(&sink, &a.slot.slot).await? else {
+        anyhow::bail!(
+            "slot {:?} has no snapshot record in {sink}: re-loading needs a slot whose initial \
+             snapshot `slotlake run --snapshot initial` took",
+            a.slot.slot
+        );
+    };
+    if record.state != "done" {
+        anyhow::bail!(
+            "the initial snapshot of slot {:?} has not finished; `slotlake run` finishes it first",
+            a.slot.slot
+        );
+    }
+    let names: Vec<String> = tables.iter().map(|t| t.to_string()).collect();
+    record.tables.retain(|t| !names.contains(t));
+    crate::snapshot::write_record(&sink, &a.slot.slot, &record).await?;
+    for t in &names {
+        println!("{t}: re-load requested; `slotlake run --slot {}` backfills it at its next publication check", a.slot.slot);
+    }
+    Ok(())
+}
+
 /// The lake differs from the source (`slotlake verify`): exit code 6.
 #[derive(Debug, thiserror::Error)]
 #[error("the lake differs from the source in {0} table(s)")]

@@ -63,6 +63,7 @@ async fn try_main(cli: Cli) -> anyhow::Result<()> {
         Command::Setup(args) => commands::setup(args).await,
         Command::Compact(args) => commands::compact(args).await,
         Command::Verify(args) => commands::verify(args).await,
+        Command::Snapshot(args) => commands::snapshot(args).await,
     }
 }
 

@@ -274,7 +274,9 @@ async fn corrupt_and_verify_fails(db: &TestDb, slot: &str, root: &str, dir: &Pat
     // Edit one row of acct's history: the open version of some key gets another balance.
     let script = r#"
 import sys, glob, pyarrow.parquet as pq, pyarrow as pa, pyarrow.compute as pc
-files = sorted(glob.glob(sys.argv[1] + "/history/public/acct/open-*.parquet"))
+from deltalake import DeltaTable
+# Only files the table references (replaced ones stay on disk until vacuumed).
+files = sorted((u[len("file://"):] if u.startswith("file://") else u) for u in DeltaTable(sys.argv[1] + "/history/public/acct").file_uris() if "/open-" in u)
 for f in files:
     t = pq.read_table(f)
     if t.num_rows == 0:

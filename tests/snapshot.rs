@@ -358,8 +358,28 @@ async fn a_table_added_to_the_publication_is_backfilled_while_it_changes() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     db.exec("ALTER PUBLICATION pub ADD TABLE b").await;
     wait_for_log(&log, "backfill done", 120).await;
-    // Changes after the backfill still land.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A deliberate re-load of a, while the writer changes it.
+    let (code, out, err) = run_slotlake(
+        &[
+            "snapshot", "--sink", &root, "--slot", "s_back", "--table", "public.a",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .matches("backfill done")
+        .count()
+        < 2
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a was never re-loaded"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     stop_writer.store(true, Ordering::Relaxed);
     let rounds = writer.await.unwrap();
     assert!(rounds > 0);
