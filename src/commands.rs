@@ -332,6 +332,9 @@ pub async fn run(a: RunArgs) -> Result<()> {
     // Tables that join the publication later are backfilled: the watcher asks the pipeline to
     // stop cleanly (everything committed and confirmed), they are loaded, streaming resumes.
     let (backfill_tx, backfill_rx) = tokio::sync::watch::channel(false);
+    // A sender lives as long as `run` (also without a watcher): waiting for a request must
+    // never end just because nobody can send one.
+    let _backfill_tx_keep = backfill_tx.clone();
     let watcher = (a.snapshot == crate::cli::SnapshotMode::Initial
         && !a.publication_check_interval.is_zero())
     .then(|| {
@@ -343,14 +346,22 @@ pub async fn run(a: RunArgs) -> Result<()> {
             backfill_tx,
         ))
     });
-    let stop_or_backfill =
-        |stop: tokio::sync::watch::Receiver<bool>,
-         mut backfill: tokio::sync::watch::Receiver<bool>| async move {
-            tokio::select! {
-                _ = stopped(stop) => {}
-                _ = backfill.wait_for(|b| *b) => {}
+    let stop_or_backfill = |stop: tokio::sync::watch::Receiver<bool>,
+                            mut backfill: tokio::sync::watch::Receiver<bool>,
+                            not_before: tokio::time::Instant| async move {
+        let requested = async {
+            tokio::time::sleep_until(not_before).await;
+            if backfill.wait_for(|b| *b).await.is_err() {
+                std::future::pending::<()>().await;
             }
         };
+        tokio::select! {
+            _ = stopped(stop) => {}
+            _ = requested => {}
+        }
+    };
+    // After a failed backfill, streaming goes on and the backfill is tried again later.
+    let mut backfill_not_before = tokio::time::Instant::now();
     let summary = loop {
         let started = std::time::Instant::now();
         let result = crate::pipeline::run(
@@ -358,17 +369,29 @@ pub async fn run(a: RunArgs) -> Result<()> {
             &sink,
             &opts,
             metrics.clone(),
-            stop_or_backfill(stop_rx.clone(), backfill_rx.clone()),
+            stop_or_backfill(stop_rx.clone(), backfill_rx.clone(), backfill_not_before),
         )
         .await;
         match result {
-            Ok(_) if !*stop_rx.borrow() && *backfill_rx.borrow() => {
-                backfill(&load_opts, &info, &sink, &metrics).await?;
-                // The watcher clears the request once it sees the record list the tables.
-                let mut rx = backfill_rx.clone();
-                let _ =
-                    tokio::time::timeout(a.publication_check_interval * 2, rx.wait_for(|b| !*b))
+            // Stopped for a backfill (not by a signal): load the new tables, stream again.
+            Ok(_) if !*stop_rx.borrow() => {
+                match backfill(&load_opts, &info, &sink, &metrics).await {
+                    Ok(()) => {
+                        // The watcher clears the request once it sees the record list them.
+                        let mut rx = backfill_rx.clone();
+                        let _ = tokio::time::timeout(
+                            a.publication_check_interval * 2,
+                            rx.wait_for(|b| !*b),
+                        )
                         .await;
+                    }
+                    Err(e) => {
+                        metrics.retries.with_label_values(&["backfill"]).inc();
+                        let wait = BACKFILL_RETRY.max(a.publication_check_interval * 2);
+                        tracing::error!(error = %format!("{e:#}"), retry_in = ?wait, "backfilling tables that joined the publication failed; streaming the others meanwhile");
+                        backfill_not_before = tokio::time::Instant::now() + wait;
+                    }
+                }
             }
             Err(crate::pipeline::RunError::Slot(slot::SlotError::Invalidated(_)))
                 if a.on_slot_invalidated == crate::cli::OnSlotInvalidated::Resnapshot
@@ -732,9 +755,6 @@ async fn backfill(
     if new.is_empty() {
         return Ok(());
     }
-    let Some(mut record) = crate::snapshot::read_record(sink, &opts.slot).await? else {
-        return Ok(());
-    };
     tracing::info!(
         tables = new.len(),
         "backfilling tables that joined the publication"
@@ -746,6 +766,10 @@ async fn backfill(
     let loaded = crate::snapshot::load(info, sink, &snapshot, &o, since, metrics).await;
     session.close().await;
     let loaded = loaded?;
+    // Read again: `slotlake snapshot` may have changed it during the load.
+    let Some(mut record) = crate::snapshot::read_record(sink, &opts.slot).await? else {
+        return Ok(());
+    };
     record
         .tables
         .extend(loaded.covered.iter().map(|t| t.to_string()));
@@ -787,6 +811,9 @@ async fn resnapshot(
     let snapshot = crate::snapshot::ExportedSnapshot { name, point };
     load_recorded(opts, info, sink, repl, &snapshot, point, metrics).await
 }
+
+/// Wait before trying a failed backfill again (at least two publication checks).
+const BACKFILL_RETRY: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// First and longest wait before reconnecting after a transient failure.
 const RECONNECT_MIN: std::time::Duration = std::time::Duration::from_millis(500);

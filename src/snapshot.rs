@@ -177,7 +177,8 @@ pub async fn load(
             continue;
         }
         let mut log = log;
-        if committed.is_some() {
+        // Data from before this slot's start (any app id: also another slot's) is replaced.
+        if committed.is_some() || log.version() > 0 {
             let mut truncate = crate::batch::rows::ChangeBatchBuilder::new(table.specs.clone());
             truncate.append_truncate(lsn.0 as i64, -1, 0, stamp_ts);
             log.write(truncate.finish()?).await?;

@@ -387,3 +387,42 @@ async fn a_table_added_to_the_publication_is_backfilled_while_it_changes() {
     verify_ok(&db, "s_back", &root, &["a", "b"]).await;
     stop(run, &log).await;
 }
+
+/// `--snapshot never` (no publication watcher): run streams changes only, and keeps streaming.
+#[tokio::test]
+async fn without_snapshots_run_streams_and_keeps_running() {
+    let cluster = Cluster::shared();
+    let db = cluster.create_db("never").await;
+    db.exec(
+        "CREATE TABLE pre (id int PRIMARY KEY);
+         INSERT INTO pre SELECT generate_series(1, 100);",
+    )
+    .await;
+    db.publish_all("pub").await;
+    let dir = tempfile::tempdir().unwrap();
+    let root = format!("file://{}", dir.path().join("lake").display());
+    let log = dir.path().join("run.log");
+    let mut run = start_run(
+        &db,
+        "s_never",
+        &root,
+        &["--snapshot", "never", "--compact-interval", "0"],
+        &log,
+    )
+    .await;
+    caught_up(&db, "s_never", &log).await;
+    db.exec("INSERT INTO pre SELECT generate_series(101, 110)")
+        .await;
+    caught_up(&db, "s_never", &log).await;
+    assert!(
+        run.try_wait().unwrap().is_none(),
+        "run is still streaming:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.contains("initial snapshot"), "no snapshot:\n{text}");
+    // Only the streamed rows are in the change log.
+    let rows = read_delta(&format!("{root}/changes/public/pre"), None);
+    assert_eq!(rows.len(), 10, "only the 10 streamed inserts");
+    stop(run, &log).await;
+}

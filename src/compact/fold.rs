@@ -54,6 +54,8 @@ pub enum FoldError {
     UnknownOp(String),
     #[error("the writer of closed versions stopped (its error follows)")]
     OutputClosed,
+    #[error("the buckets' hash ranges do not cover every row (a bucket file is missing?)")]
+    BucketGap,
     #[error("too many rows for one compaction step")]
     TooManyRows,
     #[error(transparent)]

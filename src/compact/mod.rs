@@ -611,8 +611,10 @@ pub async fn compact_table(
     let history_schema = layout.history_schema();
     let current_schema = layout.current_schema();
 
-    let mut history = ctx.load("history").await?;
+    // Current first: history is committed before current, so a concurrent compactor can only
+    // make what we read of history newer than what we read of current, never older.
     let mut current = ctx.load("current").await?;
+    let mut history = ctx.load("history").await?;
     report.from_version = history.txn;
     repair_current(&ctx, &layout, &history, &mut current).await?;
 
@@ -742,6 +744,13 @@ async fn repair_current(
     };
     if current.txn == Some(txn) {
         return Ok(());
+    }
+    if current.txn > Some(txn) {
+        // Another compactor committed between our two loads.
+        return Err(CompactError::Conflict {
+            table: ctx.table.clone(),
+            target: "current",
+        });
     }
     tracing::info!(table = %ctx.table, "repairing the current table from the history table after an interrupted compaction");
     let all = buckets(history, current);
@@ -969,6 +978,10 @@ async fn step(
         for (lo, hi) in ranges {
             split(&out, lo, hi, options.bucket_bytes, &mut pieces);
         }
+        // The unit's ranges cover every hash its rows can have; a gap would lose rows.
+        if pieces.iter().map(|p| p.3).sum::<usize>() != out.open.num_rows() {
+            return Err(ctx.fail("bucket ranges")(FoldError::BucketGap));
+        }
         for (lo, hi, start, len) in pieces {
             let open = out.open.slice(start, len);
             // An empty bucket still owns its range: it keeps a file so the ranges stay whole.
@@ -1178,6 +1191,22 @@ pub fn record(
     }
 }
 
+/// The runtime closed-version writers drive their uploads on: one for the process, never
+/// dropped, because pooled HTTP connections (S3) stay bound to the runtime that opened them and
+/// other runtimes reuse them.
+fn writer_runtime() -> std::io::Result<&'static tokio::runtime::Runtime> {
+    static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    if let Some(rt) = RUNTIME.get() {
+        return Ok(rt);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("slotlake-upload")
+        .enable_all()
+        .build()?;
+    Ok(RUNTIME.get_or_init(|| rt))
+}
+
 /// Writes the versions a step closes to one `closed-<id>.parquet` of the history table, in a
 /// thread of its own (with its own runtime), so that encoding them overlaps the fold and the
 /// bucket rewrites on the caller's thread. At most two chunks wait in between.
@@ -1205,9 +1234,7 @@ impl ClosedWriter {
         let thread = std::thread::Builder::new()
             .name("slotlake-closed".into())
             .spawn(move || -> Result<Option<Add>, ClosedWriteError> {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()?;
+                let runtime = writer_runtime()?;
                 let mut writer: Option<(String, AsyncArrowWriter<BufWriter>)> = None;
                 let mut rows = 0usize;
                 while let Ok(batch) = rx.recv() {
