@@ -503,3 +503,70 @@ fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// A change-log commit larger than the compaction memory (a table's initial load written as
+/// several files) is compacted a few files at a time, with the same result as in one step.
+#[tokio::test]
+async fn a_commit_larger_than_the_memory_budget_is_compacted_in_parts() {
+    let cluster = Cluster::shared();
+    let db = cluster.create_db("compact_parts").await;
+    db.exec(
+        "CREATE TABLE big (id int PRIMARY KEY, v text);
+         INSERT INTO big SELECT g, md5(g::text) FROM generate_series(1, 200000) g;
+         DO $$ BEGIN EXECUTE format('GRANT SELECT ON ALL TABLES IN SCHEMA public TO %I',
+           (SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = current_database())); END $$;",
+    )
+    .await;
+    db.publish_all("pub").await;
+    let dir = tempfile::tempdir().unwrap();
+    let lake = dir.path().join("lake");
+    let root = format!("file://{}", lake.display());
+    let log = dir.path().join("run.log");
+    let run = start_run(
+        &db,
+        "c_parts",
+        &root,
+        &["--compact-interval", "0", "--target-file-size", "256KiB"],
+        &log,
+    )
+    .await;
+    caught_up(&db, "c_parts", &log).await;
+    db.exec("UPDATE big SET v = 'updated' WHERE id % 1000 = 0")
+        .await;
+    caught_up(&db, "c_parts", &log).await;
+    stop(run, &log).await;
+
+    let reference = dir.path().join("reference");
+    copy_dir(&lake.join("changes"), &reference.join("changes"));
+    let reference_root = format!("file://{}", reference.display());
+    let (code, out, err) = run_slotlake(&["compact", "--sink", &reference_root], &[]).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    let (code, out, err) = run_slotlake(
+        &[
+            "compact",
+            "--sink",
+            &root,
+            "--compact-memory",
+            "1MiB",
+            "--format",
+            "json",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    let report: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    assert!(
+        report["steps"].as_u64().unwrap() > 2,
+        "the load's commit is taken in parts: {out}"
+    );
+    for kind in ["current", "history"] {
+        let got = read_delta(&format!("{root}/{kind}/public/big"), None);
+        let want = read_delta(&format!("{reference_root}/{kind}/public/big"), None);
+        assert_eq!(got.len(), want.len(), "{kind} rows");
+        assert!(
+            got == want,
+            "{kind} table compacted in parts equals one step"
+        );
+    }
+}

@@ -2,10 +2,11 @@
 //! `<sink>/current/<schema>/<table>/` and a history table (SCD2) at
 //! `<sink>/history/<schema>/<table>/`.
 //!
-//! **Incremental.** Both targets carry a Delta `txn` action (app id [`APP_ID`], version = the
-//! change-log version compacted through). A run reads only the change-log commits after it,
-//! in steps that fit the memory budget; each step commits the history table, then the current
-//! table. A crash between the two is repaired by the next run before anything else: the
+//! **Incremental.** Both targets carry a Delta `txn` action (app id [`APP_ID`]) recording how
+//! far compaction got: `next << 20 | files` — change-log versions before `next` are compacted,
+//! and the first `files` data files of `next` (a commit too large for one step is compacted a
+//! few files at a time). A run reads only what comes after, in steps that fit the memory
+//! budget; each step commits the history table, then the current table. A crash between the two is repaired by the next run before anything else: the
 //! current table is a pure function of the history table's open versions (each current file is
 //! derived from one open-history file with the same id), so it is rebuilt from them.
 //!
@@ -615,15 +616,18 @@ pub async fn compact_table(
     // make what we read of history newer than what we read of current, never older.
     let mut current = ctx.load("current").await?;
     let mut history = ctx.load("history").await?;
-    report.from_version = history.txn;
+    report.from_version = through(history.txn);
     repair_current(&ctx, &layout, &history, &mut current).await?;
 
-    let mut next = history.txn.map_or(0, |v| v + 1);
+    let (mut next, mut skip) = progress(history.txn);
+    let budget = options.memory_budget / 2;
     while next <= latest {
-        // Gather the commits of one step.
+        // Gather the commits of one step; a commit larger than the budget on its own (an
+        // initial load, a huge transaction) is taken a few files at a time, in file order,
+        // which is the order its writer wrote the rows in.
         let mut files: Vec<(String, i64)> = Vec::new();
         let mut estimate: u64 = 0;
-        let mut last = next;
+        let mut end = (next, 0usize);
         let mut v = next;
         while v <= latest {
             let bytes = changes_log
@@ -634,14 +638,32 @@ pub async fn compact_table(
                     table: ctx.table.clone(),
                     version: v,
                 })?;
-            let adds = commit_adds(&bytes).map_err(ctx.fail("parse change-log commit"))?;
+            let mut adds = commit_adds(&bytes).map_err(ctx.fail("parse change-log commit"))?;
+            if v == next {
+                adds.drain(..skip.min(adds.len()));
+            }
             let size: u64 = adds.iter().map(|a| a.1.max(0) as u64).sum();
-            if v > next && estimate + size * PARQUET_EXPANSION > options.memory_budget / 2 {
+            if v > next && estimate + size * PARQUET_EXPANSION > budget {
+                break;
+            }
+            if v == next && size * PARQUET_EXPANSION > budget && adds.len() > 1 {
+                let mut taken = 0;
+                for a in &adds {
+                    let bytes = a.1.max(0) as u64 * PARQUET_EXPANSION;
+                    if taken > 0 && estimate + bytes > budget {
+                        break;
+                    }
+                    estimate += bytes;
+                    taken += 1;
+                }
+                let whole = taken == adds.len();
+                files.extend(adds.into_iter().take(taken));
+                end = if whole { (v + 1, 0) } else { (v, skip + taken) };
                 break;
             }
             estimate += size * PARQUET_EXPANSION;
             files.extend(adds);
-            last = v;
+            end = (v + 1, 0);
             v += 1;
         }
         let stepped = step(
@@ -652,7 +674,7 @@ pub async fn compact_table(
             &current_schema,
             &changes_store,
             files,
-            last,
+            encode_progress(end.0, end.1),
             &mut history,
             &mut current,
             options,
@@ -663,9 +685,9 @@ pub async fn compact_table(
         report.buckets_rewritten += stepped.buckets_rewritten;
         report.current_bytes_rewritten += stepped.bytes_rewritten;
         report.history_versions_closed += stepped.closed;
-        next = last + 1;
+        (next, skip) = end;
     }
-    report.to_version = history.txn;
+    report.to_version = through(history.txn);
     if let Some(retention) = options.vacuum_retention {
         for target in [&history, &current] {
             if target.version.is_some() {
@@ -676,6 +698,28 @@ pub async fn compact_table(
     report.buckets_total = current.files.len() as u64;
     report.current_bytes_total = current.files.values().map(|f| f.0.max(0) as u64).sum();
     Ok(report)
+}
+
+/// Bits of the `txn` version that count the files of a partly compacted change-log commit.
+const PART_BITS: u32 = 20;
+
+/// The `txn` version for "change-log versions before `next` are compacted, and the first
+/// `files` data files of `next`": `next << 20 | files`. Steps normally end on a whole commit
+/// (`files` = 0); a commit too large for one step is compacted a few files at a time.
+fn encode_progress(next: u64, files: usize) -> u64 {
+    (next << PART_BITS) | files as u64
+}
+
+/// (first change-log version not wholly compacted, files of it already compacted).
+fn progress(txn: Option<u64>) -> (u64, usize) {
+    txn.map_or((0, 0), |t| {
+        (t >> PART_BITS, (t & ((1 << PART_BITS) - 1)) as usize)
+    })
+}
+
+/// The last change-log version wholly compacted.
+fn through(txn: Option<u64>) -> Option<u64> {
+    progress(txn).0.checked_sub(1)
 }
 
 /// Data files a change-log commit adds (path, size), skipping rewrites (`dataChange: false`).
@@ -808,7 +852,7 @@ async fn step(
     current_schema: &SchemaRef,
     changes_store: &Arc<dyn ObjectStore>,
     files: Vec<(String, i64)>,
-    last_version: u64,
+    txn: u64,
     history: &mut Target,
     current: &mut Target,
     options: &CompactOptions,
@@ -1005,22 +1049,10 @@ async fn step(
     {
         history_adds.push(add);
     }
-    ctx.commit(
-        history,
-        history_schema,
-        history_adds,
-        history_removes,
-        last_version,
-    )
-    .await?;
-    ctx.commit(
-        current,
-        current_schema,
-        current_adds,
-        current_removes,
-        last_version,
-    )
-    .await?;
+    ctx.commit(history, history_schema, history_adds, history_removes, txn)
+        .await?;
+    ctx.commit(current, current_schema, current_adds, current_removes, txn)
+        .await?;
     Ok(report)
 }
 
