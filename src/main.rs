@@ -160,9 +160,10 @@ fn slot_hint(e: &SlotError) -> Option<String> {
     match e {
         SlotError::SlotMissing(_) => Some("create it with `slotlake slot create`".into()),
         SlotError::Invalidated(slot) => Some(format!(
-            "the lake misses changes from here on: re-create the slot \
-             (`slotlake slot drop --slot {slot}` then `slotlake slot create --slot {slot}`) and \
-             re-load the tables; raise max_slot_wal_keep_size (or watch \
+            "the lake misses changes from here on: re-create the slot and re-load the tables — \
+             run with `--on-slot-invalidated=resnapshot`, or `slotlake slot drop --slot {slot}` \
+             then `slotlake run --create-slot --slot {slot} ...` (either re-loads every table, \
+             replacing the lake's contents); raise max_slot_wal_keep_size (or watch \
              slotlake_slot_safe_wal_bytes) so it does not happen again"
         )),
         SlotError::PublicationMissing(_) => Some(
