@@ -73,11 +73,7 @@ const SCHEMA: &str = "
 async fn create_schema(db: &TestDb) {
     db.exec(SCHEMA).await;
     // verify reads the tables as slotlake's user (the database owner here).
-    db.exec(
-        "DO $$ BEGIN EXECUTE format('GRANT SELECT ON ALL TABLES IN SCHEMA public TO %I',
-           (SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = current_database())); END $$",
-    )
-    .await;
+    db.grant_select().await;
     db.publish_all("pub").await;
 }
 
@@ -512,11 +508,10 @@ async fn a_commit_larger_than_the_memory_budget_is_compacted_in_parts() {
     let db = cluster.create_db("compact_parts").await;
     db.exec(
         "CREATE TABLE big (id int PRIMARY KEY, v text);
-         INSERT INTO big SELECT g, md5(g::text) FROM generate_series(1, 200000) g;
-         DO $$ BEGIN EXECUTE format('GRANT SELECT ON ALL TABLES IN SCHEMA public TO %I',
-           (SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = current_database())); END $$;",
+         INSERT INTO big SELECT g, md5(g::text) FROM generate_series(1, 200000) g;",
     )
     .await;
+    db.grant_select().await;
     db.publish_all("pub").await;
     let dir = tempfile::tempdir().unwrap();
     let lake = dir.path().join("lake");

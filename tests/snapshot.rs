@@ -5,7 +5,7 @@
 mod support;
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,17 +27,19 @@ async fn create_tables(db: &TestDb, big_rows: u64) {
              INSERT INTO mid_{i} SELECT g, md5(g::text) FROM generate_series(1, 20000) g;"
         ));
     }
-    sql.push_str(
-        "DO $$ BEGIN EXECUTE format('GRANT SELECT ON ALL TABLES IN SCHEMA public TO %I',
-           (SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = current_database())); END $$;",
-    );
     db.exec(&sql).await;
+    db.grant_select().await;
     db.publish_all("pub").await;
 }
 
-/// Writers changing `big`, `small` and `mid_0` until `stop` is set: updates, deletes,
-/// inserts, one transaction after the other.
-fn start_writers(db: &TestDb, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<u64> {
+/// A writer running `round_sql(round)` in a loop until `stop` is set; `rounds` counts the
+/// committed rounds. Returns the number of rounds.
+fn start_writer(
+    db: &TestDb,
+    stop: Arc<AtomicBool>,
+    rounds: Arc<AtomicU64>,
+    round_sql: fn(u64) -> String,
+) -> tokio::task::JoinHandle<u64> {
     let url = db.admin_url();
     tokio::spawn(async move {
         let info = slotlake::replication::ConnInfo::parse(&url).unwrap();
@@ -49,23 +51,30 @@ fn start_writers(db: &TestDb, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<
         .unwrap();
         let mut round = 0u64;
         while !stop.load(Ordering::Relaxed) {
-            let id = 1 + (round * 7919) % 20000;
-            c.simple_query(&format!(
-                "BEGIN;
-                 UPDATE big SET n = n + 1, v = 'w{round}' WHERE id = {id};
-                 DELETE FROM big WHERE id = {id} + 1;
-                 INSERT INTO big VALUES (2000000 + {round}, 'new', 0);
-                 UPDATE small SET v = v + 1 WHERE k = 'k{}';
-                 UPDATE mid_0 SET v = 'changed' WHERE id = {id};
-                 COMMIT;",
-                1 + round % 1000
-            ))
-            .await
-            .unwrap();
+            c.simple_query(&round_sql(round)).await.unwrap();
             round += 1;
+            rounds.store(round, Ordering::Relaxed);
         }
         c.close().await;
         round
+    })
+}
+
+/// Writers changing `big`, `small` and `mid_0` until `stop` is set: updates, deletes,
+/// inserts, one transaction after the other.
+fn start_writers(db: &TestDb, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<u64> {
+    start_writer(db, stop, Arc::new(AtomicU64::new(0)), |round| {
+        let id = 1 + (round * 7919) % 20000;
+        format!(
+            "BEGIN;
+             UPDATE big SET n = n + 1, v = 'w{round}' WHERE id = {id};
+             DELETE FROM big WHERE id = {id} + 1;
+             INSERT INTO big VALUES (2000000 + {round}, 'new', 0);
+             UPDATE small SET v = v + 1 WHERE k = 'k{}';
+             UPDATE mid_0 SET v = 'changed' WHERE id = {id};
+             COMMIT;",
+            1 + round % 1000
+        )
     })
 }
 
@@ -230,11 +239,10 @@ async fn an_invalidated_slot_is_recreated_and_the_tables_reloaded_with_resnapsho
     let db = cluster.create_db("resnap").await;
     db.exec(
         "CREATE TABLE t (id int PRIMARY KEY, v text);
-         CREATE TABLE filler (id bigint PRIMARY KEY, pad text);
-         DO $$ BEGIN EXECUTE format('GRANT SELECT ON ALL TABLES IN SCHEMA public TO %I',
-           (SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = current_database())); END $$;",
+         CREATE TABLE filler (id bigint PRIMARY KEY, pad text);",
     )
     .await;
+    db.grant_select().await;
     db.publish_all("pub").await;
     let dir = tempfile::tempdir().unwrap();
     let root = format!("file://{}", dir.path().join("lake").display());
@@ -301,11 +309,10 @@ async fn a_table_added_to_the_publication_is_backfilled_while_it_changes() {
          INSERT INTO a SELECT g, 'a' || g FROM generate_series(1, 1000) g;
          CREATE TABLE b (id int PRIMARY KEY, v text, n bigint);
          INSERT INTO b SELECT g, 'b' || g, g FROM generate_series(1, 50000) g;
-         CREATE PUBLICATION pub FOR TABLE a;
-         DO $$ BEGIN EXECUTE format('GRANT SELECT ON ALL TABLES IN SCHEMA public TO %I',
-           (SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = current_database())); END $$;",
+         CREATE PUBLICATION pub FOR TABLE a;",
     )
     .await;
+    db.grant_select().await;
     let dir = tempfile::tempdir().unwrap();
     let root = format!("file://{}", dir.path().join("lake").display());
     let log = dir.path().join("run.log");
@@ -326,36 +333,24 @@ async fn a_table_added_to_the_publication_is_backfilled_while_it_changes() {
 
     // A writer on b (and a) from before it joins until after it is backfilled.
     let stop_writer = Arc::new(AtomicBool::new(false));
-    let url = db.admin_url();
-    let flag = stop_writer.clone();
-    let writer = tokio::spawn(async move {
-        let info = slotlake::replication::ConnInfo::parse(&url).unwrap();
-        let mut c = slotlake::replication::PgConnection::connect(
-            &info,
-            slotlake::replication::SessionKind::Sql,
+    let rounds = Arc::new(AtomicU64::new(0));
+    let writer = start_writer(&db, stop_writer.clone(), rounds.clone(), |round| {
+        let id = 1 + (round * 7919) % 50000;
+        format!(
+            "BEGIN;
+             UPDATE b SET n = n + 1, v = 'w{round}' WHERE id = {id};
+             DELETE FROM b WHERE id = {id} + 1;
+             INSERT INTO b VALUES (100000 + {round}, 'new', 0);
+             UPDATE a SET v = 'w{round}' WHERE id = {};
+             COMMIT;",
+            1 + round % 1000
         )
-        .await
-        .unwrap();
-        let mut round = 0i64;
-        while !flag.load(Ordering::Relaxed) {
-            let id = 1 + (round * 7919) % 50000;
-            c.simple_query(&format!(
-                "BEGIN;
-                 UPDATE b SET n = n + 1, v = 'w{round}' WHERE id = {id};
-                 DELETE FROM b WHERE id = {id} + 1;
-                 INSERT INTO b VALUES (100000 + {round}, 'new', 0);
-                 UPDATE a SET v = 'w{round}' WHERE id = {};
-                 COMMIT;",
-                1 + round % 1000
-            ))
-            .await
-            .unwrap();
-            round += 1;
-        }
-        c.close().await;
-        round
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // b changes before it joins the publication, too.
+    while rounds.load(Ordering::Relaxed) < 20 {
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     db.exec("ALTER PUBLICATION pub ADD TABLE b").await;
     wait_for_log(&log, "backfill done", 120).await;
     // A deliberate re-load of a, while the writer changes it.

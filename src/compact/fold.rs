@@ -303,6 +303,18 @@ struct Version {
 }
 
 impl Version {
+    /// Ends this (live) version at (`lsn`, `ts`): it becomes a tombstone of the same key from
+    /// then on, and the ended version is returned (to be closed).
+    fn end_with_tombstone(&mut self, lsn: i64, ts: i64) -> Version {
+        let tomb = Version {
+            from_lsn: lsn,
+            from_ts: ts,
+            deleted: true,
+            ..self.clone()
+        };
+        std::mem::replace(self, tomb)
+    }
+
     fn value_ref(&self, col: u32) -> RowRef {
         self.overrides
             .as_ref()
@@ -454,13 +466,7 @@ pub fn fold(
                     // The key changed: the old key's row ends here and a tombstone opens.
                     if let Some(prev) = state.get_mut(view.old_keys.row(i).as_ref()) {
                         if !prev.deleted {
-                            let tomb = Version {
-                                from_lsn: l,
-                                from_ts: t,
-                                deleted: true,
-                                ..prev.clone()
-                            };
-                            let ended = std::mem::replace(prev, tomb);
+                            let ended = prev.end_with_tombstone(l, t);
                             carried_from = Some(ended.clone());
                             close(ended, &mut closed);
                         }
@@ -503,13 +509,7 @@ pub fn fold(
                 let key = view.keys.row(i);
                 if let Some(prev) = state.get_mut(key.as_ref()) {
                     if !prev.deleted {
-                        let tomb = Version {
-                            from_lsn: l,
-                            from_ts: t,
-                            deleted: true,
-                            ..prev.clone()
-                        };
-                        let ended = std::mem::replace(prev, tomb);
+                        let ended = prev.end_with_tombstone(l, t);
                         close(ended, &mut closed);
                     }
                 }
@@ -517,13 +517,7 @@ pub fn fold(
             "T" => {
                 for v in state.values_mut() {
                     if !v.deleted {
-                        let tomb = Version {
-                            from_lsn: l,
-                            from_ts: t,
-                            deleted: true,
-                            ..v.clone()
-                        };
-                        let ended = std::mem::replace(v, tomb);
+                        let ended = v.end_with_tombstone(l, t);
                         close(ended, &mut closed);
                     }
                 }

@@ -1112,6 +1112,9 @@ fn dedup_changes(batches: Vec<RecordBatch>) -> Result<Vec<RecordBatch>, FoldErro
     Ok(out)
 }
 
+/// Attempts of a table's compaction that lost a race with another compactor.
+const CONFLICT_RETRIES: u32 = 6;
+
 /// Each table of a compaction pass with its outcome.
 pub type Pass = Vec<(TableName, Result<TableReport, CompactError>)>;
 
@@ -1131,8 +1134,14 @@ pub async fn compact_all(
     for name in tables {
         let started = std::time::Instant::now();
         let mut result = compact_table(sink, &name, options).await;
-        // A lost race (another compactor) is retried once against the new state.
-        if matches!(result, Err(CompactError::Conflict { .. })) {
+        // A lost race (another compactor: `run`'s background one and `compact` or `verify`)
+        // is retried against the new state, a few times, after a short random pause.
+        for attempt in 1..CONFLICT_RETRIES {
+            if !matches!(result, Err(CompactError::Conflict { .. })) {
+                break;
+            }
+            let pause = std::time::Duration::from_millis(50 * attempt as u64);
+            tokio::time::sleep(crate::pipeline::jitter(pause)).await;
             result = compact_table(sink, &name, options).await;
         }
         match &result {

@@ -381,6 +381,16 @@ impl TestDb {
         self.cluster.admin(&self.name).await
     }
 
+    /// Grants SELECT on every table in `public` to the database owner (slotlake's role in the
+    /// tests), as `verify` and snapshots need.
+    pub async fn grant_select(&self) {
+        self.exec(
+            "DO $$ BEGIN EXECUTE format('GRANT SELECT ON ALL TABLES IN SCHEMA public TO %I',
+               (SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = current_database())); END $$",
+        )
+        .await;
+    }
+
     /// Creates publication `name` FOR ALL TABLES (which needs a superuser).
     pub async fn publish_all(&self, name: &str) {
         let mut admin = self.admin().await;
