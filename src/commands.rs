@@ -255,11 +255,7 @@ pub async fn run(a: RunArgs) -> Result<()> {
                 crate::snapshot::write_record(
                     &sink,
                     &a.slot.slot,
-                    &crate::snapshot::LoadRecord {
-                        consistent_point: String::new(),
-                        state: "loading".into(),
-                        tables: Vec::new(),
-                    },
+                    &crate::snapshot::LoadRecord::pending(),
                 )
                 .await?;
             }
@@ -793,16 +789,8 @@ async fn resnapshot(
     let mut repl = PgConnection::connect(info, SessionKind::Replication).await?;
     slot::drop_slot(&mut repl, &opts.slot, true).await?;
     // Recorded before the new slot exists, as in `run --create-slot`.
-    crate::snapshot::write_record(
-        sink,
-        &opts.slot,
-        &crate::snapshot::LoadRecord {
-            consistent_point: String::new(),
-            state: "loading".into(),
-            tables: Vec::new(),
-        },
-    )
-    .await?;
+    crate::snapshot::write_record(sink, &opts.slot, &crate::snapshot::LoadRecord::pending())
+        .await?;
     let created = slot::create_slot(&mut repl, &opts.slot, SnapshotAction::Export).await?;
     let (Some(point), Some(name)) = (created.consistent_point, created.snapshot_name) else {
         anyhow::bail!("re-creating slot {:?} exported no snapshot", opts.slot);

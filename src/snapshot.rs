@@ -76,6 +76,17 @@ pub struct LoadRecord {
     pub tables: Vec<String>,
 }
 
+impl LoadRecord {
+    /// A load about to start, before the slot (and so its consistent point) exists.
+    pub fn pending() -> LoadRecord {
+        LoadRecord {
+            consistent_point: String::new(),
+            state: "loading".into(),
+            tables: Vec::new(),
+        }
+    }
+}
+
 fn record_path(sink: &Sink, slot: &str) -> Path {
     sink.table_path(&["_slotlake", "snapshot", &format!("{slot}.json")])
 }
@@ -154,6 +165,7 @@ pub async fn load(
     let mut sql = PgConnection::connect(info, SessionKind::Sql).await?;
     import(&mut sql, &snapshot.name).await?;
     let mut names = crate::source::published_tables(&mut sql, &opts.publication).await?;
+    let block = block_size(&mut sql).await?;
     if let Some(only) = &opts.only {
         names.retain(|n| only.contains(n));
     }
@@ -184,8 +196,7 @@ pub async fn load(
             log.write(truncate.finish()?).await?;
             summary.replaced += 1;
         }
-        let pages = table_pages(&mut sql, name).await?;
-        let block = block_size(&mut sql).await?;
+        let pages = table_bytes(&mut sql, name).await? / block;
         let per_chunk = (opts.chunk_bytes / block).max(1);
         let n = pages.div_ceil(per_chunk).max(1);
         let t = tables.len();
@@ -333,7 +344,7 @@ async fn import(conn: &mut PgConnection, snapshot: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn table_pages(conn: &mut PgConnection, table: &TableName) -> anyhow::Result<u64> {
+async fn table_bytes(conn: &mut PgConnection, table: &TableName) -> anyhow::Result<u64> {
     let rows = conn
         .simple_query(&format!(
             "SELECT pg_relation_size({}::regclass) AS bytes",
@@ -345,7 +356,7 @@ async fn table_pages(conn: &mut PgConnection, table: &TableName) -> anyhow::Resu
         .and_then(|r| r.get("bytes"))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    Ok(bytes / block_size(conn).await?)
+    Ok(bytes)
 }
 
 async fn block_size(conn: &mut PgConnection) -> anyhow::Result<u64> {

@@ -258,38 +258,28 @@ async fn read_table(
         .collect();
     let mut out = Vec::new();
     for p in paths {
-        let location = object_store::path::Path::parse(&p).map_err(|e| e.to_string())?;
-        let bytes = match store.get(&location).await {
-            Ok(r) => r.bytes().await,
-            Err(e) => Err(e),
-        }
-        .map_err(|e| format!("{kind} table of {table}: file {p} cannot be read: {e}"))?;
-        let reader =
-            deltalake::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
-                bytes,
-            )
-            .and_then(|b| b.build())
-            .map_err(|e| format!("{kind} table of {table}: file {p}: {e}"))?;
-        for batch in reader {
-            let batch = batch.map_err(|e| format!("{kind} table of {table}: file {p}: {e}"))?;
-            out.push(conform(&batch, &schema).map_err(|e| e.to_string())?);
-        }
+        let batches = crate::compact::read_parquet_file(store.as_ref(), &p, &schema)
+            .await
+            .map_err(|e| format!("{kind} table of {table}: file {p} cannot be read: {e}"))?;
+        out.extend(batches);
     }
     Ok(out)
 }
 
-use object_store::ObjectStoreExt as _;
+/// Key encoding → (row encoding, where the row is: batch and row index).
+type RowIndex = HashMap<Vec<u8>, (Vec<u8>, (usize, usize))>;
 
-/// Key encoding → (row encoding, the key rendered for the report).
-type RowIndex = HashMap<Vec<u8>, (Vec<u8>, String)>;
+/// Which rows of a batch an index keeps.
+type Keep<'a> = &'a dyn Fn(&RecordBatch) -> Vec<bool>;
 
-/// Key → row encoding of every row of `batches` (all conformed to `schema`).
+/// One pass over `batches` (conformed to `schema`, rows encoded once) filling one index per
+/// `keeps` entry: key encoding → row encoding, plus the number of repeated keys.
 fn index(
     batches: &[RecordBatch],
     schema: &SchemaRef,
     key: &[usize],
-    keep: impl Fn(&RecordBatch, usize) -> bool,
-) -> anyhow::Result<(RowIndex, u64)> {
+    keeps: &[Keep<'_>],
+) -> anyhow::Result<Vec<(RowIndex, u64)>> {
     let all = RowConverter::new(
         schema
             .fields()
@@ -302,38 +292,58 @@ fn index(
             .map(|&i| SortField::new(schema.field(i).data_type().clone()))
             .collect(),
     )?;
-    let mut map = HashMap::new();
-    let mut duplicates = 0;
-    for original in batches {
+    let mut out: Vec<(RowIndex, u64)> = keeps.iter().map(|_| (HashMap::new(), 0)).collect();
+    for (bi, original) in batches.iter().enumerate() {
         let b = conform(original, schema)?;
         let rows = all.convert_columns(b.columns())?;
         let key_cols: Vec<ArrayRef> = key.iter().map(|&i| b.column(i).clone()).collect();
         let key_rows = keys.convert_columns(&key_cols)?;
-        let formatters: Vec<ArrayFormatter> = key_cols
-            .iter()
-            .map(|c| ArrayFormatter::try_new(c.as_ref(), &FormatOptions::default()))
-            .collect::<Result<_, _>>()?;
-        for i in 0..b.num_rows() {
-            if !keep(original, i) {
-                continue;
-            }
-            let rendered = formatters
-                .iter()
-                .map(|f| f.value(i).to_string())
-                .collect::<Vec<_>>()
-                .join(", ");
-            if map
-                .insert(
-                    key_rows.row(i).as_ref().to_vec(),
-                    (rows.row(i).as_ref().to_vec(), rendered),
-                )
-                .is_some()
-            {
-                duplicates += 1;
+        for (keep, (map, duplicates)) in keeps.iter().zip(out.iter_mut()) {
+            for (i, _) in keep(original).iter().enumerate().filter(|(_, k)| **k) {
+                let entry = (rows.row(i).as_ref().to_vec(), (bi, i));
+                if map
+                    .insert(key_rows.row(i).as_ref().to_vec(), entry)
+                    .is_some()
+                {
+                    *duplicates += 1;
+                }
             }
         }
     }
-    Ok((map, duplicates))
+    Ok(out)
+}
+
+/// The key of row `at` of `batches`, rendered for the report (only for differing rows).
+fn render_key(
+    batches: &[RecordBatch],
+    schema: &SchemaRef,
+    key: &[usize],
+    at: (usize, usize),
+) -> String {
+    let Some(row) = batches
+        .get(at.0)
+        .and_then(|b| conform(&b.slice(at.1, 1), schema).ok())
+    else {
+        return String::from("?");
+    };
+    key.iter()
+        .map(|&i| {
+            ArrayFormatter::try_new(row.column(i).as_ref(), &FormatOptions::default())
+                .map(|f| f.value(0).to_string())
+                .unwrap_or_else(|_| "?".into())
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A boolean column of `b` (false where absent or null).
+fn flags(b: &RecordBatch, name: &str) -> Vec<bool> {
+    match b.column_by_name(name).and_then(|c| c.as_boolean_opt()) {
+        Some(c) => (0..b.num_rows())
+            .map(|i| c.is_valid(i) && c.value(i))
+            .collect(),
+        None => vec![false; b.num_rows()],
+    }
 }
 
 fn compare(
@@ -348,73 +358,78 @@ fn compare(
     let schema = crate::batch::rows::changelog_schema(specs);
     let layout = Layout::from_changelog(&schema);
     let cols: SchemaRef = layout.source.clone();
+    let key = &layout.key;
     let x = as_of.0 as i64;
-    let valid_at = |b: &RecordBatch, i: usize| -> bool {
-        let from = b
-            .column_by_name(VALID_FROM_LSN)
-            .and_then(|c| c.as_primitive_opt::<Int64Type>())
-            .map(|c| c.value(i));
-        let to = b
-            .column_by_name(VALID_TO_LSN)
-            .and_then(|c| c.as_primitive_opt::<Int64Type>())
-            .map(|c| c.is_valid(i).then(|| c.value(i)));
-        let deleted = b
-            .column_by_name(DELETED)
-            .and_then(|c| c.as_boolean_opt())
-            .map(|c| c.value(i));
-        matches!((from, to, deleted), (Some(f), Some(t), Some(false)) if f <= x && t.is_none_or(|t| t > x))
+    let all = |b: &RecordBatch| vec![true; b.num_rows()];
+    // History rows valid at X that are not tombstones: the source as of X.
+    let valid_at = |b: &RecordBatch| -> Vec<bool> {
+        let deleted = flags(b, DELETED);
+        let lsn = |name| {
+            b.column_by_name(name)
+                .and_then(|c| c.as_primitive_opt::<Int64Type>())
+                .cloned()
+        };
+        let (Some(from), Some(to)) = (lsn(VALID_FROM_LSN), lsn(VALID_TO_LSN)) else {
+            return vec![false; b.num_rows()];
+        };
+        (0..b.num_rows())
+            .map(|i| !deleted[i] && from.value(i) <= x && (to.is_null(i) || to.value(i) > x))
+            .collect()
     };
-    let (src, _) = index(&source, &cols, &layout.key, |_, _| true)?;
-    let (lake, dup) = index(&history, &cols, &layout.key, valid_at)?;
+    // Open versions that are not tombstones: what the current table must hold.
+    let open = |b: &RecordBatch| -> Vec<bool> {
+        let deleted = flags(b, DELETED);
+        match b.column_by_name(VALID_TO_LSN) {
+            Some(to) => (0..b.num_rows())
+                .map(|i| to.is_null(i) && !deleted[i])
+                .collect(),
+            None => vec![false; b.num_rows()],
+        }
+    };
+    let mut src = index(&source, &cols, key, &[&all])?;
+    let (src, _) = src.remove(0);
+    let mut hist = index(&history, &cols, key, &[&valid_at, &open])?;
+    let (open_rows, _) = hist.remove(1);
+    let (lake, dup) = hist.remove(0);
+    let mut cur = index(&current, &cols, key, &[&all])?;
+    let (current_rows, current_dup) = cur.remove(0);
     verdict.source_rows = src.len() as u64;
     verdict.lake_rows = lake.len() as u64 + dup;
     verdict.extra += dup;
     let mut keys: Vec<String> = Vec::new();
-    for (k, (row, rendered)) in &src {
+    let mut note = |what: &str, batches: &[RecordBatch], at| {
+        keys.push(format!("{what} ({})", render_key(batches, &cols, key, at)));
+    };
+    for (k, (row, at)) in &src {
         match lake.get(k) {
             None => {
                 verdict.missing += 1;
-                keys.push(format!("missing ({rendered})"));
+                note("missing", &source, *at);
             }
             Some((other, _)) if other != row => {
                 verdict.different += 1;
-                keys.push(format!("different ({rendered})"));
+                note("different", &source, *at);
             }
             Some(_) => {}
         }
     }
-    for (k, (_, rendered)) in &lake {
+    for (k, (_, at)) in &lake {
         if !src.contains_key(k) {
             verdict.extra += 1;
-            keys.push(format!("extra ({rendered})"));
+            note("extra", &history, *at);
         }
     }
-    // The current table is the history table's open versions, less tombstones.
-    let open = |b: &RecordBatch, i: usize| -> bool {
-        let to_null = b
-            .column_by_name(VALID_TO_LSN)
-            .map(|c| c.is_null(i))
-            .unwrap_or(false);
-        let deleted = b
-            .column_by_name(DELETED)
-            .and_then(|c| c.as_boolean_opt())
-            .map(|c| c.value(i))
-            .unwrap_or(true);
-        to_null && !deleted
-    };
-    let (open_rows, _) = index(&history, &cols, &layout.key, open)?;
-    let (current_rows, current_dup) = index(&current, &cols, &layout.key, |_, _| true)?;
     verdict.current_mismatch += current_dup;
-    for (k, (row, rendered)) in &open_rows {
+    for (k, (row, at)) in &open_rows {
         if current_rows.get(k).map(|r| &r.0) != Some(row) {
             verdict.current_mismatch += 1;
-            keys.push(format!("current table differs ({rendered})"));
+            note("current table differs", &history, *at);
         }
     }
-    for (k, (_, rendered)) in &current_rows {
+    for (k, (_, at)) in &current_rows {
         if !open_rows.contains_key(k) {
             verdict.current_mismatch += 1;
-            keys.push(format!("current table has extra ({rendered})"));
+            note("current table has extra", &current, *at);
         }
     }
     keys.sort();

@@ -263,26 +263,13 @@ async fn an_invalidated_slot_is_recreated_and_the_tables_reloaded_with_resnapsho
     // While slotlake is down: changes, then enough WAL to invalidate the slot.
     db.exec("DELETE FROM t WHERE id <= 10; UPDATE t SET v = 'changed' WHERE id > 90")
         .await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    let mut base = 0;
-    loop {
-        db.exec(&format!(
-            "INSERT INTO filler SELECT g, repeat('x', 200) FROM generate_series({base}, {base} + 1999) g;
-             SELECT pg_switch_wal(); CHECKPOINT;"
-        ))
-        .await;
-        base += 2000;
-        let rows = db
-            .exec("SELECT wal_status FROM pg_replication_slots WHERE slot_name = 's_lost'")
-            .await;
-        if rows[0].get("wal_status") == Some("lost") {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "slot never invalidated"
-        );
-    }
+    db.write_until_slot_lost("s_lost", |round| {
+        let base = round * 2000;
+        format!(
+            "INSERT INTO filler SELECT g, repeat('x', 200) FROM generate_series({base}, {base} + 1999) g"
+        )
+    })
+    .await;
 
     let run = start_run(&db, "s_lost", &root, &args, &log).await;
     wait_for_log(&log, "re-created the invalidated slot", 60).await;

@@ -23,9 +23,8 @@ use std::sync::Arc;
 
 use deltalake::arrow::array::{
     Array, ArrayRef, AsArray, BooleanArray, Int64Array, RecordBatch, TimestampMicrosecondArray,
-    UInt32Array,
 };
-use deltalake::arrow::compute::{interleave, take};
+use deltalake::arrow::compute::interleave;
 use deltalake::arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef, TimeUnit};
 use deltalake::arrow::error::ArrowError;
 use deltalake::arrow::row::{RowConverter, Rows, SortField};
@@ -670,15 +669,4 @@ fn bools<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a BooleanArray, Fol
         .column_by_name(name)
         .and_then(|c| c.as_boolean_opt())
         .ok_or_else(|| FoldError::MissingColumn(name.into()))
-}
-
-/// Rows `indices` of `batch`.
-pub fn take_rows(batch: &RecordBatch, indices: &[u32]) -> Result<RecordBatch, FoldError> {
-    let idx = UInt32Array::from(indices.to_vec());
-    let cols = batch
-        .columns()
-        .iter()
-        .map(|c| take(c.as_ref(), &idx, None))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(RecordBatch::try_new(batch.schema(), cols)?)
 }

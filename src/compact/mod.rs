@@ -30,8 +30,6 @@ mod tests;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use futures::StreamExt;
-
 use deltalake::arrow::array::{new_null_array, ArrayRef, RecordBatch};
 use deltalake::arrow::compute::{cast, concat_batches};
 use deltalake::arrow::datatypes::{Field, Schema, SchemaRef};
@@ -50,7 +48,7 @@ use uuid::Uuid;
 
 use crate::batch::rows::{COMMIT_TS, LSN, OLD_PREFIX, OP, SEQ, UNCHANGED};
 use crate::lake::changelog::writer_properties;
-use crate::lake::store::Sink;
+use crate::lake::store::{has_delta_log, Sink};
 use crate::replication::sql::TableName;
 use fold::{FoldError, KeyNames, Layout};
 
@@ -82,17 +80,6 @@ pub enum CompactError {
     Conflict { table: String, target: &'static str },
     #[error("compaction of {table}: the change log at version {version} is not readable any more (vacuumed before it was compacted?)")]
     MissingCommit { table: String, version: u64 },
-}
-
-impl CompactError {
-    /// Worth retrying: storage errors and lost races, not bad data.
-    pub fn is_transient(&self) -> bool {
-        match self {
-            CompactError::Conflict { .. } => true,
-            CompactError::Failed { source, .. } => !source.is::<FoldError>(),
-            CompactError::MissingCommit { .. } => false,
-        }
-    }
 }
 
 /// Compaction settings.
@@ -156,8 +143,10 @@ pub async fn list_tables(sink: &Sink) -> Result<Vec<TableName>, CompactError> {
             let (Some(schema), Some(table)) = (schema_dir.filename(), table_dir.filename()) else {
                 continue;
             };
-            let log = table_dir.clone().join("_delta_log");
-            if store.list(Some(&log)).next().await.is_some() {
+            if has_delta_log(store.as_ref(), &table_dir)
+                .await
+                .map_err(err)?
+            {
                 tables.push(TableName {
                     schema: decode(schema),
                     name: decode(table),
@@ -171,18 +160,14 @@ pub async fn list_tables(sink: &Sink) -> Result<Vec<TableName>, CompactError> {
 
 /// True when `name` has a change log (at least one commit).
 pub async fn has_change_log(sink: &Sink, name: &TableName) -> Result<bool, CompactError> {
-    let path = sink
-        .table_path(&["changes", &name.schema, &name.name])
-        .join("_delta_log");
-    match sink.root().list(Some(&path)).next().await {
-        None | Some(Err(object_store::Error::NotFound { .. })) => Ok(false),
-        Some(Ok(_)) => Ok(true),
-        Some(Err(e)) => Err(CompactError::Failed {
+    let path = sink.table_path(&["changes", &name.schema, &name.name]);
+    has_delta_log(sink.root().as_ref(), &path)
+        .await
+        .map_err(|e| CompactError::Failed {
             table: name.to_string(),
             action: "list change log",
             source: Box::new(e),
-        }),
-    }
+        })
 }
 
 fn decode(segment: &str) -> String {
@@ -201,8 +186,8 @@ struct Target {
     metadata: Option<Metadata>,
     /// Change-log version compacted through.
     txn: Option<u64>,
-    /// Data files: path → (size, rows).
-    files: BTreeMap<String, (i64, Option<usize>)>,
+    /// Data files: path → size.
+    files: BTreeMap<String, i64>,
 }
 
 struct Ctx<'a> {
@@ -237,11 +222,9 @@ impl Ctx<'_> {
             txn: None,
             files: BTreeMap::new(),
         };
-        if store
-            .list(Some(&Path::from("_delta_log")))
-            .next()
+        if !has_delta_log(store.as_ref(), &Path::default())
             .await
-            .is_none()
+            .map_err(self.fail("list"))?
         {
             return Ok(target);
         }
@@ -256,9 +239,7 @@ impl Ctx<'_> {
             .map_err(self.fail("read txn version"))?
             .map(|v| v as u64);
         for f in snapshot.log_data().iter() {
-            target
-                .files
-                .insert(f.path().into_owned(), (f.size(), f.num_records()));
+            target.files.insert(f.path().into_owned(), f.size());
         }
         Ok(target)
     }
@@ -320,9 +301,7 @@ impl Ctx<'_> {
             target.files.remove(&r.path);
         }
         for a in &adds {
-            target
-                .files
-                .insert(a.path.clone(), (a.size, Some(num_records(a))));
+            target.files.insert(a.path.clone(), a.size);
         }
         actions.extend(removes.into_iter().map(Action::Remove));
         actions.extend(adds.into_iter().map(Action::Add));
@@ -361,12 +340,9 @@ impl Ctx<'_> {
         }
         target.txn = Some(txn);
         if next.is_multiple_of(CHECKPOINT_INTERVAL) {
-            let mut table = DeltaTable::new(target.log_store.clone());
-            let done = match table.load_version(next).await {
-                Ok(()) => deltalake::checkpoints::create_checkpoint(&table, None).await,
-                Err(e) => Err(e),
-            };
-            if let Err(e) = done {
+            if let Err(e) =
+                crate::lake::changelog::write_checkpoint(target.log_store.clone(), next).await
+            {
                 tracing::warn!(table = %self.table, target = target.kind, error = %e, "cannot write a checkpoint");
             }
         }
@@ -398,32 +374,15 @@ impl Ctx<'_> {
         &self,
         store: &Arc<dyn ObjectStore>,
         path: &str,
-        size: Option<u64>,
         schema: &SchemaRef,
     ) -> Result<Vec<RecordBatch>, CompactError> {
-        let location = Path::parse(path).map_err(self.fail("file path"))?;
-        // One GET per file: files are bounded by the bucket size or the change log's target
-        // file size, and one request beats many ranged ones on S3.
-        let _ = size;
-        let bytes = store
-            .get(&location)
+        read_parquet_file(store.as_ref(), path, schema)
             .await
-            .map_err(self.fail("read Parquet"))?
-            .bytes()
-            .await
-            .map_err(self.fail("read Parquet"))?;
-        let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
-            .map_err(self.fail("read Parquet"))?
-            .with_batch_size(READ_BATCH_ROWS)
-            .build()
-            .map_err(self.fail("read Parquet"))?;
-        let batches: Vec<RecordBatch> = reader
-            .collect::<Result<_, _>>()
-            .map_err(self.fail("read Parquet"))?;
-        batches
-            .iter()
-            .map(|b| conform(b, schema).map_err(self.fail("conform schema")))
-            .collect()
+            .map_err(|source| CompactError::Failed {
+                table: self.table.clone(),
+                action: "read Parquet",
+                source,
+            })
     }
 
     async fn write_parquet(
@@ -439,19 +398,7 @@ impl Ctx<'_> {
         w.write(batch).await.map_err(self.fail("write Parquet"))?;
         w.finish().await.map_err(self.fail("write Parquet"))?;
         let size = w.bytes_written() as i64;
-        Ok(Add {
-            path: file,
-            partition_values: HashMap::new(),
-            size,
-            modification_time: now_millis(),
-            data_change: true,
-            stats: Some(format!("{{\"numRecords\":{}}}", batch.num_rows())),
-            tags: None,
-            deletion_vector: None,
-            base_row_id: None,
-            default_row_commit_version: None,
-            clustering_provider: None,
-        })
+        Ok(new_add(file, size, batch.num_rows()))
     }
 }
 
@@ -462,12 +409,21 @@ fn now_millis() -> i64 {
         .unwrap_or(0)
 }
 
-fn num_records(add: &Add) -> usize {
-    add.stats
-        .as_deref()
-        .and_then(|s| serde_json::from_str::<serde_json::Value>(s).ok())
-        .and_then(|v| v.get("numRecords").and_then(|n| n.as_u64()))
-        .unwrap_or(0) as usize
+/// The `add` action of a data file we wrote (stats: the row count).
+fn new_add(path: String, size: i64, rows: usize) -> Add {
+    Add {
+        path,
+        partition_values: HashMap::new(),
+        size,
+        modification_time: now_millis(),
+        data_change: true,
+        stats: Some(format!("{{\"numRecords\":{rows}}}")),
+        tags: None,
+        deletion_vector: None,
+        base_row_id: None,
+        default_row_commit_version: None,
+        clustering_provider: None,
+    }
 }
 
 fn remove_of(path: &str, size: i64) -> Remove {
@@ -696,7 +652,7 @@ pub async fn compact_table(
         }
     }
     report.buckets_total = current.files.len() as u64;
-    report.current_bytes_total = current.files.values().map(|f| f.0.max(0) as u64).sum();
+    report.current_bytes_total = current.files.values().map(|&s| s.max(0) as u64).sum();
     Ok(report)
 }
 
@@ -746,7 +702,7 @@ fn commit_adds(bytes: &[u8]) -> Result<Vec<(String, i64)>, serde_json::Error> {
 /// The buckets of a table, from its history files.
 fn buckets(history: &Target, current: &Target) -> Vec<Bucket> {
     let mut current_by_id: HashMap<String, (String, i64)> = HashMap::new();
-    for (path, (size, _)) in &current.files {
+    for (path, size) in &current.files {
         // b<lo>-<hi>-<id>: the id (a uuid) has dashes of its own.
         if let Some(rest) = path
             .strip_prefix('b')
@@ -760,7 +716,7 @@ fn buckets(history: &Target, current: &Target) -> Vec<Bucket> {
     let mut out: Vec<Bucket> = history
         .files
         .iter()
-        .filter_map(|(path, (size, _))| {
+        .filter_map(|(path, size)| {
             let (sig, lo, hi, id) = parse_open(path)?;
             Some(Bucket {
                 lo,
@@ -806,24 +762,19 @@ async fn repair_current(
         .files
         .iter()
         .filter(|(p, _)| !keep.contains(p.as_str()))
-        .map(|(p, (s, _))| remove_of(p, *s))
+        .map(|(p, s)| remove_of(p, *s))
         .collect();
     let mut adds = Vec::new();
     let history_schema = layout.history_schema();
     for b in all.iter().filter(|b| b.current.is_none()) {
-        let Some((open_path, size)) = &b.open else {
+        let Some((open_path, _)) = &b.open else {
             continue;
         };
         let Some((_, lo, hi, id)) = parse_open(open_path) else {
             continue;
         };
         let batches = ctx
-            .read_parquet(
-                &history.store,
-                open_path,
-                Some(*size as u64),
-                &history_schema,
-            )
+            .read_parquet(&history.store, open_path, &history_schema)
             .await?;
         let open = concat_batches(&history_schema, &batches).map_err(ctx.fail("concat"))?;
         let rows = fold::current_rows(layout, &open).map_err(ctx.fail("current rows"))?;
@@ -877,10 +828,8 @@ async fn step(
     let mut parent: Vec<usize> = (0..nb).collect();
     let mut touched = vec![rebucket; nb];
     let mut changes: u64 = 0;
-    for (path, size) in &files {
-        let batches = ctx
-            .read_parquet(changes_store, path, Some(*size as u64), change_schema)
-            .await?;
+    for (path, _) in &files {
+        let batches = ctx.read_parquet(changes_store, path, change_schema).await?;
         for batch in batches {
             changes += batch.num_rows() as u64;
             let keys = layout
@@ -938,7 +887,7 @@ async fn step(
                     // Every row to one bucket (always, for a one-bucket table): no copy.
                     routed[b].push(batch.clone());
                 } else if !list.is_empty() {
-                    routed[b].push(fold::take_rows(&batch, &list).map_err(ctx.fail("route"))?);
+                    routed[b].push(take_indices(&batch, &list).map_err(ctx.fail("route"))?);
                 }
             }
         }
@@ -977,7 +926,7 @@ async fn step(
             let bucket = &bucket_list[b];
             if let Some((path, size)) = &bucket.open {
                 base.extend(
-                    ctx.read_parquet(&history.store, path, Some(*size as u64), history_schema)
+                    ctx.read_parquet(&history.store, path, history_schema)
                         .await?,
                 );
                 history_removes.push(remove_of(path, *size));
@@ -1106,7 +1055,7 @@ fn dedup_changes(batches: Vec<RecordBatch>) -> Result<Vec<RecordBatch>, FoldErro
         if keep.len() == batch.num_rows() {
             out.push(batch);
         } else if !keep.is_empty() {
-            out.push(fold::take_rows(&batch, &keep)?);
+            out.push(take_indices(&batch, &keep)?);
         }
     }
     Ok(out)
@@ -1297,19 +1246,7 @@ impl ClosedWriter {
                     return Ok(None);
                 };
                 runtime.block_on(w.finish())?;
-                Ok(Some(Add {
-                    path: file,
-                    partition_values: HashMap::new(),
-                    size: w.bytes_written() as i64,
-                    modification_time: now_millis(),
-                    data_change: true,
-                    stats: Some(format!("{{\"numRecords\":{rows}}}")),
-                    tags: None,
-                    deletion_vector: None,
-                    base_row_id: None,
-                    default_row_commit_version: None,
-                    clustering_provider: None,
-                }))
+                Ok(Some(new_add(file, w.bytes_written() as i64, rows)))
             })?;
         Ok(ClosedWriter {
             tx: Some(tx),
@@ -1333,4 +1270,29 @@ impl ClosedWriter {
             _ => Err(ClosedWriteError::Stopped),
         }
     }
+}
+
+/// Rows `indices` of `batch` (Arrow's take, for every column).
+fn take_indices(batch: &RecordBatch, indices: &[u32]) -> Result<RecordBatch, FoldError> {
+    let idx = deltalake::arrow::array::UInt32Array::from(indices.to_vec());
+    Ok(deltalake::arrow::compute::take_record_batch(batch, &idx)?)
+}
+
+/// A data file read whole (one GET: files are bounded by the bucket or target file size, and
+/// one request beats many ranged ones on S3), its batches conformed to `schema`.
+pub async fn read_parquet_file(
+    store: &dyn ObjectStore,
+    path: &str,
+    schema: &SchemaRef,
+) -> Result<Vec<RecordBatch>, Box<dyn std::error::Error + Send + Sync>> {
+    let location = Path::parse(path)?;
+    let bytes = store.get(&location).await?.bytes().await?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)?
+        .with_batch_size(READ_BATCH_ROWS)
+        .build()?;
+    let mut out = Vec::new();
+    for batch in reader {
+        out.push(conform(&batch?, schema)?);
+    }
+    Ok(out)
 }

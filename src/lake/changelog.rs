@@ -17,8 +17,6 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use futures::StreamExt;
-
 use deltalake::arrow::datatypes::{Field, Schema, SchemaRef};
 use deltalake::arrow::record_batch::RecordBatch;
 use deltalake::kernel::engine::arrow_conversion::{TryIntoArrow, TryIntoKernel};
@@ -137,13 +135,10 @@ impl ChangeLogTable {
         let path = sink.table_path(&["changes", &name.schema, &name.name]);
         let (log_store, prefixed, _) = sink.table_store(&path);
         // Look before loading: a missing table is the normal first run, not an error to log.
-        let log_dir = object_store::path::Path::from("_delta_log");
-        let exists = match prefixed.list(Some(&log_dir)).next().await {
-            None => false,
-            Some(Ok(_)) => true,
-            Some(Err(object_store::Error::NotFound { .. })) => false,
-            Some(Err(e)) => return Err(err("list")(e.into())),
-        };
+        let exists =
+            super::store::has_delta_log(prefixed.as_ref(), &object_store::path::Path::default())
+                .await
+                .map_err(|e| err("list")(e.into()))?;
         let mut table = DeltaTable::new(log_store.clone());
         if exists {
             table.load().await.map_err(err("open"))?;
@@ -396,12 +391,7 @@ impl ChangeLogTable {
         let name = self.name.to_string();
         let version = self.version;
         self.checkpoint = Some(tokio::spawn(async move {
-            let mut table = DeltaTable::new(log_store);
-            let result = match table.load_version(version).await {
-                Ok(()) => deltalake::checkpoints::create_checkpoint(&table, None).await,
-                Err(e) => Err(e),
-            };
-            if let Err(e) = result {
+            if let Err(e) = write_checkpoint(log_store, version).await {
                 tracing::warn!(table = %name, version, error = %e, "cannot write a change-log checkpoint");
             }
         }));
@@ -434,4 +424,14 @@ pub(crate) fn widen(
         fields.push(kernel);
     }
     Ok(Some(StructType::try_new(fields)?))
+}
+
+/// Writes a Delta checkpoint of `version` of the table behind `log_store`.
+pub(crate) async fn write_checkpoint(
+    log_store: LogStoreRef,
+    version: u64,
+) -> Result<(), DeltaTableError> {
+    let mut table = DeltaTable::new(log_store);
+    table.load_version(version).await?;
+    deltalake::checkpoints::create_checkpoint(&table, None).await
 }

@@ -195,3 +195,21 @@ impl std::fmt::Display for Sink {
         f.write_str(&self.display)
     }
 }
+
+/// True when the Delta table at `table` (a path inside `store`) has a `_delta_log` entry; a
+/// missing table is an ordinary answer, not an error.
+pub async fn has_delta_log(
+    store: &dyn ObjectStore,
+    table: &Path,
+) -> Result<bool, object_store::Error> {
+    use futures::StreamExt;
+    match store
+        .list(Some(&table.clone().join("_delta_log")))
+        .next()
+        .await
+    {
+        None | Some(Err(object_store::Error::NotFound { .. })) => Ok(false),
+        Some(Ok(_)) => Ok(true),
+        Some(Err(e)) => Err(e),
+    }
+}

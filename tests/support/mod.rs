@@ -391,6 +391,33 @@ impl TestDb {
         .await;
     }
 
+    /// Runs `write(round)` and switches WAL segments until `slot` is invalidated (the cluster
+    /// must limit `max_slot_wal_keep_size`); fails after a minute.
+    pub async fn write_until_slot_lost(&self, slot: &str, write: impl Fn(i64) -> String) {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+        let mut round = 0;
+        loop {
+            self.exec(&format!(
+                "{}; SELECT pg_switch_wal(); CHECKPOINT;",
+                write(round)
+            ))
+            .await;
+            round += 1;
+            let rows = self
+                .exec(&format!(
+                    "SELECT wal_status FROM pg_replication_slots WHERE slot_name = '{slot}'"
+                ))
+                .await;
+            if rows[0].get("wal_status") == Some("lost") {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "slot {slot} never invalidated"
+            );
+        }
+    }
+
     /// Creates publication `name` FOR ALL TABLES (which needs a superuser).
     pub async fn publish_all(&self, name: &str) {
         let mut admin = self.admin().await;
