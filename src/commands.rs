@@ -451,6 +451,8 @@ fn compact_options(t: &crate::cli::CompactTuning) -> crate::compact::CompactOpti
         memory_budget: t.compact_memory,
         bucket_bytes: t.bucket_size,
         vacuum_retention: t.vacuum_retention.0,
+        optimize_file_size: t.optimize_file_size,
+        changes_retention: t.changes_retention.0,
     }
 }
 
@@ -487,10 +489,13 @@ pub async fn compact(a: crate::cli::CompactArgs) -> Result<()> {
                             "current_bytes": r.current_bytes_total,
                             "versions_closed": r.history_versions_closed,
                             "files_vacuumed": r.files_vacuumed,
+                            "changelog_files_merged": r.changelog_files_merged,
+                            "changelog_files_written": r.changelog_files_written,
+                            "changelog_files_expired": r.changelog_files_expired,
                         })
                     ),
                     crate::cli::OutputFormat::Table => println!(
-                        "{name}: {} changes in {} steps, {}/{} buckets rewritten ({} of {} bytes), change log through version {}",
+                        "{name}: {} changes in {} steps, {}/{} buckets rewritten ({} of {} bytes), change log through version {}; change-log files: {} merged into {}, {} expired; {} files vacuumed",
                         r.changes,
                         r.steps,
                         r.buckets_rewritten,
@@ -498,6 +503,10 @@ pub async fn compact(a: crate::cli::CompactArgs) -> Result<()> {
                         r.current_bytes_rewritten,
                         r.current_bytes_total,
                         r.to_version.map_or("-".to_string(), |v| v.to_string()),
+                        r.changelog_files_merged,
+                        r.changelog_files_written,
+                        r.changelog_files_expired,
+                        r.files_vacuumed,
                     ),
                 },
                 Err(e) => {

@@ -36,6 +36,7 @@ pub struct Metrics {
     pub tables_active: IntGauge,
     pub retries: IntCounterVec,
     pub compactions: IntCounterVec,
+    pub maintenance_files: IntCounterVec,
     pub snapshot_rows: IntCounter,
     pub snapshot_tables_remaining: IntGauge,
     pub compacted_changes: IntCounter,
@@ -93,6 +94,16 @@ impl Metrics {
             &["result"],
         )?;
         registry.register(Box::new(compactions.clone()))?;
+        let maintenance_files = IntCounterVec::new(
+            Opts::new(
+                "slotlake_maintenance_files_total",
+                "Files handled by lake maintenance, by action: merged (small change-log files \
+                 optimized), written (their replacements), expired (change-log files past the \
+                 retention), vacuumed (removed files deleted from storage)",
+            ),
+            &["action"],
+        )?;
+        registry.register(Box::new(maintenance_files.clone()))?;
         let secs = vec![
             0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
         ];
@@ -144,6 +155,7 @@ impl Metrics {
             tables_active: gauge("slotlake_tables_active", "Tables with buffered changes")?,
             retries,
             compactions,
+            maintenance_files,
             snapshot_rows: counter(
                 "slotlake_snapshot_rows_total",
                 "Rows read by the initial snapshot and written to change logs",

@@ -245,16 +245,7 @@ async fn compaction_and_verify_match_the_source_on_file_and_s3() {
 
         if label == "file" {
             // Several buckets (64KiB each): the table is clustered, not one file.
-            let files = std::fs::read_dir(dir.path().join("lake/current/public/acct"))
-                .unwrap()
-                .filter(|e| {
-                    e.as_ref()
-                        .unwrap()
-                        .file_name()
-                        .to_string_lossy()
-                        .ends_with(".parquet")
-                })
-                .count();
+            let files = parquet_on_disk(&dir.path().join("lake/current/public/acct"));
             assert!(
                 files > 2,
                 "acct is split into buckets ({files} files written)"
@@ -564,4 +555,151 @@ async fn a_commit_larger_than_the_memory_budget_is_compacted_in_parts() {
             "{kind} table compacted in parts equals one step"
         );
     }
+}
+
+/// Parquet files on disk directly under `dir`.
+fn parquet_on_disk(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".parquet")
+        })
+        .count()
+}
+
+/// `slotlake compact --format json` with `extra` flags: the report line of `table`.
+async fn compact_report(root: &str, table: &str, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec!["compact", "--sink", root, "--format", "json"];
+    args.extend_from_slice(extra);
+    let (code, out, err) = run_slotlake(&args, &[]).await;
+    assert_eq!(code, 0, "compact\n{out}\n{err}");
+    out.lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|r| r["table"] == table)
+        .unwrap_or_else(|| panic!("no report of {table}: {out}"))
+}
+
+/// (inserts, updates) in a change log, after checking that no (`_lsn`, `_seq`) repeats.
+fn change_counts(rows: &[serde_json::Value]) -> (usize, usize) {
+    let ids: std::collections::HashSet<(String, i64)> = rows
+        .iter()
+        .map(|r| (r["_lsn"].to_string(), r["_seq"].as_i64().unwrap()))
+        .collect();
+    assert_eq!(ids.len(), rows.len(), "every change once");
+    let ops = |op: &str| rows.iter().filter(|r| r["_op"] == op).count();
+    (ops("I"), ops("U"))
+}
+
+/// Change-log maintenance after compaction: small files merged (rows unchanged, merged inputs
+/// deleted by vacuum), then merged in the background while `run` keeps committing, then every
+/// compacted file expired by `--changes-retention` — and the current table stays exact, and
+/// streaming and compaction go on after each.
+#[tokio::test]
+async fn change_log_optimize_and_retention_keep_the_lake_exact() {
+    let cluster = Cluster::shared();
+    let db = cluster.create_db("changes_maint").await;
+    create_schema(&db).await;
+    db.exec("ALTER TABLE acct ADD COLUMN tier int").await;
+    let dir = tempfile::tempdir().unwrap();
+    let root = format!("file://{}", dir.path().join("lake").display());
+    let on_disk = dir.path().join("lake/changes/public/acct");
+    let changes = format!("{root}/changes/public/acct");
+    let slot = "maint";
+    let log = dir.path().join("run.log");
+    let db_url = db.url();
+
+    // 1. One small change-log file per round: the slot confirms each round before the next.
+    let run = start_run(&db, slot, &root, &["--compact-interval", "0"], &log).await;
+    caught_up(&db, slot, &log).await;
+    db.exec("INSERT INTO acct SELECT g, 'o', g, 'n' FROM generate_series(1, 200) g")
+        .await;
+    let mut updates = 0;
+    for r in 0..20 {
+        db.exec(&format!(
+            "UPDATE acct SET balance = balance + 1 WHERE id % 20 = {r}"
+        ))
+        .await;
+        updates += 10;
+        caught_up(&db, slot, &log).await;
+    }
+    stop(run, &log).await;
+    let before_rows = read_delta(&changes, None);
+    assert_eq!(change_counts(&before_rows), (200, updates));
+    let before_files = delta_files(&changes, None);
+    assert!(before_files.len() >= 16, "{} files", before_files.len());
+
+    let r = compact_report(&root, "public.acct", &["--vacuum-retention", "0s"]).await;
+    let merged = r["changelog_files_merged"].as_u64().unwrap() as usize;
+    let written = r["changelog_files_written"].as_u64().unwrap() as usize;
+    assert!(merged >= 16 && written >= 2 && written < merged, "{r}");
+    let after_files = delta_files(&changes, None);
+    assert_eq!(after_files.len(), before_files.len() - merged + written);
+    assert_eq!(
+        read_delta(&changes, None),
+        before_rows,
+        "optimize keeps every change, once"
+    );
+    assert_eq!(
+        parquet_on_disk(&on_disk),
+        after_files.len(),
+        "the merged files are vacuumed from storage"
+    );
+    assert_eq!(lake_acct(&root, None), source_acct(&db).await);
+
+    // 2. Background compaction merges change-log files while `run` commits to them.
+    let run = start_run(
+        &db,
+        slot,
+        &root,
+        &["--compact-interval", "300ms", "--vacuum-retention", "0s"],
+        &log,
+    )
+    .await;
+    for r in 0..30 {
+        db.exec(&format!(
+            "UPDATE acct SET balance = balance + 1 WHERE id % 20 = {}",
+            r % 20
+        ))
+        .await;
+        updates += 10;
+        caught_up(&db, slot, &log).await;
+    }
+    let args = verify_args(&db_url, slot, &root, &[]);
+    let (code, out, err) = run_slotlake(&args, &[]).await;
+    assert_eq!(code, 0, "verify passes\n{out}\n{err}");
+    stop(run, &log).await;
+    assert_eq!(change_counts(&read_delta(&changes, None)), (200, updates));
+    // 30 more commits, at least one group of 8 merged into one while running.
+    let running_files = delta_files(&changes, None).len();
+    assert!(
+        running_files <= after_files.len() + 30 - 7,
+        "merged while running: {running_files} files"
+    );
+
+    // 3. Retention: every compacted change-log file leaves the log and storage.
+    let r = compact_report(
+        &root,
+        "public.acct",
+        &["--changes-retention", "0s", "--vacuum-retention", "0s"],
+    )
+    .await;
+    assert!(r["changelog_files_expired"].as_u64().unwrap() > 0, "{r}");
+    assert_eq!(delta_files(&changes, None), Vec::<String>::new());
+    assert_eq!(parquet_on_disk(&on_disk), 0, "expired files vacuumed");
+    assert_eq!(lake_acct(&root, None), source_acct(&db).await);
+
+    // Streaming and compaction carry on after the change log was emptied.
+    let run = start_run(&db, slot, &root, &["--compact-interval", "0"], &log).await;
+    db.exec("UPDATE acct SET balance = balance * 2 WHERE id <= 15; INSERT INTO acct VALUES (999, 'new', 1, 'x')")
+        .await;
+    caught_up(&db, slot, &log).await;
+    let (code, out, err) = run_slotlake(&args, &[]).await;
+    assert_eq!(code, 0, "verify passes after retention\n{out}\n{err}");
+    stop(run, &log).await;
+    assert_eq!(change_counts(&read_delta(&changes, None)), (1, 15));
+    assert_eq!(lake_acct(&root, None), source_acct(&db).await);
 }

@@ -5,6 +5,7 @@ Python package, not slotlake's own code) and print it in a canonical form that t
     read_delta.py <table-uri> [--s3-endpoint URL]     # every row of the current version
     read_delta.py <table-uri> --count                 # the number of rows
     read_delta.py <table-uri> --version               # the table version
+    read_delta.py <table-uri> --files                 # the data files of the current version
 
 Rows are printed one JSON object per line, keys in schema order, compact separators. They are
 sorted by (`_lsn`, `_seq`) when the table has those columns (an `_lsn` string `X/Y` is compared
@@ -265,12 +266,17 @@ def main(argv):
     what = p.add_mutually_exclusive_group()
     what.add_argument("--count", action="store_true", help="print only the row count")
     what.add_argument("--version", action="store_true", help="print only the table version")
+    what.add_argument("--files", action="store_true", help="print the data files, one per line")
     args = p.parse_args(argv)
     sys.stdout.reconfigure(encoding="utf-8")
     try:
         dt = DeltaTable(args.uri, storage_options=storage_options(args.uri, args.s3_endpoint))
         if args.version:
             print(dt.version())
+            return 0
+        if args.files:
+            for f in sorted(dt.file_uris()):
+                print(f)
             return 0
         table = dt.to_pyarrow_table()
         if args.count:

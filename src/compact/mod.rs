@@ -24,6 +24,7 @@
 //! order; steps follow the change-log versions, which are in commit-LSN order.
 
 pub mod fold;
+mod maintain;
 #[cfg(test)]
 mod tests;
 
@@ -92,6 +93,11 @@ pub struct CompactOptions {
     /// Files the current and history tables replaced are deleted this long after (Delta
     /// vacuum: readers of older versions keep working meanwhile); `None`: never.
     pub vacuum_retention: Option<std::time::Duration>,
+    /// Compacted change-log files smaller than half this are merged into files of about this
+    /// size (0: never).
+    pub optimize_file_size: u64,
+    /// Compacted change-log files written this long ago leave the change log; `None`: never.
+    pub changes_retention: Option<std::time::Duration>,
 }
 
 impl Default for CompactOptions {
@@ -100,6 +106,8 @@ impl Default for CompactOptions {
             memory_budget: 512 << 20,
             bucket_bytes: 128 << 20,
             vacuum_retention: Some(std::time::Duration::from_secs(7 * 24 * 3600)),
+            optimize_file_size: 64 << 20,
+            changes_retention: None,
         }
     }
 }
@@ -119,8 +127,13 @@ pub struct TableReport {
     pub current_bytes_rewritten: u64,
     pub current_bytes_total: u64,
     pub history_versions_closed: u64,
-    /// Replaced files deleted by vacuum.
+    /// Replaced files deleted by vacuum (of the current, history and change-log tables).
     pub files_vacuumed: u64,
+    /// Small change-log files merged by optimize, and the files they became.
+    pub changelog_files_merged: u64,
+    pub changelog_files_written: u64,
+    /// Change-log files removed for being older than the change-log retention.
+    pub changelog_files_expired: u64,
 }
 
 /// Tables that have a change log under `sink`.
@@ -353,12 +366,12 @@ impl Ctx<'_> {
     /// lite mode: only files named by expired `remove` actions).
     async fn vacuum(
         &self,
-        target: &Target,
+        log_store: &LogStoreRef,
         retention: std::time::Duration,
     ) -> Result<u64, CompactError> {
         let retention = chrono::Duration::from_std(retention)
             .unwrap_or_else(|_| chrono::Duration::days(36_500));
-        let mut table = DeltaTable::new(target.log_store.clone());
+        let mut table = DeltaTable::new(log_store.clone());
         table.load().await.map_err(self.fail("vacuum"))?;
         let (_, metrics) = table
             .vacuum()
@@ -647,10 +660,22 @@ pub async fn compact_table(
     if let Some(retention) = options.vacuum_retention {
         for target in [&history, &current] {
             if target.version.is_some() {
-                report.files_vacuumed += ctx.vacuum(target, retention).await?;
+                report.files_vacuumed += ctx.vacuum(&target.log_store, retention).await?;
             }
         }
     }
+    let maintained = maintain::changelog(
+        &ctx,
+        &changes_log,
+        &changes_store,
+        report.to_version,
+        options,
+    )
+    .await?;
+    report.changelog_files_merged = maintained.files_merged;
+    report.changelog_files_written = maintained.files_written;
+    report.changelog_files_expired = maintained.files_expired;
+    report.files_vacuumed += maintained.files_vacuumed;
     report.buckets_total = current.files.len() as u64;
     report.current_bytes_total = current.files.values().map(|&s| s.max(0) as u64).sum();
     Ok(report)
@@ -678,8 +703,15 @@ fn through(txn: Option<u64>) -> Option<u64> {
     progress(txn).0.checked_sub(1)
 }
 
-/// Data files a change-log commit adds (path, size), skipping rewrites (`dataChange: false`).
-fn commit_adds(bytes: &[u8]) -> Result<Vec<(String, i64)>, serde_json::Error> {
+/// A data file a change-log commit adds.
+struct CommitAdd {
+    path: String,
+    size: i64,
+    data_change: bool,
+}
+
+/// Every data file a change-log commit adds.
+fn commit_actions(bytes: &[u8]) -> Result<Vec<CommitAdd>, serde_json::Error> {
     let mut adds = Vec::new();
     for line in bytes.split(|b| *b == b'\n') {
         if line.iter().all(u8::is_ascii_whitespace) {
@@ -687,16 +719,26 @@ fn commit_adds(bytes: &[u8]) -> Result<Vec<(String, i64)>, serde_json::Error> {
         }
         let v: serde_json::Value = serde_json::from_slice(line)?;
         if let Some(add) = v.get("add") {
-            if add.get("dataChange").and_then(|d| d.as_bool()) == Some(false) {
-                continue;
-            }
             if let Some(path) = add.get("path").and_then(|p| p.as_str()) {
-                let size = add.get("size").and_then(|s| s.as_i64()).unwrap_or(0);
-                adds.push((path.to_string(), size));
+                adds.push(CommitAdd {
+                    path: path.to_string(),
+                    size: add.get("size").and_then(|s| s.as_i64()).unwrap_or(0),
+                    data_change: add.get("dataChange").and_then(|d| d.as_bool()) != Some(false),
+                });
             }
         }
     }
     Ok(adds)
+}
+
+/// Data files a change-log commit adds (path, size), skipping rewrites (`dataChange: false`:
+/// change-log optimize, whose rows were compacted from the files it replaced).
+fn commit_adds(bytes: &[u8]) -> Result<Vec<(String, i64)>, serde_json::Error> {
+    Ok(commit_actions(bytes)?
+        .into_iter()
+        .filter(|a| a.data_change)
+        .map(|a| (a.path, a.size))
+        .collect())
 }
 
 /// The buckets of a table, from its history files.
@@ -1169,6 +1211,17 @@ pub fn record(
                     Ok(r) => {
                         metrics.compactions.with_label_values(&["ok"]).inc();
                         metrics.compacted_changes.inc_by(r.changes);
+                        for (action, n) in [
+                            ("merged", r.changelog_files_merged),
+                            ("written", r.changelog_files_written),
+                            ("expired", r.changelog_files_expired),
+                            ("vacuumed", r.files_vacuumed),
+                        ] {
+                            metrics
+                                .maintenance_files
+                                .with_label_values(&[action])
+                                .inc_by(n);
+                        }
                     }
                     Err(_) => metrics.compactions.with_label_values(&["error"]).inc(),
                 }

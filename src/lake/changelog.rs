@@ -83,7 +83,10 @@ pub fn app_id(slot: &str) -> String {
 }
 
 /// Commits between Delta checkpoints of a change log.
-const CHECKPOINT_INTERVAL: u64 = 100;
+pub(crate) const CHECKPOINT_INTERVAL: u64 = 100;
+
+/// Times a commit is retried on top of versions other committers took meanwhile.
+const COMMIT_RACES: u32 = 8;
 
 /// One change-log table and its open writer.
 ///
@@ -301,13 +304,72 @@ impl ChangeLogTable {
             table: table_name.clone(),
             lsn: version,
         })?;
+        // One writer per slot, but maintenance (change-log optimize, retention, vacuum) may
+        // commit too: a version someone else took is retried on top of theirs. Whether an
+        // earlier attempt of this very commit landed without us hearing the answer is told
+        // by reading the log, never by guessing.
+        let mut attempt = 0;
+        let new_metadata = loop {
+            let (bytes, new_metadata) = self.commit_bytes(&writer_schema, txn_version)?;
+            let next = self.version + 1;
+            let written = self
+                .log_store
+                .write_commit_entry(next, CommitOrBytes::LogBytes(bytes), Uuid::new_v4())
+                .await;
+            let e = match written {
+                Ok(()) => {
+                    self.version = next;
+                    break new_metadata;
+                }
+                Err(e) => e,
+            };
+            self.resolve_failed_commit(txn_version)
+                .await
+                .map_err(err("read the log after a failed commit"))?;
+            if self.committed == Some(version) {
+                break None;
+            }
+            attempt += 1;
+            if self.version < next || attempt >= COMMIT_RACES {
+                return Err(err("commit")(e.into()));
+            }
+            tracing::debug!(table = %table_name, version = next, "change-log version taken by another committer; retrying on top");
+        };
+        if let Some(m) = new_metadata {
+            self.metadata = m;
+        }
+        let files = self.staged.len() as u64;
+        let bytes = self.staged.iter().map(|a| a.size.max(0) as u64).sum();
+        self.staged.clear();
+        self.committed = Some(version);
+        if self.version.is_multiple_of(CHECKPOINT_INTERVAL) {
+            self.start_checkpoint();
+        }
+        Ok((files, bytes))
+    }
+
+    /// The log entry of a commit of the staged files as `txn_version`, on top of the version
+    /// and metadata this table knows; with the widened metadata when the schema grew.
+    fn commit_bytes(
+        &self,
+        writer_schema: &SchemaRef,
+        txn_version: i64,
+    ) -> Result<(bytes::Bytes, Option<Metadata>), LakeError> {
+        let err = |action: &'static str| {
+            let table = self.name.to_string();
+            move |source| LakeError::Delta {
+                table,
+                action,
+                source: Box::new(source),
+            }
+        };
         let mut actions: Vec<Action> = self.staged.iter().cloned().map(Action::Add).collect();
         let current = self
             .metadata
             .parse_schema()
             .map_err(|e| err("schema")(e.into()))?;
         let mut new_metadata = None;
-        if let Some(widened) = widen(&current, &writer_schema).map_err(err("schema evolution"))? {
+        if let Some(widened) = widen(&current, writer_schema).map_err(err("schema evolution"))? {
             let metadata = self
                 .metadata
                 .clone()
@@ -330,37 +392,7 @@ impl ChangeLogTable {
         let bytes = data
             .get_bytes()
             .map_err(|e| err("serialize commit")(e.into()))?;
-        // One writer per slot: the next version is ours unless an earlier attempt of this very
-        // commit landed without us hearing the answer, or someone else (a maintenance job)
-        // committed in between. Both are told apart by reading the log, never by guessing.
-        let next = self.version + 1;
-        let written = self
-            .log_store
-            .write_commit_entry(next, CommitOrBytes::LogBytes(bytes), Uuid::new_v4())
-            .await;
-        match written {
-            Ok(()) => self.version = next,
-            Err(e) => {
-                self.resolve_failed_commit(txn_version)
-                    .await
-                    .map_err(err("read the log after a failed commit"))?;
-                if self.committed != Some(version) {
-                    return Err(err("commit")(e.into()));
-                }
-                new_metadata = None;
-            }
-        }
-        if let Some(m) = new_metadata {
-            self.metadata = m;
-        }
-        let files = self.staged.len() as u64;
-        let bytes = self.staged.iter().map(|a| a.size.max(0) as u64).sum();
-        self.staged.clear();
-        self.committed = Some(version);
-        if self.version.is_multiple_of(CHECKPOINT_INTERVAL) {
-            self.start_checkpoint();
-        }
-        Ok((files, bytes))
+        Ok((bytes, new_metadata))
     }
 
     /// After a commit attempt failed: reload the table's version, metadata and `txn` version,
@@ -434,4 +466,62 @@ pub(crate) async fn write_checkpoint(
     let mut table = DeltaTable::new(log_store);
     table.load_version(version).await?;
     deltalake::checkpoints::create_checkpoint(&table, None).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use deltalake::arrow::array::Int64Array;
+    use deltalake::arrow::datatypes::DataType;
+
+    fn batch(schema: &SchemaRef, v: i64) -> RecordBatch {
+        RecordBatch::try_new(schema.clone(), vec![Arc::new(Int64Array::from(vec![v]))]).unwrap()
+    }
+
+    /// A maintenance job (change-log optimize, retention, vacuum) may take the version a
+    /// commit was about to use: the commit lands on top of it instead of failing.
+    #[tokio::test]
+    async fn a_commit_steps_over_a_version_another_committer_took() {
+        let sink = Sink::open("memory://", &Default::default()).unwrap();
+        let name = TableName::parse("public.t").unwrap();
+        let schema = Arc::new(Schema::new(vec![Field::new("a", DataType::Int64, true)]));
+        let mut t = ChangeLogTable::open(&sink, &name, "slotlake-s", &schema, 1 << 20)
+            .await
+            .unwrap();
+        t.write(batch(&schema, 1)).await.unwrap();
+        t.commit(Lsn(10)).await.unwrap();
+        let mine = t.version();
+
+        // Someone else commits the next version (an empty maintenance commit).
+        let other = CommitData::new(
+            Vec::new(),
+            DeltaOperation::Optimize {
+                predicate: None,
+                target_size: 1,
+            },
+            HashMap::new(),
+            Vec::new(),
+        );
+        t.log_store
+            .write_commit_entry(
+                mine + 1,
+                CommitOrBytes::LogBytes(other.get_bytes().unwrap()),
+                Uuid::new_v4(),
+            )
+            .await
+            .unwrap();
+
+        t.write(batch(&schema, 2)).await.unwrap();
+        let (files, _) = t.commit(Lsn(20)).await.unwrap();
+        assert_eq!(files, 1);
+        assert_eq!(t.version(), mine + 2, "landed after the other commit");
+        assert_eq!(t.committed_lsn(), Some(Lsn(20)));
+
+        // A fresh open sees both commits' data and the latest txn version.
+        let reopened = ChangeLogTable::open(&sink, &name, "slotlake-s", &schema, 1 << 20)
+            .await
+            .unwrap();
+        assert_eq!(reopened.committed_lsn(), Some(Lsn(20)));
+        assert_eq!(reopened.version(), mine + 2);
+    }
 }

@@ -582,9 +582,25 @@ pub async fn tail_json(
 /// Every row of a Delta table, read by an independent implementation: Python `deltalake`
 /// through scripts/lib/read_delta.py (canonical JSON lines, order independent of files).
 pub fn read_delta(uri: &str, s3_endpoint: Option<&str>) -> Vec<serde_json::Value> {
+    delta_reader(uri, s3_endpoint, &[])
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON from the reader"))
+        .collect()
+}
+
+/// The data files (URIs) of a Delta table's current version, per Python `deltalake`.
+pub fn delta_files(uri: &str, s3_endpoint: Option<&str>) -> Vec<String> {
+    delta_reader(uri, s3_endpoint, &["--files"])
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+fn delta_reader(uri: &str, s3_endpoint: Option<&str>, extra: &[&str]) -> String {
     let mut c = Command::new(s3::venv_dir().join("bin/python"));
     c.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/lib/read_delta.py"))
-        .arg(uri);
+        .arg(uri)
+        .args(extra);
     if let Some(ep) = s3_endpoint {
         c.arg("--s3-endpoint").arg(ep);
     }
@@ -596,11 +612,7 @@ pub fn read_delta(uri: &str, s3_endpoint: Option<&str>) -> Vec<serde_json::Value
         "reader failed on {uri}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8(out.stdout)
-        .expect("utf-8 from the reader")
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("JSON from the reader"))
-        .collect()
+    String::from_utf8(out.stdout).expect("utf-8 from the reader")
 }
 
 /// Dummy credentials for the tests' S3 server.

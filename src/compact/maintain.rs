@@ -1,0 +1,390 @@
+//! Change-log maintenance, run by compaction once a table is compacted.
+//!
+//! **Optimize.** `run` commits a table's change log every flush, so a table that changes a
+//! little at a time collects many small files. Compacted files smaller than half the
+//! optimize size are merged, size-tiered: files are grouped by size tier (×8 per tier) and
+//! [`FAN_IN`] files of one tier become one file of the next, so every row is rewritten about
+//! log₈(optimize size / flush size) times in its life, not once per pass. Merged files keep
+//! the rows (conformed to the table's latest schema: columns added since read as null, as
+//! Delta readers already show them) and are committed with `dataChange: false`, which
+//! compaction skips.
+//!
+//! **Retention.** Compacted files written more than `--changes-retention` ago leave the
+//! change log (a `remove` action). Merged files keep the write time of their newest input, so
+//! merging never extends a row's life.
+//!
+//! **Vacuum.** Files removed by either are deleted from storage `--vacuum-retention` later.
+//!
+//! Only files of change-log versions the history table's `txn` says are compacted are
+//! touched; files of later versions, which compaction has yet to read by path, never are.
+//! Maintenance commits take the next log version like `run`'s commits do; whichever loses
+//! the race retries on top (neither removes a file the other adds).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use deltalake::arrow::datatypes::{Schema, SchemaRef};
+use deltalake::kernel::engine::arrow_conversion::TryIntoArrow;
+use deltalake::kernel::transaction::CommitData;
+use deltalake::kernel::{Action, Add, Remove};
+use deltalake::logstore::{CommitOrBytes, LogStoreRef};
+use deltalake::protocol::DeltaOperation;
+use deltalake::writer::{DeltaWriter, RecordBatchWriter};
+use deltalake::DeltaTable;
+use object_store::ObjectStore;
+use uuid::Uuid;
+
+use super::{commit_actions, now_millis, CompactError, CompactOptions, Ctx};
+use crate::lake::changelog::writer_properties;
+
+/// Files of one size tier merged into one file.
+pub const FAN_IN: usize = 8;
+
+/// Attempts of a maintenance commit against `run`'s commits.
+const COMMIT_RACES: u32 = 8;
+
+/// Size of the smallest tier: files up to this are tier 0.
+const TIER_BASE: i64 = 256 * 1024;
+
+/// What maintenance did to one change log.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Maintained {
+    /// Small files merged, and the files they became.
+    pub files_merged: u64,
+    pub files_written: u64,
+    /// Files past the retention removed from the log.
+    pub files_expired: u64,
+    /// Removed files deleted from storage.
+    pub files_vacuumed: u64,
+}
+
+/// A live data file of the change log.
+#[derive(Debug, Clone)]
+struct LiveFile {
+    path: String,
+    size: i64,
+    modified: i64,
+}
+
+/// Size tier of a file: 0 up to [`TIER_BASE`], then one per factor of [`FAN_IN`].
+fn tier(size: i64) -> u32 {
+    let mut t = 0;
+    let mut bound = TIER_BASE;
+    while size > bound {
+        bound = bound.saturating_mul(FAN_IN as i64);
+        t += 1;
+    }
+    t
+}
+
+/// Groups of small files to merge: per tier, oldest first, [`FAN_IN`] files at a time (fewer
+/// when they would pass `target` bytes); an incomplete group waits for more files.
+fn merge_groups(mut files: Vec<LiveFile>, target: i64) -> Vec<Vec<LiveFile>> {
+    files.retain(|f| f.size < target / 2);
+    files.sort_by(|a, b| {
+        (tier(a.size), a.modified, &a.path).cmp(&(tier(b.size), b.modified, &b.path))
+    });
+    let mut groups = Vec::new();
+    let mut group: Vec<LiveFile> = Vec::new();
+    let mut bytes = 0;
+    for f in files {
+        if group.first().is_some_and(|g| tier(g.size) != tier(f.size)) {
+            group.clear();
+            bytes = 0;
+        }
+        if !group.is_empty() && bytes + f.size > target {
+            if group.len() >= 2 {
+                groups.push(std::mem::take(&mut group));
+            }
+            group.clear();
+            bytes = 0;
+        }
+        bytes += f.size;
+        group.push(f);
+        if group.len() == FAN_IN {
+            groups.push(std::mem::take(&mut group));
+            bytes = 0;
+        }
+    }
+    groups
+}
+
+/// Optimizes, expires and vacuums the change log behind `log_store` (see the module doc).
+/// `through`: the last change-log version wholly compacted.
+pub(super) async fn changelog(
+    ctx: &Ctx<'_>,
+    log_store: &LogStoreRef,
+    store: &Arc<dyn ObjectStore>,
+    through: Option<u64>,
+    options: &CompactOptions,
+) -> Result<Maintained, CompactError> {
+    let mut done = Maintained::default();
+    let Some(through) = through else {
+        return Ok(done);
+    };
+    let optimize = options.optimize_file_size > 0;
+    if optimize || options.changes_retention.is_some() {
+        let mut table = DeltaTable::new(log_store.clone());
+        table.load().await.map_err(ctx.fail("load change log"))?;
+        let snapshot = table.snapshot().map_err(ctx.fail("load change log"))?;
+        let latest = snapshot.version();
+        // Files of versions compaction has not read yet are not ours to touch.
+        let mut fresh = HashSet::new();
+        for v in through + 1..=latest {
+            if let Some(bytes) = log_store
+                .read_commit_entry(v)
+                .await
+                .map_err(ctx.fail("read change-log commit"))?
+            {
+                let adds = commit_actions(&bytes).map_err(ctx.fail("parse change-log commit"))?;
+                fresh.extend(adds.into_iter().map(|a| a.path));
+            }
+        }
+        let mut files: Vec<LiveFile> = snapshot
+            .log_data()
+            .iter()
+            .map(|f| LiveFile {
+                path: f.path().into_owned(),
+                size: f.size(),
+                modified: f.modification_time(),
+            })
+            .filter(|f| !fresh.contains(&f.path))
+            .collect();
+        let schema: Schema = snapshot
+            .schema()
+            .as_ref()
+            .try_into_arrow()
+            .map_err(ctx.fail("change-log schema"))?;
+        let schema = Arc::new(schema);
+
+        if let Some(retention) = options.changes_retention {
+            let cutoff = now_millis() - retention.as_millis().min(i64::MAX as u128) as i64;
+            let (expired, kept): (Vec<LiveFile>, Vec<LiveFile>) =
+                files.into_iter().partition(|f| f.modified < cutoff);
+            files = kept;
+            if !expired.is_empty() {
+                let removes = expired
+                    .iter()
+                    .map(|f| Action::Remove(remove(&f.path, f.size, true)))
+                    .collect();
+                let operation = DeltaOperation::Delete {
+                    predicate: Some(format!("written more than {retention:?} ago")),
+                };
+                commit(ctx, log_store, latest, removes, operation).await?;
+                done.files_expired = expired.len() as u64;
+            }
+        }
+
+        if optimize {
+            let target = i64::try_from(options.optimize_file_size).unwrap_or(i64::MAX);
+            let groups = merge_groups(files, target);
+            if !groups.is_empty() {
+                let mut actions = Vec::new();
+                for group in &groups {
+                    let adds = merge(ctx, &table, store, &schema, group).await?;
+                    done.files_merged += group.len() as u64;
+                    done.files_written += adds.len() as u64;
+                    actions.extend(
+                        group
+                            .iter()
+                            .map(|f| Action::Remove(remove(&f.path, f.size, false))),
+                    );
+                    actions.extend(adds.into_iter().map(Action::Add));
+                }
+                let operation = DeltaOperation::Optimize {
+                    predicate: None,
+                    target_size: target,
+                };
+                commit(ctx, log_store, latest, actions, operation).await?;
+            }
+        }
+    }
+    if let Some(retention) = options.vacuum_retention {
+        done.files_vacuumed = ctx.vacuum(log_store, retention).await?;
+    }
+    Ok(done)
+}
+
+/// Rewrites `group`'s rows, in order, into one file of the change log (Parquet with
+/// statistics, like the files `run` writes), returned as `dataChange: false` adds that keep
+/// the newest input's write time.
+async fn merge(
+    ctx: &Ctx<'_>,
+    table: &DeltaTable,
+    store: &Arc<dyn ObjectStore>,
+    schema: &SchemaRef,
+    group: &[LiveFile],
+) -> Result<Vec<Add>, CompactError> {
+    let mut writer = RecordBatchWriter::for_table(table)
+        .map_err(ctx.fail("optimize writer"))?
+        .with_writer_properties(writer_properties())
+        .with_target_file_size(u64::MAX);
+    for f in group {
+        let batches = super::read_parquet_file(store.as_ref(), &f.path, schema)
+            .await
+            .map_err(|source| CompactError::Failed {
+                table: ctx.table.clone(),
+                action: "read change-log file to optimize",
+                source,
+            })?;
+        for b in batches {
+            writer.write(b).await.map_err(ctx.fail("optimize write"))?;
+        }
+    }
+    let modified = group.iter().map(|f| f.modified).max().unwrap_or(0);
+    let mut adds = writer.flush().await.map_err(ctx.fail("optimize write"))?;
+    for a in &mut adds {
+        a.data_change = false;
+        a.modification_time = modified;
+    }
+    Ok(adds)
+}
+
+fn remove(path: &str, size: i64, data_change: bool) -> Remove {
+    Remove {
+        data_change,
+        ..super::remove_of(path, size)
+    }
+}
+
+/// Commits `actions` as the next version of the change log after `base`. A version `run`
+/// took meanwhile is stepped over, unless a commit in between removed one of the files this
+/// one removes (another maintenance pass): then it is a conflict, retried by the caller.
+async fn commit(
+    ctx: &Ctx<'_>,
+    log_store: &LogStoreRef,
+    base: u64,
+    actions: Vec<Action>,
+    operation: DeltaOperation,
+) -> Result<u64, CompactError> {
+    let ours: HashSet<String> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Remove(r) => Some(r.path.clone()),
+            _ => None,
+        })
+        .collect();
+    let data = CommitData::new(actions, operation, Default::default(), Vec::new());
+    let bytes = data.get_bytes().map_err(ctx.fail("serialize commit"))?;
+    let mut next = base + 1;
+    for _ in 0..COMMIT_RACES {
+        let written = log_store
+            .write_commit_entry(next, CommitOrBytes::LogBytes(bytes.clone()), Uuid::new_v4())
+            .await;
+        match written {
+            Ok(()) => {
+                if next.is_multiple_of(crate::lake::changelog::CHECKPOINT_INTERVAL) {
+                    if let Err(e) =
+                        crate::lake::changelog::write_checkpoint(log_store.clone(), next).await
+                    {
+                        tracing::warn!(table = %ctx.table, error = %e, "cannot write a change-log checkpoint");
+                    }
+                }
+                return Ok(next);
+            }
+            Err(deltalake::kernel::transaction::TransactionError::VersionAlreadyExists(_)) => {
+                let theirs = log_store
+                    .read_commit_entry(next)
+                    .await
+                    .map_err(ctx.fail("read change-log commit"))?
+                    .unwrap_or_default();
+                if removes_any(&theirs, &ours).map_err(ctx.fail("parse change-log commit"))? {
+                    return Err(conflict(ctx));
+                }
+                next += 1;
+            }
+            Err(e) => return Err(ctx.fail("commit change-log maintenance")(e)),
+        }
+    }
+    Err(conflict(ctx))
+}
+
+fn conflict(ctx: &Ctx<'_>) -> CompactError {
+    CompactError::Conflict {
+        table: ctx.table.clone(),
+        target: "change log",
+    }
+}
+
+/// True when the log entry `bytes` removes one of `paths`.
+fn removes_any(bytes: &[u8], paths: &HashSet<String>) -> Result<bool, serde_json::Error> {
+    for line in bytes.split(|b| *b == b'\n') {
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_slice(line)?;
+        let removed = v
+            .get("remove")
+            .and_then(|r| r.get("path"))
+            .and_then(|p| p.as_str());
+        if removed.is_some_and(|p| paths.contains(p)) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(name: &str, size: i64, modified: i64) -> LiveFile {
+        LiveFile {
+            path: name.into(),
+            size,
+            modified,
+        }
+    }
+
+    #[test]
+    fn small_files_merge_fan_in_at_a_time_within_a_tier() {
+        let mut files: Vec<LiveFile> = (0..20).map(|i| file(&format!("s{i}"), 1000, i)).collect();
+        // A tier-1 file does not join tier-0 groups; files past half the target stay.
+        files.push(file("m", 1 << 20, 5));
+        files.push(file("big", 40 << 20, 1));
+        let groups = merge_groups(files, 64 << 20);
+        let names: Vec<Vec<&str>> = groups
+            .iter()
+            .map(|g| g.iter().map(|f| f.path.as_str()).collect())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+        assert_eq!(names[0], ["s0", "s1", "s2", "s3", "s4", "s5", "s6", "s7"]);
+        assert_eq!(
+            names[1],
+            ["s8", "s9", "s10", "s11", "s12", "s13", "s14", "s15"]
+        );
+    }
+
+    #[test]
+    fn a_group_closes_early_when_it_would_pass_the_target() {
+        let files: Vec<LiveFile> = (0..5).map(|i| file(&format!("f{i}"), 200, i)).collect();
+        let groups = merge_groups(files, 500);
+        let names: Vec<Vec<&str>> = groups
+            .iter()
+            .map(|g| g.iter().map(|f| f.path.as_str()).collect())
+            .collect();
+        assert_eq!(names, [["f0", "f1"], ["f2", "f3"]]);
+    }
+
+    #[test]
+    fn tiers_grow_by_the_fan_in() {
+        assert_eq!(tier(1), 0);
+        assert_eq!(tier(TIER_BASE), 0);
+        assert_eq!(tier(TIER_BASE + 1), 1);
+        assert_eq!(tier(TIER_BASE * 8), 1);
+        assert_eq!(tier(TIER_BASE * 8 + 1), 2);
+    }
+
+    #[test]
+    fn a_commit_removing_our_files_is_recognised() {
+        let ours: HashSet<String> = ["a.parquet".to_string()].into();
+        let theirs = br#"{"commitInfo":{}}
+{"remove":{"path":"a.parquet","dataChange":false}}
+"#;
+        assert!(removes_any(theirs, &ours).unwrap());
+        let other = br#"{"add":{"path":"a.parquet","dataChange":true}}
+{"remove":{"path":"b.parquet","dataChange":false}}
+"#;
+        assert!(!removes_any(other, &ours).unwrap());
+    }
+}
