@@ -423,28 +423,8 @@ async fn kill_nine_during_compaction_then_rerun_gives_identical_tables() {
     assert_eq!(code, 0, "{out}\n{err}");
     for kind in ["current", "history"] {
         let table = reference.join(kind).join("public/acct");
-        let on_disk = std::fs::read_dir(&table)
-            .unwrap()
-            .filter(|e| {
-                e.as_ref()
-                    .unwrap()
-                    .file_name()
-                    .to_string_lossy()
-                    .ends_with(".parquet")
-            })
-            .count();
-        let active = std::process::Command::new(s3::venv_dir().join("bin/python"))
-            .args([
-                "-c",
-                "import sys; from deltalake import DeltaTable; print(len(DeltaTable(sys.argv[1]).file_uris()))",
-                table.to_str().unwrap(),
-            ])
-            .output()
-            .unwrap();
-        let active: usize = String::from_utf8_lossy(&active.stdout)
-            .trim()
-            .parse()
-            .unwrap();
+        let on_disk = parquet_on_disk(&table);
+        let active = delta_files(table.to_str().unwrap(), None).len();
         assert_eq!(
             on_disk, active,
             "{kind}: replaced files vacuumed, live ones kept"
