@@ -251,7 +251,7 @@ pub async fn load(
             .context("starting the snapshot workers")?,
     ));
     let mut workers = Vec::new();
-    for w in 0..opts.workers.max(1) {
+    for _ in 0..opts.workers.max(1) {
         let (queue, specs, tx, info, name) = (
             queue.clone(),
             specs.clone(),
@@ -260,7 +260,7 @@ pub async fn load(
             snapshot.name.clone(),
         );
         workers.push(worker_runtime.handle().spawn(async move {
-            let result = worker(w, &info, &name, &queue, &specs, lsn, stamp_ts, &tx).await;
+            let result = worker(&info, &name, &queue, &specs, lsn, stamp_ts, &tx).await;
             if let Err(e) = result {
                 let _ = tx.send(Err(e)).await;
             }
@@ -372,7 +372,6 @@ async fn block_size(conn: &mut PgConnection) -> anyhow::Result<u64> {
 
 #[allow(clippy::too_many_arguments)]
 async fn worker(
-    w: usize,
     info: &ConnInfo,
     snapshot: &str,
     queue: &std::sync::Mutex<VecDeque<Chunk>>,
@@ -397,8 +396,7 @@ async fn worker(
             first_seq: (chunk.index as i64) << 32,
             commit_ts_micros: stamp_ts,
         };
-        let cursor_name = format!("slotlake_load_{w}");
-        let mut cursor = Cursor::open(&mut conn, &cursor_name, table, Some(&filter), stamp)
+        let mut cursor = Cursor::open(&mut conn, table, Some(&filter), stamp)
             .await
             .with_context(|| format!("reading {}", table.name))?;
         while let Some(batch) = cursor.next(&mut conn).await? {

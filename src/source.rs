@@ -1,8 +1,10 @@
 //! Reading source tables: the published tables, their columns as change-log columns, and
-//! their rows through a cursor, parsed by the same text parsers and Arrow builders as streamed
-//! changes (so a snapshot row and a streamed row of one table have identical types). Used by
-//! the initial snapshot and by `verify`.
+//! their rows through a binary `COPY`, parsed by the same value parsers and Arrow builders as
+//! streamed changes (so a snapshot row and a streamed row of one table have identical types).
+//! Used by the initial snapshot and by `verify`.
 
+use anyhow::Context;
+use bytes::{Buf, BytesMut};
 use deltalake::arrow::array::RecordBatch;
 
 use crate::batch::rows::{lake_column_name, ChangeBatchBuilder, ColumnSpec};
@@ -12,8 +14,8 @@ use crate::replication::{ConnInfo, PgConnection};
 use crate::types::catalog::TypeCatalog;
 use crate::types::{ColumnValue, PgType, Value};
 
-/// Rows fetched from a cursor at a time (one change-log batch).
-pub const FETCH_ROWS: usize = 10_000;
+/// Rows per change-log batch read from a table.
+pub const BATCH_ROWS: usize = 16 * 1024;
 
 /// A published table's columns: change-log specs (lake names), types, and source names.
 #[derive(Debug, Clone)]
@@ -131,68 +133,170 @@ pub struct RowStamp {
     pub commit_ts_micros: i64,
 }
 
-/// A cursor over one table's rows (optionally restricted by `filter`, an SQL condition) in the
-/// connection's current transaction.
+/// A table's rows (optionally restricted by `filter`, an SQL condition) in the connection's
+/// current transaction, read with `COPY (SELECT …) TO STDOUT (FORMAT binary)` and parsed by
+/// the binary parsers into the same Arrow columns as streamed changes. Columns of types
+/// without a binary parser (no dedicated mapping: kept as their text form) are selected as
+/// `::text` and parsed as text. The connection is busy until [`Self::next`] returned `None`.
 pub struct Cursor {
-    name: String,
+    table: TableName,
+    names: Vec<String>,
     builder: ChangeBatchBuilder,
     types: Vec<PgType>,
+    /// Per column: selected as `::text`, parsed from its text form.
+    text_form: Vec<bool>,
     stamp: RowStamp,
     rows: u64,
+    /// Copy data not parsed yet (a row can span messages in principle).
+    buf: BytesMut,
+    values: Vec<ColumnValue>,
+    header_seen: bool,
+    trailer_seen: bool,
+    /// The copy has ended and the session is ready again.
+    ended: bool,
 }
+
+/// Signature opening a binary COPY stream.
+const COPY_SIGNATURE: &[u8; 11] = b"PGCOPY\n\xff\r\n\0";
+/// Arrow bytes after which a batch ends before [`BATCH_ROWS`] (wide rows).
+const BATCH_BYTES: usize = 32 << 20;
 
 impl Cursor {
     pub async fn open(
         conn: &mut PgConnection,
-        name: &str,
         table: &SourceTable,
         filter: Option<&str>,
         stamp: RowStamp,
     ) -> anyhow::Result<Cursor> {
+        let text_form: Vec<bool> = table.types.iter().map(needs_text_form).collect();
         let select = table
             .names
             .iter()
-            .map(|n| quote_ident(n))
+            .zip(&text_form)
+            .map(|(n, text)| {
+                if *text {
+                    format!("{}::text", quote_ident(n))
+                } else {
+                    quote_ident(n)
+                }
+            })
             .collect::<Vec<_>>()
             .join(", ");
         let filter = filter.map(|f| format!(" WHERE {f}")).unwrap_or_default();
-        conn.simple_query(&format!(
-            "DECLARE {} NO SCROLL CURSOR FOR SELECT {select} FROM {}{filter}",
-            quote_ident(name),
+        conn.copy_out(&format!(
+            "COPY (SELECT {select} FROM {}{filter}) TO STDOUT (FORMAT binary)",
             table.name.quoted()
         ))
         .await?;
         Ok(Cursor {
-            name: name.to_string(),
+            table: table.name.clone(),
+            names: table.names.clone(),
             builder: ChangeBatchBuilder::new(table.specs.clone()),
             types: table.types.clone(),
+            text_form,
             stamp,
             rows: 0,
+            buf: BytesMut::new(),
+            values: Vec::with_capacity(table.types.len()),
+            header_seen: false,
+            trailer_seen: false,
+            ended: false,
         })
     }
 
-    /// The next batch of rows, `None` at the end (the cursor is then closed).
+    /// The next batch of rows, `None` at the end (the session is then ready for queries).
     pub async fn next(&mut self, conn: &mut PgConnection) -> anyhow::Result<Option<RecordBatch>> {
-        let rows = conn
-            .simple_query(&format!(
-                "FETCH FORWARD {FETCH_ROWS} FROM {}",
-                quote_ident(&self.name)
-            ))
-            .await?;
-        if rows.is_empty() {
-            conn.simple_query(&format!("CLOSE {}", quote_ident(&self.name)))
-                .await?;
-            return Ok(None);
+        loop {
+            let full = self.parse_rows()?;
+            if full || (self.ended && !self.builder.is_empty()) {
+                return Ok(Some(self.builder.finish()?));
+            }
+            if self.ended {
+                return Ok(None);
+            }
+            match conn.copy_data().await? {
+                Some(data) => self.buf.extend_from_slice(&data),
+                None => {
+                    self.ended = true;
+                    if !self.trailer_seen || !self.buf.is_empty() {
+                        anyhow::bail!(
+                            "COPY of {} ended without its trailer (truncated binary copy data)",
+                            self.table
+                        );
+                    }
+                }
+            }
         }
-        let mut values: Vec<ColumnValue> = Vec::with_capacity(self.types.len());
-        for r in &rows {
-            values.clear();
+    }
+
+    /// Appends the complete rows in the buffer to the builder; true when the batch is full.
+    fn parse_rows(&mut self) -> anyhow::Result<bool> {
+        let data = std::mem::take(&mut self.buf);
+        let parsed = self.parse_from(&data);
+        self.buf = data;
+        let (consumed, full) = parsed?;
+        self.buf.advance(consumed);
+        Ok(full)
+    }
+
+    fn parse_from(&mut self, data: &[u8]) -> anyhow::Result<(usize, bool)> {
+        let bad = |what: &str| {
+            anyhow::anyhow!("COPY of {}: malformed binary copy data: {what}", self.table)
+        };
+        let mut pos = 0;
+        if !self.header_seen {
+            if data.len() < 19 {
+                return Ok((0, false));
+            }
+            if &data[..11] != COPY_SIGNATURE {
+                return Err(bad("missing signature"));
+            }
+            let flags = be_u32(&data[11..15]);
+            if flags & (1 << 16) != 0 {
+                return Err(bad("rows carry OIDs"));
+            }
+            let extension = be_u32(&data[15..19]) as usize;
+            if data.len() < 19 + extension {
+                return Ok((0, false));
+            }
+            pos = 19 + extension;
+            self.header_seen = true;
+        }
+        let columns = self.types.len();
+        loop {
+            if self.trailer_seen {
+                if pos < data.len() {
+                    return Err(bad("data after the trailer"));
+                }
+                return Ok((pos, false));
+            }
+            let Some(end) = row_end(&data[pos..], columns).map_err(|e| bad(&e))? else {
+                return Ok((pos, false));
+            };
+            let row = &data[pos..pos + end];
+            pos += end;
+            if row == [0xff, 0xff] {
+                self.trailer_seen = true;
+                continue;
+            }
+            self.values.clear();
+            let mut p = 2;
             for (i, ty) in self.types.iter().enumerate() {
-                let v = match r.values().get(i).and_then(|v| v.as_deref()) {
-                    None => Value::Null,
-                    Some(text) => crate::types::text::parse(ty, text.as_bytes())?,
+                let len = be_u32(&row[p..p + 4]) as i32;
+                p += 4;
+                let v = if len < 0 {
+                    Value::Null
+                } else {
+                    let raw = &row[p..p + len as usize];
+                    p += len as usize;
+                    let parsed = if self.text_form[i] {
+                        crate::types::text::parse(ty, raw)
+                    } else {
+                        crate::types::binary::parse(ty, raw)
+                    };
+                    parsed.with_context(|| format!("column {} of {}", self.names[i], self.table))?
                 };
-                values.push(ColumnValue::Value(v));
+                self.values.push(ColumnValue::Value(v));
             }
             let seq = self.stamp.first_seq + self.rows as i64;
             self.builder.append(
@@ -201,11 +305,92 @@ impl Cursor {
                 seq,
                 0,
                 self.stamp.commit_ts_micros,
-                &values,
+                &self.values,
                 None,
             )?;
             self.rows += 1;
+            let n = self.builder.len();
+            if n >= BATCH_ROWS
+                || (n.is_multiple_of(1024) && self.builder.memory_bytes() >= BATCH_BYTES)
+            {
+                return Ok((pos, true));
+            }
         }
-        Ok(Some(self.builder.finish()?))
+    }
+}
+
+fn be_u32(b: &[u8]) -> u32 {
+    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
+}
+
+/// Length of the complete row (or the trailer, `-1` as its field count) at the start of
+/// `data`, `None` when more data is needed; an error when the row cannot be one of `columns`
+/// fields.
+fn row_end(data: &[u8], columns: usize) -> Result<Option<usize>, String> {
+    if data.len() < 2 {
+        return Ok(None);
+    }
+    let count = i16::from_be_bytes([data[0], data[1]]);
+    if count == -1 {
+        return Ok(Some(2));
+    }
+    if count as usize != columns {
+        return Err(format!("a row of {count} fields, expected {columns}"));
+    }
+    let mut p = 2;
+    for _ in 0..columns {
+        if data.len() < p + 4 {
+            return Ok(None);
+        }
+        let len = be_u32(&data[p..p + 4]) as i32;
+        p += 4;
+        if len < -1 {
+            return Err(format!("a field of length {len}"));
+        }
+        if len > 0 {
+            p += len as usize;
+            if data.len() < p {
+                return Ok(None);
+            }
+        }
+    }
+    Ok(Some(p))
+}
+
+/// Types the binary parser does not read (no dedicated mapping), anywhere in `ty`.
+fn needs_text_form(ty: &PgType) -> bool {
+    match ty {
+        PgType::Unknown { .. } => true,
+        PgType::Array(element) => needs_text_form(element),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_are_complete_only_with_every_field() {
+        // Two fields: int4 7, null.
+        let row = [0u8, 2, 0, 0, 0, 4, 0, 0, 0, 7, 0xff, 0xff, 0xff, 0xff];
+        assert_eq!(row_end(&row, 2), Ok(Some(row.len())));
+        for cut in 0..row.len() {
+            assert_eq!(row_end(&row[..cut], 2), Ok(None), "cut at {cut}");
+        }
+        assert_eq!(row_end(&[0xff, 0xff], 2), Ok(Some(2)), "trailer");
+        assert!(row_end(&row, 3).is_err(), "field count checked");
+        let bad = [0u8, 1, 0xff, 0xff, 0xff, 0xfe];
+        assert!(row_end(&bad, 1).is_err(), "negative length checked");
+    }
+
+    #[test]
+    fn types_without_a_binary_parser_are_read_as_text() {
+        assert!(needs_text_form(&PgType::Unknown { oid: 1 }));
+        assert!(needs_text_form(&PgType::Array(Box::new(PgType::Unknown {
+            oid: 1
+        }))));
+        assert!(!needs_text_form(&PgType::Array(Box::new(PgType::Int4))));
+        assert!(!needs_text_form(&PgType::Text));
     }
 }

@@ -202,9 +202,7 @@ pub async fn verify(
             first_seq: 0,
             commit_ts_micros: 0,
         };
-        let mut cursor =
-            crate::source::Cursor::open(&mut snap, "slotlake_verify", &source_table, None, stamp)
-                .await?;
+        let mut cursor = crate::source::Cursor::open(&mut snap, &source_table, None, stamp).await?;
         let mut source = Vec::new();
         while let Some(batch) = cursor.next(&mut snap).await? {
             source.push(batch);

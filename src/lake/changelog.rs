@@ -31,6 +31,7 @@ use deltalake::{DeltaTable, DeltaTableError};
 use uuid::Uuid;
 
 use super::store::Sink;
+use crate::batch::rows::SEQ;
 use crate::lsn::Lsn;
 use crate::replication::sql::TableName;
 
@@ -69,9 +70,11 @@ pub fn writer_properties() -> WriterProperties {
     WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::default()))
         .set_dictionary_enabled(true)
-        // Unique columns (keys, text) give up on the dictionary after 256 KiB instead of 1 MiB:
-        // interning every value until then was the top cost of writing snapshot rows.
-        .set_dictionary_page_size_limit(256 * 1024)
+        // Unique columns (keys, text) give up on the dictionary after 64 KiB instead of 1 MiB:
+        // interning every value until then was the top cost of writing snapshot rows. Columns
+        // with a few thousand distinct values per row group keep their dictionary.
+        .set_dictionary_page_size_limit(64 * 1024)
+        .set_column_dictionary_enabled(SEQ.into(), false)
         .set_statistics_enabled(EnabledStatistics::Page)
         .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
         .build()

@@ -470,6 +470,54 @@ impl PgConnection {
         }
     }
 
+    /// Starts a `COPY … TO STDOUT`: returns once the server answered with CopyOutResponse.
+    /// Then [`Self::copy_data`] reads the data until the copy ends.
+    pub async fn copy_out(&mut self, sql: &str) -> Result<(), ClientError> {
+        frontend::query(sql, &mut self.write_buf).map_err(ClientError::Io)?;
+        self.flush().await?;
+        loop {
+            let frame = self.read_frame().await?;
+            match frame.tag {
+                b'H' => return Ok(()),
+                b'N' | b'S' => {}
+                b'E' => {
+                    let e = parse_error_response(frame.body)?;
+                    self.until_ready().await?;
+                    return Err(e.into());
+                }
+                other => return Err(unexpected(other, "COPY TO STDOUT")),
+            }
+        }
+    }
+
+    /// The next CopyData payload of a `COPY … TO STDOUT` (PostgreSQL sends one row per
+    /// message); `None` once the copy has ended and the session is ready again. An error from
+    /// the server mid-copy is returned once the session is ready again.
+    pub async fn copy_data(&mut self) -> Result<Option<Bytes>, ClientError> {
+        let mut error = None;
+        loop {
+            let frame = self.read_frame().await?;
+            match frame.tag {
+                b'd' if error.is_none() => return Ok(Some(frame.body)),
+                b'd' | b'c' | b'C' | b'N' | b'S' => {}
+                b'E' => error = Some(parse_error_response(frame.body)?),
+                b'Z' => {
+                    return match error {
+                        Some(e) => Err(e.into()),
+                        None => Ok(None),
+                    }
+                }
+                other => return Err(unexpected(other, "COPY TO STDOUT")),
+            }
+        }
+    }
+
+    /// Reads until ReadyForQuery, so the session stays usable after an error.
+    async fn until_ready(&mut self) -> Result<(), ClientError> {
+        while self.read_frame().await?.tag != b'Z' {}
+        Ok(())
+    }
+
     /// Sends a command that answers with CopyBothResponse (START_REPLICATION). Returns once the
     /// server has entered copy-both mode.
     pub(crate) async fn start_copy_both(&mut self, command: &str) -> Result<(), ClientError> {
@@ -482,12 +530,7 @@ impl PgConnection {
                 b'N' | b'S' => {}
                 b'E' => {
                     let e = parse_error_response(frame.body)?;
-                    // Wait for ReadyForQuery so the session stays usable.
-                    loop {
-                        if self.read_frame().await?.tag == b'Z' {
-                            break;
-                        }
-                    }
+                    self.until_ready().await?;
                     return Err(e.into());
                 }
                 other => return Err(unexpected(other, "START_REPLICATION")),

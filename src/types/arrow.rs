@@ -177,6 +177,9 @@ fn decimal_params(precision_scale: Option<(u16, i16)>) -> Option<(u8, i8)> {
 /// digits than `precision`, are errors (never rounded).
 fn parse_decimal(text: &str, precision: u8, scale: i8) -> Result<i128, &'static str> {
     const TOO_MANY_DIGITS: &str = "more digits than the precision allows";
+    /// Digits accumulate in a u64 while they cannot overflow it (below 10^17, one more digit
+    /// stays below 10^18): i128 arithmetic only for numbers that need it.
+    const SMALL_LIMIT: u64 = 100_000_000_000_000_000;
     let bytes = text.as_bytes();
     let (negative, digits) = match bytes.split_first() {
         Some((b'-', rest)) => (true, rest),
@@ -184,7 +187,8 @@ fn parse_decimal(text: &str, precision: u8, scale: i8) -> Result<i128, &'static 
         _ => (false, bytes),
     };
     let scale = u32::from(scale.unsigned_abs());
-    let mut value: i128 = 0;
+    let mut small: u64 = 0;
+    let mut wide: Option<i128> = None;
     let mut any_digit = false;
     let mut fraction_digits: u32 = 0;
     let mut in_fraction = false;
@@ -198,10 +202,18 @@ fn parse_decimal(text: &str, precision: u8, scale: i8) -> Result<i128, &'static 
                     }
                 }
                 any_digit = true;
-                value = value
-                    .checked_mul(10)
-                    .and_then(|v| v.checked_add(i128::from(b - b'0')))
-                    .ok_or(TOO_MANY_DIGITS)?;
+                let d = u64::from(b - b'0');
+                match wide {
+                    None if small < SMALL_LIMIT => small = small * 10 + d,
+                    _ => {
+                        let w = wide.unwrap_or(i128::from(small));
+                        wide = Some(
+                            w.checked_mul(10)
+                                .and_then(|v| v.checked_add(i128::from(d)))
+                                .ok_or(TOO_MANY_DIGITS)?,
+                        );
+                    }
+                }
             }
             b'.' if !in_fraction => in_fraction = true,
             _ => return Err("not plain decimal digits"),
@@ -210,17 +222,29 @@ fn parse_decimal(text: &str, precision: u8, scale: i8) -> Result<i128, &'static 
     if !any_digit {
         return Err("no digits");
     }
-    let value = 10i128
-        .checked_pow(scale - fraction_digits)
+    let value = wide.unwrap_or(i128::from(small));
+    let value = pow10(scale - fraction_digits)
         .and_then(|f| value.checked_mul(f))
         .ok_or(TOO_MANY_DIGITS)?;
-    let limit = 10i128
-        .checked_pow(u32::from(precision))
-        .ok_or(TOO_MANY_DIGITS)?;
+    let limit = pow10(u32::from(precision)).ok_or(TOO_MANY_DIGITS)?;
     if value >= limit {
         return Err(TOO_MANY_DIGITS);
     }
     Ok(if negative { -value } else { value })
+}
+
+/// 10^n as an i128, `None` past 10^38.
+fn pow10(n: u32) -> Option<i128> {
+    const POW10: [i128; 39] = {
+        let mut t = [1i128; 39];
+        let mut i = 1;
+        while i < 39 {
+            t[i] = t[i - 1] * 10;
+            i += 1;
+        }
+        t
+    };
+    POW10.get(n as usize).copied()
 }
 
 /// The name of a value's variant, for error messages (never the value itself).
@@ -1313,6 +1337,21 @@ mod tests {
                 .unwrap()
                 .value_as_string(0);
             prop_assert_eq!(parse_decimal(&text, p, s), Ok(v));
+        }
+
+        #[test]
+        fn wide_decimal_text_round_trips(
+            v in -(10i128.pow(38) - 1)..10i128.pow(38),
+            scale in 0i8..=38,
+        ) {
+            let text = Decimal128Array::from(vec![v])
+                .with_precision_and_scale(38, scale)
+                .unwrap()
+                .value_as_string(0);
+            prop_assert_eq!(parse_decimal(&text, 38, scale), Ok(v));
+            // One precision less does not fit when the value needs all 38 digits.
+            let fits37 = v.unsigned_abs() < 10u128.pow(37);
+            prop_assert_eq!(parse_decimal(&text, 37, scale).is_ok(), fits37);
         }
 
         #[test]
