@@ -2,6 +2,7 @@
 
 use std::collections::BTreeSet;
 use std::io::Write;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 
@@ -325,39 +326,38 @@ pub async fn run(a: RunArgs) -> Result<()> {
     // Transient failures (connection lost, server restart or failover, sink unavailable)
     // reconnect and resume from the slot's confirmed position; definite ones end the run.
     let mut backoff = RECONNECT_MIN;
-    // Tables that join the publication later are backfilled: the watcher asks the pipeline to
-    // stop cleanly (everything committed and confirmed), they are loaded, streaming resumes.
+    // Tables that join the publication later are backfilled while streaming goes on: the
+    // watcher raises a request, the backfiller loads them and hands them over to the stream
+    // (see `backfill`).
     let (backfill_tx, backfill_rx) = tokio::sync::watch::channel(false);
-    // A sender lives as long as `run` (also without a watcher): waiting for a request must
-    // never end just because nobody can send one.
-    let _backfill_tx_keep = backfill_tx.clone();
+    let (handoff_tx, handoff_rx) = tokio::sync::watch::channel(crate::pipeline::HandOff::default());
+    let (paused_tx, paused_rx) = tokio::sync::watch::channel(None);
+    let link = crate::pipeline::HandOffLink {
+        state: handoff_rx,
+        paused: Arc::new(paused_tx),
+    };
     let watcher = (a.snapshot == crate::cli::SnapshotMode::Initial
         && !a.publication_check_interval.is_zero())
     .then(|| {
-        tokio::spawn(watch_publication(
+        let watcher = tokio::spawn(watch_publication(
             info.clone(),
             sink.clone(),
             load_opts.clone(),
             a.publication_check_interval,
             backfill_tx,
-        ))
+        ));
+        let backfiller = tokio::spawn(backfill_loop(
+            load_opts.clone(),
+            info.clone(),
+            sink.clone(),
+            metrics.clone(),
+            backfill_rx,
+            handoff_tx,
+            paused_rx,
+            a.publication_check_interval,
+        ));
+        (watcher, backfiller)
     });
-    let stop_or_backfill = |stop: tokio::sync::watch::Receiver<bool>,
-                            mut backfill: tokio::sync::watch::Receiver<bool>,
-                            not_before: tokio::time::Instant| async move {
-        let requested = async {
-            tokio::time::sleep_until(not_before).await;
-            if backfill.wait_for(|b| *b).await.is_err() {
-                std::future::pending::<()>().await;
-            }
-        };
-        tokio::select! {
-            _ = stopped(stop) => {}
-            _ = requested => {}
-        }
-    };
-    // After a failed backfill, streaming goes on and the backfill is tried again later.
-    let mut backfill_not_before = tokio::time::Instant::now();
     let summary = loop {
         let started = std::time::Instant::now();
         let result = crate::pipeline::run(
@@ -365,30 +365,11 @@ pub async fn run(a: RunArgs) -> Result<()> {
             &sink,
             &opts,
             metrics.clone(),
-            stop_or_backfill(stop_rx.clone(), backfill_rx.clone(), backfill_not_before),
+            stopped(stop_rx.clone()),
+            link.clone(),
         )
         .await;
         match result {
-            // Stopped for a backfill (not by a signal): load the new tables, stream again.
-            Ok(_) if !*stop_rx.borrow() => {
-                match backfill(&load_opts, &info, &sink, &metrics).await {
-                    Ok(()) => {
-                        // The watcher clears the request once it sees the record list them.
-                        let mut rx = backfill_rx.clone();
-                        let _ = tokio::time::timeout(
-                            a.publication_check_interval * 2,
-                            rx.wait_for(|b| !*b),
-                        )
-                        .await;
-                    }
-                    Err(e) => {
-                        metrics.retries.with_label_values(&["backfill"]).inc();
-                        let wait = BACKFILL_RETRY.max(a.publication_check_interval * 2);
-                        tracing::error!(error = %format!("{e:#}"), retry_in = ?wait, "backfilling tables that joined the publication failed; streaming the others meanwhile");
-                        backfill_not_before = tokio::time::Instant::now() + wait;
-                    }
-                }
-            }
             Err(crate::pipeline::RunError::Slot(slot::SlotError::Invalidated(_)))
                 if a.on_slot_invalidated == crate::cli::OnSlotInvalidated::Resnapshot
                     && !*stop_rx.borrow() =>
@@ -415,8 +396,9 @@ pub async fn run(a: RunArgs) -> Result<()> {
     };
     signals.abort();
     server.abort();
-    if let Some(w) = watcher {
+    if let Some((w, b)) = watcher {
         w.abort();
+        b.abort();
     }
     let summary = summary?;
     tracing::info!(
@@ -747,14 +729,57 @@ async fn new_tables(
         .collect())
 }
 
-/// Loads tables that joined the publication, from a temporary slot's snapshot at C2: their
-/// rows at C2 − 1, replacing the changes streamed for them so far (that snapshot holds them);
-/// streaming then skips their changes up to C2 − 1.
+/// Runs a backfill whenever the watcher asks for one, while `run` streams; a failed backfill
+/// is tried again after [`BACKFILL_RETRY`] (at least two publication checks).
+#[allow(clippy::too_many_arguments)]
+async fn backfill_loop(
+    opts: crate::snapshot::LoadOptions,
+    info: ConnInfo,
+    sink: crate::lake::store::Sink,
+    metrics: Arc<crate::metrics::Metrics>,
+    mut request: tokio::sync::watch::Receiver<bool>,
+    handoff: tokio::sync::watch::Sender<crate::pipeline::HandOff>,
+    mut paused: tokio::sync::watch::Receiver<Option<u64>>,
+    check_interval: std::time::Duration,
+) {
+    for id in 1u64.. {
+        if request.wait_for(|b| *b).await.is_err() {
+            return;
+        }
+        match backfill(&opts, &info, &sink, &metrics, &handoff, &mut paused, id).await {
+            Ok(()) => {
+                // The watcher clears the request once it sees the record list them.
+                let _ = tokio::time::timeout(check_interval * 2, request.wait_for(|b| !*b)).await;
+            }
+            Err(e) => {
+                metrics.retries.with_label_values(&["backfill"]).inc();
+                let wait = BACKFILL_RETRY.max(check_interval * 2);
+                tracing::error!(error = %format!("{e:#}"), retry_in = ?wait, "backfilling tables that joined the publication failed; streaming goes on, the backfill is tried again later");
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}
+
+/// Loads tables that joined the publication (or that `slotlake snapshot` asked to re-load)
+/// while the stream goes on, from a temporary slot's snapshot at C2: their rows at C2 − 1,
+/// replacing the changes streamed for them so far.
+///
+/// The hand-off: (1) the stream pauses with everything committed, so none of these tables'
+/// changes at or after C2 is in their change logs; (2) the snapshot is created, the stream
+/// resumes, dropping their changes below C2 (the snapshot has them) and holding later ones
+/// uncommitted; (3) the load commits; (4) the held changes commit on top of it. The slot is
+/// never confirmed past a held change. If the load fails, the tables are released as they are
+/// (incomplete, and not recorded as loaded) and loaded again by the next attempt.
+#[allow(clippy::too_many_arguments)]
 async fn backfill(
     opts: &crate::snapshot::LoadOptions,
     info: &ConnInfo,
     sink: &crate::lake::store::Sink,
     metrics: &crate::metrics::Metrics,
+    handoff: &tokio::sync::watch::Sender<crate::pipeline::HandOff>,
+    paused: &mut tokio::sync::watch::Receiver<Option<u64>>,
+    id: u64,
 ) -> Result<()> {
     let new = new_tables(info, sink, opts).await?;
     if new.is_empty() {
@@ -762,14 +787,46 @@ async fn backfill(
     }
     tracing::info!(
         tables = new.len(),
-        "backfilling tables that joined the publication"
+        "backfilling tables that joined the publication; other tables keep streaming"
     );
-    let (session, snapshot) = crate::snapshot::temporary_snapshot(info).await?;
-    let mut o = opts.clone();
-    o.only = Some(new);
+    handoff.send_modify(|h| h.pause = Some(id));
+    let snapshot = async {
+        paused
+            .wait_for(|p| *p == Some(id))
+            .await
+            .context("the stream ended")?;
+        crate::snapshot::temporary_snapshot(info).await
+    }
+    .await;
+    let (session, snapshot) = match snapshot {
+        Ok(s) => s,
+        Err(e) => {
+            handoff.send_modify(|h| h.pause = None);
+            return Err(e);
+        }
+    };
     let since = crate::lsn::Lsn(snapshot.point.0.saturating_sub(1));
+    handoff.send_modify(|h| {
+        h.pause = None;
+        for t in &new {
+            h.floors.insert(t.clone(), since);
+            h.held.insert(t.clone());
+        }
+    });
+    tracing::info!(
+        tables = new.len(),
+        point = %snapshot.point,
+        "backfill snapshot created; streaming resumed, the tables' later changes are held until its load commits"
+    );
+    let mut o = opts.clone();
+    o.only = Some(new.clone());
     let loaded = crate::snapshot::load(info, sink, &snapshot, &o, since, metrics).await;
     session.close().await;
+    handoff.send_modify(|h| {
+        for t in &new {
+            h.held.remove(t);
+        }
+    });
     let loaded = loaded?;
     // Read again: `slotlake snapshot` may have changed it during the load.
     let Some(mut record) = crate::snapshot::read_record(sink, &opts.slot).await? else {

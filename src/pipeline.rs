@@ -18,8 +18,15 @@
 //! `active tables / flush interval`. Between flushes, when memory passes the budget in the
 //! middle of a transaction, the largest tables' open files are closed and kept staged
 //! (invisible) until the commit that follows.
+//!
+//! Backfills hand tables over without stopping the stream ([`HandOff`]): a table that joins
+//! the publication is loaded from a snapshot at point C while every other table keeps
+//! streaming. The stream pauses only while that snapshot is created, with everything
+//! committed, so no change of the table at or after C is in its change log yet; from then on
+//! its changes before C (in the snapshot) are dropped and later ones are buffered but not
+//! committed — and the slot not confirmed past them — until the load has committed.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -57,6 +64,28 @@ const OPEN_CONCURRENCY: usize = 32;
 const OPEN_RETRY_LIMIT: Duration = Duration::from_secs(45);
 /// Upper bound of the retry backoff while the sink fails.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// How `run` hands tables over to a backfill while streaming goes on (module doc).
+#[derive(Debug, Clone, Default)]
+pub struct HandOff {
+    /// A backfill asks the stream to pause between transactions, with everything committed,
+    /// while it creates its snapshot: the request's id. Acknowledged on [`HandOffLink::paused`].
+    pub pause: Option<u64>,
+    /// Per table backfilled from a snapshot at point C: C − 1. Its changes at or below are in
+    /// the snapshot and are dropped.
+    pub floors: HashMap<TableName, Lsn>,
+    /// Tables whose load is running: their changes are buffered, not committed, and the slot
+    /// is not confirmed past the first of them.
+    pub held: HashSet<TableName>,
+}
+
+/// The stream's side of the hand-off: the state backfills set, and where a paused stream
+/// says so (with the pause request's id).
+#[derive(Clone)]
+pub struct HandOffLink {
+    pub state: tokio::sync::watch::Receiver<HandOff>,
+    pub paused: Arc<tokio::sync::watch::Sender<Option<u64>>>,
+}
 
 /// Settings of a run.
 #[derive(Debug, Clone)]
@@ -190,6 +219,12 @@ struct TableState {
     filter_at_or_below: Option<Lsn>,
     /// Rows dropped by that filter.
     filtered: u64,
+    /// Commit LSN of the first transaction with rows not yet committed.
+    first_pending: Option<Lsn>,
+    /// Changes at or below this commit LSN are in a backfill's snapshot: dropped.
+    floor: Option<Lsn>,
+    /// A backfill is loading the table: its rows are not committed yet.
+    held: bool,
 }
 
 impl TableState {
@@ -282,6 +317,7 @@ pub async fn run(
     opts: &RunOptions,
     metrics: Arc<Metrics>,
     shutdown: impl std::future::Future<Output = ()>,
+    handoff: HandOffLink,
 ) -> Result<RunSummary, RunError> {
     slot::validate_slot_name(&opts.slot)?;
     let stream = start_stream(source, opts).await?;
@@ -320,6 +356,10 @@ pub async fn run(
         last_status: Instant::now(),
         spilled_reported: 0,
         op_changes,
+        handoff,
+        pause_request: None,
+        floors: HashMap::new(),
+        held: HashSet::new(),
     };
     p.metrics.streaming.store(true, Ordering::Relaxed);
     let result = p.stream_loop(stream, shutdown).await;
@@ -480,6 +520,11 @@ struct Pipeline {
     /// `slotlake_changes_total{op}` resolved once per op (indexed by `ChangeOp as usize`),
     /// not looked up per change.
     op_changes: [prometheus::IntCounter; 4],
+    /// Backfills' side of the hand-off, and the latest state seen of it.
+    handoff: HandOffLink,
+    pause_request: Option<u64>,
+    floors: HashMap<TableName, Lsn>,
+    held: HashSet<TableName>,
 }
 
 impl Pipeline {
@@ -501,7 +546,35 @@ impl Pipeline {
         flush_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut stopping = false;
         tokio::pin!(shutdown);
+        let mut handoff = self.handoff.state.clone();
+        let mut handoff_alive = true;
+        self.apply_handoff(&handoff.borrow_and_update().clone());
         loop {
+            if let (Some(id), false, false) =
+                (self.pause_request, stopping, assembler.in_transaction())
+            {
+                // A backfill creates its snapshot: everything committed, nothing read until
+                // it knows the snapshot's point (status updates keep the session alive).
+                self.flush_all(&mut stream).await?;
+                self.send_status(&mut stream).await?;
+                self.handoff.paused.send_replace(Some(id));
+                tracing::info!("stream paused while a backfill creates its snapshot");
+                while self.pause_request == Some(id) && !stopping {
+                    tokio::select! {
+                        r = handoff.changed(), if handoff_alive => match r {
+                            Ok(()) => self.apply_handoff(&handoff.borrow_and_update().clone()),
+                            Err(_) => {
+                                handoff_alive = false;
+                                self.pause_request = None;
+                            }
+                        },
+                        _ = status.tick() => self.send_status(&mut stream).await?,
+                        _ = &mut shutdown => stopping = true,
+                    }
+                }
+                tracing::info!("stream resumed");
+                continue;
+            }
             if stopping && !assembler.in_transaction() {
                 // Between transactions: commit what is buffered, confirm, stop.
                 let timeout = self.opts.shutdown_timeout;
@@ -531,6 +604,13 @@ impl Pipeline {
                 _ = &mut shutdown, if !stopping => {
                     tracing::info!("shutting down: finishing the current transaction, then committing");
                     stopping = true;
+                    continue;
+                }
+                r = handoff.changed(), if handoff_alive => {
+                    match r {
+                        Ok(()) => self.apply_handoff(&handoff.borrow_and_update().clone()),
+                        Err(_) => handoff_alive = false,
+                    }
                     continue;
                 }
             };
@@ -612,6 +692,18 @@ impl Pipeline {
         }
     }
 
+    /// Takes in a backfill's hand-off state: the pause request, and per table its floor and
+    /// whether it is held.
+    fn apply_handoff(&mut self, h: &HandOff) {
+        self.pause_request = h.pause;
+        for t in self.tables.values_mut() {
+            t.floor = h.floors.get(&t.name).copied();
+            t.held = h.held.contains(&t.name);
+        }
+        self.floors.clone_from(&h.floors);
+        self.held.clone_from(&h.held);
+    }
+
     fn note_received(&mut self, lsn: Lsn) {
         self.received = self.received.max(lsn);
         self.metrics.received_lsn.set(self.received.0 as i64);
@@ -690,6 +782,11 @@ impl Pipeline {
                     self.summary.skipped_replayed += 1;
                     return Ok(());
                 }
+                if state.floor.is_some_and(|f| position.commit_lsn <= f) {
+                    // In the snapshot a backfill loads.
+                    self.summary.skipped_replayed += 1;
+                    return Ok(());
+                }
                 if state.layout_key != key {
                     // The relation changed: rows so far go out with the old columns.
                     state.move_rows_to_writer().await?;
@@ -740,6 +837,9 @@ impl Pipeline {
                 self.op_changes[change.op as usize].inc();
                 self.summary.changes += 1;
                 self.since_measure += 1;
+                if state.pending_lsn.is_none() {
+                    state.first_pending = Some(lsn);
+                }
                 state.pending_lsn = Some(lsn);
                 if state.builder.len() >= BATCH_ROWS {
                     state.move_rows_to_writer().await?;
@@ -869,6 +969,9 @@ impl Pipeline {
                     pending_lsn: None,
                     filter_at_or_below: None,
                     filtered: 0,
+                    first_pending: None,
+                    floor: self.floors.get(&layout.table).copied(),
+                    held: self.held.contains(&layout.table),
                 },
             );
             self.metrics.tables_active.set(self.tables.len() as i64);
@@ -899,9 +1002,19 @@ impl Pipeline {
     /// Commits every table with buffered rows, retrying with backoff while the sink fails
     /// (status updates keep flowing, without advancing), then advances the confirm position.
     async fn flush_all(&mut self, stream: &mut ReplicationStream) -> Result<(), RunError> {
+        // Tables a backfill is loading are not committed; the slot is not confirmed past the
+        // first change they buffer.
+        let cap = self
+            .tables
+            .values()
+            .filter(|t| t.held)
+            .filter_map(|t| t.first_pending)
+            .min()
+            .map(|first| Lsn(first.0.saturating_sub(1)));
+        let confirmable = |end: Lsn| cap.map_or(end, |c| end.min(c));
         if !self.has_pending() {
             if let Some(end) = self.last_end {
-                self.summary.confirmed = self.summary.confirmed.max(end);
+                self.summary.confirmed = self.summary.confirmed.max(confirmable(end));
             }
             return Ok(());
         }
@@ -910,7 +1023,7 @@ impl Pipeline {
         let committed_tables = self
             .tables
             .values()
-            .filter(|t| t.pending_lsn.is_some())
+            .filter(|t| t.pending_lsn.is_some() && !t.held)
             .count();
         let mut backoff = Duration::from_millis(200);
         let mut status = tokio::time::interval(self.opts.status_interval);
@@ -920,7 +1033,7 @@ impl Pipeline {
                 let pending: Vec<&mut TableState> = self
                     .tables
                     .values_mut()
-                    .filter(|t| t.pending_lsn.is_some())
+                    .filter(|t| t.pending_lsn.is_some() && !t.held)
                     .collect();
                 let metrics = &self.metrics;
                 let commits = futures::stream::iter(pending)
@@ -931,6 +1044,7 @@ impl Pipeline {
                         metrics.files_written.inc_by(files);
                         metrics.written_bytes.inc_by(bytes);
                         t.pending_lsn = None;
+                        t.first_pending = None;
                         Ok::<(), RunError>(())
                     })
                     .buffer_unordered(COMMIT_CONCURRENCY)
@@ -988,12 +1102,14 @@ impl Pipeline {
                 .commit_to_durable
                 .observe((now - ts).max(0) as f64 / 1e6);
         }
-        self.oldest_pending = None;
+        // Held rows stay pending (and keep later transactions from being confirmed one by
+        // one); the age restarts so that they do not make every check a flush.
+        self.oldest_pending = cap.map(|_| Instant::now());
         for t in self.tables.values_mut() {
             self.summary.skipped_replayed += std::mem::take(&mut t.filtered);
         }
         if let Some(end) = self.last_end {
-            self.summary.confirmed = self.summary.confirmed.max(end);
+            self.summary.confirmed = self.summary.confirmed.max(confirmable(end));
         }
         self.measure();
         Ok(())

@@ -285,8 +285,46 @@ async fn an_invalidated_slot_is_recreated_and_the_tables_reloaded_with_resnapsho
     stop(run, &log).await;
 }
 
+/// Per change-log version of a file:// table, in order: (`_op`, `_lsn`) of the rows it adds.
+fn rows_per_version(table_dir: &Path) -> Vec<Vec<(String, i64)>> {
+    use deltalake::arrow::array::{Array, Int64Array, StringArray};
+    use deltalake::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let mut out = Vec::new();
+    for v in 0.. {
+        let Ok(text) = std::fs::read_to_string(table_dir.join(format!("_delta_log/{v:020}.json")))
+        else {
+            break;
+        };
+        let mut rows = Vec::new();
+        for line in text.lines() {
+            let j: serde_json::Value = serde_json::from_str(line).unwrap();
+            let Some(path) = j["add"]["path"].as_str() else {
+                continue;
+            };
+            let file = std::fs::File::open(table_dir.join(path)).unwrap();
+            for batch in ParquetRecordBatchReaderBuilder::try_new(file)
+                .unwrap()
+                .build()
+                .unwrap()
+            {
+                let batch = batch.unwrap();
+                let op = batch.column_by_name("_op").unwrap();
+                let op = op.as_any().downcast_ref::<StringArray>().unwrap();
+                let lsn = batch.column_by_name("_lsn").unwrap();
+                let lsn = lsn.as_any().downcast_ref::<Int64Array>().unwrap();
+                for i in 0..batch.num_rows() {
+                    rows.push((op.value(i).to_string(), lsn.value(i)));
+                }
+            }
+        }
+        out.push(rows);
+    }
+    out
+}
+
 /// A table with rows joins the publication while `run` streams, with a writer changing it
-/// throughout: its rows are backfilled and the lake equals the source.
+/// throughout: its rows are backfilled and the lake equals the source; then a deliberate
+/// re-load of it, held up mid-load, while the other table's changes keep reaching the lake.
 #[tokio::test]
 async fn a_table_added_to_the_publication_is_backfilled_while_it_changes() {
     let cluster = Cluster::shared();
@@ -340,25 +378,62 @@ async fn a_table_added_to_the_publication_is_backfilled_while_it_changes() {
     }
     db.exec("ALTER PUBLICATION pub ADD TABLE b").await;
     wait_for_log(&log, "backfill done", 120).await;
-    // A deliberate re-load of a, while the writer changes it.
+    // A deliberate re-load of b, while the writer changes it — and while it loads, a keeps
+    // streaming. The load is held up at will: a row-level security policy makes slotlake's
+    // reads of b (not the owner's writes) wait for an advisory lock this test holds.
+    db.exec(
+        "CREATE FUNCTION gate() RETURNS bool LANGUAGE plpgsql AS
+           $$ BEGIN PERFORM pg_advisory_xact_lock_shared(4242); RETURN true; END $$;
+         ALTER TABLE b ENABLE ROW LEVEL SECURITY;
+         CREATE POLICY gate ON b USING (gate());",
+    )
+    .await;
+    let mut gate = db.admin().await;
+    gate.simple_query("SELECT pg_advisory_lock(4242)")
+        .await
+        .unwrap();
     let (code, out, err) = run_slotlake(
         &[
-            "snapshot", "--sink", &root, "--slot", "s_back", "--table", "public.a",
+            "snapshot", "--sink", &root, "--slot", "s_back", "--table", "public.b",
         ],
         &[],
     )
     .await;
     assert_eq!(code, 0, "{out}\n{err}");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    while std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .matches("backfill done")
-        .count()
-        < 2
+    wait_for_log(&log, "held until its load commits", 60).await;
+    db.exec("UPDATE a SET v = 'probe' WHERE id = 1").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !read_delta(&format!("{root}/changes/public/a"), None)
+        .iter()
+        .any(|r| r["v"] == "probe")
     {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "a was never re-loaded"
+            "a's change never reached the lake while b was loading\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let backfills_done = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("backfill done")
+            .count()
+    };
+    assert_eq!(
+        backfills_done(),
+        1,
+        "b's re-load is still waiting at the gate"
+    );
+    gate.simple_query("SELECT pg_advisory_unlock(4242)")
+        .await
+        .unwrap();
+    gate.close().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while backfills_done() < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "b was never re-loaded"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -367,6 +442,27 @@ async fn a_table_added_to_the_publication_is_backfilled_while_it_changes() {
     assert!(rounds > 0);
     caught_up(&db, "s_back", &log).await;
     verify_ok(&db, "s_back", &root, &["a", "b"]).await;
+    // The changes of b held during its re-load were committed after the load, never before:
+    // in version order, no row after the load's point precedes the load's commit.
+    let versions = rows_per_version(&dir.path().join("lake/changes/public/b"));
+    let (reload, point) = versions
+        .iter()
+        .enumerate()
+        .rev()
+        .find_map(|(v, rows)| rows.iter().find(|r| r.0 == "R").map(|r| (v, r.1)))
+        .expect("the re-load's rows");
+    let held_rows = versions[reload + 1..]
+        .iter()
+        .flatten()
+        .filter(|r| r.1 > point)
+        .count();
+    assert!(held_rows > 0, "b changed during and after its re-load");
+    for (v, rows) in versions[..reload].iter().enumerate() {
+        assert!(
+            rows.iter().all(|r| r.1 <= point),
+            "version {v} holds changes after the re-load's point {point}, committed before it"
+        );
+    }
     stop(run, &log).await;
 }
 
