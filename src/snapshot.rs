@@ -177,8 +177,15 @@ pub async fn load(
     let mut remaining: Vec<u64> = Vec::new();
     let mut loaded_rows: Vec<u64> = Vec::new();
     for name in &names {
-        let table =
-            crate::source::describe(&mut sql, &mut catalog, &mut catalog_conn, info, name).await?;
+        let table = crate::source::describe(
+            &mut sql,
+            &mut catalog,
+            &mut catalog_conn,
+            info,
+            name,
+            &opts.publication,
+        )
+        .await?;
         let schema = changelog_schema(&table.specs);
         let log = ChangeLogTable::open(sink, name, &app, &schema, opts.target_file_size)
             .await

@@ -17,13 +17,15 @@ use crate::types::{ColumnValue, PgType, Value};
 /// Rows per change-log batch read from a table.
 pub const BATCH_ROWS: usize = 16 * 1024;
 
-/// A published table's columns: change-log specs (lake names), types, and source names.
+/// A published table's columns: change-log specs (lake names), types, and source names; and
+/// the publication's row filter (PostgreSQL ≥ 15), which its rows are read through.
 #[derive(Debug, Clone)]
 pub struct SourceTable {
     pub name: TableName,
     pub specs: Vec<ColumnSpec>,
     pub types: Vec<PgType>,
     pub names: Vec<String>,
+    pub row_filter: Option<String>,
 }
 
 pub async fn published_tables(
@@ -47,13 +49,15 @@ pub async fn published_tables(
         .collect())
 }
 
-/// The table's published columns as change-log columns (lake names, types, key flags).
-pub async fn source_columns(
+/// The table's columns as change-log columns (lake names, types, key flags): all of them, or
+/// those named in `only` (a publication's column list).
+async fn source_columns(
     sql: &mut PgConnection,
     catalog: &mut TypeCatalog,
     catalog_conn: &mut Option<PgConnection>,
     info: &ConnInfo,
     table: &TableName,
+    only: Option<&[String]>,
 ) -> anyhow::Result<(Vec<ColumnSpec>, Vec<PgType>, Vec<String>)> {
     let rows = sql
         .simple_query(&format!(
@@ -72,6 +76,12 @@ pub async fn source_columns(
         .await?;
     let columns: Vec<RelationColumn> = rows
         .iter()
+        .filter(|r| {
+            only.is_none_or(|only| {
+                r.get("attname")
+                    .is_some_and(|n| only.iter().any(|o| o == n))
+            })
+        })
         .map(|r| RelationColumn {
             is_key: r.get("is_key") == Some("t"),
             name: r.get("attname").unwrap_or_default().to_string(),
@@ -106,20 +116,54 @@ pub async fn source_columns(
     Ok((specs, types, names))
 }
 
-/// Describes `table` (see [`source_columns`]).
+/// Describes `table` as `publication` publishes it: on PostgreSQL ≥ 15 only the columns of its
+/// column list, and its row filter — what streamed changes carry, so that snapshot rows and
+/// verify's reads match them. A table the publication does not list is described whole.
 pub async fn describe(
     sql: &mut PgConnection,
     catalog: &mut TypeCatalog,
     catalog_conn: &mut Option<PgConnection>,
     info: &ConnInfo,
     table: &TableName,
+    publication: &str,
 ) -> anyhow::Result<SourceTable> {
-    let (specs, types, names) = source_columns(sql, catalog, catalog_conn, info, table).await?;
+    let (columns, row_filter) = if sql.server_version_num() >= 150_000 {
+        let condition = format!(
+            "pubname = {} AND schemaname = {} AND tablename = {}",
+            quote_literal(publication),
+            quote_literal(&table.schema),
+            quote_literal(&table.name)
+        );
+        let listed = sql
+            .simple_query(&format!(
+                "SELECT unnest(attnames) AS col FROM pg_publication_tables WHERE {condition}"
+            ))
+            .await?;
+        let filter = sql
+            .simple_query(&format!(
+                "SELECT rowfilter FROM pg_publication_tables WHERE {condition}"
+            ))
+            .await?;
+        let columns: Vec<String> = listed
+            .iter()
+            .filter_map(|r| r.get("col").map(str::to_string))
+            .collect();
+        let row_filter = filter
+            .first()
+            .and_then(|r| r.get("rowfilter"))
+            .map(str::to_string);
+        ((!columns.is_empty()).then_some(columns), row_filter)
+    } else {
+        (None, None)
+    };
+    let (specs, types, names) =
+        source_columns(sql, catalog, catalog_conn, info, table, columns.as_deref()).await?;
     Ok(SourceTable {
         name: table.clone(),
         specs,
         types,
         names,
+        row_filter,
     })
 }
 
@@ -182,7 +226,16 @@ impl Cursor {
             })
             .collect::<Vec<_>>()
             .join(", ");
-        let filter = filter.map(|f| format!(" WHERE {f}")).unwrap_or_default();
+        let conditions: Vec<String> = [table.row_filter.as_deref(), filter]
+            .into_iter()
+            .flatten()
+            .map(|c| format!("({c})"))
+            .collect();
+        let filter = if conditions.is_empty() {
+            String::new()
+        } else {
+            format!(" WHERE {}", conditions.join(" AND "))
+        };
         conn.copy_out(&format!(
             "COPY (SELECT {select} FROM {}{filter}) TO STDOUT (FORMAT binary)",
             table.name.quoted()

@@ -155,9 +155,16 @@ pub async fn verify(
             table: table.to_string(),
             ..Default::default()
         };
-        let (specs, types, names) =
-            crate::source::source_columns(&mut sql, &mut catalog, &mut catalog_conn, info, table)
-                .await?;
+        let source_table = crate::source::describe(
+            &mut sql,
+            &mut catalog,
+            &mut catalog_conn,
+            info,
+            table,
+            &opts.publication,
+        )
+        .await?;
+        let specs = source_table.specs.clone();
         let has_log = crate::compact::has_change_log(sink, table)
             .await
             .map_err(|e| anyhow::anyhow!(crate::pipeline::error_chain(&e)))?;
@@ -189,12 +196,6 @@ pub async fn verify(
                 verdicts.push(verdict);
                 continue;
             }
-        };
-        let source_table = crate::source::SourceTable {
-            name: table.clone(),
-            specs: specs.clone(),
-            types,
-            names,
         };
         let stamp = crate::source::RowStamp {
             op: crate::batch::rows::OP_READ,

@@ -319,9 +319,16 @@ async fn binary_copy_reads_every_type_as_its_text_form_does() {
     };
     for t in ["zoo", "odd"] {
         let name = TableName::parse(t).unwrap();
-        let table = describe(&mut conn, &mut catalog, &mut catalog_conn, &info, &name)
-            .await
-            .unwrap();
+        let table = describe(
+            &mut conn,
+            &mut catalog,
+            &mut catalog_conn,
+            &info,
+            &name,
+            "none",
+        )
+        .await
+        .unwrap();
         conn.simple_query("BEGIN ISOLATION LEVEL REPEATABLE READ")
             .await
             .unwrap();
@@ -376,6 +383,7 @@ async fn binary_copy_reads_every_type_as_its_text_form_does() {
         &mut catalog_conn,
         &info,
         &TableName::parse("odd").unwrap(),
+        "none",
     )
     .await
     .unwrap();
