@@ -133,11 +133,100 @@ struct Chunk {
     /// ctid page range [lo, hi); `None`: to the end.
     lo: u64,
     hi: Option<u64>,
+    /// Pages the range held when the load was planned (for progress).
+    pages: u64,
 }
 
 enum Msg {
     Rows(usize, deltalake::arrow::array::RecordBatch),
-    ChunkDone(usize),
+    /// A chunk of a table is read (its pages).
+    ChunkDone(usize, u64),
+}
+
+/// Progress of a load, by heap pages read of those planned: log lines every 10 s (rows,
+/// percent, rate, ETA) and, when stdout is a terminal, a progress bar.
+struct Progress {
+    started: Instant,
+    total_pages: u64,
+    done_pages: u64,
+    last_log: Instant,
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl Progress {
+    fn new(total_pages: u64) -> Progress {
+        use std::io::IsTerminal;
+        let bar = std::io::stdout().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::with_draw_target(
+                Some(total_pages.max(1)),
+                indicatif::ProgressDrawTarget::stdout(),
+            );
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "initial snapshot {bar:40} {percent:>3}% {msg} ETA {eta}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            bar
+        });
+        Progress {
+            started: Instant::now(),
+            total_pages,
+            done_pages: 0,
+            last_log: Instant::now(),
+            bar,
+        }
+    }
+
+    fn percent(&self) -> u64 {
+        (self.done_pages * 100)
+            .checked_div(self.total_pages)
+            .unwrap_or(100)
+            .min(100)
+    }
+
+    /// Seconds left at the rate so far, once something is done.
+    fn eta_secs(&self) -> Option<u64> {
+        let left = self.total_pages.saturating_sub(self.done_pages);
+        let elapsed = self.started.elapsed().as_secs_f64();
+        (self.done_pages > 0).then(|| (elapsed * left as f64 / self.done_pages as f64) as u64)
+    }
+
+    fn rows_per_s(&self, rows: u64) -> u64 {
+        (rows as f64 / self.started.elapsed().as_secs_f64().max(0.001)) as u64
+    }
+
+    fn rows(&mut self, rows: u64, tables_left: usize) {
+        if let Some(bar) = &self.bar {
+            bar.set_message(format!("{rows} rows, {}/s", self.rows_per_s(rows)));
+        }
+        if self.last_log.elapsed() >= Duration::from_secs(10) {
+            self.last_log = Instant::now();
+            tracing::info!(
+                rows,
+                percent = self.percent(),
+                rows_per_s = self.rows_per_s(rows),
+                eta_s = self.eta_secs(),
+                tables_remaining = tables_left,
+                "initial snapshot: progress"
+            );
+        }
+    }
+
+    fn chunk_done(&mut self, pages: u64) {
+        self.done_pages += pages;
+        if let Some(bar) = &self.bar {
+            bar.set_position(self.done_pages);
+        }
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
 }
 
 /// Loads every published table whose change log does not hold it yet, from `snapshot`.
@@ -176,6 +265,7 @@ pub async fn load(
     let mut chunks: VecDeque<Chunk> = VecDeque::new();
     let mut remaining: Vec<u64> = Vec::new();
     let mut loaded_rows: Vec<u64> = Vec::new();
+    let mut summary_pages = 0u64;
     for name in &names {
         let table = crate::source::describe(
             &mut sql,
@@ -204,6 +294,7 @@ pub async fn load(
             summary.replaced += 1;
         }
         let pages = table_bytes(&mut sql, name).await? / block;
+        summary_pages += pages;
         let per_chunk = (opts.chunk_bytes / block).max(1);
         let n = pages.div_ceil(per_chunk).max(1);
         let t = tables.len();
@@ -215,6 +306,7 @@ pub async fn load(
                 index,
                 lo,
                 hi,
+                pages: hi.unwrap_or(pages).saturating_sub(lo),
             });
         }
         remaining.push(n);
@@ -275,7 +367,7 @@ pub async fn load(
     }
     drop(tx);
     let mut tables_left = tables.len();
-    let mut last_progress = Instant::now();
+    let mut progress = Progress::new(summary_pages);
     while let Some(msg) = rx.recv().await {
         match msg? {
             Msg::Rows(t, batch) => {
@@ -290,18 +382,10 @@ pub async fn load(
                         big.1.stage().await?;
                     }
                 }
-                if last_progress.elapsed() >= Duration::from_secs(10) {
-                    last_progress = Instant::now();
-                    let secs = started.elapsed().as_secs_f64().max(0.001);
-                    tracing::info!(
-                        rows = summary.rows,
-                        rows_per_s = (summary.rows as f64 / secs) as u64,
-                        tables_remaining = tables_left,
-                        "initial snapshot: progress"
-                    );
-                }
+                progress.rows(summary.rows, tables_left);
             }
-            Msg::ChunkDone(t) => {
+            Msg::ChunkDone(t, pages) => {
+                progress.chunk_done(pages);
                 remaining[t] -= 1;
                 if remaining[t] == 0 {
                     let (files, bytes) = tables[t].1.commit(lsn).await?;
@@ -313,6 +397,8 @@ pub async fn load(
                         files,
                         bytes,
                         tables_remaining = tables_left,
+                        percent = progress.percent(),
+                        eta_s = progress.eta_secs(),
                         "initial snapshot: table loaded"
                     );
                 }
@@ -411,7 +497,11 @@ async fn worker(
                 return Ok(());
             }
         }
-        if tx.send(Ok(Msg::ChunkDone(chunk.table))).await.is_err() {
+        if tx
+            .send(Ok(Msg::ChunkDone(chunk.table, chunk.pages)))
+            .await
+            .is_err()
+        {
             return Ok(());
         }
     }

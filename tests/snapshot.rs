@@ -166,6 +166,21 @@ async fn initial_snapshot_in_parallel_chunks_with_concurrent_writers_equals_the_
         chunks >= 8,
         "the 1M-row table is split for 4 workers: {loading}"
     );
+    // Progress: every table's line says how far the load is; the last one, all of it.
+    let text = std::fs::read_to_string(&log).unwrap();
+    let percents: Vec<u64> = text
+        .lines()
+        .filter(|l| l.contains("initial snapshot: table loaded"))
+        .map(|l| {
+            l.split_whitespace()
+                .find_map(|f| f.strip_prefix("percent="))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no percent in {l}"))
+        })
+        .collect();
+    assert_eq!(percents.len(), 9, "one line per table");
+    assert!(percents.windows(2).all(|w| w[0] <= w[1]), "{percents:?}");
+    assert_eq!(percents.last(), Some(&100));
     verify_ok(
         &db,
         "s_par",
