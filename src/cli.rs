@@ -141,7 +141,7 @@ pub struct CompactTuning {
     /// table versions keep working meanwhile. `off` keeps them.
     #[arg(long, env = "SLOTLAKE_VACUUM_RETENTION", value_name = "DURATION", default_value = "168h", value_parser = parse_optional_duration)]
     pub vacuum_retention: OptionalDuration,
-    /// Change-log files smaller than half this, once compacted, are merged (size-tiered, 8 at
+    /// Change-log files smaller than an eighth of this, once compacted, are merged (size-tiered, 8 at
     /// a time) into files of up to this size; 0 turns change-log optimize off.
     #[arg(long, env = "SLOTLAKE_OPTIMIZE_FILE_SIZE", value_name = "SIZE", default_value = "64MiB", value_parser = parse_size)]
     pub optimize_file_size: u64,

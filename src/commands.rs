@@ -331,33 +331,36 @@ pub async fn run(a: RunArgs) -> Result<()> {
     // (see `backfill`).
     let (backfill_tx, backfill_rx) = tokio::sync::watch::channel(false);
     let (handoff_tx, handoff_rx) = tokio::sync::watch::channel(crate::pipeline::HandOff::default());
+    let handoff_tx = Arc::new(handoff_tx);
     let (paused_tx, paused_rx) = tokio::sync::watch::channel(None);
     let link = crate::pipeline::HandOffLink {
         state: handoff_rx,
         paused: Arc::new(paused_tx),
     };
-    let watcher = (a.snapshot == crate::cli::SnapshotMode::Initial
-        && !a.publication_check_interval.is_zero())
-    .then(|| {
-        let watcher = tokio::spawn(watch_publication(
+    let backfills =
+        a.snapshot == crate::cli::SnapshotMode::Initial && !a.publication_check_interval.is_zero();
+    let spawn_backfiller = || {
+        tokio::spawn(backfill_loop(
+            load_opts.clone(),
+            info.clone(),
+            sink.clone(),
+            metrics.clone(),
+            backfill_rx.clone(),
+            handoff_tx.clone(),
+            paused_rx.clone(),
+            a.publication_check_interval,
+        ))
+    };
+    let watcher = backfills.then(|| {
+        tokio::spawn(watch_publication(
             info.clone(),
             sink.clone(),
             load_opts.clone(),
             a.publication_check_interval,
             backfill_tx,
-        ));
-        let backfiller = tokio::spawn(backfill_loop(
-            load_opts.clone(),
-            info.clone(),
-            sink.clone(),
-            metrics.clone(),
-            backfill_rx,
-            handoff_tx,
-            paused_rx,
-            a.publication_check_interval,
-        ));
-        (watcher, backfiller)
+        ))
     });
+    let mut backfiller = backfills.then(spawn_backfiller);
     let summary = loop {
         let started = std::time::Instant::now();
         let result = crate::pipeline::run(
@@ -376,7 +379,16 @@ pub async fn run(a: RunArgs) -> Result<()> {
             {
                 metrics.retries.with_label_values(&["resnapshot"]).inc();
                 tracing::warn!(slot = %load_opts.slot, "the slot was invalidated; --on-slot-invalidated=resnapshot: re-creating it and re-loading every table");
+                // No backfill may commit into the change logs the re-load replaces.
+                if let Some(b) = backfiller.as_mut() {
+                    b.abort();
+                    let _ = b.await;
+                }
+                handoff_tx.send_replace(crate::pipeline::HandOff::default());
                 resnapshot(&load_opts, &info, &sink, &metrics).await?;
+                if backfills {
+                    backfiller = Some(spawn_backfiller());
+                }
             }
             Err(e) if e.is_transient() && !*stop_rx.borrow() => {
                 if started.elapsed() > RECONNECT_RESET_AFTER {
@@ -396,8 +408,10 @@ pub async fn run(a: RunArgs) -> Result<()> {
     };
     signals.abort();
     server.abort();
-    if let Some((w, b)) = watcher {
+    if let Some(w) = watcher {
         w.abort();
+    }
+    if let Some(b) = backfiller {
         b.abort();
     }
     let summary = summary?;
@@ -738,7 +752,7 @@ async fn backfill_loop(
     sink: crate::lake::store::Sink,
     metrics: Arc<crate::metrics::Metrics>,
     mut request: tokio::sync::watch::Receiver<bool>,
-    handoff: tokio::sync::watch::Sender<crate::pipeline::HandOff>,
+    handoff: Arc<tokio::sync::watch::Sender<crate::pipeline::HandOff>>,
     mut paused: tokio::sync::watch::Receiver<Option<u64>>,
     check_interval: std::time::Duration,
 ) {
@@ -789,22 +803,28 @@ async fn backfill(
         tables = new.len(),
         "backfilling tables that joined the publication; other tables keep streaming"
     );
+    // However this ends (done, failed, cancelled, panicked): pause lifted, tables released.
+    let release = Release {
+        handoff,
+        tables: new.clone(),
+        id,
+    };
     handoff.send_modify(|h| h.pause = Some(id));
-    let snapshot = async {
+    let snapshot = tokio::time::timeout(BACKFILL_PAUSE_LIMIT, async {
         paused
             .wait_for(|p| *p == Some(id))
             .await
             .context("the stream ended")?;
         crate::snapshot::temporary_snapshot(info).await
-    }
-    .await;
-    let (session, snapshot) = match snapshot {
-        Ok(s) => s,
-        Err(e) => {
-            handoff.send_modify(|h| h.pause = None);
-            return Err(e);
-        }
-    };
+    })
+    .await
+    .map_err(|_| {
+        anyhow::anyhow!(
+            "creating the backfill's snapshot took over {BACKFILL_PAUSE_LIMIT:?} (a long-running transaction on the source?); streaming resumed, the backfill is tried again later"
+        )
+    })
+    .and_then(|r| r);
+    let (session, snapshot) = snapshot?;
     let since = crate::lsn::Lsn(snapshot.point.0.saturating_sub(1));
     handoff.send_modify(|h| {
         h.pause = None;
@@ -822,11 +842,7 @@ async fn backfill(
     o.only = Some(new.clone());
     let loaded = crate::snapshot::load(info, sink, &snapshot, &o, since, metrics).await;
     session.close().await;
-    handoff.send_modify(|h| {
-        for t in &new {
-            h.held.remove(t);
-        }
-    });
+    drop(release);
     let loaded = loaded?;
     // Read again: `slotlake snapshot` may have changed it during the load.
     let Some(mut record) = crate::snapshot::read_record(sink, &opts.slot).await? else {
@@ -865,6 +881,29 @@ async fn resnapshot(
     let snapshot = crate::snapshot::ExportedSnapshot { name, point };
     load_recorded(opts, info, sink, repl, &snapshot, point, metrics).await
 }
+
+/// Releases a backfill's tables and lifts its pause request when dropped.
+struct Release<'a> {
+    handoff: &'a tokio::sync::watch::Sender<crate::pipeline::HandOff>,
+    tables: Vec<TableName>,
+    id: u64,
+}
+
+impl Drop for Release<'_> {
+    fn drop(&mut self) {
+        self.handoff.send_modify(|h| {
+            if h.pause == Some(self.id) {
+                h.pause = None;
+            }
+            for t in &self.tables {
+                h.held.remove(t);
+            }
+        });
+    }
+}
+
+/// Longest the stream stays paused while a backfill creates its snapshot.
+const BACKFILL_PAUSE_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Wait before trying a failed backfill again (at least two publication checks).
 const BACKFILL_RETRY: std::time::Duration = std::time::Duration::from_secs(300);
@@ -940,4 +979,38 @@ pub async fn setup(a: crate::cli::SetupArgs) -> Result<()> {
     }
     conn.close().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// However a backfill ends — returned, failed, cancelled, panicked — its tables are
+    /// released and its pause lifted; other backfills' state stays.
+    #[test]
+    fn a_backfill_releases_its_tables_however_it_ends() {
+        let (tx, rx) = tokio::sync::watch::channel(crate::pipeline::HandOff::default());
+        let a = TableName::parse("public.a").unwrap();
+        let b = TableName::parse("public.b").unwrap();
+        tx.send_modify(|h| {
+            h.held.insert(b.clone());
+        });
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _release = Release {
+                handoff: &tx,
+                tables: vec![a.clone()],
+                id: 7,
+            };
+            tx.send_modify(|h| {
+                h.pause = Some(7);
+                h.held.insert(a.clone());
+            });
+            panic!("the load failed badly");
+        }));
+        assert!(result.is_err());
+        let h = rx.borrow();
+        assert_eq!(h.pause, None);
+        assert!(!h.held.contains(&a));
+        assert!(h.held.contains(&b), "another backfill's table stays held");
+    }
 }

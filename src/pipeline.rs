@@ -547,8 +547,14 @@ impl Pipeline {
         let mut stopping = false;
         tokio::pin!(shutdown);
         let mut handoff = self.handoff.state.clone();
-        let mut handoff_alive = true;
-        self.apply_handoff(&handoff.borrow_and_update().clone());
+        // A closed hand-off (its backfill task gone) holds nothing.
+        let mut handoff_alive = handoff.has_changed().is_ok();
+        let initial = if handoff_alive {
+            handoff.borrow_and_update().clone()
+        } else {
+            HandOff::default()
+        };
+        self.apply_handoff(&initial);
         loop {
             if let (Some(id), false, false) =
                 (self.pause_request, stopping, assembler.in_transaction())
@@ -565,7 +571,7 @@ impl Pipeline {
                             Ok(()) => self.apply_handoff(&handoff.borrow_and_update().clone()),
                             Err(_) => {
                                 handoff_alive = false;
-                                self.pause_request = None;
+                                self.apply_handoff(&HandOff::default());
                             }
                         },
                         _ = status.tick() => self.send_status(&mut stream).await?,
@@ -609,7 +615,10 @@ impl Pipeline {
                 r = handoff.changed(), if handoff_alive => {
                     match r {
                         Ok(()) => self.apply_handoff(&handoff.borrow_and_update().clone()),
-                        Err(_) => handoff_alive = false,
+                        Err(_) => {
+                            handoff_alive = false;
+                            self.apply_handoff(&HandOff::default());
+                        }
                     }
                     continue;
                 }

@@ -304,9 +304,10 @@ impl Cursor {
             if &data[..11] != COPY_SIGNATURE {
                 return Err(bad("missing signature"));
             }
+            // Bits 16–31 flag format changes a reader must not ignore (16: rows carry OIDs).
             let flags = be_u32(&data[11..15]);
-            if flags & (1 << 16) != 0 {
-                return Err(bad("rows carry OIDs"));
+            if flags & 0xffff_0000 != 0 {
+                return Err(bad("unsupported header flags"));
             }
             let extension = be_u32(&data[15..19]) as usize;
             if data.len() < 19 + extension {
@@ -401,7 +402,9 @@ fn row_end(data: &[u8], columns: usize) -> Result<Option<usize>, String> {
             return Err(format!("a field of length {len}"));
         }
         if len > 0 {
-            p += len as usize;
+            p = p
+                .checked_add(len as usize)
+                .ok_or_else(|| format!("a field of length {len}"))?;
             if data.len() < p {
                 return Ok(None);
             }

@@ -1,8 +1,8 @@
 //! Change-log maintenance, run by compaction once a table is compacted.
 //!
 //! **Optimize.** `run` commits a table's change log every flush, so a table that changes a
-//! little at a time collects many small files. Compacted files smaller than half the
-//! optimize size are merged, size-tiered: files are grouped by size tier (×8 per tier) and
+//! little at a time collects many small files. Compacted files smaller than an eighth of the
+//! optimize size are merged (larger ones are left: rewriting them buys readers little), size-tiered: files are grouped by size tier (×8 per tier) and
 //! [`FAN_IN`] files of one tier become one file of the next, so every row is rewritten about
 //! log₈(optimize size / flush size) times in its life, not once per pass. Merged files keep
 //! the rows (conformed to the table's latest schema: columns added since read as null, as
@@ -31,7 +31,7 @@ use deltalake::logstore::{CommitOrBytes, LogStoreRef};
 use deltalake::protocol::DeltaOperation;
 use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 use deltalake::DeltaTable;
-use object_store::ObjectStore;
+use object_store::{ObjectStore, ObjectStoreExt};
 use uuid::Uuid;
 
 use super::{commit_actions, now_millis, CompactError, CompactOptions, Ctx};
@@ -40,8 +40,12 @@ use crate::lake::changelog::writer_properties;
 /// Files of one size tier merged into one file.
 pub const FAN_IN: usize = 8;
 
-/// Attempts of a maintenance commit against `run`'s commits.
+/// Attempts of a maintenance commit against `run`'s commits (each one after re-reading the
+/// latest version, so this bounds lost races, not versions stepped over).
 const COMMIT_RACES: u32 = 8;
+
+/// Files smaller than the optimize size divided by this are merged.
+const SMALL_FRACTION: i64 = 8;
 
 /// Size of the smallest tier: files up to this are tier 0.
 const TIER_BASE: i64 = 256 * 1024;
@@ -77,33 +81,23 @@ fn tier(size: i64) -> u32 {
     t
 }
 
-/// Groups of small files to merge: per tier, oldest first, [`FAN_IN`] files at a time (fewer
-/// when they would pass `target` bytes); an incomplete group waits for more files.
+/// Groups of small files to merge: per tier, oldest first, [`FAN_IN`] files at a time (each
+/// is under an eighth of `target`, so a group stays under it); an incomplete group waits for
+/// more files.
 fn merge_groups(mut files: Vec<LiveFile>, target: i64) -> Vec<Vec<LiveFile>> {
-    files.retain(|f| f.size < target / 2);
+    files.retain(|f| f.size < target / SMALL_FRACTION);
     files.sort_by(|a, b| {
         (tier(a.size), a.modified, &a.path).cmp(&(tier(b.size), b.modified, &b.path))
     });
     let mut groups = Vec::new();
     let mut group: Vec<LiveFile> = Vec::new();
-    let mut bytes = 0;
     for f in files {
         if group.first().is_some_and(|g| tier(g.size) != tier(f.size)) {
             group.clear();
-            bytes = 0;
         }
-        if !group.is_empty() && bytes + f.size > target {
-            if group.len() >= 2 {
-                groups.push(std::mem::take(&mut group));
-            }
-            group.clear();
-            bytes = 0;
-        }
-        bytes += f.size;
         group.push(f);
         if group.len() == FAN_IN {
             groups.push(std::mem::take(&mut group));
-            bytes = 0;
         }
     }
     groups
@@ -131,14 +125,9 @@ pub(super) async fn changelog(
         // Files of versions compaction has not read yet are not ours to touch.
         let mut fresh = HashSet::new();
         for v in through + 1..=latest {
-            if let Some(bytes) = log_store
-                .read_commit_entry(v)
-                .await
-                .map_err(ctx.fail("read change-log commit"))?
-            {
-                let adds = commit_actions(&bytes).map_err(ctx.fail("parse change-log commit"))?;
-                fresh.extend(adds.into_iter().map(|a| a.path));
-            }
+            let bytes = ctx.read_commit(log_store, v).await?;
+            let adds = commit_actions(&bytes).map_err(ctx.fail("parse change-log commit"))?;
+            fresh.extend(adds.into_iter().map(|a| a.path));
         }
         let mut files: Vec<LiveFile> = snapshot
             .log_data()
@@ -180,8 +169,17 @@ pub(super) async fn changelog(
             let groups = merge_groups(files, target);
             if !groups.is_empty() {
                 let mut actions = Vec::new();
+                let mut written = Vec::new();
                 for group in &groups {
-                    let adds = merge(ctx, &table, store, &schema, group).await?;
+                    let adds = merge(
+                        ctx,
+                        &table,
+                        store,
+                        &schema,
+                        group,
+                        options.optimize_file_size,
+                    )
+                    .await?;
                     done.files_merged += group.len() as u64;
                     done.files_written += adds.len() as u64;
                     actions.extend(
@@ -189,13 +187,23 @@ pub(super) async fn changelog(
                             .iter()
                             .map(|f| Action::Remove(remove(&f.path, f.size, false))),
                     );
+                    written.extend(adds.iter().map(|a| a.path.clone()));
                     actions.extend(adds.into_iter().map(Action::Add));
                 }
                 let operation = DeltaOperation::Optimize {
                     predicate: None,
                     target_size: target,
                 };
-                commit(ctx, log_store, latest, actions, operation).await?;
+                if let Err(e) = commit(ctx, log_store, latest, actions, operation).await {
+                    // Never committed: nothing references the merged files, and vacuum only
+                    // deletes files the log removed. Delete them now (best effort).
+                    for path in written {
+                        if let Ok(p) = object_store::path::Path::parse(&path) {
+                            let _ = store.delete(&p).await;
+                        }
+                    }
+                    return Err(e);
+                }
             }
         }
     }
@@ -214,11 +222,14 @@ async fn merge(
     store: &Arc<dyn ObjectStore>,
     schema: &SchemaRef,
     group: &[LiveFile],
+    target_bytes: u64,
 ) -> Result<Vec<Add>, CompactError> {
     let mut writer = RecordBatchWriter::for_table(table)
         .map_err(ctx.fail("optimize writer"))?
         .with_writer_properties(writer_properties())
-        .with_target_file_size(u64::MAX);
+        // A group holds at most `target` bytes of input: one output file, without telling the
+        // writer to expect an unbounded one.
+        .with_target_file_size(target_bytes.saturating_mul(2).max(1 << 20));
     for f in group {
         let batches = super::read_parquet_file(store.as_ref(), &f.path, schema)
             .await
@@ -266,8 +277,22 @@ async fn commit(
         .collect();
     let data = CommitData::new(actions, operation, Default::default(), Vec::new());
     let bytes = data.get_bytes().map_err(ctx.fail("serialize commit"))?;
-    let mut next = base + 1;
+    let mut seen = base;
     for _ in 0..COMMIT_RACES {
+        // Step over what others committed since `seen` (`run`'s appends), unless one of
+        // them removed a file this commit removes.
+        let latest = log_store
+            .get_latest_version(seen)
+            .await
+            .map_err(ctx.fail("read the change log's version"))?;
+        for v in seen + 1..=latest {
+            let theirs = ctx.read_commit(log_store, v).await?;
+            if removes_any(&theirs, &ours).map_err(ctx.fail("parse change-log commit"))? {
+                return Err(conflict(ctx));
+            }
+        }
+        seen = latest;
+        let next = latest + 1;
         let written = log_store
             .write_commit_entry(next, CommitOrBytes::LogBytes(bytes.clone()), Uuid::new_v4())
             .await;
@@ -282,17 +307,7 @@ async fn commit(
                 }
                 return Ok(next);
             }
-            Err(deltalake::kernel::transaction::TransactionError::VersionAlreadyExists(_)) => {
-                let theirs = log_store
-                    .read_commit_entry(next)
-                    .await
-                    .map_err(ctx.fail("read change-log commit"))?
-                    .unwrap_or_default();
-                if removes_any(&theirs, &ours).map_err(ctx.fail("parse change-log commit"))? {
-                    return Err(conflict(ctx));
-                }
-                next += 1;
-            }
+            Err(deltalake::kernel::transaction::TransactionError::VersionAlreadyExists(_)) => {}
             Err(e) => return Err(ctx.fail("commit change-log maintenance")(e)),
         }
     }
@@ -339,7 +354,7 @@ mod tests {
     #[test]
     fn small_files_merge_fan_in_at_a_time_within_a_tier() {
         let mut files: Vec<LiveFile> = (0..20).map(|i| file(&format!("s{i}"), 1000, i)).collect();
-        // A tier-1 file does not join tier-0 groups; files past half the target stay.
+        // A tier-1 file does not join tier-0 groups; files past an eighth of the target stay.
         files.push(file("m", 1 << 20, 5));
         files.push(file("big", 40 << 20, 1));
         let groups = merge_groups(files, 64 << 20);
@@ -356,23 +371,63 @@ mod tests {
     }
 
     #[test]
-    fn a_group_closes_early_when_it_would_pass_the_target() {
-        let files: Vec<LiveFile> = (0..5).map(|i| file(&format!("f{i}"), 200, i)).collect();
-        let groups = merge_groups(files, 500);
-        let names: Vec<Vec<&str>> = groups
-            .iter()
-            .map(|g| g.iter().map(|f| f.path.as_str()).collect())
-            .collect();
-        assert_eq!(names, [["f0", "f1"], ["f2", "f3"]]);
-    }
-
-    #[test]
     fn tiers_grow_by_the_fan_in() {
         assert_eq!(tier(1), 0);
         assert_eq!(tier(TIER_BASE), 0);
         assert_eq!(tier(TIER_BASE + 1), 1);
         assert_eq!(tier(TIER_BASE * 8), 1);
         assert_eq!(tier(TIER_BASE * 8 + 1), 2);
+    }
+
+    /// A maintenance commit lands on top of however many appends `run` made since it read the
+    /// log, and gives up (a conflict) when one of them removed a file it removes.
+    #[tokio::test]
+    async fn maintenance_commits_step_over_appends_but_not_over_removes() {
+        use crate::lake::changelog::ChangeLogTable;
+        use crate::lsn::Lsn;
+        use deltalake::arrow::array::{Int64Array, RecordBatch};
+        use deltalake::arrow::datatypes::{DataType, Field};
+
+        let sink = crate::lake::store::Sink::open("memory://", &Default::default()).unwrap();
+        let name = crate::replication::sql::TableName::parse("public.t").unwrap();
+        let schema = Arc::new(Schema::new(vec![Field::new("a", DataType::Int64, true)]));
+        let mut log = ChangeLogTable::open(&sink, &name, "slotlake-s", &schema, 1 << 20)
+            .await
+            .unwrap();
+        let base = log.version();
+        for i in 0..20 {
+            let batch =
+                RecordBatch::try_new(schema.clone(), vec![Arc::new(Int64Array::from(vec![i]))])
+                    .unwrap();
+            log.write(batch).await.unwrap();
+            log.commit(Lsn(100 + i as u64)).await.unwrap();
+        }
+        let (log_store, _, _) = sink.table_store(&sink.table_path(&["changes", "public", "t"]));
+        let ctx = Ctx {
+            sink: &sink,
+            name: &name,
+            table: name.to_string(),
+        };
+        let optimize = || DeltaOperation::Optimize {
+            predicate: None,
+            target_size: 1,
+        };
+        let v = commit(&ctx, &log_store, base, Vec::new(), optimize())
+            .await
+            .unwrap();
+        assert_eq!(v, base + 21, "on top of the 20 appends");
+
+        // Someone removes x.parquet; a commit that removes it too, planned before, conflicts.
+        let theirs = vec![Action::Remove(remove("x.parquet", 1, false))];
+        commit(&ctx, &log_store, v, theirs, optimize())
+            .await
+            .unwrap();
+        let ours = vec![Action::Remove(remove("x.parquet", 1, false))];
+        let again = commit(&ctx, &log_store, v, ours, optimize()).await;
+        assert!(
+            matches!(again, Err(CompactError::Conflict { .. })),
+            "{again:?}"
+        );
     }
 
     #[test]

@@ -481,9 +481,9 @@ impl PgConnection {
                 b'H' => return Ok(()),
                 b'N' | b'S' => {}
                 b'E' => {
-                    let e = parse_error_response(frame.body)?;
+                    let e = parse_error_response(frame.body);
                     self.until_ready().await?;
-                    return Err(e.into());
+                    return Err(e?.into());
                 }
                 other => return Err(unexpected(other, "COPY TO STDOUT")),
             }
