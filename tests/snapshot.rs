@@ -300,7 +300,25 @@ async fn an_invalidated_slot_is_recreated_and_the_tables_reloaded_with_resnapsho
     stop(run, &log).await;
 }
 
-/// Per change-log version of a file:// table, in order: (`_op`, `_lsn`) of the rows it adds.
+/// Makes slotlake's reads of `table` (not the owner's writes) wait until the returned session
+/// closes: a row-level security policy takes an advisory lock that session holds.
+async fn close_gate(db: &TestDb, table: &str) -> slotlake::replication::PgConnection {
+    db.exec(&format!(
+        "CREATE FUNCTION gate() RETURNS bool LANGUAGE plpgsql AS
+           $$ BEGIN PERFORM pg_advisory_xact_lock_shared(4242); RETURN true; END $$;
+         ALTER TABLE {table} ENABLE ROW LEVEL SECURITY;
+         CREATE POLICY gate ON {table} USING (gate());"
+    ))
+    .await;
+    let mut gate = db.admin().await;
+    gate.simple_query("SELECT pg_advisory_lock(4242)")
+        .await
+        .unwrap();
+    gate
+}
+
+/// Per change-log version of a file:// table, in order: (`_op`, `_lsn`) of the rows it adds
+/// (as changes: files rewritten by optimize are skipped).
 fn rows_per_version(table_dir: &Path) -> Vec<Vec<(String, i64)>> {
     use deltalake::arrow::array::{Array, Int64Array, StringArray};
     use deltalake::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -313,9 +331,13 @@ fn rows_per_version(table_dir: &Path) -> Vec<Vec<(String, i64)>> {
         let mut rows = Vec::new();
         for line in text.lines() {
             let j: serde_json::Value = serde_json::from_str(line).unwrap();
+            // Files rewritten without a change (change-log optimize) are not new rows.
             let Some(path) = j["add"]["path"].as_str() else {
                 continue;
             };
+            if j["add"]["dataChange"] == false {
+                continue;
+            }
             let file = std::fs::File::open(table_dir.join(path)).unwrap();
             for batch in ParquetRecordBatchReaderBuilder::try_new(file)
                 .unwrap()
@@ -396,17 +418,7 @@ async fn a_table_added_to_the_publication_is_backfilled_while_it_changes() {
     // A deliberate re-load of b, while the writer changes it — and while it loads, a keeps
     // streaming. The load is held up at will: a row-level security policy makes slotlake's
     // reads of b (not the owner's writes) wait for an advisory lock this test holds.
-    db.exec(
-        "CREATE FUNCTION gate() RETURNS bool LANGUAGE plpgsql AS
-           $$ BEGIN PERFORM pg_advisory_xact_lock_shared(4242); RETURN true; END $$;
-         ALTER TABLE b ENABLE ROW LEVEL SECURITY;
-         CREATE POLICY gate ON b USING (gate());",
-    )
-    .await;
-    let mut gate = db.admin().await;
-    gate.simple_query("SELECT pg_advisory_lock(4242)")
-        .await
-        .unwrap();
+    let gate = close_gate(&db, "b").await;
     let (code, out, err) = run_slotlake(
         &[
             "snapshot", "--sink", &root, "--slot", "s_back", "--table", "public.b",
@@ -440,9 +452,6 @@ async fn a_table_added_to_the_publication_is_backfilled_while_it_changes() {
         1,
         "b's re-load is still waiting at the gate"
     );
-    gate.simple_query("SELECT pg_advisory_unlock(4242)")
-        .await
-        .unwrap();
     gate.close().await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     while backfills_done() < 2 {
@@ -457,9 +466,14 @@ async fn a_table_added_to_the_publication_is_backfilled_while_it_changes() {
     assert!(rounds > 0);
     caught_up(&db, "s_back", &log).await;
     verify_ok(&db, "s_back", &root, &["a", "b"]).await;
-    // The changes of b held during its re-load were committed after the load, never before:
-    // in version order, no row after the load's point precedes the load's commit.
-    let versions = rows_per_version(&dir.path().join("lake/changes/public/b"));
+    held_changes_follow_the_load(&dir.path().join("lake/changes/public/b"));
+    stop(run, &log).await;
+}
+
+/// The changes of a table held during its (last) load were committed after the load, never
+/// before: in version order, no row after the load's point precedes the load's commit.
+fn held_changes_follow_the_load(table_dir: &Path) {
+    let versions = rows_per_version(table_dir);
     let (reload, point) = versions
         .iter()
         .enumerate()
@@ -471,14 +485,25 @@ async fn a_table_added_to_the_publication_is_backfilled_while_it_changes() {
         .flatten()
         .filter(|r| r.1 > point)
         .count();
-    assert!(held_rows > 0, "b changed during and after its re-load");
+    assert!(
+        held_rows > 0,
+        "b changed during and after its re-load: {:?}",
+        versions
+            .iter()
+            .map(|rows| (
+                rows.len(),
+                rows.iter().filter(|r| r.0 == "R").count(),
+                rows.iter().map(|r| r.1).min(),
+                rows.iter().map(|r| r.1).max()
+            ))
+            .collect::<Vec<_>>()
+    );
     for (v, rows) in versions[..reload].iter().enumerate() {
         assert!(
             rows.iter().all(|r| r.1 <= point),
             "version {v} holds changes after the re-load's point {point}, committed before it"
         );
     }
-    stop(run, &log).await;
 }
 
 /// `--snapshot never` (no publication watcher): run streams changes only, and keeps streaming.
@@ -595,4 +620,79 @@ async fn column_lists_and_row_filters_apply_to_the_snapshot() {
         .collect();
     assert_eq!(current, want);
     assert!(current.contains_key(&1500) && !current.contains_key(&900));
+}
+
+/// `run` killed while a backfill is held mid-load (by a gate): the restarted `run` backfills
+/// the table again, the other table streams throughout, and once the gate opens the lake
+/// equals the source, with the held changes committed after the load.
+#[tokio::test]
+async fn kill_nine_during_a_backfill_then_restart_loses_nothing() {
+    let cluster = Cluster::shared();
+    let db = cluster.create_db("backfill_kill").await;
+    db.exec(
+        "CREATE TABLE a (id int PRIMARY KEY, v text);
+         INSERT INTO a SELECT g, 'a' || g FROM generate_series(1, 1000) g;
+         CREATE TABLE b (id int PRIMARY KEY, v text, n bigint);
+         INSERT INTO b SELECT g, 'b' || g, g FROM generate_series(1, 20000) g;
+         CREATE PUBLICATION pub FOR TABLE a;",
+    )
+    .await;
+    db.grant_select().await;
+    let gate = close_gate(&db, "b").await;
+    let dir = tempfile::tempdir().unwrap();
+    let root = format!("file://{}", dir.path().join("lake").display());
+    let log = dir.path().join("run.log");
+    let args = [
+        "--compact-interval",
+        "0",
+        "--publication-check-interval",
+        "300ms",
+    ];
+    let mut run = start_run(&db, "s_bkill", &root, &args, &log).await;
+    wait_for_log(&log, "initial snapshot: done", 60).await;
+    let stop_writer = Arc::new(AtomicBool::new(false));
+    let writer = start_writer(
+        &db,
+        stop_writer.clone(),
+        Arc::new(AtomicU64::new(0)),
+        |round| {
+            let id = 1 + (round * 7919) % 20000;
+            format!(
+                "BEGIN;
+             UPDATE b SET n = n + 1, v = 'w{round}' WHERE id = {id};
+             INSERT INTO b VALUES (100000 + {round}, 'new', 0);
+             UPDATE a SET v = 'w{round}' WHERE id = {};
+             COMMIT;",
+                1 + round % 1000
+            )
+        },
+    );
+    db.exec("ALTER PUBLICATION pub ADD TABLE b").await;
+    wait_for_log(&log, "held until its load commits", 60).await;
+    run.kill().await.unwrap();
+
+    let run = start_run(&db, "s_bkill", &root, &args, &log).await;
+    let held_twice = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("held until its load commits")
+            .count()
+            >= 2
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !held_twice() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the restarted run never backfilled b again"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    gate.close().await;
+    wait_for_log(&log, "backfill done", 120).await;
+    stop_writer.store(true, Ordering::Relaxed);
+    assert!(writer.await.unwrap() > 0);
+    caught_up(&db, "s_bkill", &log).await;
+    verify_ok(&db, "s_bkill", &root, &["a", "b"]).await;
+    held_changes_follow_the_load(&dir.path().join("lake/changes/public/b"));
+    stop(run, &log).await;
 }
