@@ -300,6 +300,19 @@ async fn an_invalidated_slot_is_recreated_and_the_tables_reloaded_with_resnapsho
     stop(run, &log).await;
 }
 
+/// Tables `a` (1,000 rows, published) and `b` (`b_rows` rows, not yet published).
+async fn a_published_b_not(db: &TestDb, b_rows: u64) {
+    db.exec(&format!(
+        "CREATE TABLE a (id int PRIMARY KEY, v text);
+         INSERT INTO a SELECT g, 'a' || g FROM generate_series(1, 1000) g;
+         CREATE TABLE b (id int PRIMARY KEY, v text, n bigint);
+         INSERT INTO b SELECT g, 'b' || g, g FROM generate_series(1, {b_rows}) g;
+         CREATE PUBLICATION pub FOR TABLE a;"
+    ))
+    .await;
+    db.grant_select().await;
+}
+
 /// Makes slotlake's reads of `table` (not the owner's writes) wait until the returned session
 /// closes: a row-level security policy takes an advisory lock that session holds.
 async fn close_gate(db: &TestDb, table: &str) -> slotlake::replication::PgConnection {
@@ -366,15 +379,7 @@ fn rows_per_version(table_dir: &Path) -> Vec<Vec<(String, i64)>> {
 async fn a_table_added_to_the_publication_is_backfilled_while_it_changes() {
     let cluster = Cluster::shared();
     let db = cluster.create_db("backfill").await;
-    db.exec(
-        "CREATE TABLE a (id int PRIMARY KEY, v text);
-         INSERT INTO a SELECT g, 'a' || g FROM generate_series(1, 1000) g;
-         CREATE TABLE b (id int PRIMARY KEY, v text, n bigint);
-         INSERT INTO b SELECT g, 'b' || g, g FROM generate_series(1, 50000) g;
-         CREATE PUBLICATION pub FOR TABLE a;",
-    )
-    .await;
-    db.grant_select().await;
+    a_published_b_not(&db, 50000).await;
     let dir = tempfile::tempdir().unwrap();
     let root = format!("file://{}", dir.path().join("lake").display());
     let log = dir.path().join("run.log");
@@ -629,15 +634,7 @@ async fn column_lists_and_row_filters_apply_to_the_snapshot() {
 async fn kill_nine_during_a_backfill_then_restart_loses_nothing() {
     let cluster = Cluster::shared();
     let db = cluster.create_db("backfill_kill").await;
-    db.exec(
-        "CREATE TABLE a (id int PRIMARY KEY, v text);
-         INSERT INTO a SELECT g, 'a' || g FROM generate_series(1, 1000) g;
-         CREATE TABLE b (id int PRIMARY KEY, v text, n bigint);
-         INSERT INTO b SELECT g, 'b' || g, g FROM generate_series(1, 20000) g;
-         CREATE PUBLICATION pub FOR TABLE a;",
-    )
-    .await;
-    db.grant_select().await;
+    a_published_b_not(&db, 20000).await;
     let gate = close_gate(&db, "b").await;
     let dir = tempfile::tempdir().unwrap();
     let root = format!("file://{}", dir.path().join("lake").display());
