@@ -66,6 +66,9 @@ def main():
     d = sub.add_parser("duckdb")
     d.add_argument("table")
     d.add_argument("out")
+    h = sub.add_parser("duckdb-history")
+    h.add_argument("table")
+    h.add_argument("out")
     c = sub.add_parser("check")
     c.add_argument("current")
     c.add_argument("duck")
@@ -96,6 +99,25 @@ def main():
                     SELECT *, row_number() OVER (PARTITION BY id ORDER BY _lsn DESC, _seq DESC) AS rn
                     FROM read_parquet({files!r}))
                   WHERE rn = 1 AND _op <> 'D'
+                ) TO '{args.out}' (FORMAT parquet, COMPRESSION zstd)"""
+        )
+        elapsed = time.perf_counter() - started
+        rows = con.execute(f"SELECT count(*) FROM read_parquet('{args.out}')").fetchone()[0]
+        print(f"{elapsed:.3f} {rows}")
+    elif args.cmd == "duckdb-history":
+        # Context for the ratio: the SCD2 side of what `slotlake compact` also writes — every
+        # change a version, ended by the key's next change, deletes as tombstones.
+        files = DeltaTable(args.table).file_uris()
+        con = duckdb.connect()
+        started = time.perf_counter()
+        con.execute(
+            f"""COPY (
+                  SELECT id, amount, name,
+                         _lsn AS _valid_from_lsn, lead(_lsn) OVER w AS _valid_to_lsn,
+                         _commit_ts AS _valid_from, lead(_commit_ts) OVER w AS _valid_to,
+                         lead(_lsn) OVER w IS NULL AS _is_current, _op = 'D' AS _deleted
+                  FROM read_parquet({files!r})
+                  WINDOW w AS (PARTITION BY id ORDER BY _lsn, _seq)
                 ) TO '{args.out}' (FORMAT parquet, COMPRESSION zstd)"""
         )
         elapsed = time.perf_counter() - started
