@@ -50,6 +50,20 @@ def gen(table, keys, start, end):
     write_deltalake(table, t, mode="append")
 
 
+def timed_copy(table, out, select):
+    """Runs `select` (with {files}: the table's data files) into zstd Parquet at `out`; prints
+    the seconds it took and the rows written."""
+    files = DeltaTable(table).file_uris()
+    con = duckdb.connect()
+    started = time.perf_counter()
+    con.execute(
+        f"COPY ({select.format(files=repr(files))}) TO '{out}' (FORMAT parquet, COMPRESSION zstd)"
+    )
+    elapsed = time.perf_counter() - started
+    rows = con.execute(f"SELECT count(*) FROM read_parquet('{out}')").fetchone()[0]
+    print(f"{elapsed:.3f} {rows}")
+
+
 def main():
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -90,39 +104,27 @@ def main():
             t = t.read_all()
         write_deltalake(args.table, t, mode="append")
     elif args.cmd == "duckdb":
-        files = DeltaTable(args.table).file_uris()
-        con = duckdb.connect()
-        started = time.perf_counter()
-        con.execute(
-            f"""COPY (
-                  SELECT id, amount, name, _lsn, _commit_ts FROM (
-                    SELECT *, row_number() OVER (PARTITION BY id ORDER BY _lsn DESC, _seq DESC) AS rn
-                    FROM read_parquet({files!r}))
-                  WHERE rn = 1 AND _op <> 'D'
-                ) TO '{args.out}' (FORMAT parquet, COMPRESSION zstd)"""
+        timed_copy(
+            args.table,
+            args.out,
+            """SELECT id, amount, name, _lsn, _commit_ts FROM (
+                 SELECT *, row_number() OVER (PARTITION BY id ORDER BY _lsn DESC, _seq DESC) AS rn
+                 FROM read_parquet({files}))
+               WHERE rn = 1 AND _op <> 'D'""",
         )
-        elapsed = time.perf_counter() - started
-        rows = con.execute(f"SELECT count(*) FROM read_parquet('{args.out}')").fetchone()[0]
-        print(f"{elapsed:.3f} {rows}")
     elif args.cmd == "duckdb-history":
         # Context for the ratio: the SCD2 side of what `slotlake compact` also writes — every
         # change a version, ended by the key's next change, deletes as tombstones.
-        files = DeltaTable(args.table).file_uris()
-        con = duckdb.connect()
-        started = time.perf_counter()
-        con.execute(
-            f"""COPY (
-                  SELECT id, amount, name,
-                         _lsn AS _valid_from_lsn, lead(_lsn) OVER w AS _valid_to_lsn,
-                         _commit_ts AS _valid_from, lead(_commit_ts) OVER w AS _valid_to,
-                         lead(_lsn) OVER w IS NULL AS _is_current, _op = 'D' AS _deleted
-                  FROM read_parquet({files!r})
-                  WINDOW w AS (PARTITION BY id ORDER BY _lsn, _seq)
-                ) TO '{args.out}' (FORMAT parquet, COMPRESSION zstd)"""
+        timed_copy(
+            args.table,
+            args.out,
+            """SELECT id, amount, name,
+                      _lsn AS _valid_from_lsn, lead(_lsn) OVER w AS _valid_to_lsn,
+                      _commit_ts AS _valid_from, lead(_commit_ts) OVER w AS _valid_to,
+                      lead(_lsn) OVER w IS NULL AS _is_current, _op = 'D' AS _deleted
+               FROM read_parquet({files})
+               WINDOW w AS (PARTITION BY id ORDER BY _lsn, _seq)""",
         )
-        elapsed = time.perf_counter() - started
-        rows = con.execute(f"SELECT count(*) FROM read_parquet('{args.out}')").fetchone()[0]
-        print(f"{elapsed:.3f} {rows}")
     elif args.cmd == "check":
         con = duckdb.connect()
         ours = DeltaTable(args.current).to_pyarrow_table(columns=["id", "amount", "name"])
