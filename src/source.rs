@@ -181,7 +181,8 @@ pub struct RowStamp {
 /// current transaction, read with `COPY (SELECT …) TO STDOUT (FORMAT binary)` and parsed by
 /// the binary parsers into the same Arrow columns as streamed changes. Columns of types
 /// without a binary parser (no dedicated mapping: kept as their text form) are selected as
-/// `::text` and parsed as text. The connection is busy until [`Self::next`] returned `None`.
+/// `::text` and parsed as text. The connection is busy until [`Self::next`] returned `None`;
+/// after an error it is still inside the copy and must be dropped.
 pub struct Cursor {
     table: TableName,
     names: Vec<String>,
@@ -191,6 +192,8 @@ pub struct Cursor {
     text_form: Vec<bool>,
     stamp: RowStamp,
     rows: u64,
+    /// Copy-data bytes of the rows in the builder (values take about as much as Arrow data).
+    batch_bytes: usize,
     /// Copy data not parsed yet (a row can span messages in principle).
     buf: BytesMut,
     values: Vec<ColumnValue>,
@@ -202,7 +205,8 @@ pub struct Cursor {
 
 /// Signature opening a binary COPY stream.
 const COPY_SIGNATURE: &[u8; 11] = b"PGCOPY\n\xff\r\n\0";
-/// Arrow bytes after which a batch ends before [`BATCH_ROWS`] (wide rows).
+/// Bytes of rows after which a batch ends before [`BATCH_ROWS`] (wide rows: a table of
+/// 1 MiB values gives batches of 32 rows).
 const BATCH_BYTES: usize = 32 << 20;
 
 impl Cursor {
@@ -249,6 +253,7 @@ impl Cursor {
             text_form,
             stamp,
             rows: 0,
+            batch_bytes: 0,
             buf: BytesMut::new(),
             values: Vec::with_capacity(table.types.len()),
             header_seen: false,
@@ -262,6 +267,7 @@ impl Cursor {
         loop {
             let full = self.parse_rows()?;
             if full || (self.ended && !self.builder.is_empty()) {
+                self.batch_bytes = 0;
                 return Ok(Some(self.builder.finish()?));
             }
             if self.ended {
@@ -363,10 +369,8 @@ impl Cursor {
                 None,
             )?;
             self.rows += 1;
-            let n = self.builder.len();
-            if n >= BATCH_ROWS
-                || (n.is_multiple_of(1024) && self.builder.memory_bytes() >= BATCH_BYTES)
-            {
+            self.batch_bytes += end;
+            if self.builder.len() >= BATCH_ROWS || self.batch_bytes >= BATCH_BYTES {
                 return Ok((pos, true));
             }
         }

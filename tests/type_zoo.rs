@@ -400,3 +400,50 @@ async fn binary_copy_reads_every_type_as_its_text_form_does() {
         c.close().await;
     }
 }
+
+/// Wide rows end a snapshot batch early: 40 rows of 2 MiB come in batches of at most 16 (a
+/// batch holds up to 32 MiB of row data), not in one 80 MiB batch.
+#[tokio::test]
+async fn wide_rows_come_in_small_batches() {
+    use slotlake::source::{describe, Cursor, RowStamp};
+
+    let cluster = Cluster::shared();
+    let db = cluster.create_db("wide_copy").await;
+    db.exec(
+        "CREATE TABLE w (id int PRIMARY KEY, v text);
+         INSERT INTO w SELECT g, repeat(md5(g::text), 65536) FROM generate_series(1, 40) g;",
+    )
+    .await;
+    db.grant_select().await;
+    let info = ConnInfo::parse(&db.url()).unwrap();
+    let mut conn = PgConnection::connect(&info, SessionKind::Sql)
+        .await
+        .unwrap();
+    let mut catalog = TypeCatalog::new();
+    let mut catalog_conn = None;
+    let name = TableName::parse("w").unwrap();
+    let table = describe(
+        &mut conn,
+        &mut catalog,
+        &mut catalog_conn,
+        &info,
+        &name,
+        "none",
+    )
+    .await
+    .unwrap();
+    let stamp = RowStamp {
+        op: "R",
+        lsn: 5,
+        first_seq: 0,
+        commit_ts_micros: 0,
+    };
+    let mut cursor = Cursor::open(&mut conn, &table, None, stamp).await.unwrap();
+    let mut sizes = Vec::new();
+    while let Some(b) = cursor.next(&mut conn).await.unwrap() {
+        sizes.push(b.num_rows());
+    }
+    assert_eq!(sizes.iter().sum::<usize>(), 40);
+    assert!(sizes.iter().all(|&n| n <= 16), "{sizes:?}");
+    conn.close().await;
+}
