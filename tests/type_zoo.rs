@@ -289,13 +289,48 @@ async fn a_thousand_digit_numeric_is_exact() {
     }
 }
 
+fn copy_stamp() -> slotlake::source::RowStamp {
+    slotlake::source::RowStamp {
+        op: "R",
+        lsn: 5,
+        first_seq: 0,
+        commit_ts_micros: 0,
+    }
+}
+
+/// `table` described as slotlake describes it, and its rows read through the snapshot's binary
+/// `COPY` reader, in the session's current transaction.
+async fn copy_table(
+    conn: &mut PgConnection,
+    info: &ConnInfo,
+    catalog: &mut TypeCatalog,
+    catalog_conn: &mut Option<PgConnection>,
+    table: &str,
+) -> (
+    slotlake::source::SourceTable,
+    Vec<deltalake::arrow::array::RecordBatch>,
+) {
+    let name = TableName::parse(table).unwrap();
+    let described = slotlake::source::describe(conn, catalog, catalog_conn, info, &name, "none")
+        .await
+        .unwrap();
+    let mut cursor = slotlake::source::Cursor::open(conn, &described, None, copy_stamp())
+        .await
+        .unwrap();
+    let mut batches = Vec::new();
+    while let Some(b) = cursor.next(conn).await.unwrap() {
+        batches.push(b);
+    }
+    (described, batches)
+}
+
 /// The snapshot reader (binary `COPY`, types without a binary parser as `::text`) gives the
 /// same Arrow batch as the text form of `SELECT` parsed by the text parser, for every type;
 /// and a failed `COPY` leaves the session usable.
 #[tokio::test]
 async fn binary_copy_reads_every_type_as_its_text_form_does() {
     use slotlake::batch::rows::ChangeBatchBuilder;
-    use slotlake::source::{describe, Cursor, RowStamp};
+    use slotlake::source::{describe, Cursor};
     use slotlake::types::{ColumnValue, Value};
 
     let cluster = Cluster::shared();
@@ -311,32 +346,12 @@ async fn binary_copy_reads_every_type_as_its_text_form_does() {
         .unwrap();
     let mut catalog = TypeCatalog::new();
     let mut catalog_conn = None;
-    let stamp = RowStamp {
-        op: "R",
-        lsn: 5,
-        first_seq: 0,
-        commit_ts_micros: 0,
-    };
+    let stamp = copy_stamp();
     for t in ["zoo", "odd"] {
-        let name = TableName::parse(t).unwrap();
-        let table = describe(
-            &mut conn,
-            &mut catalog,
-            &mut catalog_conn,
-            &info,
-            &name,
-            "none",
-        )
-        .await
-        .unwrap();
         conn.simple_query("BEGIN ISOLATION LEVEL REPEATABLE READ")
             .await
             .unwrap();
-        let mut cursor = Cursor::open(&mut conn, &table, None, stamp).await.unwrap();
-        let mut got = Vec::new();
-        while let Some(b) = cursor.next(&mut conn).await.unwrap() {
-            got.push(b);
-        }
+        let (table, got) = copy_table(&mut conn, &info, &mut catalog, &mut catalog_conn, t).await;
         // The oracle: the same rows as text, in the same transaction and scan order.
         let columns = table
             .names
@@ -405,8 +420,6 @@ async fn binary_copy_reads_every_type_as_its_text_form_does() {
 /// batch holds up to 32 MiB of row data), not in one 80 MiB batch.
 #[tokio::test]
 async fn wide_rows_come_in_small_batches() {
-    use slotlake::source::{describe, Cursor, RowStamp};
-
     let cluster = Cluster::shared();
     let db = cluster.create_db("wide_copy").await;
     db.exec(
@@ -419,30 +432,8 @@ async fn wide_rows_come_in_small_batches() {
     let mut conn = PgConnection::connect(&info, SessionKind::Sql)
         .await
         .unwrap();
-    let mut catalog = TypeCatalog::new();
-    let mut catalog_conn = None;
-    let name = TableName::parse("w").unwrap();
-    let table = describe(
-        &mut conn,
-        &mut catalog,
-        &mut catalog_conn,
-        &info,
-        &name,
-        "none",
-    )
-    .await
-    .unwrap();
-    let stamp = RowStamp {
-        op: "R",
-        lsn: 5,
-        first_seq: 0,
-        commit_ts_micros: 0,
-    };
-    let mut cursor = Cursor::open(&mut conn, &table, None, stamp).await.unwrap();
-    let mut sizes = Vec::new();
-    while let Some(b) = cursor.next(&mut conn).await.unwrap() {
-        sizes.push(b.num_rows());
-    }
+    let (_, batches) = copy_table(&mut conn, &info, &mut TypeCatalog::new(), &mut None, "w").await;
+    let sizes: Vec<usize> = batches.iter().map(|b| b.num_rows()).collect();
     assert_eq!(sizes.iter().sum::<usize>(), 40);
     assert!(sizes.iter().all(|&n| n <= 16), "{sizes:?}");
     conn.close().await;
