@@ -357,9 +357,7 @@ pub async fn run(
         spilled_reported: 0,
         op_changes,
         handoff,
-        pause_request: None,
-        floors: HashMap::new(),
-        held: HashSet::new(),
+        handed: HandOff::default(),
     };
     p.metrics.streaming.store(true, Ordering::Relaxed);
     let result = p.stream_loop(stream, shutdown).await;
@@ -522,9 +520,7 @@ struct Pipeline {
     op_changes: [prometheus::IntCounter; 4],
     /// Backfills' side of the hand-off, and the latest state seen of it.
     handoff: HandOffLink,
-    pause_request: Option<u64>,
-    floors: HashMap<TableName, Lsn>,
-    held: HashSet<TableName>,
+    handed: HandOff,
 }
 
 impl Pipeline {
@@ -547,17 +543,12 @@ impl Pipeline {
         let mut stopping = false;
         tokio::pin!(shutdown);
         let mut handoff = self.handoff.state.clone();
-        // A closed hand-off (its backfill task gone) holds nothing.
-        let mut handoff_alive = handoff.has_changed().is_ok();
-        let initial = if handoff_alive {
-            handoff.borrow_and_update().clone()
-        } else {
-            HandOff::default()
-        };
-        self.apply_handoff(&initial);
+        let mut handoff_alive = true;
+        let initial = handoff.has_changed().map(drop);
+        self.take_handoff(initial, &mut handoff, &mut handoff_alive);
         loop {
             if let (Some(id), false, false) =
-                (self.pause_request, stopping, assembler.in_transaction())
+                (self.handed.pause, stopping, assembler.in_transaction())
             {
                 // A backfill creates its snapshot: everything committed, nothing read until
                 // it knows the snapshot's point (status updates keep the session alive).
@@ -565,15 +556,11 @@ impl Pipeline {
                 self.send_status(&mut stream).await?;
                 self.handoff.paused.send_replace(Some(id));
                 tracing::info!("stream paused while a backfill creates its snapshot");
-                while self.pause_request == Some(id) && !stopping {
+                while self.handed.pause == Some(id) && !stopping {
                     tokio::select! {
-                        r = handoff.changed(), if handoff_alive => match r {
-                            Ok(()) => self.apply_handoff(&handoff.borrow_and_update().clone()),
-                            Err(_) => {
-                                handoff_alive = false;
-                                self.apply_handoff(&HandOff::default());
-                            }
-                        },
+                        r = handoff.changed(), if handoff_alive => {
+                            self.take_handoff(r, &mut handoff, &mut handoff_alive);
+                        }
                         _ = status.tick() => self.send_status(&mut stream).await?,
                         _ = &mut shutdown => stopping = true,
                     }
@@ -613,13 +600,7 @@ impl Pipeline {
                     continue;
                 }
                 r = handoff.changed(), if handoff_alive => {
-                    match r {
-                        Ok(()) => self.apply_handoff(&handoff.borrow_and_update().clone()),
-                        Err(_) => {
-                            handoff_alive = false;
-                            self.apply_handoff(&HandOff::default());
-                        }
-                    }
+                    self.take_handoff(r, &mut handoff, &mut handoff_alive);
                     continue;
                 }
             };
@@ -701,16 +682,26 @@ impl Pipeline {
         }
     }
 
-    /// Takes in a backfill's hand-off state: the pause request, and per table its floor and
-    /// whether it is held.
-    fn apply_handoff(&mut self, h: &HandOff) {
-        self.pause_request = h.pause;
+    /// Takes in the hand-off state after `changed` said it changed (or, `Err`, that its
+    /// sender is gone: a backfill task that is gone holds nothing): the pause request, and per
+    /// table its floor and whether it is held.
+    fn take_handoff<E>(
+        &mut self,
+        changed: Result<(), E>,
+        rx: &mut tokio::sync::watch::Receiver<HandOff>,
+        alive: &mut bool,
+    ) {
+        self.handed = match changed {
+            Ok(()) => rx.borrow_and_update().clone(),
+            Err(_) => {
+                *alive = false;
+                HandOff::default()
+            }
+        };
         for t in self.tables.values_mut() {
-            t.floor = h.floors.get(&t.name).copied();
-            t.held = h.held.contains(&t.name);
+            t.floor = self.handed.floors.get(&t.name).copied();
+            t.held = self.handed.held.contains(&t.name);
         }
-        self.floors.clone_from(&h.floors);
-        self.held.clone_from(&h.held);
     }
 
     fn note_received(&mut self, lsn: Lsn) {
@@ -979,8 +970,8 @@ impl Pipeline {
                     filter_at_or_below: None,
                     filtered: 0,
                     first_pending: None,
-                    floor: self.floors.get(&layout.table).copied(),
-                    held: self.held.contains(&layout.table),
+                    floor: self.handed.floors.get(&layout.table).copied(),
+                    held: self.handed.held.contains(&layout.table),
                 },
             );
             self.metrics.tables_active.set(self.tables.len() as i64);

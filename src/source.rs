@@ -129,26 +129,24 @@ pub async fn describe(
 ) -> anyhow::Result<SourceTable> {
     let (columns, row_filter) = if sql.server_version_num() >= 150_000 {
         let condition = format!(
-            "pubname = {} AND schemaname = {} AND tablename = {}",
+            "p.pubname = {} AND p.schemaname = {} AND p.tablename = {}",
             quote_literal(publication),
             quote_literal(&table.schema),
             quote_literal(&table.name)
         );
-        let listed = sql
+        // One row per published column, each with the row filter (one row, no column, for
+        // a table without columns).
+        let rows = sql
             .simple_query(&format!(
-                "SELECT unnest(attnames) AS col FROM pg_publication_tables WHERE {condition}"
+                "SELECT p.rowfilter, a.col FROM pg_publication_tables p
+                   LEFT JOIN LATERAL unnest(p.attnames) AS a(col) ON true WHERE {condition}"
             ))
             .await?;
-        let filter = sql
-            .simple_query(&format!(
-                "SELECT rowfilter FROM pg_publication_tables WHERE {condition}"
-            ))
-            .await?;
-        let columns: Vec<String> = listed
+        let columns: Vec<String> = rows
             .iter()
             .filter_map(|r| r.get("col").map(str::to_string))
             .collect();
-        let row_filter = filter
+        let row_filter = rows
             .first()
             .and_then(|r| r.get("rowfilter"))
             .map(str::to_string);

@@ -473,21 +473,7 @@ impl PgConnection {
     /// Starts a `COPY … TO STDOUT`: returns once the server answered with CopyOutResponse.
     /// Then [`Self::copy_data`] reads the data until the copy ends.
     pub async fn copy_out(&mut self, sql: &str) -> Result<(), ClientError> {
-        frontend::query(sql, &mut self.write_buf).map_err(ClientError::Io)?;
-        self.flush().await?;
-        loop {
-            let frame = self.read_frame().await?;
-            match frame.tag {
-                b'H' => return Ok(()),
-                b'N' | b'S' => {}
-                b'E' => {
-                    let e = parse_error_response(frame.body);
-                    self.until_ready().await?;
-                    return Err(e?.into());
-                }
-                other => return Err(unexpected(other, "COPY TO STDOUT")),
-            }
-        }
+        self.start_copy(sql, b'H', "COPY TO STDOUT").await
     }
 
     /// The next CopyData payload of a `COPY … TO STDOUT` (PostgreSQL sends one row per
@@ -521,19 +507,25 @@ impl PgConnection {
     /// Sends a command that answers with CopyBothResponse (START_REPLICATION). Returns once the
     /// server has entered copy-both mode.
     pub(crate) async fn start_copy_both(&mut self, command: &str) -> Result<(), ClientError> {
+        self.start_copy(command, b'W', "START_REPLICATION").await
+    }
+
+    /// Sends `command` and waits for the copy response `tag` (`H` copy-out, `W` copy-both). An
+    /// error from the server is returned once the session is ready again.
+    async fn start_copy(&mut self, command: &str, tag: u8, what: &str) -> Result<(), ClientError> {
         frontend::query(command, &mut self.write_buf).map_err(ClientError::Io)?;
         self.flush().await?;
         loop {
             let frame = self.read_frame().await?;
             match frame.tag {
-                b'W' => return Ok(()),
+                t if t == tag => return Ok(()),
                 b'N' | b'S' => {}
                 b'E' => {
-                    let e = parse_error_response(frame.body)?;
+                    let e = parse_error_response(frame.body);
                     self.until_ready().await?;
-                    return Err(e.into());
+                    return Err(e?.into());
                 }
-                other => return Err(unexpected(other, "START_REPLICATION")),
+                other => return Err(unexpected(other, what)),
             }
         }
     }
