@@ -639,15 +639,16 @@ async fn initial_snapshot(
     if mode == crate::cli::SnapshotMode::Never {
         return Ok(());
     }
-    let (session, snapshot, point) = match exported {
+    let (session, snapshot, point, plans) = match exported {
         Some((repl, snap)) => {
             let point = snap.point;
-            (repl, snap, point)
+            (repl, snap, point, Default::default())
         }
         None => match read_record(sink, &opts.slot).await? {
             Some(LoadRecord {
                 state,
                 consistent_point,
+                plans,
                 ..
             }) if state == "loading" => {
                 tracing::info!(slot = %opts.slot, "resuming an interrupted initial snapshot from a new snapshot");
@@ -666,15 +667,17 @@ async fn initial_snapshot(
                     }
                 };
                 let (repl, snap) = temporary_snapshot(info).await?;
-                (repl, snap, point)
+                (repl, snap, point, plans)
             }
             _ => return Ok(()),
         },
     };
-    load_recorded(opts, info, sink, session, &snapshot, point, metrics).await
+    load_recorded(opts, info, sink, session, &snapshot, point, plans, metrics).await
 }
 
-/// Runs a load with its record: `loading` (with the slot's start) before, `done` after.
+/// Runs a load with its record: `loading` (with the slot's start, and the chunk plans of an
+/// interrupted attempt, which the load replaces with its own) before, `done` after.
+#[allow(clippy::too_many_arguments)]
 async fn load_recorded(
     opts: &crate::snapshot::LoadOptions,
     info: &ConnInfo,
@@ -682,21 +685,34 @@ async fn load_recorded(
     session: PgConnection,
     snapshot: &crate::snapshot::ExportedSnapshot,
     point: crate::lsn::Lsn,
+    plans: std::collections::BTreeMap<String, crate::snapshot::ChunkPlan>,
     metrics: &crate::metrics::Metrics,
 ) -> Result<()> {
     use crate::snapshot::{load, write_record, LoadRecord};
-    let record = |state: &str, tables: Vec<String>| LoadRecord {
+    let mut record = LoadRecord {
         consistent_point: point.to_string(),
-        state: state.into(),
-        tables,
+        state: "loading".into(),
+        tables: Vec::new(),
+        plans,
     };
-    write_record(sink, &opts.slot, &record("loading", Vec::new())).await?;
+    write_record(sink, &opts.slot, &record).await?;
     let since = crate::lsn::Lsn(point.0.saturating_sub(1));
-    let loaded = load(info, sink, snapshot, opts, since, metrics).await;
+    let loaded = load(
+        info,
+        sink,
+        snapshot,
+        opts,
+        since,
+        metrics,
+        Some(&mut record),
+    )
+    .await;
     session.close().await;
     let loaded = loaded?;
-    let tables = loaded.covered.iter().map(|t| t.to_string()).collect();
-    write_record(sink, &opts.slot, &record("done", tables)).await?;
+    record.state = "done".into();
+    record.tables = loaded.covered.iter().map(|t| t.to_string()).collect();
+    record.plans.clear();
+    write_record(sink, &opts.slot, &record).await?;
     Ok(())
 }
 
@@ -840,7 +856,7 @@ async fn backfill(
     );
     let mut o = opts.clone();
     o.only = Some(new.clone());
-    let loaded = crate::snapshot::load(info, sink, &snapshot, &o, since, metrics).await;
+    let loaded = crate::snapshot::load(info, sink, &snapshot, &o, since, metrics, None).await;
     session.close().await;
     drop(release);
     let loaded = loaded?;
@@ -879,7 +895,8 @@ async fn resnapshot(
     };
     tracing::info!(slot = %opts.slot, consistent_point = %point, "re-created the invalidated slot; re-loading every table");
     let snapshot = crate::snapshot::ExportedSnapshot { name, point };
-    load_recorded(opts, info, sink, repl, &snapshot, point, metrics).await
+    let plans = Default::default();
+    load_recorded(opts, info, sink, repl, &snapshot, point, plans, metrics).await
 }
 
 /// Releases a backfill's tables and lifts its pause request when dropped.

@@ -13,17 +13,33 @@
 //! `chunk << 32 | row`. Rows go through the same parsers and Arrow builders as streamed
 //! changes; the change-log writers stage files early above `--memory-budget`.
 //!
-//! **Resumable.** A table's load is one commit, so a crash leaves each table either loaded
-//! (its change log has a `txn` version) or untouched. The load's progress is recorded in
-//! `<sink>/_slotlake/snapshot/<slot>.json`; a restart finds it unfinished and loads the
-//! remaining tables — the exported snapshot is gone by then, so from a new one: a temporary
-//! slot's exported snapshot at a later consistent point C2. Those tables' rows get `_lsn =
-//! C2 − 1` and their `txn` version C2 − 1, and streaming from the slot (still at C, it was never
-//! confirmed during the load) then skips their changes up to C2 − 1 — exactly the changes the
-//! newer snapshot already contains — through the same rule that skips replays after a crash.
-//! Finished tables are never read again; an interrupted table is read again in full.
+//! **Resumable, by chunk.** The chunks of a table commit one by one, in order, each with a
+//! `txn` action counting the chunks committed (app id `slotlake-<slot>-load-<lsn>`); the last
+//! one also carries the table's usual `txn` version C − 1, which marks the table loaded. The
+//! plan (chunk size and count, the table's relfilenode and columns, the snapshot's oldest
+//! running transaction id X) is written to `<sink>/_slotlake/snapshot/<slot>.json` before any
+//! chunk commits. After a crash the exported snapshot is gone, so a restart reads from a new
+//! one — a temporary slot's, at a later consistent point C2 — and:
+//!
+//! - a table loaded, or whose load had not committed a chunk, is skipped or loaded anew; a new
+//!   load's rows get `_lsn = C2 − 1` and `txn` version C2 − 1, and streaming from the slot
+//!   (still at C: it is never confirmed during the load) skips their changes up to C2 − 1,
+//!   which the newer snapshot holds, through the rule that skips replays after a crash;
+//! - a table with k of n chunks committed goes on at chunk k, with the same page ranges, rows
+//!   still at `_lsn = C − 1`, so the stream replays every change of the table after C on top
+//!   of them. Rows do not stay put between chunks, though: an update writes a new row version
+//!   wherever there is room, so a row of an unread chunk can move into a committed one, and
+//!   its update — which leaves unchanged TOASTed values out — would then refer to a row the
+//!   lake never had. So the first resumed chunk also reads again every row below page
+//!   `k × chunk` written by transaction X or later (their raw `xmin`, which survives
+//!   freezing): the rows that may have moved in. Every key then has a row from the load, and
+//!   the replayed changes bring it to its current state. A table rewritten since (new
+//!   relfilenode) or whose columns changed is loaded anew instead.
+//!
+//! The current tables are exact after a resumed load. Between C and C2 the history of a
+//! resumed table is approximate: rows read at C2 are stamped C − 1.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -74,6 +90,27 @@ pub struct LoadRecord {
     /// publication later and is backfilled.
     #[serde(default)]
     pub tables: Vec<String>,
+    /// While `loading`: how each table being loaded was split, by `schema.table`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub plans: BTreeMap<String, ChunkPlan>,
+}
+
+/// How one table's load is split into chunks, kept in the load record so that an interrupted
+/// load resumes with the same chunks.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ChunkPlan {
+    /// `_lsn` of the table's rows, and the `txn` version its last chunk commits.
+    pub lsn: String,
+    pub pages_per_chunk: u64,
+    pub chunks: u64,
+    /// The table's relfilenode when planned. A rewrite (VACUUM FULL, CLUSTER, TRUNCATE, a
+    /// rewriting ALTER TABLE) moves rows between pages: a changed one means a full re-load.
+    pub filenode: String,
+    /// The columns (names and types) when planned; a change means a full re-load.
+    pub columns: String,
+    /// The snapshot's oldest running transaction id (low 32 bits): rows written by it or any
+    /// later transaction may have moved between chunks since.
+    pub xmin: u32,
 }
 
 impl LoadRecord {
@@ -83,6 +120,7 @@ impl LoadRecord {
             consistent_point: String::new(),
             state: "loading".into(),
             tables: Vec::new(),
+            plans: BTreeMap::new(),
         }
     }
 }
@@ -123,6 +161,10 @@ pub struct LoadSummary {
     pub replaced: usize,
     pub rows: u64,
     pub chunks: usize,
+    /// Tables whose interrupted load went on from its first unfinished chunk, and the chunks
+    /// they did not read again.
+    pub resumed: usize,
+    pub chunks_skipped: u64,
     /// Every table the load covered (loaded, replaced or already there).
     pub covered: Vec<TableName>,
 }
@@ -135,12 +177,115 @@ struct Chunk {
     hi: Option<u64>,
     /// Pages the range held when the load was planned (for progress).
     pages: u64,
+    /// `_lsn` of its rows.
+    lsn: Lsn,
+    /// The first chunk of a resumed load also reads again the rows below this page that
+    /// transactions from `xmin` on wrote.
+    rescan_below: Option<u64>,
+    xmin: u32,
 }
 
 enum Msg {
-    Rows(usize, deltalake::arrow::array::RecordBatch),
+    Rows(usize, u64, deltalake::arrow::array::RecordBatch),
     /// A chunk of a table is read (its pages).
-    ChunkDone(usize, u64),
+    ChunkDone(usize, u64, u64),
+}
+
+/// `_seq` of rows read again by a resumed load: above every chunk's own rows.
+const RESCAN_SEQ: i64 = 1 << 62;
+
+/// The app id whose `txn` version counts the chunks of a table's load (rows at `lsn`)
+/// committed so far.
+fn progress_app(app: &str, lsn: Lsn) -> String {
+    format!("{app}-load-{lsn}")
+}
+
+/// One table being loaded.
+struct TableLoad {
+    source: SourceTable,
+    /// `_lsn` of its rows, and the `txn` version its last commit carries.
+    lsn: Lsn,
+    /// Chunks commit one by one, in order, counted by this app id's `txn` version; `None`:
+    /// the whole table commits once (a backfill, whose stream hand-off needs one commit).
+    progress: Option<String>,
+    /// The chunks this load reads: [first, end).
+    first: u64,
+    end: u64,
+    /// The next chunk to commit.
+    next: u64,
+    /// Open writers by chunk (only `first`'s when the table commits once).
+    writers: BTreeMap<u64, ChangeLogTable>,
+    /// Chunks read but not committed.
+    read: BTreeSet<u64>,
+    rows: u64,
+    files: u64,
+    bytes: u64,
+}
+
+impl TableLoad {
+    /// The writer of chunk `index`'s rows, opened on first use.
+    async fn writer(
+        &mut self,
+        index: u64,
+        sink: &Sink,
+        app: &str,
+        target_file_size: u64,
+    ) -> anyhow::Result<&mut ChangeLogTable> {
+        let key = if self.progress.is_some() {
+            index
+        } else {
+            self.first
+        };
+        if !self.writers.contains_key(&key) {
+            let schema = changelog_schema(&self.source.specs);
+            let log = ChangeLogTable::open(sink, &self.source.name, app, &schema, target_file_size)
+                .await
+                .with_context(|| format!("opening the change log of {}", self.source.name))?;
+            self.writers.insert(key, log);
+        }
+        self.writers
+            .get_mut(&key)
+            .context("a chunk writer vanished")
+    }
+
+    /// Chunk `index` is read: commits what can be committed. True when the table is done.
+    async fn chunk_read(
+        &mut self,
+        index: u64,
+        sink: &Sink,
+        app: &str,
+        target_file_size: u64,
+    ) -> anyhow::Result<bool> {
+        self.read.insert(index);
+        let Some(progress) = self.progress.clone() else {
+            if self.read.len() as u64 != self.end - self.first {
+                return Ok(false);
+            }
+            let lsn = self.lsn;
+            let (files, bytes) = self
+                .writer(self.first, sink, app, target_file_size)
+                .await?
+                .commit(lsn)
+                .await?;
+            (self.files, self.bytes) = (files, bytes);
+            self.writers.clear();
+            return Ok(true);
+        };
+        while self.read.remove(&self.next) {
+            let (next, end, lsn) = (self.next, self.end, self.lsn);
+            let done = (next + 1 == end).then_some(lsn);
+            let (files, bytes) = self
+                .writer(next, sink, app, target_file_size)
+                .await?
+                .commit_progress(&progress, (next + 1) as i64, done)
+                .await?;
+            self.files += files;
+            self.bytes += bytes;
+            self.writers.remove(&next);
+            self.next += 1;
+        }
+        Ok(self.next == self.end)
+    }
 }
 
 /// Progress of a load, by heap pages read of those planned: log lines every 10 s (rows,
@@ -234,6 +379,11 @@ impl Drop for Progress {
 /// this slot's load; one committed before it holds an earlier slot's data (the slot was
 /// re-created, e.g. after it was invalidated) and is replaced — a truncate row (`_seq` −1, so
 /// before the snapshot's rows) precedes the rows, and compaction empties the table first.
+///
+/// With `record` (a slot's initial load), chunks commit as they are read and the plan is kept
+/// in the record, so that a load interrupted by a crash goes on from each table's first
+/// unfinished chunk (see the module documentation); without (a backfill), each table commits
+/// once.
 pub async fn load(
     info: &ConnInfo,
     sink: &Sink,
@@ -241,6 +391,7 @@ pub async fn load(
     opts: &LoadOptions,
     since: Lsn,
     metrics: &crate::metrics::Metrics,
+    record: Option<&mut LoadRecord>,
 ) -> anyhow::Result<LoadSummary> {
     let started = Instant::now();
     let lsn = Lsn(snapshot.point.0.saturating_sub(1));
@@ -255,16 +406,16 @@ pub async fn load(
     import(&mut sql, &snapshot.name).await?;
     let mut names = crate::source::published_tables(&mut sql, &opts.publication).await?;
     let block = block_size(&mut sql).await?;
+    let xmin = snapshot_xmin(&mut sql).await?;
     if let Some(only) = &opts.only {
         names.retain(|n| only.contains(n));
     }
     let mut catalog = TypeCatalog::new();
     let mut catalog_conn = None;
-    let mut tables: Vec<(SourceTable, ChangeLogTable)> = Vec::new();
+    let mut tables: Vec<TableLoad> = Vec::new();
     let mut summary = LoadSummary::default();
     let mut chunks: VecDeque<Chunk> = VecDeque::new();
-    let mut remaining: Vec<u64> = Vec::new();
-    let mut loaded_rows: Vec<u64> = Vec::new();
+    let mut plans = BTreeMap::new();
     let mut summary_pages = 0u64;
     for name in &names {
         let table = crate::source::describe(
@@ -277,7 +428,7 @@ pub async fn load(
         )
         .await?;
         let schema = changelog_schema(&table.specs);
-        let log = ChangeLogTable::open(sink, name, &app, &schema, opts.target_file_size)
+        let mut log = ChangeLogTable::open(sink, name, &app, &schema, opts.target_file_size)
             .await
             .with_context(|| format!("opening the change log of {name}"))?;
         let committed = log.committed_lsn();
@@ -285,39 +436,99 @@ pub async fn load(
             summary.skipped += 1;
             continue;
         }
-        let mut log = log;
-        // Data from before this slot's start (any app id: also another slot's) is replaced.
-        if committed.is_some() || log.version() > 0 {
-            let mut truncate = crate::batch::rows::ChangeBatchBuilder::new(table.specs.clone());
-            truncate.append_truncate(lsn.0 as i64, -1, 0, stamp_ts);
-            log.write(truncate.finish()?).await?;
-            summary.replaced += 1;
-        }
         let pages = table_bytes(&mut sql, name).await? / block;
-        summary_pages += pages;
-        let per_chunk = (opts.chunk_bytes / block).max(1);
-        let n = pages.div_ceil(per_chunk).max(1);
+        let filenode = relation_filenode(&mut sql, name).await?;
+        let columns = column_signature(&table);
+        // An interrupted load of this table goes on if its rows cannot have moved otherwise
+        // than by transactions (no rewrite) and its columns are the same.
+        let mut resume = None;
+        let earlier = record.as_ref().and_then(|r| r.plans.get(&name.to_string()));
+        if let Some(plan) = earlier.filter(|p| p.filenode == filenode && p.columns == columns) {
+            if let Ok(plan_lsn) = plan.lsn.parse::<Lsn>() {
+                let done = log.app_version(&progress_app(&app, plan_lsn)).await?;
+                let done = done.unwrap_or(0).max(0) as u64;
+                if done > 0 && done < plan.chunks {
+                    resume = Some((plan.clone(), plan_lsn, done));
+                }
+            }
+        }
+        let (plan, table_lsn, first) = match resume {
+            Some((plan, plan_lsn, done)) => {
+                tracing::info!(
+                    table = %name,
+                    chunks_done = done,
+                    chunks = plan.chunks,
+                    "initial snapshot: resuming a table from its first unfinished chunk"
+                );
+                summary.resumed += 1;
+                summary.chunks_skipped += done;
+                (plan, plan_lsn, done)
+            }
+            None => {
+                // Data from before this slot's start (any app id: also another slot's), or
+                // chunks of an interrupted load that cannot go on, is replaced.
+                if committed.is_some() || log.version() > 0 {
+                    let mut truncate =
+                        crate::batch::rows::ChangeBatchBuilder::new(table.specs.clone());
+                    truncate.append_truncate(lsn.0 as i64, -1, 0, stamp_ts);
+                    log.write(truncate.finish()?).await?;
+                    summary.replaced += 1;
+                }
+                let per_chunk = (opts.chunk_bytes / block).max(1);
+                let plan = ChunkPlan {
+                    lsn: lsn.to_string(),
+                    pages_per_chunk: per_chunk,
+                    chunks: pages.div_ceil(per_chunk).max(1),
+                    filenode,
+                    columns,
+                    xmin,
+                };
+                (plan, lsn, 0)
+            }
+        };
         let t = tables.len();
-        for index in 0..n {
-            let lo = index * per_chunk;
-            let hi = (index + 1 < n).then_some(lo + per_chunk);
+        for index in first..plan.chunks {
+            let lo = index * plan.pages_per_chunk;
+            let hi = (index + 1 < plan.chunks).then_some(lo + plan.pages_per_chunk);
+            let rescan_below = (index == first && first > 0).then_some(lo);
+            let chunk_pages = hi.unwrap_or(pages).saturating_sub(lo) + rescan_below.unwrap_or(0);
+            summary_pages += chunk_pages;
             chunks.push_back(Chunk {
                 table: t,
                 index,
                 lo,
                 hi,
-                pages: hi.unwrap_or(pages).saturating_sub(lo),
+                pages: chunk_pages,
+                lsn: table_lsn,
+                rescan_below,
+                xmin: plan.xmin,
             });
         }
-        remaining.push(n);
-        loaded_rows.push(0);
-        tables.push((table, log));
+        tables.push(TableLoad {
+            source: table,
+            lsn: table_lsn,
+            progress: record.is_some().then(|| progress_app(&app, table_lsn)),
+            first,
+            end: plan.chunks,
+            next: first,
+            writers: BTreeMap::from([(first, log)]),
+            read: BTreeSet::new(),
+            rows: 0,
+            files: 0,
+            bytes: 0,
+        });
+        plans.insert(name.to_string(), plan);
     }
     if let Some(c) = catalog_conn.take() {
         c.close().await;
     }
     let _ = sql.simple_query("COMMIT").await;
     sql.close().await;
+    if let Some(record) = record {
+        // Before any chunk commits: a restart finds the plan its chunks were committed by.
+        record.plans = plans;
+        write_record(sink, &opts.slot, record).await?;
+    }
     summary.tables = tables.len();
     summary.chunks = chunks.len();
     summary.covered = names.clone();
@@ -330,6 +541,8 @@ pub async fn load(
         chunks = chunks.len(),
         skipped = summary.skipped,
         replaced = summary.replaced,
+        resumed = summary.resumed,
+        chunks_skipped = summary.chunks_skipped,
         workers = opts.workers,
         snapshot_lsn = %lsn,
         "initial snapshot: loading"
@@ -337,7 +550,7 @@ pub async fn load(
 
     // Workers read chunks; this task writes and commits.
     let queue = Arc::new(std::sync::Mutex::new(chunks));
-    let specs: Arc<Vec<SourceTable>> = Arc::new(tables.iter().map(|t| t.0.clone()).collect());
+    let specs: Arc<Vec<SourceTable>> = Arc::new(tables.iter().map(|t| t.source.clone()).collect());
     let (tx, mut rx) = tokio::sync::mpsc::channel::<anyhow::Result<Msg>>(8);
     // Workers parse rows on a runtime of their own, so that parsing (on up to two threads)
     // overlaps the Parquet encoding this task does.
@@ -359,7 +572,7 @@ pub async fn load(
             snapshot.name.clone(),
         );
         workers.push(worker_runtime.handle().spawn(async move {
-            let result = worker(&info, &name, &queue, &specs, lsn, stamp_ts, &tx).await;
+            let result = worker(&info, &name, &queue, &specs, stamp_ts, &tx).await;
             if let Err(e) = result {
                 let _ = tx.send(Err(e)).await;
             }
@@ -370,32 +583,43 @@ pub async fn load(
     let mut progress = Progress::new(summary_pages);
     while let Some(msg) = rx.recv().await {
         match msg? {
-            Msg::Rows(t, batch) => {
+            Msg::Rows(t, index, batch) => {
                 let rows = batch.num_rows() as u64;
-                tables[t].1.write(batch).await?;
-                loaded_rows[t] += rows;
+                tables[t]
+                    .writer(index, sink, &app, opts.target_file_size)
+                    .await?
+                    .write(batch)
+                    .await?;
+                tables[t].rows += rows;
                 summary.rows += rows;
                 metrics.snapshot_rows.inc_by(rows);
-                let buffered: usize = tables.iter().map(|t| t.1.buffered_bytes()).sum();
+                let buffered: usize = tables
+                    .iter()
+                    .flat_map(|t| t.writers.values())
+                    .map(|w| w.buffered_bytes())
+                    .sum();
                 if buffered as u64 > opts.memory_budget {
-                    if let Some(big) = tables.iter_mut().max_by_key(|t| t.1.buffered_bytes()) {
-                        big.1.stage().await?;
+                    let writers = tables.iter_mut().flat_map(|t| t.writers.values_mut());
+                    if let Some(big) = writers.max_by_key(|w| w.buffered_bytes()) {
+                        big.stage().await?;
                     }
                 }
                 progress.rows(summary.rows, tables_left);
             }
-            Msg::ChunkDone(t, pages) => {
+            Msg::ChunkDone(t, index, pages) => {
                 progress.chunk_done(pages);
-                remaining[t] -= 1;
-                if remaining[t] == 0 {
-                    let (files, bytes) = tables[t].1.commit(lsn).await?;
+                let table = &mut tables[t];
+                if table
+                    .chunk_read(index, sink, &app, opts.target_file_size)
+                    .await?
+                {
                     tables_left -= 1;
                     metrics.snapshot_tables_remaining.set(tables_left as i64);
                     tracing::info!(
-                        table = %tables[t].0.name,
-                        rows = loaded_rows[t],
-                        files,
-                        bytes,
+                        table = %table.source.name,
+                        rows = table.rows,
+                        files = table.files,
+                        bytes = table.bytes,
                         tables_remaining = tables_left,
                         percent = progress.percent(),
                         eta_s = progress.eta_secs(),
@@ -452,6 +676,54 @@ async fn table_bytes(conn: &mut PgConnection, table: &TableName) -> anyhow::Resu
     Ok(bytes)
 }
 
+/// The table's relfilenode (`0` for a partitioned table, which has none).
+async fn relation_filenode(conn: &mut PgConnection, table: &TableName) -> anyhow::Result<String> {
+    let rows = conn
+        .simple_query(&format!(
+            "SELECT coalesce(pg_relation_filenode({}::regclass), 0) AS f",
+            quote_literal(&table.quoted())
+        ))
+        .await?;
+    rows.first()
+        .and_then(|r| r.get("f"))
+        .map(str::to_string)
+        .context("no relfilenode")
+}
+
+/// The low 32 bits of the oldest transaction id running in the current snapshot: a row whose
+/// `xmin` is older was written before the snapshot and is in it.
+async fn snapshot_xmin(conn: &mut PgConnection) -> anyhow::Result<u32> {
+    let rows = conn
+        .simple_query(
+            "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint % 4294967296 AS x",
+        )
+        .await?;
+    rows.first()
+        .and_then(|r| r.get("x"))
+        .and_then(|v| v.parse().ok())
+        .context("no snapshot xmin")
+}
+
+/// Names and types of the columns, to tell whether they changed between two attempts.
+fn column_signature(table: &SourceTable) -> String {
+    table
+        .specs
+        .iter()
+        .map(|c| format!("{}:{:?}", c.name, c.ty))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// An SQL condition true for rows written by transaction `xmin` or later ones (the raw
+/// `xmin` stays on a frozen row, and compares modulo 2³²). Rows frozen since before the
+/// 9.4 format keep `xmin` 2 and are old; an old row whose id compares as later only costs a
+/// row read twice.
+fn written_since(xmin: u32) -> String {
+    format!(
+        "xmin::text::bigint >= 3 AND (xmin::text::bigint - {xmin} + 4294967296) % 4294967296 < 2147483648"
+    )
+}
+
 async fn block_size(conn: &mut PgConnection) -> anyhow::Result<u64> {
     let rows = conn
         .simple_query("SELECT current_setting('block_size') AS b")
@@ -469,7 +741,6 @@ async fn worker(
     snapshot: &str,
     queue: &std::sync::Mutex<VecDeque<Chunk>>,
     tables: &[SourceTable],
-    lsn: Lsn,
     stamp_ts: i64,
     tx: &tokio::sync::mpsc::Sender<anyhow::Result<Msg>>,
 ) -> anyhow::Result<()> {
@@ -479,29 +750,37 @@ async fn worker(
         let next = queue.lock().ok().and_then(|mut q| q.pop_front());
         let Some(chunk) = next else { break };
         let table = &tables[chunk.table];
-        let filter = match chunk.hi {
+        let range = match chunk.hi {
             Some(hi) => format!("ctid >= '({},0)'::tid AND ctid < '({hi},0)'::tid", chunk.lo),
             None => format!("ctid >= '({},0)'::tid", chunk.lo),
         };
-        let stamp = RowStamp {
-            op: OP_READ,
-            lsn: lsn.0 as i64,
-            first_seq: (chunk.index as i64) << 32,
-            commit_ts_micros: stamp_ts,
-        };
-        let mut cursor = Cursor::open(&mut conn, table, Some(&filter), stamp)
-            .await
-            .with_context(|| format!("reading {}", table.name))?;
-        while let Some(batch) = cursor.next(&mut conn).await? {
-            if tx.send(Ok(Msg::Rows(chunk.table, batch))).await.is_err() {
-                return Ok(());
+        let mut reads = vec![(range, (chunk.index as i64) << 32)];
+        if let Some(below) = chunk.rescan_below {
+            let again = format!(
+                "ctid < '({below},0)'::tid AND {}",
+                written_since(chunk.xmin)
+            );
+            reads.insert(0, (again, RESCAN_SEQ | ((chunk.index as i64) << 32)));
+        }
+        for (filter, first_seq) in reads {
+            let stamp = RowStamp {
+                op: OP_READ,
+                lsn: chunk.lsn.0 as i64,
+                first_seq,
+                commit_ts_micros: stamp_ts,
+            };
+            let mut cursor = Cursor::open(&mut conn, table, Some(&filter), stamp)
+                .await
+                .with_context(|| format!("reading {}", table.name))?;
+            while let Some(batch) = cursor.next(&mut conn).await? {
+                let rows = Msg::Rows(chunk.table, chunk.index, batch);
+                if tx.send(Ok(rows)).await.is_err() {
+                    return Ok(());
+                }
             }
         }
-        if tx
-            .send(Ok(Msg::ChunkDone(chunk.table, chunk.pages)))
-            .await
-            .is_err()
-        {
+        let done = Msg::ChunkDone(chunk.table, chunk.index, chunk.pages);
+        if tx.send(Ok(done)).await.is_err() {
             return Ok(());
         }
     }

@@ -211,12 +211,26 @@ async fn kill_nine_during_the_initial_snapshot_resumes_and_loses_nothing() {
     ];
     let mut seed: u64 = 0x2545_f491_4f6c_dd1d ^ u64::from(std::process::id());
     let mut kills = 0;
+    let loading = |log: &Path| {
+        std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .matches("initial snapshot: loading")
+            .count()
+    };
     while kills < 10 {
+        // Each kill lands a random time after this attempt started reading (loads go on
+        // from their last committed chunk, so the whole load takes a few seconds of reading).
+        let started = loading(&log);
         let mut run = start_run(&db, "s_kill", &root, &args, &log).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while loading(&log) == started {
+            assert!(tokio::time::Instant::now() < deadline, "no load started");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         seed ^= seed << 13;
         seed ^= seed >> 7;
         seed ^= seed << 17;
-        tokio::time::sleep(Duration::from_millis(50 + seed % 1200)).await;
+        tokio::time::sleep(Duration::from_millis(20 + seed % 400)).await;
         let text = std::fs::read_to_string(&log).unwrap_or_default();
         assert!(
             !text.contains("initial snapshot: done"),
@@ -232,6 +246,10 @@ async fn kill_nine_during_the_initial_snapshot_resumes_and_loses_nothing() {
         text.contains("resuming an interrupted initial snapshot"),
         "a load was resumed:\n{text}"
     );
+    assert!(
+        text.contains("resuming a table from its first unfinished chunk"),
+        "a table's load went on from a committed chunk:\n{text}"
+    );
     stop_writers.store(true, Ordering::Relaxed);
     writers.await.unwrap();
     caught_up(&db, "s_kill", &log).await;
@@ -242,6 +260,122 @@ async fn kill_nine_during_the_initial_snapshot_resumes_and_loses_nothing() {
         &["big", "small", "empty_t", "mid_0", "mid_3"],
     )
     .await;
+    stop(run, &log).await;
+}
+
+/// A load killed after its first chunk committed goes on from the second after a restart —
+/// while rows moved between chunks meanwhile: updates that leave a TOASTed value out moved
+/// rows of the unread chunks into the committed one, and `VACUUM FREEZE` froze them.
+#[tokio::test]
+async fn a_resumed_load_reads_only_unfinished_chunks_and_the_rows_that_moved() {
+    let cluster = Cluster::shared();
+    let db = cluster.create_db("snapshot_chunks").await;
+    db.exec(
+        "CREATE TABLE t (id int PRIMARY KEY, n int, doc text);
+         ALTER TABLE t ALTER COLUMN doc SET STORAGE EXTERNAL;
+         ALTER TABLE t SET (autovacuum_enabled = off);
+         INSERT INTO t SELECT g, 0, repeat(md5(g::text), 80) FROM generate_series(1, 6000) g;
+         CREATE FUNCTION page_gate(tid) RETURNS bool LANGUAGE plpgsql AS
+           $$ BEGIN
+                IF ($1::text::point)[0] >= 8 THEN PERFORM pg_advisory_xact_lock_shared(4343); END IF;
+                RETURN true;
+              END $$;
+         ALTER TABLE t ENABLE ROW LEVEL SECURITY;
+         CREATE POLICY gate ON t USING (page_gate(ctid));",
+    )
+    .await;
+    db.grant_select().await;
+    db.publish_all("pub").await;
+    let pages = db.int("SELECT pg_relation_size('t') / 8192 AS v").await;
+    assert!(pages > 24, "several 8-page chunks: {pages} pages");
+    // Slotlake's reads of pages 8 and above wait while this session holds the lock.
+    let mut gate = db.admin().await;
+    gate.simple_query("SELECT pg_advisory_lock(4343)")
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let root = format!("file://{}", dir.path().join("lake").display());
+    let log = dir.path().join("run.log");
+    let args = [
+        "--snapshot-workers",
+        "1",
+        "--snapshot-chunk-size",
+        "64KiB",
+        "--compact-interval",
+        "0",
+    ];
+    let mut run = start_run(&db, "s_chunks", &root, &args, &log).await;
+    // The first chunk (pages 0–7) commits; the second waits at the gate.
+    let delta_log = dir.path().join("lake/changes/public/t/_delta_log");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while !std::fs::read_dir(&delta_log)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| {
+            std::fs::read_to_string(e.path())
+                .is_ok_and(|t| t.contains("\"appId\":\"slotlake-s_chunks-load-"))
+        })
+    {
+        assert!(tokio::time::Instant::now() < deadline, "no chunk committed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    run.kill().await.unwrap();
+    run.wait().await.unwrap();
+    // The killed process's reader still waits at the gate, holding its snapshot (which would
+    // keep VACUUM from freeing anything) until it next writes to the dead socket: end it.
+    db.exec(
+        "SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity
+          WHERE pid <> pg_backend_pid() AND usename =
+            (SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = current_database())",
+    )
+    .await;
+    // Meanwhile: room in the committed pages, then updates of `n` only (the TOASTed `doc` is
+    // left out of their WAL) that move rows of unread pages into it; inserts and deletes.
+    db.exec("DELETE FROM t WHERE id <= 700").await;
+    db.exec("VACUUM t").await;
+    db.exec(
+        "UPDATE t SET n = 1 WHERE id > 5000;
+         INSERT INTO t SELECT g, 2, repeat(md5(g::text), 80) FROM generate_series(7001, 7100) g;
+         DELETE FROM t WHERE id BETWEEN 3000 AND 3050;",
+    )
+    .await;
+    db.exec("VACUUM FREEZE t").await;
+    let moved = db
+        .int("SELECT count(*) AS v FROM t WHERE id > 5000 AND (ctid::text::point)[0] < 8")
+        .await;
+    assert!(moved > 0, "updated rows moved into the committed chunk");
+    db.exec("DROP POLICY gate ON t; ALTER TABLE t DISABLE ROW LEVEL SECURITY;")
+        .await;
+    gate.simple_query("SELECT pg_advisory_unlock(4343)")
+        .await
+        .unwrap();
+    let run = start_run(&db, "s_chunks", &root, &args, &log).await;
+    wait_for_log(&log, "initial snapshot: done", 120).await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    let resumed = text
+        .lines()
+        .find(|l| l.contains("resuming a table from its first unfinished chunk"))
+        .unwrap_or_else(|| panic!("the table's load went on:\n{text}"));
+    assert!(resumed.contains("chunks_done=1"), "{resumed}");
+    // The restart read the unread pages and the rows written since into the read ones: not
+    // the rows of the committed chunk that stayed put.
+    let rows_read: i64 = text
+        .lines()
+        .rfind(|l| l.contains("initial snapshot: done"))
+        .and_then(|l| l.split_whitespace().find_map(|f| f.strip_prefix("rows=")))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    let total = db.int("SELECT count(*) AS v FROM t").await;
+    let unread = db
+        .int("SELECT count(*) AS v FROM t WHERE (ctid::text::point)[0] >= 8")
+        .await;
+    assert!(
+        rows_read >= unread + moved && rows_read < total,
+        "read {rows_read} rows again; {unread} in unread pages, {moved} moved, {total} in all"
+    );
+    caught_up(&db, "s_chunks", &log).await;
+    verify_ok(&db, "s_chunks", &root, &["t"]).await;
     stop(run, &log).await;
 }
 

@@ -289,6 +289,48 @@ impl ChangeLogTable {
     /// an earlier attempt actually landed, it is recognised and not repeated.
     /// Returns the number of data files and their bytes that became visible.
     pub async fn commit(&mut self, version: Lsn) -> Result<(u64, u64), LakeError> {
+        self.stage().await?;
+        if self.staged.is_empty() {
+            return Ok((0, 0));
+        }
+        let txn = Transaction::new(&self.app_id, self.txn_version(version)?);
+        let counted = self.commit_txns(vec![txn]).await?;
+        self.committed = Some(version);
+        Ok(counted)
+    }
+
+    /// Commits everything written so far — even nothing — marked with `progress` as the
+    /// version of app id `app` (an initial load's chunks, see `crate::snapshot`), and, with
+    /// `done`, as the transactions up to `done` too. Idempotent like [`Self::commit`], by
+    /// `app`'s version.
+    pub async fn commit_progress(
+        &mut self,
+        app: &str,
+        progress: i64,
+        done: Option<Lsn>,
+    ) -> Result<(u64, u64), LakeError> {
+        self.stage().await?;
+        let mut txns = vec![Transaction::new(app, progress)];
+        if let Some(lsn) = done {
+            txns.push(Transaction::new(&self.app_id, self.txn_version(lsn)?));
+        }
+        let counted = self.commit_txns(txns).await?;
+        if done.is_some() {
+            self.committed = done;
+        }
+        Ok(counted)
+    }
+
+    fn txn_version(&self, lsn: Lsn) -> Result<i64, LakeError> {
+        i64::try_from(lsn.0).map_err(|_| LakeError::LsnOutOfRange {
+            table: self.name.to_string(),
+            lsn,
+        })
+    }
+
+    /// Writes the next log entry: the staged files and `txns`, the first of which tells
+    /// whether an attempt whose answer was lost landed after all.
+    async fn commit_txns(&mut self, txns: Vec<Transaction>) -> Result<(u64, u64), LakeError> {
         let table_name = self.name.to_string();
         let err = |action: &'static str| {
             let table = table_name.clone();
@@ -299,21 +341,13 @@ impl ChangeLogTable {
             }
         };
         let writer_schema = self.writer.arrow_schema();
-        self.stage().await?;
-        if self.staged.is_empty() {
-            return Ok((0, 0));
-        }
-        let txn_version = i64::try_from(version.0).map_err(|_| LakeError::LsnOutOfRange {
-            table: table_name.clone(),
-            lsn: version,
-        })?;
         // One writer per slot, but maintenance (change-log optimize, retention, vacuum) may
         // commit too: a version someone else took is retried on top of theirs. Whether an
         // earlier attempt of this very commit landed without us hearing the answer is told
         // by reading the log, never by guessing.
         let mut attempt = 0;
         let new_metadata = loop {
-            let (bytes, new_metadata) = self.commit_bytes(&writer_schema, txn_version)?;
+            let (bytes, new_metadata) = self.commit_bytes(&writer_schema, &txns)?;
             let next = self.version + 1;
             let written = self
                 .log_store
@@ -326,10 +360,11 @@ impl ChangeLogTable {
                 }
                 Err(e) => e,
             };
-            self.resolve_failed_commit(txn_version)
+            let landed = self
+                .resolve_failed_commit(&txns[0])
                 .await
                 .map_err(err("read the log after a failed commit"))?;
-            if self.committed == Some(version) {
+            if landed {
                 break None;
             }
             attempt += 1;
@@ -344,19 +379,36 @@ impl ChangeLogTable {
         let files = self.staged.len() as u64;
         let bytes = self.staged.iter().map(|a| a.size.max(0) as u64).sum();
         self.staged.clear();
-        self.committed = Some(version);
         if self.version.is_multiple_of(CHECKPOINT_INTERVAL) {
             self.start_checkpoint();
         }
         Ok((files, bytes))
     }
 
-    /// The log entry of a commit of the staged files as `txn_version`, on top of the version
-    /// and metadata this table knows; with the widened metadata when the schema grew.
+    /// The version of another app id's `txn` action in this table, as of now. (`&mut`: a
+    /// shared borrow held across the read would need the writer to be `Sync`.)
+    pub async fn app_version(&mut self, app: &str) -> Result<Option<i64>, LakeError> {
+        let err = |source| LakeError::Delta {
+            table: self.name.to_string(),
+            action: "read txn version",
+            source: Box::new(source),
+        };
+        let mut table = DeltaTable::new(self.log_store.clone());
+        table.load().await.map_err(err)?;
+        table
+            .snapshot()
+            .map_err(err)?
+            .transaction_version(self.log_store.as_ref(), app)
+            .await
+            .map_err(err)
+    }
+
+    /// The log entry of a commit of the staged files with `txns`, on top of the version and
+    /// metadata this table knows; with the widened metadata when the schema grew.
     fn commit_bytes(
         &self,
         writer_schema: &SchemaRef,
-        txn_version: i64,
+        txns: &[Transaction],
     ) -> Result<(bytes::Bytes, Option<Metadata>), LakeError> {
         let err = |action: &'static str| {
             let table = self.name.to_string();
@@ -386,12 +438,7 @@ impl ChangeLogTable {
             partition_by: None,
             predicate: None,
         };
-        let data = CommitData::new(
-            actions,
-            operation,
-            HashMap::new(),
-            vec![Transaction::new(&self.app_id, txn_version)],
-        );
+        let data = CommitData::new(actions, operation, HashMap::new(), txns.to_vec());
         let bytes = data
             .get_bytes()
             .map_err(|e| err("serialize commit")(e.into()))?;
@@ -399,20 +446,30 @@ impl ChangeLogTable {
     }
 
     /// After a commit attempt failed: reload the table's version, metadata and `txn` version,
-    /// so that a commit that did land is recognised and a retry targets the right version.
-    async fn resolve_failed_commit(&mut self, txn_version: i64) -> Result<(), DeltaTableError> {
+    /// so that a commit that did land is recognised (`mark`'s app id has reached its version)
+    /// and a retry targets the right version.
+    async fn resolve_failed_commit(&mut self, mark: &Transaction) -> Result<bool, DeltaTableError> {
         let mut table = DeltaTable::new(self.log_store.clone());
         table.load().await?;
         let snapshot = table.snapshot()?;
-        let landed = snapshot
+        let ours = snapshot
             .transaction_version(self.log_store.as_ref(), &self.app_id)
             .await?;
+        let landed = if mark.app_id == self.app_id {
+            ours
+        } else {
+            snapshot
+                .transaction_version(self.log_store.as_ref(), &mark.app_id)
+                .await?
+        };
         self.version = snapshot.version();
         self.metadata = snapshot.metadata().clone();
-        if landed.is_some_and(|v| v >= txn_version) {
-            self.committed = landed.map(|v| Lsn(v as u64));
+        if let Some(v) = ours {
+            if self.committed.is_none_or(|c| (c.0 as i64) < v) {
+                self.committed = Some(Lsn(v as u64));
+            }
         }
-        Ok(())
+        Ok(landed.is_some_and(|v| v >= mark.version))
     }
 
     /// Writes a Delta checkpoint of the current version in the background, so that readers

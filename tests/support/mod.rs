@@ -431,6 +431,15 @@ impl TestDb {
         admin.close().await;
     }
 
+    /// The integer in column `v` of the first row `sql` returns, run as the admin.
+    pub async fn int(&self, sql: &str) -> i64 {
+        let rows = self.exec(sql).await;
+        rows.first()
+            .and_then(|r| r.get("v"))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no integer v from {sql}"))
+    }
+
     /// Runs SQL as the admin in this database.
     pub async fn exec(&self, sql: &str) -> Vec<slotlake::replication::connection::Row> {
         let mut c = self.admin().await;
