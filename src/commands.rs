@@ -488,10 +488,11 @@ pub async fn compact(a: crate::cli::CompactArgs) -> Result<()> {
                             "changelog_files_merged": r.changelog_files_merged,
                             "changelog_files_written": r.changelog_files_written,
                             "changelog_files_expired": r.changelog_files_expired,
+                            "load_in_progress": r.load_in_progress,
                         })
                     ),
                     crate::cli::OutputFormat::Table => println!(
-                        "{name}: {} changes in {} steps, {}/{} buckets rewritten ({} of {} bytes), change log through version {}; change-log files: {} merged into {}, {} expired; {} files vacuumed",
+                        "{name}: {} changes in {} steps, {}/{} buckets rewritten ({} of {} bytes), change log through version {}; change-log files: {} merged into {}, {} expired; {} files vacuumed{}",
                         r.changes,
                         r.steps,
                         r.buckets_rewritten,
@@ -503,6 +504,11 @@ pub async fn compact(a: crate::cli::CompactArgs) -> Result<()> {
                         r.changelog_files_written,
                         r.changelog_files_expired,
                         r.files_vacuumed,
+                        if r.load_in_progress {
+                            "; initial load in progress (its chunks so far wait)"
+                        } else {
+                            ""
+                        },
                     ),
                 },
                 Err(e) => {

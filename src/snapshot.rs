@@ -36,8 +36,14 @@
 //!   the replayed changes bring it to its current state. A table rewritten since (new
 //!   relfilenode) or whose columns changed is loaded anew instead.
 //!
-//! The current tables are exact after a resumed load. Between C and C2 the history of a
-//! resumed table is approximate: rows read at C2 are stamped C − 1.
+//! The current tables are exact after a resumed load — except for a row of an unread chunk
+//! whose key changed twice or more between C and C2 with a TOASTed value left out: the first
+//! update has no row to carry the value from, and the fold carries the null along. Between C
+//! and C2 the history of a resumed table is approximate: rows read at C2 are stamped C − 1.
+//! Compaction leaves the chunks of an unfinished load alone, so a current table is never
+//! published half loaded. Each worker locks a table before its first chunk (the lock reading
+//! takes anyway, held to the end of the load) and fails the load if the table was rewritten
+//! since the plan; the next attempt then re-reads it in full.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
@@ -183,6 +189,8 @@ struct Chunk {
     /// transactions from `xmin` on wrote.
     rescan_below: Option<u64>,
     xmin: u32,
+    /// The table's relfilenode in the plan: the chunks' page ranges hold for it only.
+    filenode: String,
 }
 
 enum Msg {
@@ -502,6 +510,7 @@ pub async fn load(
                 lsn: table_lsn,
                 rescan_below,
                 xmin: plan.xmin,
+                filenode: plan.filenode.clone(),
             });
         }
         tables.push(TableLoad {
@@ -533,9 +542,6 @@ pub async fn load(
     summary.chunks = chunks.len();
     summary.covered = names.clone();
     metrics.snapshot_tables_remaining.set(tables.len() as i64);
-    if tables.is_empty() {
-        return Ok(summary);
-    }
     tracing::info!(
         tables = tables.len(),
         chunks = chunks.len(),
@@ -694,9 +700,7 @@ async fn relation_filenode(conn: &mut PgConnection, table: &TableName) -> anyhow
 /// `xmin` is older was written before the snapshot and is in it.
 async fn snapshot_xmin(conn: &mut PgConnection) -> anyhow::Result<u32> {
     let rows = conn
-        .simple_query(
-            "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint % 4294967296 AS x",
-        )
+        .simple_query("SELECT txid_snapshot_xmin(txid_current_snapshot()) % 4294967296 AS x")
         .await?;
     rows.first()
         .and_then(|r| r.get("x"))
@@ -704,14 +708,19 @@ async fn snapshot_xmin(conn: &mut PgConnection) -> anyhow::Result<u32> {
         .context("no snapshot xmin")
 }
 
-/// Names and types of the columns, to tell whether they changed between two attempts.
+/// Names and types of the columns and the row filter, to tell whether what is published of a
+/// table changed between two attempts.
 fn column_signature(table: &SourceTable) -> String {
-    table
+    let columns: Vec<String> = table
         .specs
         .iter()
         .map(|c| format!("{}:{:?}", c.name, c.ty))
-        .collect::<Vec<_>>()
-        .join(",")
+        .collect();
+    format!(
+        "{} WHERE {}",
+        columns.join(","),
+        table.row_filter.as_deref().unwrap_or("true")
+    )
 }
 
 /// An SQL condition true for rows written by transaction `xmin` or later ones (the raw
@@ -746,10 +755,26 @@ async fn worker(
 ) -> anyhow::Result<()> {
     let mut conn = PgConnection::connect(info, SessionKind::Sql).await?;
     import(&mut conn, snapshot).await?;
+    let mut locked = std::collections::HashSet::new();
     loop {
         let next = queue.lock().ok().and_then(|mut q| q.pop_front());
         let Some(chunk) = next else { break };
         let table = &tables[chunk.table];
+        if locked.insert(chunk.table) {
+            // Reading would take this lock anyway, until the load ends; taken first, it lets
+            // us check that no rewrite moved the rows since the chunks were planned, and keeps
+            // one from doing so until the load ends.
+            conn.simple_query(&format!(
+                "LOCK TABLE {} IN ACCESS SHARE MODE",
+                table.name.quoted()
+            ))
+            .await?;
+            anyhow::ensure!(
+                relation_filenode(&mut conn, &table.name).await? == chunk.filenode,
+                "{} was rewritten (VACUUM FULL, CLUSTER, TRUNCATE or a rewriting ALTER TABLE) since its load was planned; the next attempt loads it again",
+                table.name
+            );
+        }
         let range = match chunk.hi {
             Some(hi) => format!("ctid >= '({},0)'::tid AND ctid < '({hi},0)'::tid", chunk.lo),
             None => format!("ctid >= '({},0)'::tid", chunk.lo),

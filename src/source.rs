@@ -50,7 +50,10 @@ pub async fn published_tables(
 }
 
 /// The table's columns as change-log columns (lake names, types, key flags): all of them, or
-/// those named in `only` (a publication's column list).
+/// those named in `only` (a publication's column list) — generated columns only on PostgreSQL
+/// ≥ 18, where `only` names them exactly when the publication publishes them
+/// (`publish_generated_columns = stored`); older servers never send them, although
+/// `pg_publication_tables` lists them.
 async fn source_columns(
     sql: &mut PgConnection,
     catalog: &mut TypeCatalog,
@@ -61,7 +64,7 @@ async fn source_columns(
 ) -> anyhow::Result<(Vec<ColumnSpec>, Vec<PgType>, Vec<String>)> {
     let rows = sql
         .simple_query(&format!(
-            "SELECT a.attname, a.atttypid::int8 AS oid, a.atttypmod,
+            "SELECT a.attname, a.atttypid::int8 AS oid, a.atttypmod, a.attgenerated <> '' AS generated,
                     (c.relreplident = 'f' OR EXISTS (
                         SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid
                           AND ((c.relreplident = 'd' AND i.indisprimary)
@@ -69,7 +72,6 @@ async fn source_columns(
                           AND a.attnum = ANY (i.indkey))) AS is_key
                FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
               WHERE a.attrelid = {}::regclass AND a.attnum > 0 AND NOT a.attisdropped
-                AND a.attgenerated = ''
               ORDER BY a.attnum",
             quote_literal(&table.quoted())
         ))
@@ -77,10 +79,12 @@ async fn source_columns(
     let columns: Vec<RelationColumn> = rows
         .iter()
         .filter(|r| {
-            only.is_none_or(|only| {
+            let published = only.is_none_or(|only| {
                 r.get("attname")
                     .is_some_and(|n| only.iter().any(|o| o == n))
-            })
+            });
+            let generated = r.get("generated") != Some("f");
+            published && (!generated || (only.is_some() && sql.server_version_num() >= 180_000))
         })
         .map(|r| RelationColumn {
             is_key: r.get("is_key") == Some("t"),

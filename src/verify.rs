@@ -1,8 +1,9 @@
 //! `slotlake verify`: the lake compared with the live source (DESIGN.md guarantee 7).
 //!
-//! 1. A temporary logical slot is created inside a `REPEATABLE READ` transaction with
-//!    `USE_SNAPSHOT`: the transaction sees exactly the transactions whose commit record is
-//!    before the slot's consistent point C, i.e. the source "as of LSN C − 1".
+//! 1. A temporary logical slot is created inside a `REPEATABLE READ READ ONLY` transaction
+//!    (PostgreSQL 18 insists on read-only) with `USE_SNAPSHOT`: the transaction sees exactly
+//!    the transactions whose commit record is before the slot's consistent point C, i.e. the
+//!    source "as of LSN C − 1".
 //! 2. Once the lake's slot has confirmed past C (everything up to C is in the change logs),
 //!    each table is compacted, and its history table as of C − 1 (`_valid_from_lsn <= X AND
 //!    (_valid_to_lsn > X OR _valid_to_lsn IS NULL) AND NOT _deleted`) is compared with the
@@ -102,7 +103,7 @@ pub async fn verify(
 
     // The source as of the consistent point of a temporary slot.
     let mut snap = PgConnection::connect(info, SessionKind::Replication).await?;
-    snap.simple_query("BEGIN ISOLATION LEVEL REPEATABLE READ")
+    snap.simple_query("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         .await?;
     let name = format!("slotlake_verify_{}", std::process::id());
     let rows = snap

