@@ -535,12 +535,12 @@ pub async fn compact(a: crate::cli::CompactArgs) -> Result<()> {
     Ok(())
 }
 
-/// `slotlake snapshot --table …`: removes the tables from the slot's snapshot record, so the
-/// running `run` backfills them at its next publication check.
+/// `slotlake snapshot --table …`: leaves a re-load request for the slot's `run`, which
+/// backfills the tables at its next publication check.
 pub async fn snapshot(a: crate::cli::SnapshotArgs) -> Result<()> {
     let sink = sink_of(&a.sink)?;
     let tables = parse_tables(&a.tables)?;
-    let Some(mut record) = crate::snapshot::read_record(&sink, &a.slot.slot).await? else {
+    let Some(record) = crate::snapshot::read_record(&sink, &a.slot.slot).await? else {
         anyhow::bail!(
             "slot {:?} has no snapshot record in {sink}: re-loading needs a slot whose initial \
              snapshot `slotlake run --snapshot initial` took",
@@ -553,10 +553,8 @@ pub async fn snapshot(a: crate::cli::SnapshotArgs) -> Result<()> {
             a.slot.slot
         );
     }
-    let names: Vec<String> = tables.iter().map(|t| t.to_string()).collect();
-    record.tables.retain(|t| !names.contains(t));
-    crate::snapshot::write_record(&sink, &a.slot.slot, &record).await?;
-    for t in &names {
+    crate::snapshot::request_reload(&sink, &a.slot.slot, &tables).await?;
+    for t in &tables {
         println!("{t}: re-load requested; `slotlake run --slot {}` backfills it at its next publication check", a.slot.slot);
     }
     Ok(())
@@ -722,8 +720,9 @@ async fn load_recorded(
     Ok(())
 }
 
-/// Polls the publication; when it has tables the snapshot record does not list, requests a
-/// backfill (the flag stays set until the record lists them).
+/// Polls the publication; when it has tables the snapshot record does not list, or re-load
+/// requests wait, requests a backfill (the flag stays set until the record lists them and the
+/// requests are carried out).
 async fn watch_publication(
     info: ConnInfo,
     sink: crate::lake::store::Sink,
@@ -735,7 +734,7 @@ async fn watch_publication(
         tokio::time::sleep(interval).await;
         match new_tables(&info, &sink, &opts).await {
             Ok(new) => {
-                let _ = request.send(!new.is_empty());
+                let _ = request.send(!new.tables.is_empty());
             }
             Err(e) => {
                 tracing::warn!(error = %format!("{e:#}"), "cannot check the publication for new tables");
@@ -744,25 +743,41 @@ async fn watch_publication(
     }
 }
 
-/// Published tables the slot's finished load does not list (none while no load finished).
+/// Tables to backfill and the re-load requests that asked for some of them.
+#[derive(Default)]
+struct Pending {
+    tables: Vec<TableName>,
+    requests: Vec<object_store::path::Path>,
+}
+
+/// Published tables the slot's finished load does not list, or that a re-load request names
+/// (none while no load finished).
 async fn new_tables(
     info: &ConnInfo,
     sink: &crate::lake::store::Sink,
     opts: &crate::snapshot::LoadOptions,
-) -> Result<Vec<TableName>> {
+) -> Result<Pending> {
     let Some(record) = crate::snapshot::read_record(sink, &opts.slot).await? else {
-        return Ok(Vec::new());
+        return Ok(Pending::default());
     };
     if record.state != "done" {
-        return Ok(Vec::new());
+        return Ok(Pending::default());
     }
+    let requests = crate::snapshot::pending_requests(sink, &opts.slot).await?;
     let mut sql = PgConnection::connect(info, SessionKind::Sql).await?;
     let published = crate::source::published_tables(&mut sql, &opts.publication).await;
     sql.close().await;
-    Ok(published?
+    let tables = published?
         .into_iter()
-        .filter(|t| !record.tables.contains(&t.to_string()))
-        .collect())
+        .filter(|t| {
+            let t = t.to_string();
+            !record.tables.contains(&t) || requests.iter().any(|r| r.1.contains(&t))
+        })
+        .collect();
+    Ok(Pending {
+        tables,
+        requests: requests.into_iter().map(|r| r.0).collect(),
+    })
 }
 
 /// Runs a backfill whenever the watcher asks for one, while `run` streams; a failed backfill
@@ -817,9 +832,13 @@ async fn backfill(
     paused: &mut tokio::sync::watch::Receiver<Option<u64>>,
     id: u64,
 ) -> Result<()> {
-    let new = new_tables(info, sink, opts).await?;
+    let Pending {
+        tables: new,
+        requests,
+    } = new_tables(info, sink, opts).await?;
     if new.is_empty() {
-        return Ok(());
+        // Requests for tables that are not published: nothing to do.
+        return crate::snapshot::clear_requests(sink, &requests).await;
     }
     tracing::info!(
         tables = new.len(),
@@ -866,14 +885,19 @@ async fn backfill(
     session.close().await;
     drop(release);
     let loaded = loaded?;
-    // Read again: `slotlake snapshot` may have changed it during the load.
+    // `run` is the record's only writer (requests are files of their own), so this is current.
     let Some(mut record) = crate::snapshot::read_record(sink, &opts.slot).await? else {
         return Ok(());
     };
-    record
-        .tables
-        .extend(loaded.covered.iter().map(|t| t.to_string()));
+    for t in &loaded.covered {
+        let t = t.to_string();
+        if !record.tables.contains(&t) {
+            record.tables.push(t);
+        }
+    }
     crate::snapshot::write_record(sink, &opts.slot, &record).await?;
+    // Requests that arrived during the load are not among these: they wait for the next one.
+    crate::snapshot::clear_requests(sink, &requests).await?;
     tracing::info!(
         tables = loaded.covered.len(),
         rows = loaded.rows,

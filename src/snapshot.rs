@@ -158,6 +158,78 @@ pub async fn write_record(sink: &Sink, slot: &str, record: &LoadRecord) -> anyho
     Ok(())
 }
 
+/// Where `slotlake snapshot --table` leaves re-load requests for the slot's `run`, one file
+/// each: `run` is the record's only writer, so a request cannot be lost to a concurrent
+/// rewrite of the record (read-modify-write without a condition: `file://` has none).
+fn requests_path(sink: &Sink, slot: &str) -> Path {
+    sink.table_path(&["_slotlake", "snapshot", &format!("{slot}.requests")])
+}
+
+/// A request to re-load tables, as `slotlake snapshot` leaves it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReloadRequest {
+    pub tables: Vec<String>,
+}
+
+/// Leaves a request to re-load `tables` for the slot's `run`.
+pub async fn request_reload(sink: &Sink, slot: &str, tables: &[TableName]) -> anyhow::Result<()> {
+    let request = ReloadRequest {
+        tables: tables.iter().map(|t| t.to_string()).collect(),
+    };
+    let name = format!(
+        "{}-{}.json",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+        uuid::Uuid::new_v4()
+    );
+    sink.root()
+        .put(
+            &requests_path(sink, slot).join(name.as_str()),
+            PutPayload::from(serde_json::to_vec(&request)?),
+        )
+        .await
+        .context("writing the re-load request")?;
+    Ok(())
+}
+
+/// The re-load requests waiting for the slot's `run`: their paths and the tables they name.
+pub async fn pending_requests(sink: &Sink, slot: &str) -> anyhow::Result<Vec<(Path, Vec<String>)>> {
+    use futures::TryStreamExt;
+    let listed: Vec<_> = sink
+        .root()
+        .list(Some(&requests_path(sink, slot)))
+        .try_collect()
+        .await
+        .context("listing re-load requests")?;
+    let mut requests = Vec::new();
+    for meta in listed {
+        let bytes = sink
+            .root()
+            .get(&meta.location)
+            .await
+            .context("reading a re-load request")?
+            .bytes()
+            .await
+            .context("reading a re-load request")?;
+        let request: ReloadRequest = serde_json::from_slice(&bytes)
+            .with_context(|| format!("re-load request {} is not valid JSON", meta.location))?;
+        requests.push((meta.location, request.tables));
+    }
+    Ok(requests)
+}
+
+/// Removes requests that have been carried out.
+pub async fn clear_requests(sink: &Sink, paths: &[Path]) -> anyhow::Result<()> {
+    for p in paths {
+        match sink.root().delete(p).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(e).context("removing a carried-out re-load request"),
+        }
+    }
+    Ok(())
+}
+
 /// What a load did.
 #[derive(Debug, Default, Clone)]
 pub struct LoadSummary {

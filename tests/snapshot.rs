@@ -653,15 +653,32 @@ async fn a_table_added_to_the_publication_is_backfilled_while_it_changes() {
         1,
         "b's re-load is still waiting at the gate"
     );
+    // A request made during that backfill is not lost when it records its end: a is
+    // re-loaded after b.
+    let (code, out, err) = run_slotlake(
+        &[
+            "snapshot", "--sink", &root, "--slot", "s_back", "--table", "public.a",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}\n{err}");
     gate.close().await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    while backfills_done() < 2 {
+    while backfills_done() < 3 {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "b was never re-loaded"
+            "b and then a were never re-loaded\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let requests = dir.path().join("lake/_slotlake/snapshot/s_back.requests");
+    assert_eq!(
+        std::fs::read_dir(&requests).map_or(0, |d| d.count()),
+        0,
+        "carried-out requests are removed"
+    );
     stop_writer.store(true, Ordering::Relaxed);
     let rounds = writer.await.unwrap();
     assert!(rounds > 0);
