@@ -230,6 +230,25 @@ pub async fn clear_requests(sink: &Sink, paths: &[Path]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A table was rewritten (VACUUM FULL, CLUSTER, TRUNCATE, a rewriting ALTER TABLE) after its
+/// chunks were planned: the load must be planned again.
+#[derive(Debug, thiserror::Error)]
+#[error("{0} was rewritten (VACUUM FULL, CLUSTER, TRUNCATE or a rewriting ALTER TABLE) since its load was planned; the next attempt loads it again")]
+pub struct TableRewritten(pub TableName);
+
+/// Whether a failed load may succeed when tried again from where it stopped: the sink or the
+/// source unreachable for a while, a table rewritten under it. Not: missing privileges, a
+/// value that cannot be read, a publication that is gone.
+pub fn retryable(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.is::<TableRewritten>()
+            || c.is::<crate::lake::changelog::LakeError>()
+            || c.is::<object_store::Error>()
+            || c.downcast_ref::<crate::replication::ClientError>()
+                .is_some_and(|c| c.is_transient())
+    })
+}
+
 /// What a load did.
 #[derive(Debug, Default, Clone)]
 pub struct LoadSummary {
@@ -841,11 +860,9 @@ async fn worker(
                 table.name.quoted()
             ))
             .await?;
-            anyhow::ensure!(
-                relation_filenode(&mut conn, &table.name).await? == chunk.filenode,
-                "{} was rewritten (VACUUM FULL, CLUSTER, TRUNCATE or a rewriting ALTER TABLE) since its load was planned; the next attempt loads it again",
-                table.name
-            );
+            if relation_filenode(&mut conn, &table.name).await? != chunk.filenode {
+                return Err(TableRewritten(table.name.clone()).into());
+            }
         }
         let range = match chunk.hi {
             Some(hi) => format!("ctid >= '({},0)'::tid AND ctid < '({hi},0)'::tid", chunk.lo),

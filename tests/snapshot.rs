@@ -94,24 +94,26 @@ async fn wait_for_log(log: &Path, needle: &str, secs: u64) {
 }
 
 async fn verify_ok(db: &TestDb, slot: &str, root: &str, tables: &[&str]) {
+    verify_ok_with(db, slot, root, tables, &[]).await
+}
+
+/// `verify_ok` with extra flags (an S3 sink's).
+async fn verify_ok_with(db: &TestDb, slot: &str, root: &str, tables: &[&str], extra: &[&str]) {
     let url = db.url();
-    let (code, out, err) = run_slotlake(
-        &[
-            "verify",
-            "--source",
-            &url,
-            "--slot",
-            slot,
-            "--publication",
-            "pub",
-            "--sink",
-            root,
-            "--wait",
-            "60s",
-        ],
-        &[],
-    )
-    .await;
+    let args = [
+        "verify",
+        "--source",
+        &url,
+        "--slot",
+        slot,
+        "--publication",
+        "pub",
+        "--sink",
+        root,
+        "--wait",
+        "60s",
+    ];
+    let (code, out, err) = run_slotlake(&[&args[..], extra].concat(), &S3_ENV).await;
     assert_eq!(code, 0, "verify passes\n{out}\n{err}");
     for t in tables {
         let line = out
@@ -438,6 +440,66 @@ async fn generated_columns_are_in_the_snapshot_exactly_when_published() {
             assert!(row.get("twice").is_none(), "not published: {row}");
         }
     }
+    stop(run, &log).await;
+}
+
+/// The sink unreachable in the middle of the initial load: `run` waits it out and goes on from
+/// the committed chunks, in the same process — nothing lost, nothing loaded twice.
+// Multi-threaded: the proxy's tasks must run while the test waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_s3_outage_during_the_initial_snapshot_is_waited_out() {
+    let cluster = Cluster::shared();
+    let s3 = s3::S3Server::shared();
+    let bucket = s3.new_bucket("snapshot-outage").await;
+    let proxy = s3::TcpProxy::start(s3.addr());
+    let endpoint = proxy.endpoint();
+    let db = cluster.create_db("snapshot_outage").await;
+    create_tables(&db, 100_000).await;
+    // The load stops at `small`, the last table, until the gate opens.
+    let gate = close_gate(&db, "small").await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("run.log");
+    let root = format!("s3://{bucket}/lake");
+    let s3_flags = ["--s3-endpoint", &endpoint, "--s3-allow-http"];
+    let args = [
+        &s3_flags[..],
+        &[
+            "--snapshot-workers",
+            "1",
+            "--snapshot-chunk-size",
+            "1MiB",
+            "--compact-interval",
+            "0",
+        ],
+    ]
+    .concat();
+    let run = start_run(&db, "s_outage", &root, &args, &log).await;
+    wait_for_log(&log, "table loaded table=public.mid_5", 120).await;
+    proxy.set_down(true);
+    gate.close().await;
+    wait_for_log(&log, "the initial snapshot failed", 180).await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.contains("initial snapshot: done"), "{text}");
+    proxy.set_down(false);
+    wait_for_log(&log, "initial snapshot: done", 180).await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    let resumed = text
+        .lines()
+        .rfind(|l| l.contains("initial snapshot: loading"))
+        .unwrap();
+    assert!(
+        resumed.contains("skipped=8"),
+        "the loaded tables were not read again: {resumed}"
+    );
+    caught_up(&db, "s_outage", &log).await;
+    verify_ok_with(
+        &db,
+        "s_outage",
+        &root,
+        &["big", "small", "mid_5"],
+        &s3_flags,
+    )
+    .await;
     stop(run, &log).await;
 }
 
