@@ -11,7 +11,11 @@
 #   slotlake  `slotlake run --create-slot --snapshot-workers WORKERS` into file:// until the log
 #             says the load is done (the change logs written, zstd Parquet)
 #
-# Prints both rates (rows per second), the ratio and slotlake's peak RSS.
+# Prints both rates (rows per second), the ratio and slotlake's peak RSS. Then (RESUME=0 skips
+# it) the load again under a new slot, killed with SIGKILL at RESUME_AT (default 0.5) of the time
+# the first load took and restarted: how long the restart took to finish, and how many rows it
+# read (tables finished before the kill are skipped; a table killed mid-way goes on from its
+# first unfinished chunk).
 #
 #   scripts/bench-snapshot.sh                              # 20,000,000 rows, 50 tables
 #   ROWS=2000000 BIG_ROWS=1000000 scripts/bench-snapshot.sh   # a quick run
@@ -98,3 +102,38 @@ print(f"COPY binary to /dev/null : {copy_s:7.2f} s  {rows / copy_s:12,.0f} rows/
 print(f"slotlake initial snapshot: {snap_s:7.2f} s  {rows / snap_s:12,.0f} rows/s  peak RSS {int(rss or 0) / 1024:.0f} MiB")
 print(f"ratio slotlake/COPY: {copy_s / snap_s:.2f}x")
 PY
+
+if [ "${RESUME:-1}" != 0 ]; then
+  echo "== resume: the same load under a new slot, SIGKILL halfway, restarted" >&2
+  lake2="$PG_DIR/lake2"
+  log2="$PG_DIR/run2.log"
+  run2() {
+    "$SLOTLAKE_BIN" run --source "$conn" --slot bench2 --publication bench --sink "file://$lake2" \
+      --create-slot --snapshot-workers "$WORKERS" --snapshot-chunk-size "$CHUNK" \
+      --compact-interval 0 --metrics-addr 127.0.0.1:0 2>> "$log2" &
+    pid=$!
+  }
+  run2
+  kill_at=$(echo "$snap_secs * ${RESUME_AT:-0.5}" | bc -l)
+  sleep "$kill_at"
+  kill -KILL "$pid"
+  wait "$pid" 2>/dev/null || true
+  start=$(date +%s.%N)
+  run2
+  until grep -q "initial snapshot: done" "$log2"; do
+    kill -0 "$pid" 2>/dev/null || { cat "$log2" >&2; pg_die "slotlake run stopped"; }
+    sleep 0.2
+  done
+  resume_secs=$(echo "$(date +%s.%N) - $start" | bc)
+  kill -TERM "$pid" 2>/dev/null || true
+  wait "$pid" || true
+  grep "initial snapshot: resuming\|initial snapshot: loading\|initial snapshot: done" "$log2" >&2
+  read_again=$(grep "initial snapshot: done" "$log2" | tail -1 | grep -o 'rows=[0-9]*' | cut -d= -f2)
+  python3 - "$total" "$snap_secs" "$resume_secs" "$read_again" "$kill_at" <<'PY'
+import sys
+rows, snap_s, resume_s, again = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+kill_at = float(sys.argv[5])
+print(f"killed at {kill_at:.2f} s; the restart finished in {resume_s:.2f} s "
+      f"({resume_s / snap_s:.0%} of an uninterrupted load), reading {again:,} of {rows:,} rows ({again / rows:.0%})")
+PY
+fi
