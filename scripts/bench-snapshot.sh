@@ -116,8 +116,9 @@ if [ "${RESUME:-1}" != 0 ]; then
   run2
   kill_at=$(echo "$snap_secs * ${RESUME_AT:-0.5}" | bc -l)
   sleep "$kill_at"
-  kill -KILL "$pid"
+  kill -KILL "$pid" 2>/dev/null || true
   wait "$pid" 2>/dev/null || true
+  grep -q "initial snapshot: done" "$log2" && pg_die "the load finished before the kill; lower RESUME_AT"
   start=$(date +%s.%N)
   run2
   until grep -q "initial snapshot: done" "$log2"; do

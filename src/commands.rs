@@ -788,20 +788,34 @@ async fn new_tables(
     if record.state != "done" {
         return Ok(Pending::default());
     }
-    let requests = crate::snapshot::pending_requests(sink, &opts.slot).await?;
+    let mut requests = crate::snapshot::pending_requests(sink, &opts.slot).await?;
     let mut sql = PgConnection::connect(info, SessionKind::Sql).await?;
     let published = crate::source::published_tables(&mut sql, &opts.publication).await;
     sql.close().await;
-    let tables = published?
+    let published: Vec<(TableName, String)> = published?
         .into_iter()
-        .filter(|t| {
-            let t = t.to_string();
-            !record.tables.contains(&t) || requests.iter().any(|r| r.1.contains(&t))
+        .map(|t| {
+            let s = t.to_string();
+            (t, s)
         })
+        .collect();
+    // A request for tables none of which is published has nothing to do.
+    let (useful, useless): (Vec<_>, Vec<_>) = requests
+        .drain(..)
+        .partition(|r| r.1.iter().any(|t| published.iter().any(|p| &p.1 == t)));
+    for (path, tables) in &useless {
+        tracing::warn!(request = %path, tables = ?tables, publication = %opts.publication, "dropping a re-load request for tables the publication does not have");
+    }
+    let useless: Vec<_> = useless.into_iter().map(|r| r.0).collect();
+    crate::snapshot::clear_requests(sink, &useless).await?;
+    let tables = published
+        .into_iter()
+        .filter(|(_, s)| !record.tables.contains(s) || useful.iter().any(|r| r.1.contains(s)))
+        .map(|(t, _)| t)
         .collect();
     Ok(Pending {
         tables,
-        requests: requests.into_iter().map(|r| r.0).collect(),
+        requests: useful.into_iter().map(|r| r.0).collect(),
     })
 }
 
@@ -862,8 +876,7 @@ async fn backfill(
         requests,
     } = new_tables(info, sink, opts).await?;
     if new.is_empty() {
-        // Requests for tables that are not published: nothing to do.
-        return crate::snapshot::clear_requests(sink, &requests).await;
+        return Ok(());
     }
     tracing::info!(
         tables = new.len(),
@@ -950,8 +963,15 @@ async fn resnapshot(
     };
     tracing::info!(slot = %opts.slot, consistent_point = %point, "re-created the invalidated slot; re-loading every table");
     let snapshot = crate::snapshot::ExportedSnapshot { name, point };
+    // Re-load requests made before are carried out by this re-load of everything.
+    let requests: Vec<_> = crate::snapshot::pending_requests(sink, &opts.slot)
+        .await?
+        .into_iter()
+        .map(|r| r.0)
+        .collect();
     let plans = Default::default();
-    load_recorded(opts, info, sink, repl, &snapshot, point, plans, metrics).await
+    load_recorded(opts, info, sink, repl, &snapshot, point, plans, metrics).await?;
+    crate::snapshot::clear_requests(sink, &requests).await
 }
 
 /// Releases a backfill's tables and lifts its pause request when dropped.

@@ -204,17 +204,19 @@ pub async fn pending_requests(sink: &Sink, slot: &str) -> anyhow::Result<Vec<(Pa
         .context("listing re-load requests")?;
     let mut requests = Vec::new();
     for meta in listed {
-        let bytes = sink
-            .root()
-            .get(&meta.location)
-            .await
-            .context("reading a re-load request")?
-            .bytes()
-            .await
-            .context("reading a re-load request")?;
-        let request: ReloadRequest = serde_json::from_slice(&bytes)
-            .with_context(|| format!("re-load request {} is not valid JSON", meta.location))?;
-        requests.push((meta.location, request.tables));
+        let bytes = match sink.root().get(&meta.location).await {
+            Ok(got) => got.bytes().await.context("reading a re-load request")?,
+            // Carried out meanwhile.
+            Err(object_store::Error::NotFound { .. }) => continue,
+            Err(e) => return Err(e).context("reading a re-load request"),
+        };
+        // Something else in the directory must not block every later backfill.
+        match serde_json::from_slice::<ReloadRequest>(&bytes) {
+            Ok(request) => requests.push((meta.location, request.tables)),
+            Err(_) => {
+                tracing::warn!(object = %meta.location, "ignoring an object that is not a re-load request");
+            }
+        }
     }
     Ok(requests)
 }
@@ -237,15 +239,39 @@ pub async fn clear_requests(sink: &Sink, paths: &[Path]) -> anyhow::Result<()> {
 pub struct TableRewritten(pub TableName);
 
 /// Whether a failed load may succeed when tried again from where it stopped: the sink or the
-/// source unreachable for a while, a table rewritten under it. Not: missing privileges, a
-/// value that cannot be read, a publication that is gone.
+/// source unreachable for a while, a table rewritten under it. Not: missing privileges (on
+/// the source or the sink), a value that cannot be read, a publication that is gone.
 pub fn retryable(e: &anyhow::Error) -> bool {
+    use crate::lake::changelog::LakeError;
+    use crate::replication::slot::SlotError;
+    use crate::replication::ClientError;
+    let definite_store = |e: &object_store::Error| {
+        matches!(
+            e,
+            object_store::Error::PermissionDenied { .. }
+                | object_store::Error::Unauthenticated { .. }
+                | object_store::Error::NotImplemented { .. }
+                | object_store::Error::InvalidPath { .. }
+        )
+    };
+    if e.chain().any(|c| {
+        c.downcast_ref::<object_store::Error>()
+            .is_some_and(definite_store)
+            || c.is::<crate::lake::store::SinkError>()
+            || matches!(
+                c.downcast_ref::<LakeError>(),
+                Some(LakeError::LsnOutOfRange { .. })
+            )
+    }) {
+        return false;
+    }
     e.chain().any(|c| {
         c.is::<TableRewritten>()
-            || c.is::<crate::lake::changelog::LakeError>()
+            || c.is::<LakeError>()
             || c.is::<object_store::Error>()
-            || c.downcast_ref::<crate::replication::ClientError>()
+            || c.downcast_ref::<ClientError>()
                 .is_some_and(|c| c.is_transient())
+            || matches!(c.downcast_ref::<SlotError>(), Some(SlotError::Client(c)) if c.is_transient())
     })
 }
 
@@ -852,14 +878,12 @@ async fn worker(
         let Some(chunk) = next else { break };
         let table = &tables[chunk.table];
         if locked.insert(chunk.table) {
-            // Reading would take this lock anyway, until the load ends; taken first, it lets
-            // us check that no rewrite moved the rows since the chunks were planned, and keeps
-            // one from doing so until the load ends.
-            conn.simple_query(&format!(
-                "LOCK TABLE {} IN ACCESS SHARE MODE",
-                table.name.quoted()
-            ))
-            .await?;
+            // The lock reading takes anyway, until the load ends (a query, not LOCK TABLE,
+            // which would need SELECT on the whole table, not just the published columns):
+            // taken first, it lets us check that no rewrite moved the rows since the chunks
+            // were planned, and keeps one from doing so until the load ends.
+            conn.simple_query(&format!("SELECT FROM {} LIMIT 0", table.name.quoted()))
+                .await?;
             if relation_filenode(&mut conn, &table.name).await? != chunk.filenode {
                 return Err(TableRewritten(table.name.clone()).into());
             }

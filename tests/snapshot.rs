@@ -725,6 +725,19 @@ async fn a_table_added_to_the_publication_is_backfilled_while_it_changes() {
     )
     .await;
     assert_eq!(code, 0, "{out}\n{err}");
+    let requests = dir.path().join("lake/_slotlake/snapshot/s_back.requests");
+    assert_eq!(
+        std::fs::read_dir(&requests).unwrap().count(),
+        2,
+        "b's request (its backfill is under way) and a's wait"
+    );
+    let truncates = |t: &str| {
+        read_delta(&format!("{root}/changes/public/{t}"), None)
+            .iter()
+            .filter(|r| r["_op"] == "T")
+            .count()
+    };
+    assert_eq!(truncates("a"), 0);
     gate.close().await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     while backfills_done() < 3 {
@@ -735,11 +748,15 @@ async fn a_table_added_to_the_publication_is_backfilled_while_it_changes() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let requests = dir.path().join("lake/_slotlake/snapshot/s_back.requests");
     assert_eq!(
         std::fs::read_dir(&requests).map_or(0, |d| d.count()),
         0,
         "carried-out requests are removed"
+    );
+    assert_eq!(
+        truncates("a"),
+        1,
+        "a was re-loaded (replaced: a truncate row first)"
     );
     stop_writer.store(true, Ordering::Relaxed);
     let rounds = writer.await.unwrap();

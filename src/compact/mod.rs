@@ -616,17 +616,28 @@ pub async fn compact_table(
 
     let (mut next, mut skip) = progress(history.txn);
     // An initial load commits a table chunk by chunk; until its last chunk the table is
-    // incomplete (and a re-load's truncate would empty it), so those commits wait.
+    // incomplete (and a re-load's truncate would empty it), so those commits wait. Looking
+    // back from the end over commits without a `txn` (change-log maintenance, which may land
+    // on top of a load's chunks) and load chunks, to the last commit that marks source
+    // transactions: compaction stops before the first load chunk after it.
     let mut latest = latest;
-    while latest >= next && unfinished_load(&ctx.read_commit(&changes_log, latest).await?) {
-        report.load_in_progress = true;
-        match latest.checked_sub(1) {
-            Some(l) => latest = l,
+    let mut v = latest;
+    while v >= next {
+        match commit_marks(&ctx.read_commit(&changes_log, v).await?) {
+            Marks::Transactions => break,
+            Marks::LoadChunk => {
+                report.load_in_progress = true;
+                latest = v.saturating_sub(1);
+            }
+            Marks::None => {}
+        }
+        match v.checked_sub(1) {
+            Some(p) => v = p,
             None => break,
         }
     }
-    if report.load_in_progress && latest < next {
-        tracing::info!(table = %ctx.table, "initial load of the table in progress; compacting it later");
+    if report.load_in_progress {
+        tracing::info!(table = %ctx.table, "initial load of the table in progress; its chunks are compacted once it is done");
     }
     let budget = options.memory_budget / 2;
     while next <= latest {
@@ -741,26 +752,34 @@ fn progress(txn: Option<u64>) -> (u64, usize) {
     })
 }
 
-/// Whether a change-log commit is a chunk of an initial load other than its table's last: its
-/// `txn` actions are load progress only (`slotlake-<slot>-load-<lsn>`; slot names have no
-/// `-`), none the stream's. Maintenance commits carry no `txn`.
-fn unfinished_load(commit: &[u8]) -> bool {
-    if !commit.windows(6).any(|w| w == b"-load-") {
-        return false;
-    }
-    let mut progress = false;
+/// What the `txn` actions of a change-log commit say.
+#[derive(Debug, PartialEq, Eq)]
+enum Marks {
+    /// None: change-log maintenance.
+    None,
+    /// Initial-load progress only (`slotlake-<slot>-load-<lsn>`; slot names have no `-`): a
+    /// chunk of a load other than its table's last.
+    LoadChunk,
+    /// Source transactions (the stream's commits, a load's last chunk).
+    Transactions,
+}
+
+fn commit_marks(commit: &[u8]) -> Marks {
+    let mut marks = Marks::None;
     for line in commit.split(|b| *b == b'\n') {
+        if !line.starts_with(b"{\"txn\"") {
+            continue;
+        }
         let Ok(action) = serde_json::from_slice::<serde_json::Value>(line) else {
             continue;
         };
-        if let Some(app) = action["txn"]["appId"].as_str() {
-            if !app.contains("-load-") {
-                return false;
-            }
-            progress = true;
+        match action["txn"]["appId"].as_str() {
+            Some(app) if app.contains("-load-") => marks = Marks::LoadChunk,
+            Some(_) => return Marks::Transactions,
+            None => {}
         }
     }
-    progress
+    marks
 }
 
 /// The last change-log version wholly compacted.

@@ -410,3 +410,33 @@ fn key_hash_is_pinned() {
         2_035_672_712_108_122_778
     );
 }
+
+/// The `txn` actions of change-log commits as deltalake serializes them: a load's chunk
+/// (progress only) waits, its last chunk and the stream's commits mark transactions, a
+/// maintenance commit marks nothing.
+#[test]
+fn commit_marks_tell_load_chunks_from_transactions() {
+    use super::{commit_marks, Marks};
+    use deltalake::kernel::transaction::CommitData;
+    use deltalake::kernel::{Action, Transaction};
+    use deltalake::protocol::{DeltaOperation, SaveMode};
+    let commit = |txns: Vec<Transaction>| {
+        let operation = DeltaOperation::Write {
+            mode: SaveMode::Append,
+            partition_by: None,
+            predicate: None,
+        };
+        CommitData::new(Vec::<Action>::new(), operation, Default::default(), txns)
+            .get_bytes()
+            .unwrap()
+    };
+    let chunk = Transaction::new("slotlake-s1-load-0/1A2B3C", 3);
+    let stream = Transaction::new("slotlake-s1", 1234);
+    assert_eq!(commit_marks(&commit(vec![chunk.clone()])), Marks::LoadChunk);
+    assert_eq!(
+        commit_marks(&commit(vec![chunk, stream.clone()])),
+        Marks::Transactions
+    );
+    assert_eq!(commit_marks(&commit(vec![stream])), Marks::Transactions);
+    assert_eq!(commit_marks(&commit(Vec::new())), Marks::None);
+}

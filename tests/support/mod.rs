@@ -41,7 +41,10 @@ fn server_has_ssl() -> bool {
     Command::new(pg_bin().join("pg_config"))
         .arg("--configure")
         .output()
-        .map_or(true, |o| String::from_utf8_lossy(&o.stdout).contains("ssl"))
+        .map_or(true, |o| {
+            let configure = String::from_utf8_lossy(&o.stdout);
+            configure.contains("--with-openssl") || configure.contains("--with-ssl=openssl")
+        })
 }
 
 pub fn pg_bin() -> PathBuf {
