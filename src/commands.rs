@@ -292,28 +292,38 @@ pub async fn run(a: RunArgs) -> Result<()> {
     };
     // A load that fails for a reason that goes away (the sink or the source unreachable for a
     // while) goes on from its last committed chunks, as after a restart.
-    let mut exported = exported;
-    let mut backoff = RECONNECT_MIN;
-    loop {
-        let loaded = initial_snapshot(
-            &load_opts,
-            a.snapshot,
-            &info,
-            &sink,
-            exported.take(),
-            &metrics,
-        )
-        .await;
-        match loaded {
-            Ok(()) => break,
-            Err(e) if crate::snapshot::retryable(&e) => {
-                metrics.retries.with_label_values(&["snapshot"]).inc();
-                let wait = crate::pipeline::jitter(backoff);
-                tracing::warn!(error = %format!("{e:#}"), retry_in = ?wait, "the initial snapshot failed; it goes on from its committed chunks");
-                tokio::time::sleep(wait).await;
-                backoff = (backoff * 2).min(RECONNECT_MAX);
+    // SIGTERM/SIGINT during the load: what is committed stays, the next start goes on from it.
+    let load = async {
+        let mut exported = exported;
+        let mut backoff = RECONNECT_MIN;
+        loop {
+            let loaded = initial_snapshot(
+                &load_opts,
+                a.snapshot,
+                &info,
+                &sink,
+                exported.take(),
+                &metrics,
+            )
+            .await;
+            match loaded {
+                Ok(()) => return Ok(()),
+                Err(e) if crate::snapshot::retryable(&e) => {
+                    metrics.retries.with_label_values(&["snapshot"]).inc();
+                    let wait = crate::pipeline::jitter(backoff);
+                    tracing::warn!(error = %format!("{e:#}"), retry_in = ?wait, "the initial snapshot failed; it goes on from its committed chunks");
+                    tokio::time::sleep(wait).await;
+                    backoff = (backoff * 2).min(RECONNECT_MAX);
+                }
+                Err(e) => return Err(e),
             }
-            Err(e) => return Err(e),
+        }
+    };
+    tokio::select! {
+        loaded = load => loaded?,
+        _ = shutdown_signal() => {
+            tracing::info!("stopped during the initial snapshot; its committed chunks stay, and the next start goes on from them");
+            return Ok(());
         }
     }
     tracing::info!(source = %info.redacted(), sink = %sink, slot = %a.slot.slot, metrics = %addr, "streaming");

@@ -503,6 +503,44 @@ async fn an_s3_outage_during_the_initial_snapshot_is_waited_out() {
     stop(run, &log).await;
 }
 
+/// SIGTERM in the middle of the initial load: `run` exits 0 at once, keeping what it committed,
+/// and the next start finishes the load from there.
+#[tokio::test]
+async fn sigterm_during_the_initial_snapshot_exits_cleanly_and_the_next_start_finishes() {
+    let cluster = Cluster::shared();
+    let db = cluster.create_db("snapshot_sigterm").await;
+    create_tables(&db, 50_000).await;
+    // The load stops at `small`, the last table, until the gate opens.
+    let gate = close_gate(&db, "small").await;
+    let dir = tempfile::tempdir().unwrap();
+    let root = format!("file://{}", dir.path().join("lake").display());
+    let log = dir.path().join("run.log");
+    let args = ["--snapshot-workers", "1", "--compact-interval", "0"];
+    let run = start_run(&db, "s_term", &root, &args, &log).await;
+    wait_for_log(&log, "table loaded table=public.mid_5", 120).await;
+    // Exit status 0 within the helper's minute, although a reader waits at the gate.
+    stop(run, &log).await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("stopped during the initial snapshot") && !text.contains("snapshot: done"),
+        "{text}"
+    );
+    gate.close().await;
+    // (The stopped process's reader, parked at the gate, ends once the gate opens and it writes
+    // to its closed socket.)
+    let run = start_run(&db, "s_term", &root, &args, &log).await;
+    wait_for_log(&log, "initial snapshot: done", 120).await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    let resumed = text
+        .lines()
+        .rfind(|l| l.contains("initial snapshot: loading"))
+        .unwrap();
+    assert!(resumed.contains("skipped=8"), "{resumed}");
+    caught_up(&db, "s_term", &log).await;
+    verify_ok(&db, "s_term", &root, &["big", "small", "mid_5"]).await;
+    stop(run, &log).await;
+}
+
 /// An invalidated slot with `--on-slot-invalidated=resnapshot`: run re-creates it and re-loads
 /// every table, replacing the lake's contents — rows deleted while the slot was lost are gone.
 #[tokio::test]
