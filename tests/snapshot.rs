@@ -219,20 +219,46 @@ async fn kill_nine_during_the_initial_snapshot_resumes_and_loses_nothing() {
             .matches("initial snapshot: loading")
             .count()
     };
+    // Chunk commits of the load so far, in every table's change log.
+    let lake = dir.path().join("lake/changes/public");
+    let chunk_commits = move || {
+        let logs = std::fs::read_dir(&lake).into_iter().flatten().flatten();
+        logs.flat_map(|t| {
+            std::fs::read_dir(t.path().join("_delta_log"))
+                .into_iter()
+                .flatten()
+        })
+        .flatten()
+        .filter(|e| {
+            e.path().extension().is_some_and(|x| x == "json")
+                && std::fs::read_to_string(e.path()).is_ok_and(|t| t.contains("-load-"))
+        })
+        .count()
+    };
     while kills < 10 {
-        // Each kill lands a random time after this attempt started reading (loads go on
-        // from their last committed chunk, so the whole load takes a few seconds of reading).
+        // Each kill lands a random time after this attempt started reading — every other one
+        // after it committed a chunk, so that the load makes progress however slow the
+        // machine is, and not so long after that it finishes before the tenth kill.
         let started = loading(&log);
+        let committed = chunk_commits();
         let mut run = start_run(&db, "s_kill", &root, &args, &log).await;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        while loading(&log) == started {
-            assert!(tokio::time::Instant::now() < deadline, "no load started");
+        while loading(&log) == started || (kills % 2 == 1 && chunk_commits() == committed) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no load started or no chunk committed"
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         seed ^= seed << 13;
         seed ^= seed >> 7;
         seed ^= seed << 17;
-        tokio::time::sleep(Duration::from_millis(20 + seed % 300)).await;
+        let delay = if kills % 2 == 1 {
+            seed % 100
+        } else {
+            20 + seed % 300
+        };
+        tokio::time::sleep(Duration::from_millis(delay)).await;
         let text = std::fs::read_to_string(&log).unwrap_or_default();
         assert!(
             !text.contains("initial snapshot: done"),
