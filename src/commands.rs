@@ -291,8 +291,8 @@ pub async fn run(a: RunArgs) -> Result<()> {
         only: None,
     };
     // A load that fails for a reason that goes away (the sink or the source unreachable for a
-    // while) goes on from its last committed chunks, as after a restart.
-    // SIGTERM/SIGINT during the load: what is committed stays, the next start goes on from it.
+    // while) goes on from its last committed chunks, as after a restart; SIGTERM/SIGINT
+    // during the load keeps what is committed for the next start to go on from.
     let load = async {
         let mut exported = exported;
         let mut backoff = RECONNECT_MIN;
@@ -798,7 +798,7 @@ async fn new_tables(
     if record.state != "done" {
         return Ok(Pending::default());
     }
-    let mut requests = crate::snapshot::pending_requests(sink, &opts.slot).await?;
+    let requests = crate::snapshot::pending_requests(sink, &opts.slot).await?;
     let mut sql = PgConnection::connect(info, SessionKind::Sql).await?;
     let published = crate::source::published_tables(&mut sql, &opts.publication).await;
     sql.close().await;
@@ -811,7 +811,7 @@ async fn new_tables(
         .collect();
     // A request for tables none of which is published has nothing to do.
     let (useful, useless): (Vec<_>, Vec<_>) = requests
-        .drain(..)
+        .into_iter()
         .partition(|r| r.1.iter().any(|t| published.iter().any(|p| &p.1 == t)));
     for (path, tables) in &useless {
         tracing::warn!(request = %path, tables = ?tables, publication = %opts.publication, "dropping a re-load request for tables the publication does not have");

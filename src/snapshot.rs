@@ -553,30 +553,42 @@ pub async fn load(
         )
         .await?;
         let schema = changelog_schema(&table.specs);
-        let mut log = ChangeLogTable::open(sink, name, &app, &schema, opts.target_file_size)
-            .await
-            .with_context(|| format!("opening the change log of {name}"))?;
+        // An interrupted load's plan, and how many of its chunks the change log holds.
+        let earlier = record.as_ref().and_then(|r| r.plans.get(&name.to_string()));
+        let earlier_lsn = earlier.and_then(|p| p.lsn.parse::<Lsn>().ok());
+        let earlier_app = earlier_lsn.map(|l| progress_app(&app, l));
+        let (mut log, done) = ChangeLogTable::open_reading(
+            sink,
+            name,
+            &app,
+            &schema,
+            opts.target_file_size,
+            earlier_app.as_deref(),
+        )
+        .await
+        .with_context(|| format!("opening the change log of {name}"))?;
         let committed = log.committed_lsn();
         if committed.is_some_and(|c| c >= since) {
             summary.skipped += 1;
             continue;
         }
-        let pages = table_bytes(&mut sql, name).await? / block;
-        let filenode = relation_filenode(&mut sql, name).await?;
+        let (bytes, filenode) = relation_layout(&mut sql, name).await?;
+        let pages = bytes / block;
         let columns = column_signature(&table);
         // An interrupted load of this table goes on if its rows cannot have moved otherwise
         // than by transactions (no rewrite) and its columns are the same.
-        let mut resume = None;
-        let earlier = record.as_ref().and_then(|r| r.plans.get(&name.to_string()));
-        if let Some(plan) = earlier.filter(|p| p.filenode == filenode && p.columns == columns) {
-            if let Ok(plan_lsn) = plan.lsn.parse::<Lsn>() {
-                let done = log.app_version(&progress_app(&app, plan_lsn)).await?;
-                let done = done.unwrap_or(0).max(0) as u64;
-                if done > 0 && done < plan.chunks {
-                    resume = Some((plan.clone(), plan_lsn, done));
-                }
+        let done = done.unwrap_or(0).max(0) as u64;
+        let resume = match (earlier, earlier_lsn) {
+            (Some(plan), Some(plan_lsn))
+                if plan.filenode == filenode
+                    && plan.columns == columns
+                    && done > 0
+                    && done < plan.chunks =>
+            {
+                Some((plan.clone(), plan_lsn, done))
             }
-        }
+            _ => None,
+        };
         let (plan, table_lsn, first) = match resume {
             Some((plan, plan_lsn, done)) => {
                 tracing::info!(
@@ -784,45 +796,39 @@ async fn import(conn: &mut PgConnection, snapshot: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn table_bytes(conn: &mut PgConnection, table: &TableName) -> anyhow::Result<u64> {
-    let rows = conn
-        .simple_query(&format!(
-            "SELECT pg_relation_size({}::regclass) AS bytes",
-            quote_literal(&table.quoted())
-        ))
-        .await?;
-    let bytes: u64 = rows
-        .first()
-        .and_then(|r| r.get("bytes"))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    Ok(bytes)
+/// The value in column `v` of the first row `sql` returns.
+async fn scalar(conn: &mut PgConnection, sql: &str) -> anyhow::Result<String> {
+    let rows = conn.simple_query(sql).await?;
+    rows.first()
+        .and_then(|r| r.get("v"))
+        .map(str::to_string)
+        .with_context(|| format!("no value from {sql}"))
 }
 
-/// The table's relfilenode (`0` for a partitioned table, which has none).
-async fn relation_filenode(conn: &mut PgConnection, table: &TableName) -> anyhow::Result<String> {
-    let rows = conn
-        .simple_query(&format!(
-            "SELECT coalesce(pg_relation_filenode({}::regclass), 0) AS f",
+/// A table's heap size in bytes and its relfilenode (`0` for a partitioned table, which has
+/// neither), in one query.
+async fn relation_layout(
+    conn: &mut PgConnection,
+    table: &TableName,
+) -> anyhow::Result<(u64, String)> {
+    let both = scalar(
+        conn,
+        &format!(
+            "SELECT pg_relation_size(r) || ' ' || coalesce(pg_relation_filenode(r), 0) AS v
+               FROM (SELECT {}::regclass AS r) t",
             quote_literal(&table.quoted())
-        ))
-        .await?;
-    rows.first()
-        .and_then(|r| r.get("f"))
-        .map(str::to_string)
-        .context("no relfilenode")
+        ),
+    )
+    .await?;
+    let (bytes, filenode) = both.split_once(' ').context("no relation size")?;
+    Ok((bytes.parse().unwrap_or(0), filenode.to_string()))
 }
 
 /// The low 32 bits of the oldest transaction id running in the current snapshot: a row whose
 /// `xmin` is older was written before the snapshot and is in it.
 async fn snapshot_xmin(conn: &mut PgConnection) -> anyhow::Result<u32> {
-    let rows = conn
-        .simple_query("SELECT txid_snapshot_xmin(txid_current_snapshot()) % 4294967296 AS x")
-        .await?;
-    rows.first()
-        .and_then(|r| r.get("x"))
-        .and_then(|v| v.parse().ok())
-        .context("no snapshot xmin")
+    let sql = "SELECT txid_snapshot_xmin(txid_current_snapshot()) % 4294967296 AS v";
+    scalar(conn, sql).await?.parse().context("no snapshot xmin")
 }
 
 /// Names and types of the columns and the row filter, to tell whether what is published of a
@@ -851,14 +857,8 @@ fn written_since(xmin: u32) -> String {
 }
 
 async fn block_size(conn: &mut PgConnection) -> anyhow::Result<u64> {
-    let rows = conn
-        .simple_query("SELECT current_setting('block_size') AS b")
-        .await?;
-    Ok(rows
-        .first()
-        .and_then(|r| r.get("b"))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(8192))
+    let size = scalar(conn, "SELECT current_setting('block_size') AS v").await?;
+    Ok(size.parse().unwrap_or(8192))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -884,7 +884,7 @@ async fn worker(
             // were planned, and keeps one from doing so until the load ends.
             conn.simple_query(&format!("SELECT FROM {} LIMIT 0", table.name.quoted()))
                 .await?;
-            if relation_filenode(&mut conn, &table.name).await? != chunk.filenode {
+            if relation_layout(&mut conn, &table.name).await?.1 != chunk.filenode {
                 return Err(TableRewritten(table.name.clone()).into());
             }
         }

@@ -62,6 +62,7 @@ async fn source_columns(
     table: &TableName,
     only: Option<&[String]>,
 ) -> anyhow::Result<(Vec<ColumnSpec>, Vec<PgType>, Vec<String>)> {
+    let generated_published = only.is_some() && sql.server_version_num() >= 180_000;
     let rows = sql
         .simple_query(&format!(
             "SELECT a.attname, a.atttypid::int8 AS oid, a.atttypmod, a.attgenerated <> '' AS generated,
@@ -84,7 +85,7 @@ async fn source_columns(
                     .is_some_and(|n| only.iter().any(|o| o == n))
             });
             let generated = r.get("generated") != Some("f");
-            published && (!generated || (only.is_some() && sql.server_version_num() >= 180_000))
+            published && (!generated || generated_published)
         })
         .map(|r| RelationColumn {
             is_key: r.get("is_key") == Some("t"),

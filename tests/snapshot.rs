@@ -78,6 +78,14 @@ fn start_writers(db: &TestDb, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<
     })
 }
 
+/// A temporary directory holding a file:// lake (`root`) and the run's log.
+fn file_lake() -> (tempfile::TempDir, String, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let root = format!("file://{}", dir.path().join("lake").display());
+    let log = dir.path().join("run.log");
+    (dir, root, log)
+}
+
 async fn wait_for_log(log: &Path, needle: &str, secs: u64) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
     loop {
@@ -129,9 +137,7 @@ async fn initial_snapshot_in_parallel_chunks_with_concurrent_writers_equals_the_
     let cluster = Cluster::shared();
     let db = cluster.create_db("snapshot").await;
     create_tables(&db, 1_000_000).await;
-    let dir = tempfile::tempdir().unwrap();
-    let root = format!("file://{}", dir.path().join("lake").display());
-    let log = dir.path().join("run.log");
+    let (_dir, root, log) = file_lake();
     let stop_writers = Arc::new(AtomicBool::new(false));
     let writers = start_writers(&db, stop_writers.clone());
     let run = start_run(
@@ -198,9 +204,7 @@ async fn kill_nine_during_the_initial_snapshot_resumes_and_loses_nothing() {
     let cluster = Cluster::shared();
     let db = cluster.create_db("snapshot_kill").await;
     create_tables(&db, 600_000).await;
-    let dir = tempfile::tempdir().unwrap();
-    let root = format!("file://{}", dir.path().join("lake").display());
-    let log = dir.path().join("run.log");
+    let (dir, root, log) = file_lake();
     let stop_writers = Arc::new(AtomicBool::new(false));
     let writers = start_writers(&db, stop_writers.clone());
     let args = [
@@ -321,9 +325,7 @@ async fn a_resumed_load_reads_only_unfinished_chunks_and_the_rows_that_moved() {
     gate.simple_query("SELECT pg_advisory_lock(4343)")
         .await
         .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let root = format!("file://{}", dir.path().join("lake").display());
-    let log = dir.path().join("run.log");
+    let (dir, root, log) = file_lake();
     let args = [
         "--snapshot-workers",
         "1",
@@ -441,9 +443,7 @@ async fn generated_columns_are_in_the_snapshot_exactly_when_published() {
     } else {
         db.publish_all("pub").await;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let root = format!("file://{}", dir.path().join("lake").display());
-    let log = dir.path().join("run.log");
+    let (_dir, root, log) = file_lake();
     let run = start_run(&db, "s_gen", &root, &["--compact-interval", "0"], &log).await;
     wait_for_log(&log, "initial snapshot: done", 120).await;
     db.exec(
@@ -538,9 +538,7 @@ async fn sigterm_during_the_initial_snapshot_exits_cleanly_and_the_next_start_fi
     create_tables(&db, 50_000).await;
     // The load stops at `small`, the last table, until the gate opens.
     let gate = close_gate(&db, "small").await;
-    let dir = tempfile::tempdir().unwrap();
-    let root = format!("file://{}", dir.path().join("lake").display());
-    let log = dir.path().join("run.log");
+    let (_dir, root, log) = file_lake();
     let args = ["--snapshot-workers", "1", "--compact-interval", "0"];
     let run = start_run(&db, "s_term", &root, &args, &log).await;
     wait_for_log(&log, "table loaded table=public.mid_5", 120).await;
@@ -581,9 +579,7 @@ async fn an_invalidated_slot_is_recreated_and_the_tables_reloaded_with_resnapsho
     .await;
     db.grant_select().await;
     db.publish_all("pub").await;
-    let dir = tempfile::tempdir().unwrap();
-    let root = format!("file://{}", dir.path().join("lake").display());
-    let log = dir.path().join("run.log");
+    let (_dir, root, log) = file_lake();
     let args = [
         "--compact-interval",
         "0",
@@ -702,9 +698,7 @@ async fn a_table_added_to_the_publication_is_backfilled_while_it_changes() {
     let cluster = Cluster::shared();
     let db = cluster.create_db("backfill").await;
     a_published_b_not(&db, 50000).await;
-    let dir = tempfile::tempdir().unwrap();
-    let root = format!("file://{}", dir.path().join("lake").display());
-    let log = dir.path().join("run.log");
+    let (dir, root, log) = file_lake();
     let run = start_run(
         &db,
         "s_back",
@@ -878,9 +872,7 @@ async fn without_snapshots_run_streams_and_keeps_running() {
     )
     .await;
     db.publish_all("pub").await;
-    let dir = tempfile::tempdir().unwrap();
-    let root = format!("file://{}", dir.path().join("lake").display());
-    let log = dir.path().join("run.log");
+    let (_dir, root, log) = file_lake();
     let mut run = start_run(
         &db,
         "s_never",
@@ -921,9 +913,7 @@ async fn column_lists_and_row_filters_apply_to_the_snapshot() {
     )
     .await;
     db.grant_select().await;
-    let dir = tempfile::tempdir().unwrap();
-    let root = format!("file://{}", dir.path().join("lake").display());
-    let log = dir.path().join("run.log");
+    let (_dir, root, log) = file_lake();
     let run = start_run(&db, "s_filter", &root, &["--compact-interval", "0"], &log).await;
     wait_for_log(&log, "initial snapshot: done", 60).await;
     db.exec(
@@ -992,9 +982,7 @@ async fn kill_nine_during_a_backfill_then_restart_loses_nothing() {
     let db = cluster.create_db("backfill_kill").await;
     a_published_b_not(&db, 20000).await;
     let gate = close_gate(&db, "b").await;
-    let dir = tempfile::tempdir().unwrap();
-    let root = format!("file://{}", dir.path().join("lake").display());
-    let log = dir.path().join("run.log");
+    let (dir, root, log) = file_lake();
     let args = [
         "--compact-interval",
         "0",

@@ -620,10 +620,15 @@ pub async fn compact_table(
     // back from the end over commits without a `txn` (change-log maintenance, which may land
     // on top of a load's chunks) and load chunks, to the last commit that marks source
     // transactions: compaction stops before the first load chunk after it.
+    // (The entries read on the way are kept for the steps below.)
     let mut latest = latest;
+    let mut walked: HashMap<u64, bytes::Bytes> = HashMap::new();
     let mut v = latest;
     while v >= next {
-        match commit_marks(&ctx.read_commit(&changes_log, v).await?) {
+        let bytes = ctx.read_commit(&changes_log, v).await?;
+        let marks = commit_marks(&bytes);
+        walked.insert(v, bytes);
+        match marks {
             Marks::Transactions => break,
             Marks::LoadChunk => {
                 report.load_in_progress = true;
@@ -649,7 +654,10 @@ pub async fn compact_table(
         let mut end = (next, 0usize);
         let mut v = next;
         while v <= latest {
-            let bytes = ctx.read_commit(&changes_log, v).await?;
+            let bytes = match walked.remove(&v) {
+                Some(bytes) => bytes,
+                None => ctx.read_commit(&changes_log, v).await?,
+            };
             let mut adds = commit_adds(&bytes).map_err(ctx.fail("parse change-log commit"))?;
             if v == next {
                 adds.drain(..skip.min(adds.len()));

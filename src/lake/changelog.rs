@@ -130,6 +130,20 @@ impl ChangeLogTable {
         schema: &SchemaRef,
         target_file_size: u64,
     ) -> Result<ChangeLogTable, LakeError> {
+        let opened = Self::open_reading(sink, name, app_id, schema, target_file_size, None).await;
+        Ok(opened?.0)
+    }
+
+    /// [`Self::open`], also reading the `txn` version of another app id (an initial load's
+    /// chunk count, see `crate::snapshot`) from the same load of the log.
+    pub async fn open_reading(
+        sink: &Sink,
+        name: &TableName,
+        app_id: &str,
+        schema: &SchemaRef,
+        target_file_size: u64,
+        other_app: Option<&str>,
+    ) -> Result<(ChangeLogTable, Option<i64>), LakeError> {
         let err = |action: &'static str| {
             let table = name.to_string();
             move |source| LakeError::Delta {
@@ -177,13 +191,20 @@ impl ChangeLogTable {
             .await
             .map_err(err("read txn version"))?
             .map(|v| Lsn(v as u64));
+        let other = match other_app {
+            Some(app) => snapshot
+                .transaction_version(log_store.as_ref(), app)
+                .await
+                .map_err(err("read txn version"))?,
+            None => None,
+        };
         let version = snapshot.version();
         let metadata = snapshot.metadata().clone();
         let writer = RecordBatchWriter::for_table(&table)
             .map_err(err("writer"))?
             .with_writer_properties(writer_properties())
             .with_target_file_size(target_file_size);
-        Ok(ChangeLogTable {
+        let table = ChangeLogTable {
             name: name.clone(),
             log_store,
             writer,
@@ -196,7 +217,8 @@ impl ChangeLogTable {
             rows_since_stage: 0,
             arrow_bytes_since_stage: 0,
             failed: false,
-        })
+        };
+        Ok((table, other))
     }
 
     pub fn name(&self) -> &TableName {
@@ -383,24 +405,6 @@ impl ChangeLogTable {
             self.start_checkpoint();
         }
         Ok((files, bytes))
-    }
-
-    /// The version of another app id's `txn` action in this table, as of now. (`&mut`: a
-    /// shared borrow held across the read would need the writer to be `Sync`.)
-    pub async fn app_version(&mut self, app: &str) -> Result<Option<i64>, LakeError> {
-        let err = |source| LakeError::Delta {
-            table: self.name.to_string(),
-            action: "read txn version",
-            source: Box::new(source),
-        };
-        let mut table = DeltaTable::new(self.log_store.clone());
-        table.load().await.map_err(err)?;
-        table
-            .snapshot()
-            .map_err(err)?
-            .transaction_version(self.log_store.as_ref(), app)
-            .await
-            .map_err(err)
     }
 
     /// The log entry of a commit of the staged files with `txns`, on top of the version and
