@@ -80,7 +80,7 @@ echo "== slotlake run --create-slot (initial snapshot, $WORKERS workers)" >&2
 lake="$PG_DIR/lake"
 log="$PG_DIR/run.log"
 start=$(date +%s.%N)
-/usr/bin/time -f '%M' -o "$PG_DIR/rss" "$SLOTLAKE_BIN" run --source "$conn" --slot bench --publication bench \
+/usr/bin/time -f '%M %U %S' -o "$PG_DIR/rss" "$SLOTLAKE_BIN" run --source "$conn" --slot bench --publication bench \
   --sink "file://$lake" --create-slot --snapshot-workers "$WORKERS" --snapshot-chunk-size "$CHUNK" \
   --compact-interval 0 --metrics-addr 127.0.0.1:0 2> "$log" &
 pid=$!
@@ -93,13 +93,15 @@ snap_secs=$(echo "$(date +%s.%N) - $start" | bc)
 pkill -TERM -P "$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
 wait "$pid" || true
 grep "initial snapshot: done" "$log" >&2
-rss_kib=$(tail -1 "$PG_DIR/rss" 2>/dev/null || echo 0)
+read -r rss_kib cpu_user cpu_sys < <(tail -1 "$PG_DIR/rss" 2>/dev/null || echo "0 0 0")
 
-python3 - "$total" "$copy_secs" "$snap_secs" "$rss_kib" <<'PY'
+python3 - "$total" "$copy_secs" "$snap_secs" "$rss_kib" "$cpu_user" "$cpu_sys" <<'PY'
 import sys
 rows, copy_s, snap_s, rss = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+cpu = float(sys.argv[5]) + float(sys.argv[6])
 print(f"COPY binary to /dev/null : {copy_s:7.2f} s  {rows / copy_s:12,.0f} rows/s")
 print(f"slotlake initial snapshot: {snap_s:7.2f} s  {rows / snap_s:12,.0f} rows/s  peak RSS {int(rss or 0) / 1024:.0f} MiB")
+print(f"slotlake CPU: {cpu:.2f} s ({cpu / rows * 1e9:,.0f} ns per row; the run, streaming start and shutdown included)")
 print(f"ratio slotlake/COPY: {copy_s / snap_s:.2f}x")
 PY
 

@@ -54,7 +54,7 @@ use object_store::path::Path;
 use object_store::{ObjectStoreExt, PutPayload};
 use serde::{Deserialize, Serialize};
 
-use crate::batch::rows::{changelog_schema, OP_READ};
+use crate::batch::rows::changelog_schema;
 use crate::lake::changelog::{app_id, ChangeLogTable};
 use crate::lake::store::Sink;
 use crate::lsn::Lsn;
@@ -902,7 +902,6 @@ async fn worker(
         }
         for (filter, first_seq) in reads {
             let stamp = RowStamp {
-                op: OP_READ,
                 lsn: chunk.lsn.0 as i64,
                 first_seq,
                 commit_ts_micros: stamp_ts,

@@ -7,12 +7,12 @@ use anyhow::Context;
 use bytes::{Buf, BytesMut};
 use deltalake::arrow::array::RecordBatch;
 
-use crate::batch::rows::{lake_column_name, ChangeBatchBuilder, ColumnSpec};
+use crate::batch::rows::{lake_column_name, ChangeBatchBuilder, ColumnSpec, WireField};
 use crate::pgoutput::{Relation, RelationColumn, ReplicaIdentity};
 use crate::replication::sql::{quote_ident, quote_literal, TableName};
 use crate::replication::{ConnInfo, PgConnection};
 use crate::types::catalog::TypeCatalog;
-use crate::types::{ColumnValue, PgType, Value};
+use crate::types::PgType;
 
 /// Rows per change-log batch read from a table.
 pub const BATCH_ROWS: usize = 16 * 1024;
@@ -170,10 +170,9 @@ pub async fn describe(
     })
 }
 
-/// How snapshot rows are stamped in the change log.
+/// How snapshot rows (`_op` `R`) are stamped in the change log.
 #[derive(Debug, Clone, Copy)]
 pub struct RowStamp {
-    pub op: &'static str,
     pub lsn: i64,
     /// `_seq` of the first row; the next rows count up.
     pub first_seq: i64,
@@ -188,9 +187,7 @@ pub struct RowStamp {
 /// after an error it is still inside the copy and must be dropped.
 pub struct Cursor {
     table: TableName,
-    names: Vec<String>,
     builder: ChangeBatchBuilder,
-    types: Vec<PgType>,
     /// Per column: selected as `::text`, parsed from its text form.
     text_form: Vec<bool>,
     stamp: RowStamp,
@@ -199,7 +196,6 @@ pub struct Cursor {
     batch_bytes: usize,
     /// Copy data not parsed yet (a row can span messages in principle).
     buf: BytesMut,
-    values: Vec<ColumnValue>,
     header_seen: bool,
     trailer_seen: bool,
     /// The copy has ended and the session is ready again.
@@ -250,15 +246,12 @@ impl Cursor {
         .await?;
         Ok(Cursor {
             table: table.name.clone(),
-            names: table.names.clone(),
             builder: ChangeBatchBuilder::new(table.specs.clone()),
-            types: table.types.clone(),
             text_form,
             stamp,
             rows: 0,
             batch_bytes: 0,
             buf: BytesMut::new(),
-            values: Vec::with_capacity(table.types.len()),
             header_seen: false,
             trailer_seen: false,
             ended: false,
@@ -268,7 +261,7 @@ impl Cursor {
     /// The next batch of rows, `None` at the end (the session is then ready for queries).
     pub async fn next(&mut self, conn: &mut PgConnection) -> anyhow::Result<Option<RecordBatch>> {
         loop {
-            let full = self.parse_rows()?;
+            let full = !self.buf.is_empty() && self.parse_rows()?;
             if full || (self.ended && !self.builder.is_empty()) {
                 self.batch_bytes = 0;
                 return Ok(Some(self.builder.finish()?));
@@ -276,19 +269,51 @@ impl Cursor {
             if self.ended {
                 return Ok(None);
             }
-            match conn.copy_data().await? {
-                Some(data) => self.buf.extend_from_slice(&data),
-                None => {
-                    self.ended = true;
-                    if !self.trailer_seen || !self.buf.is_empty() {
-                        anyhow::bail!(
-                            "COPY of {} ended without its trailer (truncated binary copy data)",
-                            self.table
-                        );
+            // Rows are parsed where they arrived, in the connection's buffer; only a row cut
+            // across messages, or the rest of a message after a full batch, waits in `buf`.
+            let mut failed = None;
+            let mut full = false;
+            let going = conn
+                .copy_data_each(|data| match self.take(data) {
+                    Ok(batch_full) => {
+                        full = batch_full;
+                        !batch_full
                     }
+                    Err(e) => {
+                        failed = Some(e);
+                        false
+                    }
+                })
+                .await?;
+            if let Some(e) = failed {
+                return Err(e);
+            }
+            if full {
+                self.batch_bytes = 0;
+                return Ok(Some(self.builder.finish()?));
+            }
+            if !going {
+                self.ended = true;
+                if !self.trailer_seen || !self.buf.is_empty() {
+                    anyhow::bail!(
+                        "COPY of {} ended without its trailer (truncated binary copy data)",
+                        self.table
+                    );
                 }
             }
         }
+    }
+
+    /// Parses one CopyData payload; true when the batch is full. What is not parsed (a
+    /// partial row, or rows past a full batch) is kept for later.
+    fn take(&mut self, data: &[u8]) -> anyhow::Result<bool> {
+        if !self.buf.is_empty() {
+            self.buf.extend_from_slice(data);
+            return self.parse_rows();
+        }
+        let (consumed, full) = self.parse_from(data)?;
+        self.buf.extend_from_slice(&data[consumed..]);
+        Ok(full)
     }
 
     /// Appends the complete rows in the buffer to the builder; true when the batch is full.
@@ -325,7 +350,7 @@ impl Cursor {
             pos = 19 + extension;
             self.header_seen = true;
         }
-        let columns = self.types.len();
+        let columns = self.text_form.len();
         loop {
             if self.trailer_seen {
                 if pos < data.len() {
@@ -342,35 +367,26 @@ impl Cursor {
                 self.trailer_seen = true;
                 continue;
             }
-            self.values.clear();
             let mut p = 2;
-            for (i, ty) in self.types.iter().enumerate() {
+            let fields = self.text_form.iter().map(|&text| {
+                // `row_end` checked every length against the row.
                 let len = be_u32(&row[p..p + 4]) as i32;
                 p += 4;
-                let v = if len < 0 {
-                    Value::Null
+                if len < 0 {
+                    return WireField::Null;
+                }
+                let raw = &row[p..p + len as usize];
+                p += len as usize;
+                if text {
+                    WireField::Text(raw)
                 } else {
-                    let raw = &row[p..p + len as usize];
-                    p += len as usize;
-                    let parsed = if self.text_form[i] {
-                        crate::types::text::parse(ty, raw)
-                    } else {
-                        crate::types::binary::parse(ty, raw)
-                    };
-                    parsed.with_context(|| format!("column {} of {}", self.names[i], self.table))?
-                };
-                self.values.push(ColumnValue::Value(v));
-            }
+                    WireField::Binary(raw)
+                }
+            });
             let seq = self.stamp.first_seq + self.rows as i64;
-            self.builder.append(
-                self.stamp.op,
-                self.stamp.lsn,
-                seq,
-                0,
-                self.stamp.commit_ts_micros,
-                &self.values,
-                None,
-            )?;
+            self.builder
+                .append_read(self.stamp.lsn, seq, self.stamp.commit_ts_micros, fields)
+                .with_context(|| format!("a row of {}", self.table))?;
             self.rows += 1;
             self.batch_bytes += end;
             if self.builder.len() >= BATCH_ROWS || self.batch_bytes >= BATCH_BYTES {

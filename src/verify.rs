@@ -199,7 +199,6 @@ pub async fn verify(
             }
         };
         let stamp = crate::source::RowStamp {
-            op: crate::batch::rows::OP_READ,
             lsn: 0,
             first_seq: 0,
             commit_ts_micros: 0,

@@ -291,7 +291,6 @@ async fn a_thousand_digit_numeric_is_exact() {
 
 fn copy_stamp() -> slotlake::source::RowStamp {
     slotlake::source::RowStamp {
-        op: "R",
         lsn: 5,
         first_seq: 0,
         commit_ts_micros: 0,

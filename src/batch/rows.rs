@@ -34,7 +34,7 @@ use deltalake::arrow::error::ArrowError;
 use deltalake::arrow::record_batch::RecordBatch;
 
 use crate::types::arrow::{lake_type, ArrowValueError, ColumnBuilder, LIST_ELEMENT, UTC};
-use crate::types::{ColumnValue, PgType, Value};
+use crate::types::{ColumnValue, PgType, Value, ValueError};
 
 pub const OP: &str = "_op";
 pub const LSN: &str = "_lsn";
@@ -94,8 +94,26 @@ pub enum RowError {
         #[source]
         source: ArrowValueError,
     },
+    #[error("column {column:?}")]
+    Parse {
+        column: String,
+        #[source]
+        source: ValueError,
+    },
+    #[error("a row was left half appended by an earlier error; the batch cannot be finished")]
+    Broken,
     #[error("assembling the change-log record batch")]
     Batch(#[source] ArrowError),
+}
+
+/// A source column's value as a binary COPY delivers it.
+#[derive(Clone, Copy, Debug)]
+pub enum WireField<'a> {
+    Null,
+    /// The type's binary (`typsend`) form.
+    Binary(&'a [u8]),
+    /// The type's text form (types read as `::text`).
+    Text(&'a [u8]),
 }
 
 fn utf8_list_field() -> FieldRef {
@@ -157,6 +175,8 @@ pub struct ChangeBatchBuilder {
     /// Markers of one value, reused across values.
     scratch: Vec<String>,
     rows: usize,
+    /// An error of [`Self::append_read`] left a row half appended.
+    broken: bool,
 }
 
 impl ChangeBatchBuilder {
@@ -188,6 +208,7 @@ impl ChangeBatchBuilder {
             old,
             scratch: Vec::new(),
             rows: 0,
+            broken: false,
         }
     }
 
@@ -294,6 +315,67 @@ impl ChangeBatchBuilder {
         Ok(())
     }
 
+    /// Appends a row read by the initial load (`_op` `R`, no old key, nothing unchanged)
+    /// straight from its COPY fields, in column order. Values whose type has a direct path
+    /// ([`ColumnBuilder::append_binary_direct`]) skip the typed [`Value`]; the rest are parsed
+    /// and appended like a streamed change's. Unlike [`Self::append`], an error leaves the row
+    /// half appended: the batch is then unusable ([`Self::finish`] fails with
+    /// [`RowError::Broken`]), as a load that meets a bad value fails anyway.
+    pub fn append_read<'a>(
+        &mut self,
+        lsn: i64,
+        seq: i64,
+        commit_ts_micros: i64,
+        fields: impl ExactSizeIterator<Item = WireField<'a>>,
+    ) -> Result<(), RowError> {
+        let expected = self.columns.len();
+        if fields.len() != expected {
+            return Err(RowError::ColumnCount {
+                expected,
+                got: fields.len(),
+            });
+        }
+        self.broken = true;
+        for ((spec, builder), field) in self.columns.iter().zip(&mut self.values).zip(fields) {
+            let (raw, binary) = match field {
+                WireField::Null => {
+                    builder.append_null();
+                    continue;
+                }
+                WireField::Binary(raw) => {
+                    if builder.append_binary_direct(raw) {
+                        continue;
+                    }
+                    (raw, true)
+                }
+                WireField::Text(raw) => (raw, false),
+            };
+            let parsed = if binary {
+                crate::types::binary::parse(&spec.ty, raw)
+            } else {
+                crate::types::text::parse(&spec.ty, raw)
+            };
+            let value = parsed.map_err(|source| RowError::Parse {
+                column: spec.name.clone(),
+                source,
+            })?;
+            self.scratch.clear();
+            builder
+                .append(&value, &mut self.scratch)
+                .map_err(|source| RowError::Value {
+                    column: spec.name.clone(),
+                    source,
+                })?;
+            push_specials(&mut self.special, &spec.name, &self.scratch);
+        }
+        for key in &mut self.old {
+            key.builder.append_null();
+        }
+        self.append_meta(OP_READ, lsn, seq, 0, commit_ts_micros);
+        self.broken = false;
+        Ok(())
+    }
+
     /// A truncate: all source and old-key columns null.
     pub fn append_truncate(&mut self, lsn: i64, seq: i64, xid: i64, commit_ts_micros: i64) {
         for builder in &mut self.values {
@@ -347,6 +429,9 @@ impl ChangeBatchBuilder {
 
     /// The record batch of everything appended so far; the builder starts empty again.
     pub fn finish(&mut self) -> Result<RecordBatch, RowError> {
+        if self.broken {
+            return Err(RowError::Broken);
+        }
         let mut arrays: Vec<ArrayRef> = Vec::with_capacity(self.schema.fields().len());
         arrays.extend(self.values.iter_mut().map(ColumnBuilder::finish));
         arrays.push(Arc::new(self.op.finish()));

@@ -226,7 +226,7 @@ async fn merge(
 ) -> Result<Vec<Add>, CompactError> {
     let mut writer = RecordBatchWriter::for_table(table)
         .map_err(ctx.fail("optimize writer"))?
-        .with_writer_properties(writer_properties())
+        .with_writer_properties(writer_properties(schema))
         // A group holds at most `target` bytes of input: one output file, without telling the
         // writer to expect an unbounded one.
         .with_target_file_size(target_bytes.saturating_mul(2).max(1 << 20));

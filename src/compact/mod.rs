@@ -432,8 +432,12 @@ impl Ctx<'_> {
     ) -> Result<Add, CompactError> {
         let location = Path::from(file.as_str());
         let writer = BufWriter::new(target.store.clone(), location);
-        let mut w = AsyncArrowWriter::try_new(writer, batch.schema(), Some(writer_properties()))
-            .map_err(self.fail("write Parquet"))?;
+        let mut w = AsyncArrowWriter::try_new(
+            writer,
+            batch.schema(),
+            Some(writer_properties(&batch.schema())),
+        )
+        .map_err(self.fail("write Parquet"))?;
         w.write(batch).await.map_err(self.fail("write Parquet"))?;
         w.finish().await.map_err(self.fail("write Parquet"))?;
         let size = w.bytes_written() as i64;
@@ -1378,7 +1382,7 @@ impl ClosedWriter {
                         let w = AsyncArrowWriter::try_new(
                             BufWriter::new(store.clone(), Path::from(file.as_str())),
                             schema.clone(),
-                            Some(writer_properties()),
+                            Some(writer_properties(&schema)),
                         )?;
                         writer = Some((file, w));
                     }

@@ -476,24 +476,46 @@ impl PgConnection {
         self.start_copy(sql, b'H', "COPY TO STDOUT").await
     }
 
-    /// The next CopyData payload of a `COPY … TO STDOUT` (PostgreSQL sends one row per
-    /// message); `None` once the copy has ended and the session is ready again. An error from
-    /// the server mid-copy is returned once the session is ready again.
-    pub async fn copy_data(&mut self) -> Result<Option<Bytes>, ClientError> {
+    /// The rows of a `COPY … TO STDOUT` (PostgreSQL sends one per CopyData message): hands
+    /// each CopyData payload that has arrived to `each`, in place (no copy, no buffer per
+    /// row), until `each` returns false (take no more for now) or no
+    /// complete message is left (reading from the socket only when none has been handed over
+    /// yet). `Ok(true)` while the copy goes on, `Ok(false)` once it has ended and the session is
+    /// ready again; an error from the server mid-copy is returned once the session is ready.
+    pub async fn copy_data_each(
+        &mut self,
+        mut each: impl FnMut(&[u8]) -> bool,
+    ) -> Result<bool, ClientError> {
         let mut error = None;
+        let mut handed = false;
         loop {
-            let frame = self.read_frame().await?;
-            match frame.tag {
-                b'd' if error.is_none() => return Ok(Some(frame.body)),
-                b'd' | b'c' | b'C' | b'N' | b'S' => {}
-                b'E' => error = Some(parse_error_response(frame.body)?),
-                b'Z' => {
-                    return match error {
-                        Some(e) => Err(e.into()),
-                        None => Ok(None),
+            match self.frame_head()? {
+                Some((b'd', len)) if error.is_none() => {
+                    let more = each(&self.read_buf[5..len]);
+                    self.read_buf.advance(len);
+                    handed = true;
+                    if !more {
+                        return Ok(true);
                     }
                 }
-                other => return Err(unexpected(other, "COPY TO STDOUT")),
+                Some(_) => {
+                    let Some(frame) = self.try_frame()? else {
+                        continue;
+                    };
+                    match frame.tag {
+                        b'd' | b'c' | b'C' | b'N' | b'S' => {}
+                        b'E' => error = Some(parse_error_response(frame.body)?),
+                        b'Z' => {
+                            return match error {
+                                Some(e) => Err(e.into()),
+                                None => Ok(false),
+                            }
+                        }
+                        other => return Err(unexpected(other, "COPY TO STDOUT")),
+                    }
+                }
+                None if handed => return Ok(true),
+                None => self.fill().await?,
             }
         }
     }
@@ -536,22 +558,29 @@ impl PgConnection {
             if let Some(frame) = self.try_frame()? {
                 return Ok(frame);
             }
-            if self.read_buf.capacity() - self.read_buf.len() < 8192 {
-                self.read_buf.reserve(READ_BUFFER);
-            }
-            let n = self
-                .io
-                .read_buf(&mut self.read_buf)
-                .await
-                .map_err(ClientError::Io)?;
-            if n == 0 {
-                return Err(ClientError::Closed);
-            }
+            self.fill().await?;
         }
     }
 
-    /// A complete message from the buffer, if one is there ("need more bytes" is `Ok(None)`).
-    fn try_frame(&mut self) -> Result<Option<Frame>, ClientError> {
+    /// Reads what the socket has into the buffer (waiting for at least one byte).
+    async fn fill(&mut self) -> Result<(), ClientError> {
+        if self.read_buf.capacity() - self.read_buf.len() < 8192 {
+            self.read_buf.reserve(READ_BUFFER);
+        }
+        let n = self
+            .io
+            .read_buf(&mut self.read_buf)
+            .await
+            .map_err(ClientError::Io)?;
+        if n == 0 {
+            return Err(ClientError::Closed);
+        }
+        Ok(())
+    }
+
+    /// The tag and length (tag byte included) of the complete message at the start of the
+    /// buffer, if one is there ("need more bytes" is `Ok(None)`).
+    fn frame_head(&mut self) -> Result<Option<(u8, usize)>, ClientError> {
         if self.read_buf.len() < 5 {
             return Ok(None);
         }
@@ -571,7 +600,15 @@ impl PgConnection {
             self.read_buf.reserve(len + 1 - self.read_buf.len());
             return Ok(None);
         }
-        let mut frame = self.read_buf.split_to(len + 1);
+        Ok(Some((tag, len + 1)))
+    }
+
+    /// A complete message from the buffer, if one is there ("need more bytes" is `Ok(None)`).
+    fn try_frame(&mut self) -> Result<Option<Frame>, ClientError> {
+        let Some((tag, len)) = self.frame_head()? else {
+            return Ok(None);
+        };
+        let mut frame = self.read_buf.split_to(len);
         frame.advance(5);
         Ok(Some(Frame {
             tag,

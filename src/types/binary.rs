@@ -11,12 +11,13 @@
 //! `numeric` is the one type whose binary form must be re-printed: the base-10000 digits are
 //! formatted exactly as `numeric_out` would (same digits, display scale, no negative zero).
 
+use super::arrow::pow10;
 use super::{ArrayDim, ArrayValue, Infinite, Numeric, PgType, Value, ValueError};
 
 /// Days from 1970-01-01 to 2000-01-01 (the Postgres epoch).
-const UNIX_TO_PG_EPOCH_DAYS: i32 = 10_957;
+pub(crate) const UNIX_TO_PG_EPOCH_DAYS: i32 = 10_957;
 /// Microseconds from 1970-01-01 to 2000-01-01.
-const UNIX_TO_PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
+pub(crate) const UNIX_TO_PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
 /// `USECS_PER_DAY`: `time` allows 24:00:00.
 const MICROS_PER_DAY: i64 = 86_400_000_000;
 /// `TZDISP_LIMIT`: time zone displacement limit of `timetz`, in seconds.
@@ -214,6 +215,56 @@ fn numeric(ty: &PgType, raw: &[u8]) -> Result<Numeric, ValueError> {
     Ok(Numeric::Finite(numeric_text(
         negative, weight, dscale, pairs,
     )))
+}
+
+/// The binary form of a finite numeric as a decimal of `scale` fraction digits and at most
+/// `precision` digits in all, the way [`parse`] followed by the decimal column's parser of the
+/// printed text would take it (fraction digits past `dscale` dropped, none past `scale`
+/// allowed), without printing it. `None` for anything else — malformed, `NaN`, infinite, a
+/// display scale above `scale`, too many digits, a negative `scale` — which the caller hands
+/// to that slower way for the stand-in or the error.
+pub(crate) fn numeric_scaled(raw: &[u8], precision: u8, scale: i8) -> Option<i128> {
+    let (header, digits) = raw.split_first_chunk::<8>()?;
+    let [n0, n1, w0, w1, s0, s1, d0, d1] = *header;
+    let ndigits = usize::try_from(i16::from_be_bytes([n0, n1])).ok()?;
+    let weight = i32::from(i16::from_be_bytes([w0, w1]));
+    let negative = match u16::from_be_bytes([s0, s1]) {
+        NUMERIC_POS => false,
+        NUMERIC_NEG => true,
+        _ => return None,
+    };
+    let dscale = u16::from_be_bytes([d0, d1]);
+    let scale = u16::try_from(scale).ok()?;
+    if digits.len() != ndigits * 2 || dscale & NUMERIC_DSCALE_MASK != dscale || dscale > scale {
+        return None;
+    }
+    // Σ digit[i] · 10^(4·(weight − i) + dscale), each term cut to whole units: only the
+    // group straddling the last kept fraction digit loses digits, and what all the groups
+    // after it add up to is below one unit, so this is the truncated value.
+    let mut value: i128 = 0;
+    for (i, pair) in digits.as_chunks::<2>().0.iter().enumerate() {
+        let digit = u16::from_be_bytes(*pair);
+        if digit >= NUMERIC_BASE {
+            return None;
+        }
+        if digit == 0 {
+            continue;
+        }
+        let exponent = 4 * (weight - i32::try_from(i).ok()?) + i32::from(dscale);
+        let term = if exponent >= 0 {
+            i128::from(digit).checked_mul(pow10(u32::try_from(exponent).ok()?)?)?
+        } else if exponent > -4 {
+            i128::from(digit / u16::try_from(10_i32.pow(exponent.unsigned_abs())).ok()?)
+        } else {
+            continue; // wholly past the kept digits (the rest are still checked)
+        };
+        value = value.checked_add(term)?;
+    }
+    let value = value.checked_mul(pow10(u32::from(scale - dscale))?)?;
+    if value >= pow10(u32::from(precision))? {
+        return None;
+    }
+    Some(if negative { -value } else { value })
 }
 
 /// Prints a finite numeric like `numeric_out`: `-` for negative non-zero values, the integer
