@@ -234,7 +234,7 @@ fn parse_decimal(text: &str, precision: u8, scale: i8) -> Result<i128, &'static 
 }
 
 /// 10^n as an i128, `None` past 10^38.
-pub(crate) fn pow10(n: u32) -> Option<i128> {
+fn pow10(n: u32) -> Option<i128> {
     const POW10: [i128; 39] = {
         let mut t = [1i128; 39];
         let mut i = 1;

@@ -11,7 +11,6 @@
 //! `numeric` is the one type whose binary form must be re-printed: the base-10000 digits are
 //! formatted exactly as `numeric_out` would (same digits, display scale, no negative zero).
 
-use super::arrow::pow10;
 use super::{ArrayDim, ArrayValue, Infinite, Numeric, PgType, Value, ValueError};
 
 /// Days from 1970-01-01 to 2000-01-01 (the Postgres epoch).
@@ -240,8 +239,9 @@ pub(crate) fn numeric_scaled(raw: &[u8], precision: u8, scale: i8) -> Option<i12
     }
     // Σ digit[i] · 10^(4·(weight − i) + dscale), each term cut to whole units: only the
     // group straddling the last kept fraction digit loses digits, and what all the groups
-    // after it add up to is below one unit, so this is the truncated value.
-    let mut value: i128 = 0;
+    // after it add up to is below one unit, so this is the truncated value. With exponents up
+    // to 34 every term and the sum stay below 10^38 (< 2^127): no overflow checks.
+    let mut value: u128 = 0;
     for (i, pair) in digits.as_chunks::<2>().0.iter().enumerate() {
         let digit = u16::from_be_bytes(*pair);
         if digit >= NUMERIC_BASE {
@@ -251,21 +251,34 @@ pub(crate) fn numeric_scaled(raw: &[u8], precision: u8, scale: i8) -> Option<i12
             continue;
         }
         let exponent = 4 * (weight - i32::try_from(i).ok()?) + i32::from(dscale);
-        let term = if exponent >= 0 {
-            i128::from(digit).checked_mul(pow10(u32::try_from(exponent).ok()?)?)?
-        } else if exponent > -4 {
-            i128::from(digit / u16::try_from(10_i32.pow(exponent.unsigned_abs())).ok()?)
-        } else {
-            continue; // wholly past the kept digits (the rest are still checked)
+        value += match exponent {
+            0..=34 => u128::from(digit) * POW10_U128[exponent as usize],
+            1..=i32::MAX => return None, // 10^35 or more: the typed way decides
+            -3..=-1 => u128::from(digit / POW10_U16[exponent.unsigned_abs() as usize]),
+            _ => continue, // wholly past the kept digits (the rest are still checked)
         };
-        value = value.checked_add(term)?;
     }
-    let value = value.checked_mul(pow10(u32::from(scale - dscale))?)?;
-    if value >= pow10(u32::from(precision))? {
+    if scale > dscale {
+        value = value.checked_mul(POW10_U128.get(usize::from(scale - dscale)).copied()?)?;
+    }
+    if value >= POW10_U128.get(usize::from(precision)).copied()? {
         return None;
     }
+    let value = i128::try_from(value).ok()?;
     Some(if negative { -value } else { value })
 }
+
+/// 10^0 ..= 10^38.
+const POW10_U128: [u128; 39] = {
+    let mut t = [1u128; 39];
+    let mut i = 1;
+    while i < 39 {
+        t[i] = t[i - 1] * 10;
+        i += 1;
+    }
+    t
+};
+const POW10_U16: [u16; 4] = [1, 10, 100, 1000];
 
 /// Prints a finite numeric like `numeric_out`: `-` for negative non-zero values, the integer
 /// part without leading zeros (`0` when there is none), then — when `dscale` > 0 — a point
