@@ -365,6 +365,7 @@ impl TableLoad {
             let schema = changelog_schema(&self.source.specs);
             let log = ChangeLogTable::open(sink, &self.source.name, app, &schema, target_file_size)
                 .await
+                .and_then(ChangeLogTable::for_bulk_load)
                 .with_context(|| format!("opening the change log of {}", self.source.name))?;
             self.writers.insert(key, log);
         }
@@ -557,7 +558,7 @@ pub async fn load(
         let earlier = record.as_ref().and_then(|r| r.plans.get(&name.to_string()));
         let earlier_lsn = earlier.and_then(|p| p.lsn.parse::<Lsn>().ok());
         let earlier_app = earlier_lsn.map(|l| progress_app(&app, l));
-        let (mut log, done) = ChangeLogTable::open_reading(
+        let (log, done) = ChangeLogTable::open_reading(
             sink,
             name,
             &app,
@@ -572,6 +573,7 @@ pub async fn load(
             summary.skipped += 1;
             continue;
         }
+        let mut log = log.for_bulk_load()?;
         let (bytes, filenode) = relation_layout(&mut sql, name).await?;
         let pages = bytes / block;
         let columns = column_signature(&table);

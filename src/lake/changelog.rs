@@ -24,7 +24,9 @@ use deltalake::kernel::transaction::CommitData;
 use deltalake::kernel::{Action, Add, Metadata, MetadataExt, StructType, Transaction};
 use deltalake::logstore::{CommitOrBytes, LogStoreRef};
 use deltalake::parquet::basic::{Compression, Encoding, ZstdLevel};
-use deltalake::parquet::file::properties::{EnabledStatistics, WriterProperties};
+use deltalake::parquet::file::properties::{
+    EnabledStatistics, WriterProperties, WriterPropertiesBuilder,
+};
 use deltalake::parquet::schema::types::ColumnPath;
 use deltalake::protocol::{DeltaOperation, SaveMode};
 use deltalake::writer::{DeltaWriter, RecordBatchWriter, WriteMode};
@@ -66,27 +68,41 @@ impl LakeError {
     }
 }
 
-/// Parquet settings for the lake's files (change logs, current and history tables) of
-/// `schema`. Integer-like columns (ints, dates, timestamps, decimals stored as ints) fall back
-/// to `DELTA_BINARY_PACKED` when the dictionary gives up: serial keys, timestamps and the
-/// metadata columns then cost a few bits a value, and zstd has a fraction of the bytes to
-/// compress. The metadata columns `_lsn`, `_seq`, `_xid`, `_commit_ts` skip the dictionary: they
-/// are constant over a load and rise within a stream, which delta encoding stores in about
-/// nothing, without hashing every value. Every Parquet reader of Delta tables reads the
-/// encoding (it is part of Parquet since format 2.0).
-pub fn writer_properties(schema: &Schema) -> WriterProperties {
-    let mut builder = WriterProperties::builder()
+/// Parquet settings shared by all of the lake's files.
+fn base_properties() -> WriterPropertiesBuilder {
+    WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::default()))
         .set_dictionary_enabled(true)
         // Unique columns (keys, text) give up on the dictionary after 64 KiB instead of 1 MiB:
         // interning every value until then was the top cost of writing snapshot rows. Columns
         // with a few thousand distinct values per row group keep their dictionary.
         .set_dictionary_page_size_limit(64 * 1024)
+        .set_column_dictionary_enabled(SEQ.into(), false)
         .set_statistics_enabled(EnabledStatistics::Page)
-        .set_max_row_group_row_count(Some(ROW_GROUP_ROWS));
+        .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
+}
+
+/// Parquet settings for streamed change logs: dictionary, then plain, zstd. Not delta-packed
+/// like [`writer_properties`]: each `DELTA_BINARY_PACKED` column writer holds a 1 MiB buffer
+/// for as long as its file is open, and thousands of tables stream at once (`bench-ingest.sh`
+/// scenario c, 5,000 tables: peak RSS 367 MiB with it, 202 MiB without).
+pub fn stream_writer_properties() -> WriterProperties {
+    base_properties().build()
+}
+
+/// Parquet settings for files written a few at a time — initial loads, current and history
+/// tables, merged change-log files — of `schema`. Integer-like columns (ints, dates,
+/// timestamps, decimals stored as ints) fall back to `DELTA_BINARY_PACKED` when the dictionary
+/// gives up: serial keys and timestamps then cost a few bits a value and zstd has a fraction
+/// of the bytes to compress (a load's CPU per row fell by about a sixth). `_lsn`, `_xid` and
+/// `_commit_ts`, constant over a load, skip the dictionary too: delta encoding stores them in
+/// about nothing without hashing every value. Parquet readers of Delta tables all read the
+/// encoding (part of Parquet since format 2.0).
+pub fn writer_properties(schema: &Schema) -> WriterProperties {
+    let mut builder = base_properties();
     for field in schema.fields() {
         let column = ColumnPath::from(field.name().as_str());
-        if [LSN, SEQ, XID, COMMIT_TS].contains(&field.name().as_str()) {
+        if [LSN, XID, COMMIT_TS].contains(&field.name().as_str()) {
             builder = builder.set_column_dictionary_enabled(column.clone(), false);
         }
         if delta_packs(field.data_type()) {
@@ -237,10 +253,9 @@ impl ChangeLogTable {
         };
         let version = snapshot.version();
         let metadata = snapshot.metadata().clone();
-        let arrow_schema = arrow_schema(&metadata).map_err(err("schema"))?;
         let writer = RecordBatchWriter::for_table(&table)
             .map_err(err("writer"))?
-            .with_writer_properties(writer_properties(&arrow_schema))
+            .with_writer_properties(stream_writer_properties())
             .with_target_file_size(target_file_size);
         let table = ChangeLogTable {
             name: name.clone(),
@@ -266,6 +281,16 @@ impl ChangeLogTable {
     /// The commit LSN of the last source transaction this table holds.
     pub fn committed_lsn(&self) -> Option<Lsn> {
         self.committed
+    }
+
+    /// Writes this table's next files with [`writer_properties`] (an initial load's: a few
+    /// tables at a time) instead of the streaming settings. Call before writing.
+    pub fn for_bulk_load(mut self) -> Result<ChangeLogTable, LakeError> {
+        let schema = self.schema()?;
+        self.writer = self
+            .writer
+            .with_writer_properties(writer_properties(&schema));
+        Ok(self)
     }
 
     /// The table's current schema (as committed), as Arrow.
@@ -582,7 +607,7 @@ mod tests {
     /// metadata columns are delta-packed from the start, text keeps dictionary then plain, and
     /// the file reads back as written.
     #[test]
-    fn integer_like_columns_are_delta_packed() {
+    fn integer_like_columns_are_delta_packed_except_in_streamed_change_logs() {
         use deltalake::arrow::array::{StringArray, TimestampMicrosecondArray};
         use deltalake::arrow::datatypes::TimeUnit;
         use deltalake::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -608,13 +633,29 @@ mod tests {
             ],
         )
         .unwrap();
-        let mut file = Vec::new();
-        let mut writer =
-            ArrowWriter::try_new(&mut file, schema.clone(), Some(writer_properties(&schema)))
-                .unwrap();
-        writer.write(&batch).unwrap();
-        writer.close().unwrap();
-        let reader = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(file)).unwrap();
+        let write = |properties: WriterProperties| {
+            let mut file = Vec::new();
+            let mut writer =
+                ArrowWriter::try_new(&mut file, schema.clone(), Some(properties)).unwrap();
+            writer.write(&batch).unwrap();
+            writer.close().unwrap();
+            ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(file)).unwrap()
+        };
+        // Streamed change logs stay dictionary-then-plain (memory per open column writer).
+        let streamed = write(stream_writer_properties());
+        for column in 0..4 {
+            let e: Vec<Encoding> = streamed
+                .metadata()
+                .row_group(0)
+                .column(column)
+                .encodings()
+                .collect();
+            assert!(
+                !e.contains(&Encoding::DELTA_BINARY_PACKED),
+                "column {column}: {e:?}"
+            );
+        }
+        let reader = write(writer_properties(&schema));
         let encodings = |column: usize| -> Vec<Encoding> {
             let group = reader.metadata().row_group(0);
             group.column(column).encodings().collect()

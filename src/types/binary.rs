@@ -253,7 +253,7 @@ pub(crate) fn numeric_scaled(raw: &[u8], precision: u8, scale: i8) -> Option<i12
         let exponent = 4 * (weight - i32::try_from(i).ok()?) + i32::from(dscale);
         value += match exponent {
             0..=34 => u128::from(digit) * POW10_U128[exponent as usize],
-            1..=i32::MAX => return None, // 10^35 or more: the typed way decides
+            35..=i32::MAX => return None, // 10^35 or more: the typed way decides
             -3..=-1 => u128::from(digit / POW10_U16[exponent.unsigned_abs() as usize]),
             _ => continue, // wholly past the kept digits (the rest are still checked)
         };
