@@ -246,7 +246,7 @@ impl Cursor {
         .await?;
         Ok(Cursor {
             table: table.name.clone(),
-            builder: ChangeBatchBuilder::new(table.specs.clone()),
+            builder: ChangeBatchBuilder::keeping_capacity(table.specs.clone()),
             text_form,
             stamp,
             rows: 0,

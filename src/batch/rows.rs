@@ -177,12 +177,35 @@ pub struct ChangeBatchBuilder {
     rows: usize,
     /// An error of [`Self::append_read`] left a row half appended.
     broken: bool,
+    /// [`Self::finish`] leaves room for a batch like the one it finished.
+    keep_capacity: bool,
 }
 
 impl ChangeBatchBuilder {
     pub fn new(columns: Vec<ColumnSpec>) -> Self {
+        Self::with_capacity(columns, 1024, &[])
+    }
+
+    /// A builder whose [`Self::finish`] leaves room for another batch like the one it
+    /// finished (the initial load's batches, all alike): the buffers do not grow again from
+    /// nothing for every batch.
+    pub fn keeping_capacity(columns: Vec<ColumnSpec>) -> Self {
+        let mut builder = Self::new(columns);
+        builder.keep_capacity = true;
+        builder
+    }
+
+    /// Room for `rows` rows, and `bytes[i]` bytes of column `i` (text and bytes; `rows` when
+    /// not given).
+    fn with_capacity(columns: Vec<ColumnSpec>, rows: usize, bytes: &[usize]) -> Self {
         let schema = changelog_schema(&columns);
-        let values = columns.iter().map(|c| ColumnBuilder::new(&c.ty)).collect();
+        let values = columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                ColumnBuilder::with_capacity(&c.ty, rows, bytes.get(i).map_or(rows, |b| *b))
+            })
+            .collect();
         let old = columns
             .iter()
             .enumerate()
@@ -190,25 +213,27 @@ impl ChangeBatchBuilder {
             .map(|(index, c)| OldKey {
                 index,
                 name: format!("{OLD_PREFIX}{}", c.name),
-                builder: ColumnBuilder::new(&c.ty),
+                builder: ColumnBuilder::with_capacity(&c.ty, rows, rows),
             })
             .collect();
-        let list = || ListBuilder::new(StringBuilder::new()).with_field(utf8_list_field());
+        let list =
+            || ListBuilder::with_capacity(StringBuilder::new(), rows).with_field(utf8_list_field());
         ChangeBatchBuilder {
             columns,
             schema,
             values,
-            op: StringBuilder::new(),
-            lsn: Int64Builder::new(),
-            seq: Int64Builder::new(),
-            xid: Int64Builder::new(),
-            commit_ts: TimestampMicrosecondBuilder::new().with_timezone(UTC),
+            op: StringBuilder::with_capacity(rows, rows),
+            lsn: Int64Builder::with_capacity(rows),
+            seq: Int64Builder::with_capacity(rows),
+            xid: Int64Builder::with_capacity(rows),
+            commit_ts: TimestampMicrosecondBuilder::with_capacity(rows).with_timezone(UTC),
             unchanged: list(),
             special: list(),
             old,
             scratch: Vec::new(),
             rows: 0,
             broken: false,
+            keep_capacity: false,
         }
     }
 
@@ -432,6 +457,14 @@ impl ChangeBatchBuilder {
         if self.broken {
             return Err(RowError::Broken);
         }
+        let bytes: Vec<usize> = if self.keep_capacity {
+            self.values
+                .iter()
+                .map(ColumnBuilder::memory_bytes)
+                .collect()
+        } else {
+            Vec::new()
+        };
         let mut arrays: Vec<ArrayRef> = Vec::with_capacity(self.schema.fields().len());
         arrays.extend(self.values.iter_mut().map(ColumnBuilder::finish));
         arrays.push(Arc::new(self.op.finish()));
@@ -442,6 +475,12 @@ impl ChangeBatchBuilder {
         arrays.push(Arc::new(self.unchanged.finish()));
         arrays.push(Arc::new(self.special.finish()));
         arrays.extend(self.old.iter_mut().map(|k| k.builder.finish()));
+        if self.keep_capacity {
+            *self = ChangeBatchBuilder {
+                keep_capacity: true,
+                ..Self::with_capacity(std::mem::take(&mut self.columns), self.rows, &bytes)
+            };
+        }
         self.rows = 0;
         RecordBatch::try_new(self.schema.clone(), arrays).map_err(RowError::Batch)
     }

@@ -34,7 +34,7 @@ use deltalake::{DeltaTable, DeltaTableError};
 use uuid::Uuid;
 
 use super::store::Sink;
-use crate::batch::rows::{COMMIT_TS, LSN, SEQ, XID};
+use crate::batch::rows::{COMMIT_TS, LSN, OP, SEQ, XID};
 use crate::lsn::Lsn;
 use crate::replication::sql::TableName;
 
@@ -102,7 +102,7 @@ pub fn writer_properties(schema: &Schema) -> WriterProperties {
     let mut builder = base_properties();
     for field in schema.fields() {
         let column = ColumnPath::from(field.name().as_str());
-        if [LSN, XID, COMMIT_TS].contains(&field.name().as_str()) {
+        if [OP, LSN, XID, COMMIT_TS].contains(&field.name().as_str()) {
             builder = builder.set_column_dictionary_enabled(column.clone(), false);
         }
         if delta_packs(field.data_type()) {

@@ -352,31 +352,37 @@ struct ListColumn {
 impl ColumnBuilder {
     /// An empty builder for a column of type `ty`, producing arrays of [`lake_type`]`(ty)`.
     pub fn new(ty: &PgType) -> Self {
+        Self::with_capacity(ty, 1024, 1024)
+    }
+
+    /// [`Self::new`] with room for `rows` values (of `bytes` in all, for text and bytes) before
+    /// its buffers grow.
+    pub fn with_capacity(ty: &PgType, rows: usize, bytes: usize) -> Self {
         // The builder follows the one mapping, `lake_type`, rather than deciding it again.
         let kind = match (lake_type(ty), ty) {
-            (DataType::Boolean, _) => Kind::Bool(BooleanBuilder::new()),
-            (DataType::Int16, _) => Kind::Int16(Int16Builder::new()),
-            (DataType::Int32, _) => Kind::Int32(Int32Builder::new()),
-            (DataType::Int64, _) => Kind::Int64(Int64Builder::new()),
-            (DataType::Float32, _) => Kind::Float32(Float32Builder::new()),
-            (DataType::Float64, _) => Kind::Float64(Float64Builder::new()),
+            (DataType::Boolean, _) => Kind::Bool(BooleanBuilder::with_capacity(rows)),
+            (DataType::Int16, _) => Kind::Int16(Int16Builder::with_capacity(rows)),
+            (DataType::Int32, _) => Kind::Int32(Int32Builder::with_capacity(rows)),
+            (DataType::Int64, _) => Kind::Int64(Int64Builder::with_capacity(rows)),
+            (DataType::Float32, _) => Kind::Float32(Float32Builder::with_capacity(rows)),
+            (DataType::Float64, _) => Kind::Float64(Float64Builder::with_capacity(rows)),
             (DataType::Decimal128(precision, scale), _) => Kind::Decimal {
                 // `decimal_params` only admits what `with_precision_and_scale` accepts; the
                 // fallback sets the same type without the (redundant) validation.
-                builder: Decimal128Builder::new()
+                builder: Decimal128Builder::with_capacity(rows)
                     .with_precision_and_scale(precision, scale)
                     .unwrap_or_else(|_| {
-                        Decimal128Builder::new()
+                        Decimal128Builder::with_capacity(rows)
                             .with_data_type(DataType::Decimal128(precision, scale))
                     }),
                 precision,
                 scale,
             },
-            (DataType::Binary, _) => Kind::Binary(BinaryBuilder::new()),
-            (DataType::Date32, _) => Kind::Date32(Date32Builder::new()),
-            (DataType::Timestamp(_, tz), _) => {
-                Kind::Timestamp(TimestampMicrosecondBuilder::new().with_timezone_opt(tz))
-            }
+            (DataType::Binary, _) => Kind::Binary(BinaryBuilder::with_capacity(rows, bytes)),
+            (DataType::Date32, _) => Kind::Date32(Date32Builder::with_capacity(rows)),
+            (DataType::Timestamp(_, tz), _) => Kind::Timestamp(
+                TimestampMicrosecondBuilder::with_capacity(rows).with_timezone_opt(tz),
+            ),
             (DataType::List(field), PgType::Array(element)) => Kind::List(Box::new(ListColumn {
                 field,
                 offsets: vec![0],
@@ -384,7 +390,7 @@ impl ColumnBuilder {
                 elements: ColumnBuilder::new(element),
             })),
             // Utf8, and nothing else: `lake_type` produces no other type.
-            _ => Kind::Utf8(StringBuilder::new()),
+            _ => Kind::Utf8(StringBuilder::with_capacity(rows, bytes)),
         };
         ColumnBuilder {
             ty: ty.clone(),
