@@ -409,6 +409,42 @@ async fn binary_copy_reads_every_type_as_its_text_form_does() {
     assert!(err.contains("no_such_column"), "{err}");
     let one = conn.simple_query("SELECT 1 AS one").await.unwrap();
     assert_eq!(one[0].get("one"), Some("1"));
+
+    // A COPY the server stops midway, after sending rows: the server's error (not a truncated
+    // copy), and the session still answers.
+    conn.simple_query("CREATE TABLE many AS SELECT g AS id FROM generate_series(1, 200000) g")
+        .await
+        .unwrap();
+    let many = describe(
+        &mut conn,
+        &mut catalog,
+        &mut catalog_conn,
+        &info,
+        &TableName::parse("many").unwrap(),
+        "none",
+    )
+    .await
+    .unwrap();
+    let mut cursor = Cursor::open(
+        &mut conn,
+        &many,
+        Some("1 / (id - 150000) IS NOT NULL"),
+        stamp,
+    )
+    .await
+    .unwrap();
+    let mut rows = 0;
+    let err = loop {
+        match cursor.next(&mut conn).await {
+            Ok(Some(batch)) => rows += batch.num_rows(),
+            Ok(None) => panic!("the COPY must fail at id 150000"),
+            Err(e) => break format!("{e:#}"),
+        }
+    };
+    assert!(rows > 0, "rows came before the error");
+    assert!(err.contains("division by zero"), "{err}");
+    let one = conn.simple_query("SELECT 1 AS one").await.unwrap();
+    assert_eq!(one[0].get("one"), Some("1"));
     conn.close().await;
     if let Some(c) = catalog_conn {
         c.close().await;

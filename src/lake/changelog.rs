@@ -101,15 +101,37 @@ pub fn stream_writer_properties() -> WriterProperties {
 pub fn writer_properties(schema: &Schema) -> WriterProperties {
     let mut builder = base_properties();
     for field in schema.fields() {
-        let column = ColumnPath::from(field.name().as_str());
         if [OP, LSN, XID, COMMIT_TS].contains(&field.name().as_str()) {
-            builder = builder.set_column_dictionary_enabled(column.clone(), false);
-        }
-        if delta_packs(field.data_type()) {
-            builder = builder.set_column_encoding(column, Encoding::DELTA_BINARY_PACKED);
+            builder = builder.set_column_dictionary_enabled(field.name().as_str().into(), false);
         }
     }
+    for field in delta_packed(schema) {
+        let column = ColumnPath::from(field.name().as_str());
+        builder = builder.set_column_encoding(column, Encoding::DELTA_BINARY_PACKED);
+    }
     builder.build()
+}
+
+/// Most columns of one file [`writer_properties`] delta-packs: each such column writer holds
+/// [`DELTA_WRITER_BYTES`] while the file is open, so a table with hundreds of bigint columns
+/// would hold hundreds of MiB per open file.
+const MAX_DELTA_COLUMNS: usize = 16;
+/// The buffer a `DELTA_BINARY_PACKED` column writer allocates up front (parquet 59:
+/// `DEFAULT_BIT_WRITER_SIZE`).
+const DELTA_WRITER_BYTES: usize = 1 << 20;
+
+/// The columns [`writer_properties`] delta-packs: integer-like ones, the metadata columns
+/// first, at most [`MAX_DELTA_COLUMNS`].
+fn delta_packed(schema: &Schema) -> Vec<&Field> {
+    let metadata = |f: &&Field| [LSN, SEQ, XID, COMMIT_TS].contains(&f.name().as_str());
+    let fields = schema.fields().iter().map(|f| f.as_ref());
+    fields
+        .clone()
+        .filter(metadata)
+        .chain(fields.filter(|f| !metadata(f)))
+        .filter(|f| delta_packs(f.data_type()))
+        .take(MAX_DELTA_COLUMNS)
+        .collect()
 }
 
 /// A Delta table's schema as Arrow.
@@ -172,6 +194,8 @@ pub struct ChangeLogTable {
     arrow_bytes_since_stage: usize,
     /// A data-file write failed: the writer must not be used again (its files are aborted).
     failed: bool,
+    /// Memory an open file's column writers hold beyond the data (delta-packed columns).
+    open_file_bytes: usize,
 }
 
 impl ChangeLogTable {
@@ -270,6 +294,7 @@ impl ChangeLogTable {
             rows_since_stage: 0,
             arrow_bytes_since_stage: 0,
             failed: false,
+            open_file_bytes: 0,
         };
         Ok((table, other))
     }
@@ -290,6 +315,7 @@ impl ChangeLogTable {
         self.writer = self
             .writer
             .with_writer_properties(writer_properties(&schema));
+        self.open_file_bytes = delta_packed(&schema).len() * DELTA_WRITER_BYTES;
         Ok(self)
     }
 
@@ -337,7 +363,12 @@ impl ChangeLogTable {
             .arrow_bytes_since_stage
             .checked_div(self.rows_since_stage)
             .map_or(0, |per_row| 2 * per_row * open_rows);
-        self.writer.buffer_len() + open
+        let file = if self.writer.buffered_record_batch_count() > 0 {
+            self.open_file_bytes
+        } else {
+            0
+        };
+        self.writer.buffer_len() + open + file
     }
 
     /// Closes the files written so far (they stay invisible until the next commit) so that
@@ -678,6 +709,25 @@ mod tests {
             deltalake::arrow::compute::concat_batches(&schema, &read).unwrap(),
             batch
         );
+    }
+
+    /// At most 16 columns of a file are delta-packed, the metadata columns first.
+    #[test]
+    fn wide_tables_delta_pack_at_most_sixteen_columns() {
+        let mut fields: Vec<Field> = (0..30)
+            .map(|i| Field::new(format!("c{i}"), DataType::Int64, true))
+            .collect();
+        fields.push(Field::new("t", DataType::Utf8, true));
+        fields.push(Field::new(LSN, DataType::Int64, false));
+        fields.push(Field::new(SEQ, DataType::Int64, false));
+        let schema = Schema::new(fields);
+        let packed: Vec<&str> = delta_packed(&schema)
+            .iter()
+            .map(|f| f.name().as_str())
+            .collect();
+        assert_eq!(packed.len(), MAX_DELTA_COLUMNS);
+        assert_eq!(&packed[..3], [LSN, SEQ, "c0"]);
+        assert!(!packed.contains(&"t"));
     }
 
     /// A maintenance job (change-log optimize, retention, vacuum) may take the version a

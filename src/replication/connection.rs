@@ -471,7 +471,7 @@ impl PgConnection {
     }
 
     /// Starts a `COPY … TO STDOUT`: returns once the server answered with CopyOutResponse.
-    /// Then [`Self::copy_data`] reads the data until the copy ends.
+    /// Then [`Self::copy_data_each`] reads the data until the copy ends.
     pub async fn copy_out(&mut self, sql: &str) -> Result<(), ClientError> {
         self.start_copy(sql, b'H', "COPY TO STDOUT").await
     }
@@ -514,7 +514,9 @@ impl PgConnection {
                         other => return Err(unexpected(other, "COPY TO STDOUT")),
                     }
                 }
-                None if handed => return Ok(true),
+                // Not once an error has come: it is returned with ReadyForQuery, which may
+                // still be on its way.
+                None if handed && error.is_none() => return Ok(true),
                 None => self.fill().await?,
             }
         }
@@ -751,6 +753,62 @@ pub(crate) fn parse_error_response(mut body: Bytes) -> Result<ServerError, Clien
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A server error that comes with rows, its ReadyForQuery later (PostgreSQL flushes the
+    /// ErrorResponse at once): the error is returned once the session is ready, not lost as
+    /// if the copy had simply ended. The test runtime runs one task at a time, so the server
+    /// sends ReadyForQuery only once the client has taken the rows and the error and waits.
+    #[tokio::test]
+    async fn a_copy_error_sent_with_rows_is_not_lost_while_ready_for_query_is_on_its_way() {
+        use tokio::io::AsyncWriteExt;
+        fn message(out: &mut Vec<u8>, tag: u8, body: &[u8]) {
+            out.push(tag);
+            out.extend(((body.len() + 4) as u32).to_be_bytes());
+            out.extend(body);
+        }
+        let (client, mut server) = tokio::io::duplex(1 << 16);
+        let mut conn = PgConnection {
+            io: Box::new(client),
+            read_buf: BytesMut::new(),
+            write_buf: BytesMut::new(),
+            parameters: HashMap::new(),
+            info: ConnInfo::parse("host=localhost user=test").unwrap(),
+        };
+        let (taken, rows_taken) = tokio::sync::oneshot::channel::<()>();
+        let mut first = Vec::new();
+        message(&mut first, b'd', b"row 1");
+        message(&mut first, b'd', b"row 2");
+        message(&mut first, b'E', b"SERROR\0C22012\0Mdivision by zero\0\0");
+        let server = tokio::spawn(async move {
+            server.write_all(&first).await.unwrap();
+            rows_taken.await.unwrap();
+            let mut ready = Vec::new();
+            message(&mut ready, b'Z', b"T");
+            server.write_all(&ready).await.unwrap();
+            server
+        });
+        let mut taken = Some(taken);
+        let mut rows = Vec::new();
+        let end = loop {
+            let step = conn
+                .copy_data_each(|row| {
+                    rows.push(row.to_vec());
+                    if let Some(t) = taken.take() {
+                        let _ = t.send(());
+                    }
+                    true
+                })
+                .await;
+            match step {
+                Ok(true) => continue,
+                other => break other,
+            }
+        };
+        assert_eq!(rows, [b"row 1".to_vec(), b"row 2".to_vec()]);
+        let err = end.expect_err("the server's error").to_string();
+        assert!(err.contains("division by zero"), "{err}");
+        drop(server.await.unwrap());
+    }
 
     #[test]
     fn server_versions() {
