@@ -159,6 +159,23 @@ struct OldKey {
     builder: ColumnBuilder,
 }
 
+/// The [`Metadata`] builders of a [`ChangeBatchBuilder`], borrowed field by field (so that
+/// its value builders can stay borrowed).
+macro_rules! metadata {
+    ($b:expr) => {
+        Metadata {
+            op: &mut $b.op,
+            lsn: &mut $b.lsn,
+            seq: &mut $b.seq,
+            xid: &mut $b.xid,
+            commit_ts: &mut $b.commit_ts,
+            unchanged: &mut $b.unchanged,
+            special: &mut $b.special,
+            old: &mut $b.old,
+        }
+    };
+}
+
 /// Builds one change-log record batch for one source table.
 pub struct ChangeBatchBuilder {
     columns: Vec<ColumnSpec>,
@@ -175,6 +192,9 @@ pub struct ChangeBatchBuilder {
     /// Markers of one value, reused across values.
     scratch: Vec<String>,
     rows: usize,
+    /// Rows of [`Self::append_read`] whose metadata and old-key columns are not appended
+    /// yet: they are alike but for `_seq`, so they are appended together.
+    reads: Option<ReadRun>,
     /// An error of [`Self::append_read`] left a row half appended.
     broken: bool,
     /// [`Self::finish`] leaves room for a batch like the one it finished.
@@ -232,6 +252,7 @@ impl ChangeBatchBuilder {
             old,
             scratch: Vec::new(),
             rows: 0,
+            reads: None,
             broken: false,
             keep_capacity: false,
         }
@@ -285,6 +306,7 @@ impl ChangeBatchBuilder {
             }
         }
 
+        self.settle_reads();
         // Check everything first so that a rejected row leaves every builder untouched.
         for ((spec, builder), cv) in self.columns.iter().zip(&self.values).zip(row) {
             if let ColumnValue::Value(v) = cv {
@@ -361,6 +383,7 @@ impl ChangeBatchBuilder {
             });
         }
         self.broken = true;
+        let mut specials = false;
         for ((spec, builder), field) in self.columns.iter().zip(&mut self.values).zip(fields) {
             let (raw, binary) = match field {
                 WireField::Null => {
@@ -391,18 +414,44 @@ impl ChangeBatchBuilder {
                     column: spec.name.clone(),
                     source,
                 })?;
-            push_specials(&mut self.special, &spec.name, &self.scratch);
+            if !self.scratch.is_empty() {
+                // This row's `_special` list is not empty: the rows before it get theirs now.
+                specials = true;
+                if let Some(run) = self.reads.take() {
+                    settle(&mut metadata!(self), run);
+                }
+                push_specials(&mut self.special, &spec.name, &self.scratch);
+            }
         }
-        for key in &mut self.old {
-            key.builder.append_null();
+        let row = ReadRun {
+            lsn,
+            first_seq: seq,
+            commit_ts_micros,
+            rows: 1,
+        };
+        if specials {
+            settle(&mut metadata!(self), row);
+        } else if let Some(run) = self.reads.as_mut().filter(|run| run.continued_by(&row)) {
+            run.rows += 1;
+        } else if let Some(run) = self.reads.replace(row) {
+            settle(&mut metadata!(self), run);
         }
-        self.append_meta(OP_READ, lsn, seq, 0, commit_ts_micros);
+        self.rows += 1;
         self.broken = false;
         Ok(())
     }
 
+    /// Appends the metadata of the pending [`Self::append_read`] rows.
+    fn settle_reads(&mut self) {
+        if let Some(run) = self.reads.take() {
+            settle(&mut metadata!(self), run);
+        }
+    }
+
+
     /// A truncate: all source and old-key columns null.
     pub fn append_truncate(&mut self, lsn: i64, seq: i64, xid: i64, commit_ts_micros: i64) {
+        self.settle_reads();
         for builder in &mut self.values {
             builder.append_null();
         }
@@ -457,6 +506,7 @@ impl ChangeBatchBuilder {
         if self.broken {
             return Err(RowError::Broken);
         }
+        self.settle_reads();
         let bytes: Vec<usize> = if self.keep_capacity {
             self.values
                 .iter()
@@ -483,6 +533,57 @@ impl ChangeBatchBuilder {
         }
         self.rows = 0;
         RecordBatch::try_new(self.schema.clone(), arrays).map_err(RowError::Batch)
+    }
+}
+
+/// Rows of [`ChangeBatchBuilder::append_read`] with consecutive `_seq` and the same `_lsn`
+/// and `_commit_ts`, whose metadata is still to be appended.
+struct ReadRun {
+    lsn: i64,
+    first_seq: i64,
+    commit_ts_micros: i64,
+    rows: usize,
+}
+
+impl ReadRun {
+    /// `next` (one row) is the row after this run's last.
+    fn continued_by(&self, next: &ReadRun) -> bool {
+        next.lsn == self.lsn
+            && next.commit_ts_micros == self.commit_ts_micros
+            && next.first_seq == self.first_seq + self.rows as i64
+    }
+}
+
+/// The builders of a batch's metadata and old-key columns.
+struct Metadata<'a> {
+    op: &'a mut StringBuilder,
+    lsn: &'a mut Int64Builder,
+    seq: &'a mut Int64Builder,
+    xid: &'a mut Int64Builder,
+    commit_ts: &'a mut TimestampMicrosecondBuilder,
+    unchanged: &'a mut ListBuilder<StringBuilder>,
+    special: &'a mut ListBuilder<StringBuilder>,
+    old: &'a mut [OldKey],
+}
+
+/// Appends the metadata of the read rows of `run`: `R`, no old key, nothing unchanged; their
+/// `_special` lists are closed (only the last row's can have markers, see
+/// [`ChangeBatchBuilder::append_read`]).
+fn settle(m: &mut Metadata<'_>, run: ReadRun) {
+    let n = run.rows;
+    for _ in 0..n {
+        m.op.append_value(OP_READ);
+    }
+    m.lsn.append_value_n(run.lsn, n);
+    m.seq.extend((0..n as i64).map(|i| Some(run.first_seq + i)));
+    m.xid.append_value_n(0, n);
+    m.commit_ts.append_value_n(run.commit_ts_micros, n);
+    for _ in 0..n {
+        m.unchanged.append(true);
+        m.special.append(true);
+    }
+    for key in m.old.iter_mut() {
+        key.builder.append_nulls(n);
     }
 }
 
@@ -863,6 +964,96 @@ mod tests {
                 column::<Int64Array>(&batch, "_seq").values().to_vec(),
                 (0..rows.len() as i64).collect::<Vec<_>>()
             );
+        }
+    }
+
+    /// One step of [`read_rows_match_rows_appended_one_by_one`].
+    #[derive(Debug, Clone)]
+    enum Step {
+        /// A read row: `_lsn` choice, a `_seq` jump (0: the next one), the id, the price as
+        /// text (`NaN` gives a `_special` marker), a null body or not.
+        Read(u8, u8, i32, String, bool),
+        Change,
+        Truncate,
+        Finish,
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        let price = prop_oneof![
+            4 => (0u32..100_000).prop_map(|c| format!("{}.{:02}", c / 100, c % 100)),
+            1 => Just("NaN".to_owned()),
+        ];
+        prop_oneof![
+            12 => (0u8..2, prop_oneof![6 => Just(0u8), 1 => 1u8..3], any::<i32>(), price, any::<bool>())
+                .prop_map(|(l, j, id, p, n)| Step::Read(l, j, id, p, n)),
+            1 => Just(Step::Change),
+            1 => Just(Step::Truncate),
+            1 => Just(Step::Finish),
+        ]
+    }
+
+    proptest! {
+        /// Read rows, whose metadata is appended a run at a time, give the batches that
+        /// appending each as an `R` change gives, whatever comes between them (changes,
+        /// truncates, stand-in markers, `_seq` or `_lsn` jumps, batch ends).
+        #[test]
+        fn read_rows_match_rows_appended_one_by_one(steps in proptest::collection::vec(step(), 0..60)) {
+            let (mut reads, mut reference) = (
+                ChangeBatchBuilder::keeping_capacity(table()),
+                ChangeBatchBuilder::new(table()),
+            );
+            let (mut got, mut want) = (Vec::new(), Vec::new());
+            let mut seq = 0i64;
+            for step in steps.iter().chain([&Step::Finish]) {
+                match step {
+                    Step::Read(lsn, jump, id, price, null_body) => {
+                        seq += 1 + i64::from(*jump);
+                        let lsn = 100 + i64::from(*lsn);
+                        let id_bytes = id.to_be_bytes();
+                        let body = if *null_body { WireField::Null } else { WireField::Text(b"hello") };
+                        let fields = [
+                            WireField::Binary(&id_bytes),
+                            body,
+                            WireField::Text(price.as_bytes()),
+                            WireField::Text(b"2026-01-02"),
+                        ];
+                        reads.append_read(lsn, seq, 77, fields.into_iter()).unwrap();
+                        let typed = table()
+                            .iter()
+                            .zip(&fields)
+                            .map(|(spec, f)| match f {
+                                WireField::Null => ColumnValue::Value(Value::Null),
+                                WireField::Binary(raw) => ColumnValue::Value(
+                                    crate::types::binary::parse(&spec.ty, raw).unwrap(),
+                                ),
+                                WireField::Text(raw) => ColumnValue::Value(
+                                    crate::types::text::parse(&spec.ty, raw).unwrap(),
+                                ),
+                            })
+                            .collect::<Vec<_>>();
+                        reference.append(OP_READ, lsn, seq, 0, 77, &typed, None).unwrap();
+                    }
+                    Step::Change => {
+                        seq += 1;
+                        let row = [v(Value::Int4(7)), text("x"), v(Value::Null), v(Value::Null)];
+                        let old = [v(Value::Int4(8)), text("y"), v(Value::Null), v(Value::Null)];
+                        for b in [&mut reads, &mut reference] {
+                            b.append(OP_UPDATE, 100, seq, 9, 77, &row, Some(&old)).unwrap();
+                        }
+                    }
+                    Step::Truncate => {
+                        seq += 1;
+                        reads.append_truncate(100, seq, 9, 77);
+                        reference.append_truncate(100, seq, 9, 77);
+                    }
+                    Step::Finish => {
+                        prop_assert_eq!(reads.len(), reference.len());
+                        got.push(reads.finish().unwrap());
+                        want.push(reference.finish().unwrap());
+                    }
+                }
+            }
+            prop_assert_eq!(got, want);
         }
     }
 }

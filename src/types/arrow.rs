@@ -612,6 +612,11 @@ impl ColumnBuilder {
         self.kind.append_null();
     }
 
+    /// Appends `n` nulls.
+    pub fn append_nulls(&mut self, n: usize) {
+        self.kind.append_nulls(n);
+    }
+
     /// Rows appended since the last [`Self::finish`].
     pub fn len(&self) -> usize {
         match &self.kind {
@@ -701,6 +706,27 @@ impl Kind {
                 let last = list.offsets.last().copied().unwrap_or(0);
                 list.offsets.push(last);
                 list.nulls.append_null();
+            }
+        }
+    }
+
+    fn append_nulls(&mut self, n: usize) {
+        match self {
+            Kind::Bool(b) => b.append_nulls(n),
+            Kind::Int16(b) => b.append_nulls(n),
+            Kind::Int32(b) => b.append_nulls(n),
+            Kind::Int64(b) => b.append_nulls(n),
+            Kind::Float32(b) => b.append_nulls(n),
+            Kind::Float64(b) => b.append_nulls(n),
+            Kind::Decimal { builder, .. } => builder.append_nulls(n),
+            Kind::Utf8(b) => b.append_nulls(n),
+            Kind::Binary(b) => b.append_nulls(n),
+            Kind::Date32(b) => b.append_nulls(n),
+            Kind::Timestamp(b) => b.append_nulls(n),
+            Kind::List(list) => {
+                let last = list.offsets.last().copied().unwrap_or(0);
+                list.offsets.extend(std::iter::repeat_n(last, n));
+                list.nulls.append_n_nulls(n);
             }
         }
     }

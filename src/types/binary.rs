@@ -239,28 +239,57 @@ pub(crate) fn numeric_scaled(raw: &[u8], precision: u8, scale: i8) -> Option<i12
     }
     // Σ digit[i] · 10^(4·(weight − i) + dscale), each term cut to whole units: only the
     // group straddling the last kept fraction digit loses digits, and what all the groups
-    // after it add up to is below one unit, so this is the truncated value. With exponents up
-    // to 34 every term and the sum stay below 10^38 (< 2^127): no overflow checks.
-    let mut value: u128 = 0;
-    for (i, pair) in digits.as_chunks::<2>().0.iter().enumerate() {
-        let digit = u16::from_be_bytes(*pair);
-        if digit >= NUMERIC_BASE {
-            return None;
+    // after it add up to is below one unit, so this is the truncated value.
+    let pairs = digits.as_chunks::<2>().0;
+    let first_exponent = 4 * weight + i32::from(dscale);
+    let value = if precision <= 18 {
+        // Fits 64 bits: an overflow means more digits than `precision` allows anyway, and
+        // the typed way reports it.
+        let mut value: u64 = 0;
+        let mut exponent = first_exponent;
+        for &pair in pairs {
+            let digit = u16::from_be_bytes(pair);
+            if digit >= NUMERIC_BASE {
+                return None;
+            }
+            let term = match exponent {
+                _ if digit == 0 => 0,
+                0..=18 => u64::from(digit).checked_mul(POW10_U64[exponent as usize])?,
+                19..=i32::MAX => return None,
+                -3..=-1 => u64::from(digit / POW10_U16[exponent.unsigned_abs() as usize]),
+                _ => 0, // wholly past the kept digits (the rest are still checked)
+            };
+            value = value.checked_add(term)?;
+            exponent -= 4;
         }
-        if digit == 0 {
-            continue;
+        if scale > dscale {
+            value = value.checked_mul(POW10_U64.get(usize::from(scale - dscale)).copied()?)?;
         }
-        let exponent = 4 * (weight - i32::try_from(i).ok()?) + i32::from(dscale);
-        value += match exponent {
-            0..=34 => u128::from(digit) * POW10_U128[exponent as usize],
-            35..=i32::MAX => return None, // 10^35 or more: the typed way decides
-            -3..=-1 => u128::from(digit / POW10_U16[exponent.unsigned_abs() as usize]),
-            _ => continue, // wholly past the kept digits (the rest are still checked)
-        };
-    }
-    if scale > dscale {
-        value = value.checked_mul(POW10_U128.get(usize::from(scale - dscale)).copied()?)?;
-    }
+        u128::from(value)
+    } else {
+        // With exponents up to 34 every term and the sum stay below 10^38 (< 2^127): no
+        // overflow checks.
+        let mut value: u128 = 0;
+        let mut exponent = first_exponent;
+        for &pair in pairs {
+            let digit = u16::from_be_bytes(pair);
+            if digit >= NUMERIC_BASE {
+                return None;
+            }
+            value += match exponent {
+                _ if digit == 0 => 0,
+                0..=34 => u128::from(digit) * POW10_U128[exponent as usize],
+                35..=i32::MAX => return None, // 10^35 or more: the typed way decides
+                -3..=-1 => u128::from(digit / POW10_U16[exponent.unsigned_abs() as usize]),
+                _ => 0, // wholly past the kept digits (the rest are still checked)
+            };
+            exponent -= 4;
+        }
+        if scale > dscale {
+            value = value.checked_mul(POW10_U128.get(usize::from(scale - dscale)).copied()?)?;
+        }
+        value
+    };
     if value >= POW10_U128.get(usize::from(precision)).copied()? {
         return None;
     }
@@ -268,6 +297,16 @@ pub(crate) fn numeric_scaled(raw: &[u8], precision: u8, scale: i8) -> Option<i12
     Some(if negative { -value } else { value })
 }
 
+/// 10^0 ..= 10^19.
+const POW10_U64: [u64; 20] = {
+    let mut t = [1u64; 20];
+    let mut i = 1;
+    while i < 20 {
+        t[i] = t[i - 1] * 10;
+        i += 1;
+    }
+    t
+};
 /// 10^0 ..= 10^38.
 const POW10_U128: [u128; 39] = {
     let mut t = [1u128; 39];
