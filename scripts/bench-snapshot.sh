@@ -94,14 +94,17 @@ pkill -TERM -P "$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
 wait "$pid" || true
 grep "initial snapshot: done" "$log" >&2
 read -r rss_kib cpu_user cpu_sys < <(tail -1 "$PG_DIR/rss" 2>/dev/null || echo "0 0 0")
+parquet_bytes=$(find "$lake/changes" -name '*.parquet' -printf '%s\n' | awk '{s += $1} END {print s + 0}')
 
-python3 - "$total" "$copy_secs" "$snap_secs" "$rss_kib" "$cpu_user" "$cpu_sys" <<'PY'
+python3 - "$total" "$copy_secs" "$snap_secs" "$rss_kib" "$cpu_user" "$cpu_sys" "$parquet_bytes" <<'PY'
 import sys
 rows, copy_s, snap_s, rss = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
 cpu = float(sys.argv[5]) + float(sys.argv[6])
+parquet = int(sys.argv[7])
 print(f"COPY binary to /dev/null : {copy_s:7.2f} s  {rows / copy_s:12,.0f} rows/s")
 print(f"slotlake initial snapshot: {snap_s:7.2f} s  {rows / snap_s:12,.0f} rows/s  peak RSS {int(rss or 0) / 1024:.0f} MiB")
 print(f"slotlake CPU: {cpu:.2f} s ({cpu / rows * 1e9:,.0f} ns per row; the run, streaming start and shutdown included)")
+print(f"slotlake Parquet written: {parquet / 2**20:,.1f} MiB ({parquet / rows:.1f} bytes per row)")
 print(f"ratio slotlake/COPY: {copy_s / snap_s:.2f}x")
 PY
 

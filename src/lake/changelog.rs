@@ -38,8 +38,19 @@ use crate::batch::rows::{COMMIT_TS, LSN, OP, SEQ, XID};
 use crate::lsn::Lsn;
 use crate::replication::sql::TableName;
 
-/// Rows per Parquet row group: bounds the writer's in-memory encoding buffer per table.
+/// Rows per Parquet row group of streamed change logs: bounds the writer's in-memory encoding
+/// buffer per table, with thousands of tables open at once.
 const ROW_GROUP_ROWS: usize = 64 * 1024;
+/// Rows per Parquet row group of files written a few at a time ([`writer_properties`]). Each
+/// row group starts its dictionaries afresh, and interning values until a unique column's
+/// dictionary gives up was a tenth of an initial load's CPU with 64K-row groups.
+const BULK_ROW_GROUP_ROWS: usize = 1024 * 1024;
+/// Bound on a bulk row group's encoded bytes (wide rows): its pages stay in memory until it
+/// is complete.
+const BULK_ROW_GROUP_BYTES: usize = 32 * 1024 * 1024;
+/// Rows a column writer keeps before it encodes them into a page (parquet's default
+/// `data_page_row_count_limit`): what a bulk file's open row group holds unencoded.
+const PAGE_ROWS: usize = 20_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LakeError {
@@ -92,22 +103,23 @@ pub fn stream_writer_properties() -> WriterProperties {
 
 /// Parquet settings for files written a few at a time — initial loads, current and history
 /// tables, merged change-log files — of `schema`. Integer-like columns (ints, dates,
-/// timestamps, decimals stored as ints) fall back to `DELTA_BINARY_PACKED` when the dictionary
-/// gives up: serial keys and timestamps then cost a few bits a value and zstd has a fraction
-/// of the bytes to compress (a load's CPU per row fell by about a sixth). `_lsn`, `_xid` and
-/// `_commit_ts`, constant over a load, skip the dictionary too: delta encoding stores them in
-/// about nothing without hashing every value. Parquet readers of Delta tables all read the
-/// encoding (part of Parquet since format 2.0).
+/// timestamps, decimals stored as ints) are `DELTA_BINARY_PACKED` with no dictionary: serial
+/// keys, timestamps and the metadata columns (constant over a load) cost a few bits a value
+/// and zstd has a fraction of the bytes to compress. Interning every value of a unique
+/// integer column until its dictionary gave up took a tenth of a load's instructions and left
+/// a dictionary page per row group in the file; a low-cardinality integer column packs its
+/// small deltas instead (zstd still runs over them). `_op` skips the dictionary too (one
+/// value over a load, plain and zstd cost less than hashing it per row). Parquet readers of
+/// Delta tables all read the encoding (part of Parquet since format 2.0).
 pub fn writer_properties(schema: &Schema) -> WriterProperties {
-    let mut builder = base_properties();
-    for field in schema.fields() {
-        if [OP, LSN, XID, COMMIT_TS].contains(&field.name().as_str()) {
-            builder = builder.set_column_dictionary_enabled(field.name().as_str().into(), false);
-        }
-    }
+    let mut builder = base_properties()
+        .set_max_row_group_row_count(Some(BULK_ROW_GROUP_ROWS))
+        .set_max_row_group_bytes(Some(BULK_ROW_GROUP_BYTES))
+        .set_column_dictionary_enabled(OP.into(), false);
     for field in delta_packed(schema) {
         let column = ColumnPath::from(field.name().as_str());
-        builder = builder.set_column_encoding(column, Encoding::DELTA_BINARY_PACKED);
+        builder = builder.set_column_encoding(column.clone(), Encoding::DELTA_BINARY_PACKED);
+        builder = builder.set_column_dictionary_enabled(column, false);
     }
     builder.build()
 }
@@ -196,6 +208,11 @@ pub struct ChangeLogTable {
     failed: bool,
     /// Memory an open file's column writers hold beyond the data (delta-packed columns).
     open_file_bytes: usize,
+    /// Rows per row group, and most rows of the open one the writer holds unencoded: all of
+    /// them when streaming (a table's pages rarely fill within a flush), one page's worth in
+    /// bulk files.
+    row_group_rows: usize,
+    unencoded_rows: usize,
 }
 
 impl ChangeLogTable {
@@ -295,6 +312,8 @@ impl ChangeLogTable {
             arrow_bytes_since_stage: 0,
             failed: false,
             open_file_bytes: 0,
+            row_group_rows: ROW_GROUP_ROWS,
+            unencoded_rows: ROW_GROUP_ROWS,
         };
         Ok((table, other))
     }
@@ -316,6 +335,8 @@ impl ChangeLogTable {
             .writer
             .with_writer_properties(writer_properties(&schema));
         self.open_file_bytes = delta_packed(&schema).len() * DELTA_WRITER_BYTES;
+        self.row_group_rows = BULK_ROW_GROUP_ROWS;
+        self.unencoded_rows = PAGE_ROWS;
         Ok(self)
     }
 
@@ -356,9 +377,10 @@ impl ChangeLogTable {
     /// what was measured: with 100 tables × 10,000 open rows, an Arrow size of 220 MB came
     /// with 330 MB of resident memory above the process's base (`scripts/bench-ingest.sh`
     /// scenario a, `FLUSH_INTERVAL=10s`). With many tables, open row groups are most of the
-    /// memory, and the Parquet writer does not report their size.
+    /// memory, and the Parquet writer does not report their size. A bulk file's writer
+    /// encodes a page every [`PAGE_ROWS`] rows, so at most that many count as open.
     pub fn buffered_bytes(&self) -> usize {
-        let open_rows = self.rows_since_stage % ROW_GROUP_ROWS;
+        let open_rows = (self.rows_since_stage % self.row_group_rows).min(self.unencoded_rows);
         let open = self
             .arrow_bytes_since_stage
             .checked_div(self.rows_since_stage)
@@ -634,9 +656,9 @@ mod tests {
         RecordBatch::try_new(schema.clone(), vec![Arc::new(Int64Array::from(vec![v]))]).unwrap()
     }
 
-    /// Unique integers and timestamps end up delta-packed once the dictionary gives up, the
-    /// metadata columns are delta-packed from the start, text keeps dictionary then plain, and
-    /// the file reads back as written.
+    /// Integers and timestamps (metadata or not) are delta-packed from the start, text keeps
+    /// dictionary then plain, 100,000 rows make one row group, and the file reads back as
+    /// written.
     #[test]
     fn integer_like_columns_are_delta_packed_except_in_streamed_change_logs() {
         use deltalake::arrow::array::{StringArray, TimestampMicrosecondArray};
@@ -691,19 +713,21 @@ mod tests {
             let group = reader.metadata().row_group(0);
             group.column(column).encodings().collect()
         };
-        for (column, dictionary) in [(0, true), (2, true), (3, false)] {
+        assert_eq!(reader.metadata().num_row_groups(), 1);
+        for column in [0, 2, 3] {
             let e = encodings(column);
             assert!(
                 e.contains(&Encoding::DELTA_BINARY_PACKED),
                 "column {column}: {e:?}"
             );
-            assert_eq!(
-                e.contains(&Encoding::RLE_DICTIONARY),
-                dictionary,
+            assert!(
+                !e.contains(&Encoding::RLE_DICTIONARY),
                 "column {column}: {e:?}"
             );
         }
-        assert!(!encodings(1).contains(&Encoding::DELTA_BINARY_PACKED));
+        let text = encodings(1);
+        assert!(!text.contains(&Encoding::DELTA_BINARY_PACKED), "{text:?}");
+        assert!(text.contains(&Encoding::RLE_DICTIONARY), "{text:?}");
         let read: Vec<RecordBatch> = reader.build().unwrap().map(Result::unwrap).collect();
         assert_eq!(
             deltalake::arrow::compute::concat_batches(&schema, &read).unwrap(),
