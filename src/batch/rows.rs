@@ -27,8 +27,10 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 
 use deltalake::arrow::array::{
-    ArrayRef, Int64Builder, ListBuilder, StringBuilder, TimestampMicrosecondBuilder,
+    ArrayBuilder, ArrayRef, Int64Builder, ListArray, StringArray, StringBuilder,
+    TimestampMicrosecondBuilder,
 };
+use deltalake::arrow::buffer::{Buffer, OffsetBuffer, ScalarBuffer};
 use deltalake::arrow::datatypes::{DataType, Field, FieldRef, Schema, SchemaRef, TimeUnit};
 use deltalake::arrow::error::ArrowError;
 use deltalake::arrow::record_batch::RecordBatch;
@@ -181,13 +183,14 @@ pub struct ChangeBatchBuilder {
     columns: Vec<ColumnSpec>,
     schema: SchemaRef,
     values: Vec<ColumnBuilder>,
-    op: StringBuilder,
+    /// `_op` of each row: one ASCII letter.
+    op: Vec<u8>,
     lsn: Int64Builder,
     seq: Int64Builder,
     xid: Int64Builder,
     commit_ts: TimestampMicrosecondBuilder,
-    unchanged: ListBuilder<StringBuilder>,
-    special: ListBuilder<StringBuilder>,
+    unchanged: StrLists,
+    special: StrLists,
     old: Vec<OldKey>,
     /// Markers of one value, reused across values.
     scratch: Vec<String>,
@@ -236,19 +239,17 @@ impl ChangeBatchBuilder {
                 builder: ColumnBuilder::with_capacity(&c.ty, rows, rows),
             })
             .collect();
-        let list =
-            || ListBuilder::with_capacity(StringBuilder::new(), rows).with_field(utf8_list_field());
         ChangeBatchBuilder {
             columns,
             schema,
             values,
-            op: StringBuilder::with_capacity(rows, rows),
+            op: Vec::with_capacity(rows),
             lsn: Int64Builder::with_capacity(rows),
             seq: Int64Builder::with_capacity(rows),
             xid: Int64Builder::with_capacity(rows),
             commit_ts: TimestampMicrosecondBuilder::with_capacity(rows).with_timezone(UTC),
-            unchanged: list(),
-            special: list(),
+            unchanged: StrLists::with_capacity(rows),
+            special: StrLists::with_capacity(rows),
             old,
             scratch: Vec::new(),
             rows: 0,
@@ -463,13 +464,14 @@ impl ChangeBatchBuilder {
 
     /// The metadata columns; closes the row's `_unchanged` and `_special` lists.
     fn append_meta(&mut self, op: &str, lsn: i64, seq: i64, xid: i64, commit_ts_micros: i64) {
-        self.op.append_value(op);
+        // One ASCII letter: `append` checked it is one of the `OP_*`.
+        self.op.extend_from_slice(&op.as_bytes()[..1]);
         self.lsn.append_value(lsn);
         self.seq.append_value(seq);
         self.xid.append_value(xid);
         self.commit_ts.append_value(commit_ts_micros);
-        self.unchanged.append(true);
-        self.special.append(true);
+        self.unchanged.close_row();
+        self.special.close_row();
         self.rows += 1;
     }
 
@@ -485,19 +487,11 @@ impl ChangeBatchBuilder {
     /// Estimated bytes held by the appended rows (values, offsets, validity), for the memory
     /// budget. Constant time per column.
     pub fn memory_bytes(&self) -> usize {
-        fn utf8_list(list: &ListBuilder<StringBuilder>) -> usize {
-            let strings = list.values_ref();
-            4 * list.offsets_slice().len()
-                + strings.values_slice().len()
-                + 4 * strings.offsets_slice().len()
-        }
         let source: usize = self.values.iter().map(ColumnBuilder::memory_bytes).sum();
         let old: usize = self.old.iter().map(|k| k.builder.memory_bytes()).sum();
-        let meta = self.op.values_slice().len()
-            + 4 * self.op.offsets_slice().len()
-            + 8 * 4 * self.rows
-            + utf8_list(&self.unchanged)
-            + utf8_list(&self.special);
+        let meta = (1 + 4 + 8 * 4) * self.rows
+            + self.unchanged.memory_bytes()
+            + self.special.memory_bytes();
         source + old + meta
     }
 
@@ -517,13 +511,16 @@ impl ChangeBatchBuilder {
         };
         let mut arrays: Vec<ArrayRef> = Vec::with_capacity(self.schema.fields().len());
         arrays.extend(self.values.iter_mut().map(ColumnBuilder::finish));
-        arrays.push(Arc::new(self.op.finish()));
+        let ops = std::mem::take(&mut self.op);
+        let op_offsets = OffsetBuffer::from_lengths(std::iter::repeat_n(1, ops.len()));
+        let op = StringArray::try_new(op_offsets, Buffer::from_vec(ops), None);
+        arrays.push(Arc::new(op.map_err(RowError::Batch)?));
         arrays.push(Arc::new(self.lsn.finish()));
         arrays.push(Arc::new(self.seq.finish()));
         arrays.push(Arc::new(self.xid.finish()));
         arrays.push(Arc::new(self.commit_ts.finish()));
-        arrays.push(Arc::new(self.unchanged.finish()));
-        arrays.push(Arc::new(self.special.finish()));
+        arrays.push(Arc::new(self.unchanged.finish().map_err(RowError::Batch)?));
+        arrays.push(Arc::new(self.special.finish().map_err(RowError::Batch)?));
         arrays.extend(self.old.iter_mut().map(|k| k.builder.finish()));
         if self.keep_capacity {
             *self = ChangeBatchBuilder {
@@ -533,6 +530,61 @@ impl ChangeBatchBuilder {
         }
         self.rows = 0;
         RecordBatch::try_new(self.schema.clone(), arrays).map_err(RowError::Batch)
+    }
+}
+
+/// A `List<Utf8>` column whose rows are never null (`_unchanged`, `_special`): its offsets
+/// and strings, so that a run of empty lists is one fill.
+struct StrLists {
+    offsets: Vec<i32>,
+    strings: StringBuilder,
+}
+
+impl StrLists {
+    fn with_capacity(rows: usize) -> Self {
+        let mut offsets = Vec::with_capacity(rows + 1);
+        offsets.push(0);
+        StrLists {
+            offsets,
+            strings: StringBuilder::new(),
+        }
+    }
+
+    /// Strings of the current row go here.
+    fn values(&mut self) -> &mut StringBuilder {
+        &mut self.strings
+    }
+
+    fn end(&self) -> i32 {
+        i32::try_from(ArrayBuilder::len(&self.strings)).unwrap_or(i32::MAX)
+    }
+
+    /// Ends the current row.
+    fn close_row(&mut self) {
+        self.offsets.push(self.end());
+    }
+
+    /// Ends the current row and `n - 1` empty ones after it.
+    fn close_rows(&mut self, n: usize) {
+        let end = self.end();
+        self.offsets.resize(self.offsets.len() + n, end);
+    }
+
+    fn memory_bytes(&self) -> usize {
+        4 * self.offsets.len()
+            + self.strings.values_slice().len()
+            + 4 * self.strings.offsets_slice().len()
+    }
+
+    fn finish(&mut self) -> Result<ListArray, ArrowError> {
+        let offsets = std::mem::replace(&mut self.offsets, vec![0]);
+        let strings = self.strings.finish();
+        ListArray::try_new(
+            utf8_list_field(),
+            OffsetBuffer::new(ScalarBuffer::from(offsets)),
+            Arc::new(strings),
+            None,
+        )
     }
 }
 
@@ -556,13 +608,13 @@ impl ReadRun {
 
 /// The builders of a batch's metadata and old-key columns.
 struct Metadata<'a> {
-    op: &'a mut StringBuilder,
+    op: &'a mut Vec<u8>,
     lsn: &'a mut Int64Builder,
     seq: &'a mut Int64Builder,
     xid: &'a mut Int64Builder,
     commit_ts: &'a mut TimestampMicrosecondBuilder,
-    unchanged: &'a mut ListBuilder<StringBuilder>,
-    special: &'a mut ListBuilder<StringBuilder>,
+    unchanged: &'a mut StrLists,
+    special: &'a mut StrLists,
     old: &'a mut [OldKey],
 }
 
@@ -571,17 +623,13 @@ struct Metadata<'a> {
 /// [`ChangeBatchBuilder::append_read`]).
 fn settle(m: &mut Metadata<'_>, run: ReadRun) {
     let n = run.rows;
-    for _ in 0..n {
-        m.op.append_value(OP_READ);
-    }
+    m.op.resize(m.op.len() + n, OP_READ.as_bytes()[0]);
     m.lsn.append_value_n(run.lsn, n);
     m.seq.extend((0..n as i64).map(|i| Some(run.first_seq + i)));
     m.xid.append_value_n(0, n);
     m.commit_ts.append_value_n(run.commit_ts_micros, n);
-    for _ in 0..n {
-        m.unchanged.append(true);
-        m.special.append(true);
-    }
+    m.unchanged.close_rows(n);
+    m.special.close_rows(n);
     for key in m.old.iter_mut() {
         key.builder.append_nulls(n);
     }
@@ -596,7 +644,7 @@ fn old_value(old: Option<&[ColumnValue]>, index: usize) -> Option<&Value> {
 }
 
 /// Adds `<column>=<marker>` to the current row's `_special` list for each marker.
-fn push_specials(special: &mut ListBuilder<StringBuilder>, column: &str, markers: &[String]) {
+fn push_specials(special: &mut StrLists, column: &str, markers: &[String]) {
     let strings = special.values();
     for marker in markers {
         // Writing to a StringBuilder cannot fail.
