@@ -11,7 +11,11 @@
 #   slotlake  `slotlake run --create-slot --snapshot-workers WORKERS` into file:// until the log
 #             says the load is done (the change logs written, zstd Parquet)
 #
-# Prints both rates (rows per second), the ratio and slotlake's peak RSS. Then (RESUME=0 skips
+# The baseline runs twice, just before and just after slotlake's load (the machine's speed
+# drifts); the ratio is against the mean of the two.
+#
+# Prints both rates (rows per second), the ratio, slotlake's peak RSS, CPU time per row and
+# Parquet bytes per row. Then (RESUME=0 skips
 # it) the load again under a new slot, killed with SIGKILL at RESUME_AT (default 0.5) of the time
 # the first load took and restarted: how long the restart took to finish, and how many rows it
 # read (tables finished before the kill are skipped; a table killed mid-way goes on from its
@@ -71,10 +75,14 @@ done
 for i in $(seq 1 $((TABLES - 1))); do
   echo "COPY $(printf 't%02d' "$i") TO STDOUT (FORMAT binary)" >> "$jobs_file"
 done
-start=$(date +%s.%N)
-# shellcheck disable=SC2016
-xargs -P "$WORKERS" -I{} -d '\n' "$PG_BIN/psql" -X -q -h "$PG_SOCKDIR" -p "$PG_PORT" -U "$PG_USER" -d "$PG_DB" -o /dev/null -c '{}' < "$jobs_file"
-copy_secs=$(echo "$(date +%s.%N) - $start" | bc)
+copy_all() {
+  local start
+  start=$(date +%s.%N)
+  # shellcheck disable=SC2016
+  xargs -P "$WORKERS" -I{} -d '\n' "$PG_BIN/psql" -X -q -h "$PG_SOCKDIR" -p "$PG_PORT" -U "$PG_USER" -d "$PG_DB" -o /dev/null -c '{}' < "$jobs_file"
+  echo "$(date +%s.%N) - $start" | bc
+}
+copy_before=$(copy_all)
 
 echo "== slotlake run --create-slot (initial snapshot, $WORKERS workers)" >&2
 lake="$PG_DIR/lake"
@@ -93,15 +101,21 @@ snap_secs=$(echo "$(date +%s.%N) - $start" | bc)
 pkill -TERM -P "$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
 wait "$pid" || true
 grep "initial snapshot: done" "$log" >&2
+# The baseline again after the load: this machine's speed drifts, so the ratio is taken against
+# the mean of a run just before and one just after.
+echo "== baseline again: COPY (FORMAT binary) to /dev/null" >&2
+copy_after=$(copy_all)
+copy_secs=$(echo "($copy_before + $copy_after) / 2" | bc -l)
 read -r rss_kib cpu_user cpu_sys < <(tail -1 "$PG_DIR/rss" 2>/dev/null || echo "0 0 0")
 parquet_bytes=$(find "$lake/changes" -name '*.parquet' -printf '%s\n' | awk '{s += $1} END {print s + 0}')
 
-python3 - "$total" "$copy_secs" "$snap_secs" "$rss_kib" "$cpu_user" "$cpu_sys" "$parquet_bytes" <<'PY'
+python3 - "$total" "$copy_secs" "$snap_secs" "$rss_kib" "$cpu_user" "$cpu_sys" "$parquet_bytes" "$copy_before" "$copy_after" <<'PY'
 import sys
 rows, copy_s, snap_s, rss = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
 cpu = float(sys.argv[5]) + float(sys.argv[6])
 parquet = int(sys.argv[7])
-print(f"COPY binary to /dev/null : {copy_s:7.2f} s  {rows / copy_s:12,.0f} rows/s")
+before, after = float(sys.argv[8]), float(sys.argv[9])
+print(f"COPY binary to /dev/null : {copy_s:7.2f} s  {rows / copy_s:12,.0f} rows/s  (mean of {before:.2f} s before and {after:.2f} s after the load)")
 print(f"slotlake initial snapshot: {snap_s:7.2f} s  {rows / snap_s:12,.0f} rows/s  peak RSS {int(rss or 0) / 1024:.0f} MiB")
 print(f"slotlake CPU: {cpu:.2f} s ({cpu / rows * 1e9:,.0f} ns per row; the run, streaming start and shutdown included)")
 print(f"slotlake Parquet written: {parquet / 2**20:,.1f} MiB ({parquet / rows:.1f} bytes per row)")
