@@ -358,6 +358,10 @@ impl Cursor {
                 }
                 return Ok((pos, false));
             }
+            if pos == data.len() {
+                // The usual end: the server sends a row per message.
+                return Ok((pos, false));
+            }
             let Some(end) = row_end(&data[pos..], columns).map_err(|e| bad(&e))? else {
                 return Ok((pos, false));
             };
@@ -367,22 +371,12 @@ impl Cursor {
                 self.trailer_seen = true;
                 continue;
             }
-            let mut p = 2;
-            let fields = self.text_form.iter().map(|&text| {
-                // `row_end` checked every length against the row.
-                let len = be_u32(&row[p..p + 4]) as i32;
-                p += 4;
-                if len < 0 {
-                    return WireField::Null;
-                }
-                let raw = &row[p..p + len as usize];
-                p += len as usize;
-                if text {
-                    WireField::Text(raw)
-                } else {
-                    WireField::Binary(raw)
-                }
-            });
+            // `row_end` checked every length against the row.
+            let fields = CopyFields {
+                row,
+                pos: 2,
+                text_form: self.text_form.iter(),
+            };
             let seq = self.stamp.first_seq + self.rows as i64;
             self.builder
                 .append_read(self.stamp.lsn, seq, self.stamp.commit_ts_micros, fields)
@@ -395,6 +389,41 @@ impl Cursor {
         }
     }
 }
+
+/// The fields of one binary COPY row whose lengths [`row_end`] checked, in column order.
+struct CopyFields<'a, 'b> {
+    row: &'a [u8],
+    pos: usize,
+    text_form: std::slice::Iter<'b, bool>,
+}
+
+impl<'a> Iterator for CopyFields<'a, '_> {
+    type Item = WireField<'a>;
+
+    #[inline]
+    fn next(&mut self) -> Option<WireField<'a>> {
+        let text = *self.text_form.next()?;
+        let head = self.row.get(self.pos..self.pos + 4)?;
+        let len = i32::from_be_bytes([head[0], head[1], head[2], head[3]]);
+        self.pos += 4;
+        let Ok(len) = usize::try_from(len) else {
+            return Some(WireField::Null);
+        };
+        let raw = self.row.get(self.pos..self.pos + len)?;
+        self.pos += len;
+        Some(if text {
+            WireField::Text(raw)
+        } else {
+            WireField::Binary(raw)
+        })
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.text_form.size_hint()
+    }
+}
+
+impl ExactSizeIterator for CopyFields<'_, '_> {}
 
 fn be_u32(b: &[u8]) -> u32 {
     u32::from_be_bytes([b[0], b[1], b[2], b[3]])

@@ -385,7 +385,14 @@ impl ChangeBatchBuilder {
         }
         self.broken = true;
         let mut specials = false;
-        for ((spec, builder), field) in self.columns.iter().zip(&mut self.values).zip(fields) {
+        let mut fields = fields;
+        for (spec, builder) in self.columns.iter().zip(self.values.iter_mut()) {
+            let Some(field) = fields.next() else {
+                return Err(RowError::ColumnCount {
+                    expected,
+                    got: fields.len(),
+                });
+            };
             let (raw, binary) = match field {
                 WireField::Null => {
                     builder.append_null();
