@@ -456,7 +456,6 @@ impl ChangeBatchBuilder {
         }
     }
 
-
     /// A truncate: all source and old-key columns null.
     pub fn append_truncate(&mut self, lsn: i64, seq: i64, xid: i64, commit_ts_micros: i64) {
         self.settle_reads();
