@@ -403,8 +403,7 @@ impl<'a> Iterator for CopyFields<'a, '_> {
     #[inline]
     fn next(&mut self) -> Option<WireField<'a>> {
         let text = *self.text_form.next()?;
-        let head = self.row.get(self.pos..self.pos + 4)?;
-        let len = i32::from_be_bytes([head[0], head[1], head[2], head[3]]);
+        let len = be_u32(self.row.get(self.pos..self.pos + 4)?) as i32;
         self.pos += 4;
         let Ok(len) = usize::try_from(len) else {
             return Some(WireField::Null);

@@ -161,36 +161,12 @@ struct OldKey {
     builder: ColumnBuilder,
 }
 
-/// The [`Metadata`] builders of a [`ChangeBatchBuilder`], borrowed field by field (so that
-/// its value builders can stay borrowed).
-macro_rules! metadata {
-    ($b:expr) => {
-        Metadata {
-            op: &mut $b.op,
-            lsn: &mut $b.lsn,
-            seq: &mut $b.seq,
-            xid: &mut $b.xid,
-            commit_ts: &mut $b.commit_ts,
-            unchanged: &mut $b.unchanged,
-            special: &mut $b.special,
-            old: &mut $b.old,
-        }
-    };
-}
-
 /// Builds one change-log record batch for one source table.
 pub struct ChangeBatchBuilder {
     columns: Vec<ColumnSpec>,
     schema: SchemaRef,
     values: Vec<ColumnBuilder>,
-    /// `_op` of each row: one ASCII letter.
-    op: Vec<u8>,
-    lsn: Int64Builder,
-    seq: Int64Builder,
-    xid: Int64Builder,
-    commit_ts: TimestampMicrosecondBuilder,
-    unchanged: StrLists,
-    special: StrLists,
+    meta: MetaColumns,
     old: Vec<OldKey>,
     /// Markers of one value, reused across values.
     scratch: Vec<String>,
@@ -243,13 +219,7 @@ impl ChangeBatchBuilder {
             columns,
             schema,
             values,
-            op: Vec::with_capacity(rows),
-            lsn: Int64Builder::with_capacity(rows),
-            seq: Int64Builder::with_capacity(rows),
-            xid: Int64Builder::with_capacity(rows),
-            commit_ts: TimestampMicrosecondBuilder::with_capacity(rows).with_timezone(UTC),
-            unchanged: StrLists::with_capacity(rows),
-            special: StrLists::with_capacity(rows),
+            meta: MetaColumns::with_capacity(rows),
             old,
             scratch: Vec::new(),
             rows: 0,
@@ -336,11 +306,11 @@ impl ChangeBatchBuilder {
                             column: spec.name.clone(),
                             source,
                         })?;
-                    push_specials(&mut self.special, &spec.name, &self.scratch);
+                    push_specials(&mut self.meta.special, &spec.name, &self.scratch);
                 }
                 ColumnValue::UnchangedToast => {
                     builder.append_null();
-                    self.unchanged.values().append_value(&spec.name);
+                    self.meta.unchanged.values().append_value(&spec.name);
                 }
             }
         }
@@ -354,7 +324,7 @@ impl ChangeBatchBuilder {
                             column: key.name.clone(),
                             source,
                         })?;
-                    push_specials(&mut self.special, &key.name, &self.scratch);
+                    push_specials(&mut self.meta.special, &key.name, &self.scratch);
                 }
                 None => key.builder.append_null(),
             }
@@ -426,9 +396,9 @@ impl ChangeBatchBuilder {
                 // This row's `_special` list is not empty: the rows before it get theirs now.
                 specials = true;
                 if let Some(run) = self.reads.take() {
-                    settle(&mut metadata!(self), run);
+                    self.meta.settle(&mut self.old, run);
                 }
-                push_specials(&mut self.special, &spec.name, &self.scratch);
+                push_specials(&mut self.meta.special, &spec.name, &self.scratch);
             }
         }
         let row = ReadRun {
@@ -438,11 +408,11 @@ impl ChangeBatchBuilder {
             rows: 1,
         };
         if specials {
-            settle(&mut metadata!(self), row);
+            self.meta.settle(&mut self.old, row);
         } else if let Some(run) = self.reads.as_mut().filter(|run| run.continued_by(&row)) {
             run.rows += 1;
         } else if let Some(run) = self.reads.replace(row) {
-            settle(&mut metadata!(self), run);
+            self.meta.settle(&mut self.old, run);
         }
         self.rows += 1;
         self.broken = false;
@@ -452,7 +422,7 @@ impl ChangeBatchBuilder {
     /// Appends the metadata of the pending [`Self::append_read`] rows.
     fn settle_reads(&mut self) {
         if let Some(run) = self.reads.take() {
-            settle(&mut metadata!(self), run);
+            self.meta.settle(&mut self.old, run);
         }
     }
 
@@ -470,14 +440,7 @@ impl ChangeBatchBuilder {
 
     /// The metadata columns; closes the row's `_unchanged` and `_special` lists.
     fn append_meta(&mut self, op: &str, lsn: i64, seq: i64, xid: i64, commit_ts_micros: i64) {
-        // One ASCII letter: `append` checked it is one of the `OP_*`.
-        self.op.extend_from_slice(&op.as_bytes()[..1]);
-        self.lsn.append_value(lsn);
-        self.seq.append_value(seq);
-        self.xid.append_value(xid);
-        self.commit_ts.append_value(commit_ts_micros);
-        self.unchanged.close_row();
-        self.special.close_row();
+        self.meta.push(op, lsn, seq, xid, commit_ts_micros);
         self.rows += 1;
     }
 
@@ -495,10 +458,7 @@ impl ChangeBatchBuilder {
     pub fn memory_bytes(&self) -> usize {
         let source: usize = self.values.iter().map(ColumnBuilder::memory_bytes).sum();
         let old: usize = self.old.iter().map(|k| k.builder.memory_bytes()).sum();
-        let meta = (1 + 4 + 8 * 4) * self.rows
-            + self.unchanged.memory_bytes()
-            + self.special.memory_bytes();
-        source + old + meta
+        source + old + self.meta.memory_bytes(self.rows)
     }
 
     /// The record batch of everything appended so far; the builder starts empty again.
@@ -517,16 +477,7 @@ impl ChangeBatchBuilder {
         };
         let mut arrays: Vec<ArrayRef> = Vec::with_capacity(self.schema.fields().len());
         arrays.extend(self.values.iter_mut().map(ColumnBuilder::finish));
-        let ops = std::mem::take(&mut self.op);
-        let op_offsets = OffsetBuffer::from_lengths(std::iter::repeat_n(1, ops.len()));
-        let op = StringArray::try_new(op_offsets, Buffer::from_vec(ops), None);
-        arrays.push(Arc::new(op.map_err(RowError::Batch)?));
-        arrays.push(Arc::new(self.lsn.finish()));
-        arrays.push(Arc::new(self.seq.finish()));
-        arrays.push(Arc::new(self.xid.finish()));
-        arrays.push(Arc::new(self.commit_ts.finish()));
-        arrays.push(Arc::new(self.unchanged.finish().map_err(RowError::Batch)?));
-        arrays.push(Arc::new(self.special.finish().map_err(RowError::Batch)?));
+        self.meta.finish(&mut arrays).map_err(RowError::Batch)?;
         arrays.extend(self.old.iter_mut().map(|k| k.builder.finish()));
         if self.keep_capacity {
             *self = ChangeBatchBuilder {
@@ -594,6 +545,85 @@ impl StrLists {
     }
 }
 
+/// The metadata columns of a batch: `_op` (one ASCII letter a row), `_lsn`, `_seq`, `_xid`,
+/// `_commit_ts`, `_unchanged`, `_special`.
+struct MetaColumns {
+    op: Vec<u8>,
+    lsn: Int64Builder,
+    seq: Int64Builder,
+    xid: Int64Builder,
+    commit_ts: TimestampMicrosecondBuilder,
+    unchanged: StrLists,
+    special: StrLists,
+}
+
+impl MetaColumns {
+    fn with_capacity(rows: usize) -> Self {
+        MetaColumns {
+            op: Vec::with_capacity(rows),
+            lsn: Int64Builder::with_capacity(rows),
+            seq: Int64Builder::with_capacity(rows),
+            xid: Int64Builder::with_capacity(rows),
+            commit_ts: TimestampMicrosecondBuilder::with_capacity(rows).with_timezone(UTC),
+            unchanged: StrLists::with_capacity(rows),
+            special: StrLists::with_capacity(rows),
+        }
+    }
+
+    /// One row's metadata; closes its `_unchanged` and `_special` lists.
+    fn push(&mut self, op: &str, lsn: i64, seq: i64, xid: i64, commit_ts_micros: i64) {
+        // One ASCII letter: callers pass one of the `OP_*`.
+        self.op.extend_from_slice(&op.as_bytes()[..1]);
+        self.lsn.append_value(lsn);
+        self.seq.append_value(seq);
+        self.xid.append_value(xid);
+        self.commit_ts.append_value(commit_ts_micros);
+        self.unchanged.close_row();
+        self.special.close_row();
+    }
+
+    /// The metadata of the read rows of `run` (`R`, nothing unchanged; their `_special` lists
+    /// are closed: only the last row's can have markers, see
+    /// [`ChangeBatchBuilder::append_read`]), and their null old keys.
+    fn settle(&mut self, old: &mut [OldKey], run: ReadRun) {
+        let n = run.rows;
+        self.op.resize(self.op.len() + n, OP_READ.as_bytes()[0]);
+        self.lsn.append_value_n(run.lsn, n);
+        self.seq
+            .extend((0..n as i64).map(|i| Some(run.first_seq + i)));
+        self.xid.append_value_n(0, n);
+        self.commit_ts.append_value_n(run.commit_ts_micros, n);
+        self.unchanged.close_rows(n);
+        self.special.close_rows(n);
+        for key in old {
+            key.builder.append_nulls(n);
+        }
+    }
+
+    /// Estimated bytes held for `rows` rows.
+    fn memory_bytes(&self, rows: usize) -> usize {
+        (1 + 8 * 4) * rows + self.unchanged.memory_bytes() + self.special.memory_bytes()
+    }
+
+    /// Appends the columns, in schema order, and starts empty again.
+    fn finish(&mut self, arrays: &mut Vec<ArrayRef>) -> Result<(), ArrowError> {
+        let ops = std::mem::take(&mut self.op);
+        let offsets = OffsetBuffer::from_lengths(std::iter::repeat_n(1, ops.len()));
+        arrays.push(Arc::new(StringArray::try_new(
+            offsets,
+            Buffer::from_vec(ops),
+            None,
+        )?));
+        arrays.push(Arc::new(self.lsn.finish()));
+        arrays.push(Arc::new(self.seq.finish()));
+        arrays.push(Arc::new(self.xid.finish()));
+        arrays.push(Arc::new(self.commit_ts.finish()));
+        arrays.push(Arc::new(self.unchanged.finish()?));
+        arrays.push(Arc::new(self.special.finish()?));
+        Ok(())
+    }
+}
+
 /// Rows of [`ChangeBatchBuilder::append_read`] with consecutive `_seq` and the same `_lsn`
 /// and `_commit_ts`, whose metadata is still to be appended.
 struct ReadRun {
@@ -609,35 +639,6 @@ impl ReadRun {
         next.lsn == self.lsn
             && next.commit_ts_micros == self.commit_ts_micros
             && next.first_seq == self.first_seq + self.rows as i64
-    }
-}
-
-/// The builders of a batch's metadata and old-key columns.
-struct Metadata<'a> {
-    op: &'a mut Vec<u8>,
-    lsn: &'a mut Int64Builder,
-    seq: &'a mut Int64Builder,
-    xid: &'a mut Int64Builder,
-    commit_ts: &'a mut TimestampMicrosecondBuilder,
-    unchanged: &'a mut StrLists,
-    special: &'a mut StrLists,
-    old: &'a mut [OldKey],
-}
-
-/// Appends the metadata of the read rows of `run`: `R`, no old key, nothing unchanged; their
-/// `_special` lists are closed (only the last row's can have markers, see
-/// [`ChangeBatchBuilder::append_read`]).
-fn settle(m: &mut Metadata<'_>, run: ReadRun) {
-    let n = run.rows;
-    m.op.resize(m.op.len() + n, OP_READ.as_bytes()[0]);
-    m.lsn.append_value_n(run.lsn, n);
-    m.seq.extend((0..n as i64).map(|i| Some(run.first_seq + i)));
-    m.xid.append_value_n(0, n);
-    m.commit_ts.append_value_n(run.commit_ts_micros, n);
-    m.unchanged.close_rows(n);
-    m.special.close_rows(n);
-    for key in m.old.iter_mut() {
-        key.builder.append_nulls(n);
     }
 }
 

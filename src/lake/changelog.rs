@@ -208,11 +208,9 @@ pub struct ChangeLogTable {
     failed: bool,
     /// Memory an open file's column writers hold beyond the data (delta-packed columns).
     open_file_bytes: usize,
-    /// Rows per row group, and most rows of the open one the writer holds unencoded: all of
-    /// them when streaming (a table's pages rarely fill within a flush), one page's worth in
-    /// bulk files.
-    row_group_rows: usize,
-    unencoded_rows: usize,
+    /// Files are written with [`writer_properties`] ([`Self::for_bulk_load`]), not the
+    /// streaming settings.
+    bulk: bool,
 }
 
 impl ChangeLogTable {
@@ -312,8 +310,7 @@ impl ChangeLogTable {
             arrow_bytes_since_stage: 0,
             failed: false,
             open_file_bytes: 0,
-            row_group_rows: ROW_GROUP_ROWS,
-            unencoded_rows: ROW_GROUP_ROWS,
+            bulk: false,
         };
         Ok((table, other))
     }
@@ -335,8 +332,7 @@ impl ChangeLogTable {
             .writer
             .with_writer_properties(writer_properties(&schema));
         self.open_file_bytes = delta_packed(&schema).len() * DELTA_WRITER_BYTES;
-        self.row_group_rows = BULK_ROW_GROUP_ROWS;
-        self.unencoded_rows = PAGE_ROWS;
+        self.bulk = true;
         Ok(self)
     }
 
@@ -380,7 +376,13 @@ impl ChangeLogTable {
     /// memory, and the Parquet writer does not report their size. A bulk file's writer
     /// encodes a page every [`PAGE_ROWS`] rows, so at most that many count as open.
     pub fn buffered_bytes(&self) -> usize {
-        let open_rows = (self.rows_since_stage % self.row_group_rows).min(self.unencoded_rows);
+        // Rows of the open row group the writer holds unencoded: all of them when streaming (a
+        // table's pages rarely fill within a flush), at most a page's in bulk files.
+        let open_rows = if self.bulk {
+            (self.rows_since_stage % BULK_ROW_GROUP_ROWS).min(PAGE_ROWS)
+        } else {
+            self.rows_since_stage % ROW_GROUP_ROWS
+        };
         let open = self
             .arrow_bytes_since_stage
             .checked_div(self.rows_since_stage)

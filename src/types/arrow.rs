@@ -690,24 +690,7 @@ impl ColumnBuilder {
 
 impl Kind {
     fn append_null(&mut self) {
-        match self {
-            Kind::Bool(b) => b.append_null(),
-            Kind::Int16(b) => b.append_null(),
-            Kind::Int32(b) => b.append_null(),
-            Kind::Int64(b) => b.append_null(),
-            Kind::Float32(b) => b.append_null(),
-            Kind::Float64(b) => b.append_null(),
-            Kind::Decimal { builder, .. } => builder.append_null(),
-            Kind::Utf8(b) => b.append_null(),
-            Kind::Binary(b) => b.append_null(),
-            Kind::Date32(b) => b.append_null(),
-            Kind::Timestamp(b) => b.append_null(),
-            Kind::List(list) => {
-                let last = list.offsets.last().copied().unwrap_or(0);
-                list.offsets.push(last);
-                list.nulls.append_null();
-            }
-        }
+        self.append_nulls(1);
     }
 
     fn append_nulls(&mut self, n: usize) {

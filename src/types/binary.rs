@@ -237,64 +237,82 @@ pub(crate) fn numeric_scaled(raw: &[u8], precision: u8, scale: i8) -> Option<i12
     if digits.len() != ndigits * 2 || dscale & NUMERIC_DSCALE_MASK != dscale || dscale > scale {
         return None;
     }
-    // Σ digit[i] · 10^(4·(weight − i) + dscale), each term cut to whole units: only the
-    // group straddling the last kept fraction digit loses digits, and what all the groups
-    // after it add up to is below one unit, so this is the truncated value.
+    // Up to 18 digits, 64-bit arithmetic is enough (and cheaper); an overflow means more digits
+    // than `precision` allows, which the typed way reports.
     let pairs = digits.as_chunks::<2>().0;
-    let first_exponent = 4 * weight + i32::from(dscale);
     let value = if precision <= 18 {
-        // Fits 64 bits: an overflow means more digits than `precision` allows anyway, and
-        // the typed way reports it.
-        let mut value: u64 = 0;
-        let mut exponent = first_exponent;
-        for &pair in pairs {
-            let digit = u16::from_be_bytes(pair);
-            if digit >= NUMERIC_BASE {
-                return None;
-            }
-            let term = match exponent {
-                _ if digit == 0 => 0,
-                0..=18 => u64::from(digit).checked_mul(POW10_U64[exponent as usize])?,
-                19..=i32::MAX => return None,
-                -3..=-1 => u64::from(digit / POW10_U16[exponent.unsigned_abs() as usize]),
-                _ => 0, // wholly past the kept digits (the rest are still checked)
-            };
-            value = value.checked_add(term)?;
-            exponent -= 4;
-        }
-        if scale > dscale {
-            value = value.checked_mul(POW10_U64.get(usize::from(scale - dscale)).copied()?)?;
-        }
-        u128::from(value)
+        u128::from(scaled_sum::<u64>(pairs, weight, dscale, scale)?)
     } else {
-        // With exponents up to 34 every term and the sum stay below 10^38 (< 2^127): no
-        // overflow checks.
-        let mut value: u128 = 0;
-        let mut exponent = first_exponent;
-        for &pair in pairs {
-            let digit = u16::from_be_bytes(pair);
-            if digit >= NUMERIC_BASE {
-                return None;
-            }
-            value += match exponent {
-                _ if digit == 0 => 0,
-                0..=34 => u128::from(digit) * POW10_U128[exponent as usize],
-                35..=i32::MAX => return None, // 10^35 or more: the typed way decides
-                -3..=-1 => u128::from(digit / POW10_U16[exponent.unsigned_abs() as usize]),
-                _ => 0, // wholly past the kept digits (the rest are still checked)
-            };
-            exponent -= 4;
-        }
-        if scale > dscale {
-            value = value.checked_mul(POW10_U128.get(usize::from(scale - dscale)).copied()?)?;
-        }
-        value
+        scaled_sum::<u128>(pairs, weight, dscale, scale)?
     };
     if value >= POW10_U128.get(usize::from(precision)).copied()? {
         return None;
     }
     let value = i128::try_from(value).ok()?;
     Some(if negative { -value } else { value })
+}
+
+/// Unsigned integers [`scaled_sum`] adds digits in.
+trait Accumulator: Copy + From<u16> + 'static {
+    /// 10^0, 10^1, … as far as the type holds.
+    const POW10: &'static [Self];
+    const ZERO: Self;
+    fn checked_mul(self, other: Self) -> Option<Self>;
+    fn checked_add(self, other: Self) -> Option<Self>;
+}
+
+impl Accumulator for u64 {
+    const POW10: &'static [u64] = &POW10_U64;
+    const ZERO: u64 = 0;
+    fn checked_mul(self, other: u64) -> Option<u64> {
+        u64::checked_mul(self, other)
+    }
+    fn checked_add(self, other: u64) -> Option<u64> {
+        u64::checked_add(self, other)
+    }
+}
+
+impl Accumulator for u128 {
+    const POW10: &'static [u128] = &POW10_U128;
+    const ZERO: u128 = 0;
+    fn checked_mul(self, other: u128) -> Option<u128> {
+        u128::checked_mul(self, other)
+    }
+    fn checked_add(self, other: u128) -> Option<u128> {
+        u128::checked_add(self, other)
+    }
+}
+
+/// Σ digit[i] · 10^(4·(weight − i) + dscale), each term cut to whole units, then scaled from
+/// `dscale` to `scale` fraction digits: only the group straddling the last kept fraction digit
+/// loses digits, and what all the groups after it add up to is below one unit, so this is the
+/// truncated value. `None` on a digit outside 0..9999 or when `T` overflows.
+fn scaled_sum<T: Accumulator>(
+    pairs: &[[u8; 2]],
+    weight: i32,
+    dscale: u16,
+    scale: u16,
+) -> Option<T> {
+    let mut value = T::ZERO;
+    let mut exponent = 4 * weight + i32::from(dscale);
+    for &pair in pairs {
+        let digit = u16::from_be_bytes(pair);
+        if digit >= NUMERIC_BASE {
+            return None;
+        }
+        let term = match exponent {
+            _ if digit == 0 => T::ZERO,
+            0..=i32::MAX => T::from(digit).checked_mul(*T::POW10.get(exponent as usize)?)?,
+            -3..=-1 => T::from(digit / POW10_U16[exponent.unsigned_abs() as usize]),
+            _ => T::ZERO, // wholly past the kept digits (the rest are still checked)
+        };
+        value = value.checked_add(term)?;
+        exponent -= 4;
+    }
+    if scale > dscale {
+        value = value.checked_mul(*T::POW10.get(usize::from(scale - dscale))?)?;
+    }
+    Some(value)
 }
 
 /// 10^0 ..= 10^19.
