@@ -36,10 +36,13 @@
 //!   the replayed changes bring it to its current state. A table rewritten since (new
 //!   relfilenode) or whose columns changed is loaded anew instead.
 //!
-//! The current tables are exact after a resumed load — except for a row of an unread chunk
-//! whose key changed twice or more between C and C2 with a TOASTed value left out: the first
-//! update has no row to carry the value from, and the fold carries the null along. Between C
-//! and C2 the history of a resumed table is approximate: rows read at C2 are stamped C − 1.
+//! The current tables are exact after a resumed load. A row of an unread chunk whose key
+//! changed between C and C2 with a TOASTed value left out is loaded only at its key as of C2:
+//! the fold takes the value from the row loaded at the key an update moves it to, when the row
+//! it moves from has none (a null, which Postgres never leaves out). Key reuse within the
+//! interval (another row held one of those keys) can still give a null or the other row's
+//! value. Between C and C2 the history of a resumed table is approximate: rows read at C2 are
+//! stamped C − 1.
 //! Compaction leaves the chunks of an unfinished load alone, so a current table is never
 //! published half loaded. Each worker locks a table before its first chunk (the lock reading
 //! takes anyway, held to the end of the load) and fails the load if the table was rewritten

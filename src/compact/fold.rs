@@ -479,27 +479,38 @@ pub fn fold(
                     from_ts: t,
                     deleted: false,
                 };
-                let carry = |from: Option<&Version>, overrides: &mut Vec<(u32, RowRef)>| {
+                // A TOAST column left out keeps the value of the first of `from` that has
+                // one. Postgres leaves out only TOASTed values, never a null, so a null in an
+                // earlier version means its value was never known: a key changed during a
+                // resumed load by a row the lake did not have yet, whose later version the
+                // load read at its new key (see `snapshot`). No version at all: null.
+                let carry = |from: [Option<&Version>; 2], overrides: &mut Vec<(u32, RowRef)>| {
                     if !view.unchanged.is_valid(i) {
                         return;
                     }
                     let names = view.unchanged.value(i);
                     for name in names.as_string::<i32>().iter().flatten() {
-                        if let (Some(&c), Some(p)) = (col_index.get(name), from) {
-                            // No earlier version known: the value stays null.
-                            overrides.push((c, p.value_ref(c)));
+                        let Some(&c) = col_index.get(name) else {
+                            continue;
+                        };
+                        let known = |&(s, r): &RowRef| {
+                            sources[s as usize].column(c as usize).is_valid(r as usize)
+                        };
+                        let refs = || from.iter().flatten().map(|v| v.value_ref(c));
+                        if let Some(r) = refs().find(known).or_else(|| refs().next()) {
+                            overrides.push((c, r));
                         }
                     }
                 };
                 match state.get_mut(key.as_ref()) {
                     Some(prev) => {
-                        let from = carried_from.as_ref().or((!prev.deleted).then_some(&*prev));
-                        carry(from, &mut overrides);
+                        let live = (!prev.deleted).then_some(&*prev);
+                        carry([carried_from.as_ref(), live], &mut overrides);
                         let ended = std::mem::replace(prev, next(overrides));
                         close(ended, &mut closed);
                     }
                     None => {
-                        carry(carried_from.as_ref(), &mut overrides);
+                        carry([carried_from.as_ref(), None], &mut overrides);
                         state.insert(Key::new(key.as_ref()), next(overrides));
                     }
                 }

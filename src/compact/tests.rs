@@ -440,3 +440,50 @@ fn commit_marks_tell_load_chunks_from_transactions() {
     assert_eq!(commit_marks(&commit(vec![stream])), Marks::Transactions);
     assert_eq!(commit_marks(&commit(Vec::new())), Marks::None);
 }
+
+/// A resumed initial load (see `snapshot`) reads a row at its key as of the restart, K3, and
+/// the stream then replays its earlier key changes K1 → K2 → K3, which left its TOAST column
+/// out: K1 was never in the lake, so K2 cannot know the value, and K3 keeps the loaded one —
+/// in one compaction run or split between runs (where K2's unknown value is stored as null).
+#[test]
+fn a_key_changed_twice_before_a_resumed_load_keeps_the_loaded_toast_value() {
+    let int = |v: i64| ColumnValue::Value(Value::Int8(v));
+    let null = || ColumnValue::Value(Value::Null);
+    let change = |op, row, old: Option<i64>, lsn| Change {
+        op,
+        row,
+        old: old.map(|k| vec![int(k), null(), null()]),
+        lsn,
+        seq: 0,
+        with_c: false,
+    };
+    let changes = [
+        change(
+            "R",
+            vec![
+                int(3),
+                ColumnValue::Value(Value::Text("loaded".into())),
+                int(7),
+            ],
+            None,
+            99,
+        ),
+        change(
+            "U",
+            vec![int(2), ColumnValue::UnchangedToast, int(8)],
+            Some(1),
+            200,
+        ),
+        change(
+            "U",
+            vec![int(3), ColumnValue::UnchangedToast, int(9)],
+            Some(2),
+            300,
+        ),
+    ];
+    for cuts in [vec![], vec![1], vec![2], vec![1, 2]] {
+        let (open, _) = compact(&changes, &cuts, false);
+        let expected = Table::from([(3, (Some("loaded".to_string()), Some(9), None))]);
+        assert_eq!(scd1(&open, &open), expected, "runs cut at {cuts:?}");
+    }
+}
