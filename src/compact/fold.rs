@@ -363,42 +363,182 @@ pub fn current_rows(layout: &Layout, open: &RecordBatch) -> Result<RecordBatch, 
     Ok(RecordBatch::try_new(layout.current_schema(), cols)?)
 }
 
+/// Keys a fold group aims at: a group's state (about 100 bytes a key) then stays in the
+/// processor's caches, where one state of every key of a large bucket misses them on almost
+/// every lookup.
+const GROUP_KEYS: usize = 8 * 1024;
+
+/// Groups a fold splits its keys into, at most.
+const MAX_GROUPS: usize = 4096;
+
+/// A change as a unit applies it: what the fold reads of its row, copied out in commit order,
+/// so that a unit reads its changes from one list instead of from all over the step's
+/// batches (which missed the caches on every change).
+struct Step {
+    lsn: i64,
+    ts: i64,
+    key: Key,
+    /// Position in commit order.
+    ord: u32,
+    /// Change batch and row.
+    b: u32,
+    row: u32,
+    op: Op,
+    /// The key changed (an update with a different old key).
+    moved: bool,
+    /// Some TOAST columns were left out.
+    unchanged: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Upsert,
+    Delete,
+    Truncate,
+}
+
+/// An open version with its key and the key's hash.
+type Open = (u64, Key, Version);
+
+/// The open versions of the units a worker folded, by unit.
+type UnitsDone = Vec<(usize, Vec<Open>)>;
+
 /// Applies `changes` (change-log rows already conformed to `layout`: the source columns, then
 /// `_op`, `_lsn`, `_seq`, `_commit_ts`, `_unchanged` and the `_old_<k>` columns, in any order
 /// of rows) to `base` (open versions in the history schema).
+///
+/// Keys are split into groups by the top bits of their hash (so a group is a range of the
+/// order the open versions come out in), and each group is folded on its own: a key's
+/// changes only touch its own version, a truncate is applied in every group, and a
+/// key-changing update joins the groups of its old and new key into one unit of work. Units
+/// run on every core. Closed versions are handed to `on_closed` in chunks, in no particular
+/// order.
 pub fn fold(
     layout: &Layout,
     base: &[RecordBatch],
-    changes: &[RecordBatch],
-    on_closed: &mut dyn FnMut(RecordBatch) -> Result<(), FoldError>,
+    changes: Vec<RecordBatch>,
+    on_closed: &mut (dyn FnMut(RecordBatch) -> Result<(), FoldError> + Send),
+) -> Result<FoldOutput, FoldError> {
+    fold_in_groups(layout, base, changes, on_closed, GROUP_KEYS)
+}
+
+/// [`fold`] with groups of about `group_keys` keys (tests use tiny groups).
+pub(super) fn fold_in_groups(
+    layout: &Layout,
+    base: &[RecordBatch],
+    changes: Vec<RecordBatch>,
+    on_closed: &mut (dyn FnMut(RecordBatch) -> Result<(), FoldError> + Send),
+    group_keys: usize,
 ) -> Result<FoldOutput, FoldError> {
     let ncols = layout.source.fields().len();
     let converter = layout.key_converter()?;
+    let index = |n: usize| u32::try_from(n).map_err(|_| FoldError::TooManyRows);
     let base_rows: usize = base.iter().map(|b| b.num_rows()).sum();
-    let mut state: HashMap<Key, Version, foldhash::fast::RandomState> =
-        HashMap::with_capacity_and_hasher(base_rows + base_rows / 4, Default::default());
+    let n: usize = changes.iter().map(|b| b.num_rows()).sum();
+    let bits = ((base_rows + n) / group_keys.max(1))
+        .clamp(1, MAX_GROUPS)
+        .next_power_of_two()
+        .trailing_zeros();
+    let groups = 1usize << bits;
+    let group_of = |h: u64| h.checked_shr(64 - bits).unwrap_or(0) as usize;
     let mut sources: Vec<&RecordBatch> = Vec::with_capacity(base.len() + changes.len() + 1);
-
+    let mut bases = Vec::with_capacity(base.len());
     for batch in base {
-        let src = u32::try_from(sources.len()).map_err(|_| FoldError::TooManyRows)?;
+        let src = index(sources.len())?;
         sources.push(batch);
-        let keys = converter.convert_columns(&layout.key_columns(batch, KeyNames::Row)?)?;
-        let from_lsn = int64(batch, VALID_FROM_LSN)?;
-        let from_ts = timestamps(batch, VALID_FROM)?;
-        let deleted = bools(batch, DELETED)?;
-        for row in 0..batch.num_rows() {
-            let r = u32::try_from(row).map_err(|_| FoldError::TooManyRows)?;
-            state.insert(
-                Key::new(keys.row(row).as_ref()),
-                Version {
-                    src: (src, r),
-                    overrides: None,
-                    from_lsn: from_lsn.value(row),
-                    from_ts: from_ts.value(row),
-                    deleted: deleted.value(row),
-                },
-            );
+        bases.push(BaseView {
+            src,
+            keys: converter.convert_columns(&layout.key_columns(batch, KeyNames::Row)?)?,
+            from_lsn: int64(batch, VALID_FROM_LSN)?,
+            from_ts: timestamps(batch, VALID_FROM)?,
+            deleted: bools(batch, DELETED)?,
+        });
+    }
+    let mut views = Vec::with_capacity(changes.len());
+    for batch in &changes {
+        let src = index(sources.len())?;
+        sources.push(batch);
+        views.push((src, ChangeView::new(layout, &converter, batch)?));
+    }
+    let mut base_groups: Vec<Vec<RowRef>> = vec![Vec::new(); groups];
+    for (b, view) in bases.iter().enumerate() {
+        let b = index(b)?;
+        for row in 0..view.keys.num_rows() {
+            let g = group_of(key_hash(view.keys.row(row).as_ref()));
+            base_groups[g].push((b, index(row)?));
         }
+    }
+    // Commit order; (_lsn, _seq) is unique, so the order never depends on file order.
+    let mut order: Vec<(i64, i64, u32, u32)> = Vec::with_capacity(n);
+    for (b, (_, view)) in views.iter().enumerate() {
+        let b = index(b)?;
+        for row in 0..view.lsn.len() {
+            order.push((view.lsn.value(row), view.seq.value(row), b, index(row)?));
+        }
+    }
+    order.sort_unstable();
+    // Each change's group (truncates: `groups`), and the groups a key move joins.
+    let mut group = Vec::with_capacity(n);
+    let mut sizes = vec![0usize; groups + 1];
+    let mut parent: Vec<usize> = (0..groups).collect();
+    for &(_, _, b, row) in &order {
+        let (view, i) = (&views[b as usize].1, row as usize);
+        let g = if view.ops.value(i) == "T" {
+            groups
+        } else {
+            let g = group_of(key_hash(view.keys.row(i).as_ref()));
+            if view.has_old[i] {
+                let old = group_of(key_hash(view.old_keys.row(i).as_ref()));
+                if old != g {
+                    let (x, y) = (super::find(&mut parent, old), super::find(&mut parent, g));
+                    parent[x] = y;
+                }
+            }
+            g
+        };
+        sizes[g] += 1;
+        group.push(g as u16);
+    }
+    // The steps of each group (truncates: of every group), in commit order.
+    let mut lists: Vec<Vec<Step>> = sizes.iter().map(|&k| Vec::with_capacity(k)).collect();
+    for (ord, (&(lsn, _, b, row), &g)) in order.iter().zip(&group).enumerate() {
+        let (view, i) = (&views[b as usize].1, row as usize);
+        let op = match view.ops.value(i) {
+            "I" | "R" | "U" => Op::Upsert,
+            "D" => Op::Delete,
+            "T" => Op::Truncate,
+            other => return Err(FoldError::UnknownOp(other.to_string())),
+        };
+        let key = view.keys.row(i);
+        lists[usize::from(g)].push(Step {
+            lsn,
+            ts: view.ts.value(i),
+            key: Key::new(if op == Op::Truncate {
+                &[]
+            } else {
+                key.as_ref()
+            }),
+            ord: index(ord)?,
+            b,
+            row,
+            op,
+            moved: view.has_old[i] && view.old_keys.row(i) != key,
+            unchanged: view.unchanged.is_valid(i) && view.unchanged.value_length(i) > 0,
+        });
+    }
+    drop(order);
+    drop(group);
+    let truncates = lists.pop().unwrap_or_default();
+    // Units: groups joined by key moves, in the order of their first group.
+    let mut unit_of = vec![usize::MAX; groups];
+    let mut units: Vec<Vec<usize>> = Vec::new();
+    for g in 0..groups {
+        let root = super::find(&mut parent, g);
+        if unit_of[root] == usize::MAX {
+            unit_of[root] = units.len();
+            units.push(Vec::new());
+        }
+        units[unit_of[root]].push(g);
     }
 
     let col_index: HashMap<&str, u32> = layout
@@ -408,24 +548,6 @@ pub fn fold(
         .enumerate()
         .map(|(i, f)| (f.name().as_str(), i as u32))
         .collect();
-    let mut views = Vec::with_capacity(changes.len());
-    let mut order: Vec<(i64, i64, u32, u32)> =
-        Vec::with_capacity(changes.iter().map(|c| c.num_rows()).sum());
-    for batch in changes {
-        let src = u32::try_from(sources.len()).map_err(|_| FoldError::TooManyRows)?;
-        sources.push(batch);
-        let view = ChangeView::new(layout, &converter, batch)?;
-        let b = u32::try_from(views.len()).map_err(|_| FoldError::TooManyRows)?;
-        for row in 0..batch.num_rows() {
-            let r = u32::try_from(row).map_err(|_| FoldError::TooManyRows)?;
-            order.push((view.lsn.value(row), view.seq.value(row), b, r));
-        }
-        views.push((src, view));
-    }
-    // Commit order; (_lsn, _seq) is unique, so the order never depends on file order.
-    order.sort_unstable();
-    let n = order.len();
-    let null_src = u32::try_from(sources.len()).map_err(|_| FoldError::TooManyRows)?;
     let nulls: Vec<ArrayRef> = layout
         .source
         .fields()
@@ -436,124 +558,270 @@ pub fn fold(
         layout,
         sources: &sources,
         nulls: &nulls,
-        null_src,
+        null_src: index(sources.len())?,
         ncols,
     };
-    let mut closed: Vec<Closed> = Vec::with_capacity(CLOSED_CHUNK.min(n));
-    let mut closed_rows = 0usize;
-    for &(l, _, b, row) in &order {
-        if closed.len() >= CLOSED_CHUNK {
-            closed_rows += closed.len();
-            on_closed(gather.closed(&closed)?)?;
-            closed.clear();
+    let folder = Folder {
+        bases: &bases,
+        views: &views,
+        sources: &sources,
+        gather: &gather,
+        col_index: &col_index,
+        on_closed: std::sync::Mutex::new(on_closed),
+    };
+    let work = |unit: &[usize], scratch: &mut Scratch, closed: &mut ClosedChunk| {
+        let base: Vec<&[RowRef]> = unit.iter().map(|&g| base_groups[g].as_slice()).collect();
+        let mut steps: Vec<&Step> = unit
+            .iter()
+            .flat_map(|&g| lists[g].iter())
+            .chain(&truncates)
+            .collect();
+        if unit.len() > 1 || !truncates.is_empty() {
+            steps.sort_unstable_by_key(|s| s.ord);
         }
-        let (src, view) = &views[b as usize];
-        let i = row as usize;
-        let t = view.ts.value(i);
-        let close = |v: Version, closed: &mut Vec<Closed>| {
-            closed.push(Closed {
-                v,
-                to_lsn: l,
-                to_ts: t,
-            })
+        folder.unit(&base, &steps, scratch, closed)
+    };
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(units.len());
+    let mut opens: Vec<Option<Vec<Open>>> = Vec::with_capacity(units.len());
+    opens.resize_with(units.len(), || None);
+    let mut closed_rows = 0usize;
+    if threads <= 1 {
+        let (mut scratch, mut closed) = Default::default();
+        for (u, unit) in units.iter().enumerate() {
+            opens[u] = Some(work(unit, &mut scratch, &mut closed)?);
+        }
+        folder.flush(&mut closed)?;
+        closed_rows = closed.sent;
+    } else {
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let failed = std::sync::atomic::AtomicBool::new(false);
+        let worker = || -> Result<(UnitsDone, usize), FoldError> {
+            use std::sync::atomic::Ordering::Relaxed;
+            let (mut scratch, mut closed) = Default::default();
+            let mut done = Vec::new();
+            loop {
+                let u = next.fetch_add(1, Relaxed);
+                if u >= units.len() || failed.load(Relaxed) {
+                    break;
+                }
+                match work(&units[u], &mut scratch, &mut closed) {
+                    Ok(open) => done.push((u, open)),
+                    Err(e) => {
+                        failed.store(true, Relaxed);
+                        return Err(e);
+                    }
+                }
+            }
+            folder.flush(&mut closed)?;
+            Ok((done, closed.sent))
         };
-        match view.ops.value(i) {
-            "I" | "R" | "U" => {
-                let key = view.keys.row(i);
-                let mut carried_from: Option<Version> = None;
-                if view.has_old[i] && view.old_keys.row(i) != key {
-                    // The key changed: the old key's row ends here and a tombstone opens.
-                    if let Some(prev) = state.get_mut(view.old_keys.row(i).as_ref()) {
-                        if !prev.deleted {
-                            let ended = prev.end_with_tombstone(l, t);
-                            carried_from = Some(ended.clone());
-                            close(ended, &mut closed);
-                        }
-                    }
-                }
-                let mut overrides = Vec::new();
-                let next = |overrides: Vec<(u32, RowRef)>| Version {
-                    src: (*src, row),
-                    overrides: (!overrides.is_empty()).then(|| overrides.into()),
-                    from_lsn: l,
-                    from_ts: t,
-                    deleted: false,
-                };
-                // A TOAST column left out keeps the value of the first of `from` that has
-                // one. Postgres leaves out only TOASTed values, never a null, so a null in an
-                // earlier version means its value was never known: a key changed during a
-                // resumed load by a row the lake did not have yet, whose later version the
-                // load read at its new key (see `snapshot`). No version at all: null.
-                let carry = |from: [Option<&Version>; 2], overrides: &mut Vec<(u32, RowRef)>| {
-                    if !view.unchanged.is_valid(i) {
-                        return;
-                    }
-                    let names = view.unchanged.value(i);
-                    for name in names.as_string::<i32>().iter().flatten() {
-                        let Some(&c) = col_index.get(name) else {
-                            continue;
-                        };
-                        let known = |&(s, r): &RowRef| {
-                            sources[s as usize].column(c as usize).is_valid(r as usize)
-                        };
-                        let refs = || from.iter().flatten().map(|v| v.value_ref(c));
-                        if let Some(r) = refs().find(known).or_else(|| refs().next()) {
-                            overrides.push((c, r));
-                        }
-                    }
-                };
-                match state.get_mut(key.as_ref()) {
-                    Some(prev) => {
-                        let live = (!prev.deleted).then_some(&*prev);
-                        carry([carried_from.as_ref(), live], &mut overrides);
-                        let ended = std::mem::replace(prev, next(overrides));
-                        close(ended, &mut closed);
-                    }
-                    None => {
-                        carry([carried_from.as_ref(), None], &mut overrides);
-                        state.insert(Key::new(key.as_ref()), next(overrides));
-                    }
-                }
+        let results: Vec<_> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..threads).map(|_| s.spawn(worker)).collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect()
+        });
+        for result in results {
+            let (done, rows) = result?;
+            closed_rows += rows;
+            for (u, open) in done {
+                opens[u] = Some(open);
             }
-            "D" => {
-                let key = view.keys.row(i);
-                if let Some(prev) = state.get_mut(key.as_ref()) {
-                    if !prev.deleted {
-                        let ended = prev.end_with_tombstone(l, t);
-                        close(ended, &mut closed);
-                    }
-                }
-            }
-            "T" => {
-                for v in state.values_mut() {
-                    if !v.deleted {
-                        let ended = v.end_with_tombstone(l, t);
-                        close(ended, &mut closed);
-                    }
-                }
-            }
-            other => return Err(FoldError::UnknownOp(other.to_string())),
         }
     }
 
-    // Open versions, sorted by key hash (then key bytes, for a deterministic order).
-    let mut open: Vec<(u64, Key, Version)> = state
-        .into_iter()
-        .map(|(k, v)| (key_hash(k.as_slice()), k, v))
-        .collect();
-    open.sort_unstable_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+    // Open versions by key hash (then key bytes, for a deterministic order): each unit's are
+    // sorted, and units of one group follow the hash order.
+    let mut open: Vec<Open> = opens.into_iter().flatten().flatten().collect();
+    if units.iter().any(|u| u.len() > 1) {
+        open.sort_unstable_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+    }
     let open_hashes: Vec<u64> = open.iter().map(|o| o.0).collect();
     let open_batch = gather.batch(open.iter().map(|o| (&o.2, None)))?;
-    if !closed.is_empty() {
-        closed_rows += closed.len();
-        on_closed(gather.closed(&closed)?)?;
-    }
     Ok(FoldOutput {
         open: open_batch,
         open_hashes,
         closed_rows,
         changes: n,
     })
+}
+
+/// The columns of one base batch (open versions) the fold reads.
+struct BaseView<'a> {
+    src: u32,
+    keys: Rows,
+    from_lsn: &'a Int64Array,
+    from_ts: &'a TimestampMicrosecondArray,
+    deleted: &'a BooleanArray,
+}
+
+/// The buffers of one worker, kept from unit to unit: allocating them anew for every unit
+/// (large allocations are fresh pages from the kernel) cost more than the lookups.
+#[derive(Default)]
+struct Scratch {
+    state: HashMap<Key, Version, foldhash::fast::RandomState>,
+}
+
+/// Versions closed and not handed over yet, of one worker.
+#[derive(Default)]
+struct ClosedChunk {
+    versions: Vec<Closed>,
+    /// Versions handed over so far.
+    sent: usize,
+}
+
+/// What the units of one fold share.
+struct Folder<'a, 'f> {
+    bases: &'a [BaseView<'a>],
+    views: &'a [(u32, ChangeView<'a>)],
+    sources: &'a [&'a RecordBatch],
+    gather: &'a Gather<'a>,
+    col_index: &'a HashMap<&'a str, u32>,
+    on_closed: std::sync::Mutex<&'f mut (dyn FnMut(RecordBatch) -> Result<(), FoldError> + Send)>,
+}
+
+impl Folder<'_, '_> {
+    /// Hands the closed versions of `closed` over.
+    fn flush(&self, closed: &mut ClosedChunk) -> Result<(), FoldError> {
+        if closed.versions.is_empty() {
+            return Ok(());
+        }
+        let batch = self.gather.closed(&closed.versions)?;
+        closed.sent += closed.versions.len();
+        closed.versions.clear();
+        let mut on_closed = self.on_closed.lock().map_err(|_| FoldError::OutputClosed)?;
+        (*on_closed)(batch)
+    }
+
+    /// Folds the changes `order` (and every truncate) into the open versions `base` of one
+    /// unit's keys; returns the unit's open versions, sorted by key hash.
+    fn unit(
+        &self,
+        base: &[&[RowRef]],
+        steps: &[&Step],
+        scratch: &mut Scratch,
+        closed: &mut ClosedChunk,
+    ) -> Result<Vec<Open>, FoldError> {
+        let state = &mut scratch.state;
+        let base_rows: usize = base.iter().map(|g| g.len()).sum();
+        state.clear();
+        state.reserve(base_rows + base_rows / 4);
+        for &(b, row) in base.iter().flat_map(|g| g.iter()) {
+            let view = &self.bases[b as usize];
+            let i = row as usize;
+            state.insert(
+                Key::new(view.keys.row(i).as_ref()),
+                Version {
+                    src: (view.src, row),
+                    overrides: None,
+                    from_lsn: view.from_lsn.value(i),
+                    from_ts: view.from_ts.value(i),
+                    deleted: view.deleted.value(i),
+                },
+            );
+        }
+        for step in steps {
+            if closed.versions.len() >= CLOSED_CHUNK {
+                self.flush(closed)?;
+            }
+            let (l, t, row) = (step.lsn, step.ts, step.row);
+            let close = |v: Version, closed: &mut ClosedChunk| {
+                closed.versions.push(Closed {
+                    v,
+                    to_lsn: l,
+                    to_ts: t,
+                })
+            };
+            match step.op {
+                Op::Upsert => {
+                    let (src, view) = &self.views[step.b as usize];
+                    let i = row as usize;
+                    let mut carried_from: Option<Version> = None;
+                    if step.moved {
+                        // The key changed: the old key's row ends here and a tombstone opens.
+                        if let Some(prev) = state.get_mut(view.old_keys.row(i).as_ref()) {
+                            if !prev.deleted {
+                                let ended = prev.end_with_tombstone(l, t);
+                                carried_from = Some(ended.clone());
+                                close(ended, closed);
+                            }
+                        }
+                    }
+                    let mut overrides = Vec::new();
+                    let next = |overrides: Vec<(u32, RowRef)>| Version {
+                        src: (*src, row),
+                        overrides: (!overrides.is_empty()).then(|| overrides.into()),
+                        from_lsn: l,
+                        from_ts: t,
+                        deleted: false,
+                    };
+                    // A TOAST column left out keeps the value of the first of `from` that has
+                    // one. Postgres leaves out only TOASTed values, never a null, so a null in
+                    // an earlier version means its value was never known: a key changed during
+                    // a resumed load by a row the lake did not have yet, whose later version
+                    // the load read at its new key (see `snapshot`). No version at all: null.
+                    let carry =
+                        |from: [Option<&Version>; 2], overrides: &mut Vec<(u32, RowRef)>| {
+                            if !step.unchanged {
+                                return;
+                            }
+                            let names = view.unchanged.value(i);
+                            for name in names.as_string::<i32>().iter().flatten() {
+                                let Some(&c) = self.col_index.get(name) else {
+                                    continue;
+                                };
+                                let known = |&(s, r): &RowRef| {
+                                    self.sources[s as usize]
+                                        .column(c as usize)
+                                        .is_valid(r as usize)
+                                };
+                                let refs = || from.iter().flatten().map(|v| v.value_ref(c));
+                                if let Some(r) = refs().find(known).or_else(|| refs().next()) {
+                                    overrides.push((c, r));
+                                }
+                            }
+                        };
+                    match state.get_mut(step.key.as_slice()) {
+                        Some(prev) => {
+                            let live = (!prev.deleted).then_some(&*prev);
+                            carry([carried_from.as_ref(), live], &mut overrides);
+                            let ended = std::mem::replace(prev, next(overrides));
+                            close(ended, closed);
+                        }
+                        None => {
+                            carry([carried_from.as_ref(), None], &mut overrides);
+                            state.insert(step.key.clone(), next(overrides));
+                        }
+                    }
+                }
+                Op::Delete => {
+                    if let Some(prev) = state.get_mut(step.key.as_slice()) {
+                        if !prev.deleted {
+                            let ended = prev.end_with_tombstone(l, t);
+                            close(ended, closed);
+                        }
+                    }
+                }
+                Op::Truncate => {
+                    for v in state.values_mut() {
+                        if !v.deleted {
+                            let ended = v.end_with_tombstone(l, t);
+                            close(ended, closed);
+                        }
+                    }
+                }
+            }
+        }
+        let mut open: Vec<Open> = state
+            .drain()
+            .map(|(k, v)| (key_hash(k.as_slice()), k, v))
+            .collect();
+        open.sort_unstable_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+        Ok(open)
+    }
 }
 
 /// The columns of one change batch the fold reads.

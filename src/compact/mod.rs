@@ -959,6 +959,8 @@ async fn step(
         });
     }
     let nb = bucket_list.len();
+    let started = std::time::Instant::now();
+    let (mut fold_time, mut write_time) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
     let bucket_of = |h: u64| -> usize { bucket_list.partition_point(|b| b.hi < h).min(nb - 1) };
 
     // Route the changes to buckets.
@@ -1057,6 +1059,7 @@ async fn step(
     };
     let closed_writer = ClosedWriter::start(history.store.clone(), history_schema.clone())
         .map_err(ctx.fail("start the closed-version writer"))?;
+    let read_time = started.elapsed();
     for members in units.values() {
         let mut base = Vec::new();
         let mut unit_changes = Vec::new();
@@ -1078,7 +1081,8 @@ async fn step(
         if members.len() > 1 {
             unit_changes = dedup_changes(unit_changes).map_err(ctx.fail("dedup"))?;
         }
-        let folded = fold::fold(layout, &base, &unit_changes, &mut |batch| {
+        let fold_started = std::time::Instant::now();
+        let folded = fold::fold(layout, &base, unit_changes, &mut |batch| {
             closed_writer.send(batch)
         });
         let out = match folded {
@@ -1094,7 +1098,8 @@ async fn step(
             Err(e) => return Err(ctx.fail("fold")(e)),
         };
         drop(base);
-        drop(unit_changes);
+        fold_time += fold_started.elapsed();
+        let write_started = std::time::Instant::now();
         report.closed += out.closed_rows as u64;
         // Output ranges: the unit's buckets (all of the hash space when re-bucketing).
         let ranges: Vec<(u64, u64)> = if rebucket {
@@ -1129,7 +1134,9 @@ async fn step(
             report.bytes_rewritten += add.size.max(0) as u64;
             current_adds.push(add);
         }
+        write_time += write_started.elapsed();
     }
+    let closed_started = std::time::Instant::now();
     if let Some(add) = closed_writer
         .finish()
         .map_err(ctx.fail("write closed versions"))?
@@ -1140,6 +1147,16 @@ async fn step(
         .await?;
     ctx.commit(current, current_schema, current_adds, current_removes, txn)
         .await?;
+    tracing::debug!(
+        table = %ctx.table,
+        changes,
+        read_ms = read_time.as_millis() as u64,
+        fold_ms = fold_time.as_millis() as u64,
+        write_ms = write_time.as_millis() as u64,
+        closed_wait_ms = closed_started.elapsed().as_millis() as u64,
+        total_ms = started.elapsed().as_millis() as u64,
+        "compaction step"
+    );
     Ok(report)
 }
 

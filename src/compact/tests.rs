@@ -222,6 +222,16 @@ fn batch(changes: &[Change], reverse: bool) -> RecordBatch {
 /// Runs the fold over `changes` cut at `cuts`; returns the final open versions and every
 /// version (open and closed) with its layout applied.
 fn compact(changes: &[Change], cuts: &[usize], reverse: bool) -> (RecordBatch, Vec<RecordBatch>) {
+    compact_in_groups(changes, cuts, reverse, usize::MAX)
+}
+
+/// [`compact`] with fold groups of about `group_keys` keys.
+fn compact_in_groups(
+    changes: &[Change],
+    cuts: &[usize],
+    reverse: bool,
+    group_keys: usize,
+) -> (RecordBatch, Vec<RecordBatch>) {
     let mut bounds: Vec<usize> = cuts.iter().map(|c| c % (changes.len() + 1)).collect();
     bounds.push(0);
     bounds.push(changes.len());
@@ -248,10 +258,16 @@ fn compact(changes: &[Change], cuts: &[usize], reverse: bool) -> (RecordBatch, V
             .map(|c: RecordBatch| conform(&c, &history).expect("conform closed"))
             .collect();
         let mut chunks = Vec::new();
-        let out = fold::fold(&layout, &base, std::slice::from_ref(&b), &mut |c| {
-            chunks.push(c);
-            Ok(())
-        })
+        let out = fold::fold_in_groups(
+            &layout,
+            &base,
+            vec![b],
+            &mut |c| {
+                chunks.push(c);
+                Ok(())
+            },
+            group_keys,
+        )
         .expect("fold");
         assert_eq!(
             chunks.iter().map(|c| c.num_rows()).sum::<usize>(),
@@ -338,9 +354,10 @@ proptest! {
         actions in proptest::collection::vec(action(), 0..80),
         cuts in proptest::collection::vec(any::<usize>(), 0..6),
         reverse in any::<bool>(),
+        group_keys in prop_oneof![Just(1usize), Just(3), Just(usize::MAX)],
     ) {
         let (changes, snapshots) = realize(&actions);
-        let (open, all) = compact(&changes, &cuts, reverse);
+        let (open, all) = compact_in_groups(&changes, &cuts, reverse, group_keys);
         let final_model = &snapshots.last().expect("final snapshot").1;
         prop_assert_eq!(&scd1(&open, &open), final_model);
         for (lsn, model) in &snapshots {
