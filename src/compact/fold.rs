@@ -24,7 +24,7 @@ use std::sync::Arc;
 use deltalake::arrow::array::{
     Array, ArrayRef, AsArray, BooleanArray, Int64Array, RecordBatch, TimestampMicrosecondArray,
 };
-use deltalake::arrow::compute::interleave;
+use deltalake::arrow::compute::{concat_batches, interleave};
 use deltalake::arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef, TimeUnit};
 use deltalake::arrow::error::ArrowError;
 use deltalake::arrow::row::{RowConverter, Rows, SortField};
@@ -400,8 +400,11 @@ enum Op {
 /// An open version with its key and the key's hash.
 type Open = (u64, Key, Version);
 
-/// The open versions of the units a worker folded, by unit.
-type UnitsDone = Vec<(usize, Vec<Open>)>;
+/// A unit's open versions (history schema) and their key hashes, in hash order.
+type UnitOpen = (Vec<u64>, RecordBatch);
+
+/// The units a worker folded, by unit.
+type UnitsDone = Vec<(usize, UnitOpen)>;
 
 /// Applies `changes` (change-log rows already conformed to `layout`: the source columns, then
 /// `_op`, `_lsn`, `_seq`, `_commit_ts`, `_unchanged` and the `_old_<k>` columns, in any order
@@ -476,7 +479,9 @@ pub(super) fn fold_in_groups(
             order.push((view.lsn.value(row), view.seq.value(row), b, index(row)?));
         }
     }
-    order.sort_unstable();
+    if !order.is_sorted() {
+        order.sort_unstable();
+    }
     // Each change's group (truncates: `groups`), and the groups a key move joins.
     let mut group = Vec::with_capacity(n);
     let mut sizes = vec![0usize; groups + 1];
@@ -579,12 +584,14 @@ pub(super) fn fold_in_groups(
         if unit.len() > 1 || !truncates.is_empty() {
             steps.sort_unstable_by_key(|s| s.ord);
         }
-        folder.unit(&base, &steps, scratch, closed)
+        let open = folder.unit(&base, &steps, scratch, closed)?;
+        let batch = gather.batch(open.iter().map(|o| (&o.2, None)))?;
+        Ok::<UnitOpen, FoldError>((open.iter().map(|o| o.0).collect(), batch))
     };
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(units.len());
-    let mut opens: Vec<Option<Vec<Open>>> = Vec::with_capacity(units.len());
+    let mut opens: Vec<Option<UnitOpen>> = Vec::with_capacity(units.len());
     opens.resize_with(units.len(), || None);
     let mut closed_rows = 0usize;
     if threads <= 1 {
@@ -633,14 +640,35 @@ pub(super) fn fold_in_groups(
         }
     }
 
-    // Open versions by key hash (then key bytes, for a deterministic order): each unit's are
-    // sorted, and units of one group follow the hash order.
-    let mut open: Vec<Open> = opens.into_iter().flatten().flatten().collect();
-    if units.iter().any(|u| u.len() > 1) {
-        open.sort_unstable_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
-    }
-    let open_hashes: Vec<u64> = open.iter().map(|o| o.0).collect();
-    let open_batch = gather.batch(open.iter().map(|o| (&o.2, None)))?;
+    // Open versions by key hash (then key bytes, for a deterministic order). Each unit's are
+    // sorted, and units of one group each follow the hash order.
+    let parts: Vec<UnitOpen> = opens.into_iter().flatten().collect();
+    let schema = layout.history_schema();
+    let (open_batch, open_hashes) = if units.iter().all(|u| u.len() == 1) {
+        let hashes = parts.iter().flat_map(|p| p.0.iter().copied()).collect();
+        (concat_batches(&schema, parts.iter().map(|p| &p.1))?, hashes)
+    } else {
+        // Merged by hash: a stable sort keeps each unit's order, and keys of equal hashes are
+        // in one group, so in one unit.
+        let mut rows: Vec<(u64, usize, usize)> = parts
+            .iter()
+            .enumerate()
+            .flat_map(|(u, p)| p.0.iter().enumerate().map(move |(r, &h)| (h, u, r)))
+            .collect();
+        rows.sort_by_key(|r| r.0);
+        let indices: Vec<(usize, usize)> = rows.iter().map(|r| (r.1, r.2)).collect();
+        let columns = (0..schema.fields().len())
+            .map(|c| {
+                let arrays: Vec<&dyn Array> =
+                    parts.iter().map(|p| p.1.column(c).as_ref()).collect();
+                interleave(&arrays, &indices)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        (
+            RecordBatch::try_new(schema, columns)?,
+            rows.iter().map(|r| r.0).collect(),
+        )
+    };
     Ok(FoldOutput {
         open: open_batch,
         open_hashes,

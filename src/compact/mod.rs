@@ -44,7 +44,7 @@ use deltalake::protocol::{DeltaOperation, SaveMode};
 use deltalake::DeltaTable;
 use object_store::buffered::BufWriter;
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt};
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use uuid::Uuid;
 
 use crate::batch::rows::{COMMIT_TS, LSN, OLD_PREFIX, OP, SEQ, UNCHANGED};
@@ -443,6 +443,63 @@ impl Ctx<'_> {
         let size = w.bytes_written() as i64;
         Ok(new_add(file, size, batch.num_rows()))
     }
+
+    /// Writes a bucket's two files, each (table, file name, rows): encoded at once on two
+    /// threads (a bucket is bounded by the bucket size, so each file fits in memory), then
+    /// stored with one put each.
+    async fn write_bucket(
+        &self,
+        a: (&Target, String, &RecordBatch),
+        b: (&Target, String, &RecordBatch),
+    ) -> Result<(Add, Add), CompactError> {
+        let (encoded_a, encoded_b) = std::thread::scope(|s| {
+            let other = s.spawn(|| encode_parquet(b.2));
+            let first = encode_parquet(a.2);
+            (
+                first,
+                other
+                    .join()
+                    .unwrap_or_else(|p| std::panic::resume_unwind(p)),
+            )
+        });
+        Ok((
+            self.put_encoded(a.0, a.1, a.2.num_rows(), encoded_a)
+                .await?,
+            self.put_encoded(b.0, b.1, b.2.num_rows(), encoded_b)
+                .await?,
+        ))
+    }
+
+    async fn put_encoded(
+        &self,
+        target: &Target,
+        file: String,
+        rows: usize,
+        encoded: Result<Vec<u8>, deltalake::parquet::errors::ParquetError>,
+    ) -> Result<Add, CompactError> {
+        let bytes = encoded.map_err(self.fail("write Parquet"))?;
+        let size = bytes.len() as i64;
+        target
+            .store
+            .put(&Path::from(file.as_str()), PutPayload::from(bytes))
+            .await
+            .map_err(self.fail("write Parquet"))?;
+        Ok(new_add(file, size, rows))
+    }
+}
+
+/// A batch encoded as one Parquet file in memory.
+fn encode_parquet(
+    batch: &RecordBatch,
+) -> Result<Vec<u8>, deltalake::parquet::errors::ParquetError> {
+    let schema = batch.schema();
+    let mut w = deltalake::parquet::arrow::ArrowWriter::try_new(
+        Vec::new(),
+        schema.clone(),
+        Some(writer_properties(&schema)),
+    )?;
+    w.write(batch)?;
+    w.into_inner()
 }
 
 fn now_millis() -> i64 {
@@ -1122,14 +1179,14 @@ async fn step(
             let open = out.open.slice(start, len);
             // An empty bucket still owns its range: it keeps a file so the ranges stay whole.
             let id = Uuid::new_v4().to_string();
-            history_adds.push(
-                ctx.write_parquet(history, open_name(&sig, lo, hi, &id), &open)
-                    .await?,
-            );
             let rows = fold::current_rows(layout, &open).map_err(ctx.fail("current rows"))?;
-            let add = ctx
-                .write_parquet(current, current_name(lo, hi, &id), &rows)
+            let (open_add, add) = ctx
+                .write_bucket(
+                    (history, open_name(&sig, lo, hi, &id), &open),
+                    (current, current_name(lo, hi, &id), &rows),
+                )
                 .await?;
+            history_adds.push(open_add);
             report.buckets_rewritten += 1;
             report.bytes_rewritten += add.size.max(0) as u64;
             current_adds.push(add);
