@@ -484,6 +484,7 @@ fn compact_options(t: &crate::cli::CompactTuning) -> crate::compact::CompactOpti
         vacuum_retention: t.vacuum_retention.0,
         optimize_file_size: t.optimize_file_size,
         changes_retention: t.changes_retention.0,
+        fold_threads: crate::compact::all_cores(),
     }
 }
 

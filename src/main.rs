@@ -207,7 +207,8 @@ fn init_logging(level: &str, format: LogFormat) {
 /// glibc gives every thread that allocates concurrently an arena of its own (up to 8 per
 /// core) and keeps freed memory in each: compaction's fold workers and writer threads then
 /// held 1,078 MiB at peak where two arenas hold 807 MiB, at the same speed
-/// (`scripts/bench-compact.sh`). Two arenas bound that without serializing the threads.
+/// (`scripts/bench-compact.sh`). Two arenas bound that without serializing the threads; the
+/// ingest rate of `slotlake run` measured the same with them (`scripts/bench-ingest.sh`, a).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn limit_malloc_arenas() {
     // SAFETY: mallopt only sets an allocator parameter; it is called before any thread starts.

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use deltalake::arrow::array::{
     Array, ArrayRef, AsArray, BooleanArray, Int64Array, RecordBatch, TimestampMicrosecondArray,
 };
-use deltalake::arrow::compute::{concat_batches, interleave};
+use deltalake::arrow::compute::interleave;
 use deltalake::arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef, TimeUnit};
 use deltalake::arrow::error::ArrowError;
 use deltalake::arrow::row::{RowConverter, Rows, SortField};
@@ -57,6 +57,8 @@ pub enum FoldError {
     BucketGap,
     #[error("too many rows for one compaction step")]
     TooManyRows,
+    #[error("a worker of the fold stopped without the open versions of unit {0}")]
+    UnitLost(usize),
     #[error(transparent)]
     Arrow(#[from] ArrowError),
 }
@@ -363,13 +365,15 @@ pub fn current_rows(layout: &Layout, open: &RecordBatch) -> Result<RecordBatch, 
     Ok(RecordBatch::try_new(layout.current_schema(), cols)?)
 }
 
-/// Keys a fold group aims at: a group's state (about 100 bytes a key) then stays in the
-/// processor's caches, where one state of every key of a large bucket misses them on almost
-/// every lookup.
+/// Rows (open versions and changes, an upper bound of its keys) a fold group aims at: a
+/// group's state (about 100 bytes a key) then stays in the processor's caches, where one state
+/// of every key of a large bucket misses them on almost every lookup.
 const GROUP_KEYS: usize = 8 * 1024;
 
-/// Groups a fold splits its keys into, at most.
+/// Groups a fold splits its keys into, at most. Group numbers, and `MAX_GROUPS` for
+/// truncates, are stored as `u16`.
 const MAX_GROUPS: usize = 4096;
+const _: () = assert!(MAX_GROUPS < u16::MAX as usize);
 
 /// A change as a unit applies it: what the fold reads of its row, copied out in commit order,
 /// so that a unit reads its changes from one list instead of from all over the step's
@@ -421,16 +425,18 @@ pub fn fold(
     base: &[RecordBatch],
     changes: Vec<RecordBatch>,
     on_closed: &mut (dyn FnMut(RecordBatch) -> Result<(), FoldError> + Send),
+    threads: usize,
 ) -> Result<FoldOutput, FoldError> {
-    fold_in_groups(layout, base, changes, on_closed, GROUP_KEYS)
+    fold_in_groups(layout, base, changes, on_closed, threads, GROUP_KEYS)
 }
 
-/// [`fold`] with groups of about `group_keys` keys (tests use tiny groups).
+/// [`fold`] with groups of about `group_keys` rows (tests use tiny groups).
 pub(super) fn fold_in_groups(
     layout: &Layout,
     base: &[RecordBatch],
     changes: Vec<RecordBatch>,
     on_closed: &mut (dyn FnMut(RecordBatch) -> Result<(), FoldError> + Send),
+    threads: usize,
     group_keys: usize,
 ) -> Result<FoldOutput, FoldError> {
     let ncols = layout.source.fields().len();
@@ -588,9 +594,7 @@ pub(super) fn fold_in_groups(
         let batch = gather.batch(open.iter().map(|o| (&o.2, None)))?;
         Ok::<UnitOpen, FoldError>((open.iter().map(|o| o.0).collect(), batch))
     };
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(units.len());
+    let threads = threads.clamp(1, units.len().max(1));
     let mut opens: Vec<Option<UnitOpen>> = Vec::with_capacity(units.len());
     opens.resize_with(units.len(), || None);
     let mut closed_rows = 0usize;
@@ -621,7 +625,10 @@ pub(super) fn fold_in_groups(
                     }
                 }
             }
-            folder.flush(&mut closed)?;
+            if let Err(e) = folder.flush(&mut closed) {
+                failed.store(true, Relaxed);
+                return Err(e);
+            }
             Ok((done, closed.sent))
         };
         let results: Vec<_> = std::thread::scope(|s| {
@@ -641,34 +648,51 @@ pub(super) fn fold_in_groups(
     }
 
     // Open versions by key hash (then key bytes, for a deterministic order). Each unit's are
-    // sorted, and units of one group each follow the hash order.
-    let parts: Vec<UnitOpen> = opens.into_iter().flatten().collect();
+    // sorted and a group is a range of hashes: the output is each group's slice of its unit's
+    // versions, in group order, copied a column at a time (each unit's column dropped once
+    // copied, so the versions are not held twice).
+    let mut parts: Vec<UnitOpen> = Vec::with_capacity(units.len());
+    for (u, open) in opens.into_iter().enumerate() {
+        parts.push(open.ok_or(FoldError::UnitLost(u))?);
+    }
+    let mut pieces: Vec<(usize, usize, usize)> = Vec::new();
+    for g in 0..groups {
+        let u = unit_of[super::find(&mut parent, g)];
+        let hashes = &parts[u].0;
+        let start = hashes.partition_point(|&h| group_of(h) < g);
+        let end = hashes.partition_point(|&h| group_of(h) <= g);
+        if end > start {
+            pieces.push((u, start, end - start));
+        }
+    }
+    let open_hashes: Vec<u64> = pieces
+        .iter()
+        .flat_map(|&(u, start, len)| parts[u].0[start..start + len].iter().copied())
+        .collect();
     let schema = layout.history_schema();
-    let (open_batch, open_hashes) = if units.iter().all(|u| u.len() == 1) {
-        let hashes = parts.iter().flat_map(|p| p.0.iter().copied()).collect();
-        (concat_batches(&schema, parts.iter().map(|p| &p.1))?, hashes)
-    } else {
-        // Merged by hash: a stable sort keeps each unit's order, and keys of equal hashes are
-        // in one group, so in one unit.
-        let mut rows: Vec<(u64, usize, usize)> = parts
+    let mut unit_columns: Vec<Vec<ArrayRef>> = parts
+        .into_iter()
+        .map(|(_, batch)| batch.columns().to_vec())
+        .collect();
+    let mut columns = Vec::with_capacity(schema.fields().len());
+    for (c, field) in schema.fields().iter().enumerate() {
+        let slices: Vec<ArrayRef> = pieces
             .iter()
-            .enumerate()
-            .flat_map(|(u, p)| p.0.iter().enumerate().map(move |(r, &h)| (h, u, r)))
+            .map(|&(u, start, len)| unit_columns[u][c].slice(start, len))
             .collect();
-        rows.sort_by_key(|r| r.0);
-        let indices: Vec<(usize, usize)> = rows.iter().map(|r| (r.1, r.2)).collect();
-        let columns = (0..schema.fields().len())
-            .map(|c| {
-                let arrays: Vec<&dyn Array> =
-                    parts.iter().map(|p| p.1.column(c).as_ref()).collect();
-                interleave(&arrays, &indices)
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        (
-            RecordBatch::try_new(schema, columns)?,
-            rows.iter().map(|r| r.0).collect(),
-        )
-    };
+        let refs: Vec<&dyn Array> = slices.iter().map(|a| a.as_ref()).collect();
+        columns.push(if refs.is_empty() {
+            deltalake::arrow::array::new_empty_array(field.data_type())
+        } else {
+            deltalake::arrow::compute::concat(&refs)?
+        });
+        drop(refs);
+        drop(slices);
+        for cols in &mut unit_columns {
+            cols[c] = deltalake::arrow::array::new_empty_array(field.data_type());
+        }
+    }
+    let open_batch = RecordBatch::try_new(schema, columns)?;
     Ok(FoldOutput {
         open: open_batch,
         open_hashes,
@@ -717,15 +741,18 @@ impl Folder<'_, '_> {
         if closed.versions.is_empty() {
             return Ok(());
         }
+        // Gathered under the lock: while the writer is behind, a worker waits before building
+        // its chunk, so that one chunk waits for the writer, not one per worker.
+        let mut on_closed = self.on_closed.lock().map_err(|_| FoldError::OutputClosed)?;
         let batch = self.gather.closed(&closed.versions)?;
         closed.sent += closed.versions.len();
         closed.versions.clear();
-        let mut on_closed = self.on_closed.lock().map_err(|_| FoldError::OutputClosed)?;
         (*on_closed)(batch)
     }
 
-    /// Folds the changes `order` (and every truncate) into the open versions `base` of one
-    /// unit's keys; returns the unit's open versions, sorted by key hash.
+    /// Folds `steps` (the unit's changes and every truncate, in commit order) into the open
+    /// versions `base` of one unit's keys; returns the unit's open versions, sorted by key
+    /// hash.
     fn unit(
         &self,
         base: &[&[RowRef]],

@@ -98,6 +98,13 @@ pub struct CompactOptions {
     pub optimize_file_size: u64,
     /// Compacted change-log files written this long ago leave the change log; `None`: never.
     pub changes_retention: Option<std::time::Duration>,
+    /// Threads that fold a step's changes.
+    pub fold_threads: usize,
+}
+
+/// One fold thread per core.
+pub fn all_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 impl Default for CompactOptions {
@@ -108,6 +115,7 @@ impl Default for CompactOptions {
             vacuum_retention: Some(std::time::Duration::from_secs(7 * 24 * 3600)),
             optimize_file_size: 64 << 20,
             changes_retention: None,
+            fold_threads: all_cores(),
         }
     }
 }
@@ -1118,6 +1126,7 @@ async fn step(
         .map_err(ctx.fail("start the closed-version writer"))?;
     let read_time = started.elapsed();
     for members in units.values() {
+        let fold_started = std::time::Instant::now();
         let mut base = Vec::new();
         let mut unit_changes = Vec::new();
         for &b in members {
@@ -1138,10 +1147,13 @@ async fn step(
         if members.len() > 1 {
             unit_changes = dedup_changes(unit_changes).map_err(ctx.fail("dedup"))?;
         }
-        let fold_started = std::time::Instant::now();
-        let folded = fold::fold(layout, &base, unit_changes, &mut |batch| {
-            closed_writer.send(batch)
-        });
+        let folded = fold::fold(
+            layout,
+            &base,
+            unit_changes,
+            &mut |batch| closed_writer.send(batch),
+            options.fold_threads,
+        );
         let out = match folded {
             Ok(out) => out,
             Err(FoldError::OutputClosed) => {
@@ -1200,6 +1212,7 @@ async fn step(
     {
         history_adds.push(add);
     }
+    let closed_wait = closed_started.elapsed();
     ctx.commit(history, history_schema, history_adds, history_removes, txn)
         .await?;
     ctx.commit(current, current_schema, current_adds, current_removes, txn)
@@ -1208,9 +1221,9 @@ async fn step(
         table = %ctx.table,
         changes,
         read_ms = read_time.as_millis() as u64,
-        fold_ms = fold_time.as_millis() as u64,
+        base_and_fold_ms = fold_time.as_millis() as u64,
         write_ms = write_time.as_millis() as u64,
-        closed_wait_ms = closed_started.elapsed().as_millis() as u64,
+        closed_wait_ms = closed_wait.as_millis() as u64,
         total_ms = started.elapsed().as_millis() as u64,
         "compaction step"
     );
@@ -1327,7 +1340,8 @@ pub async fn compact_all(
 }
 
 /// Compaction every `interval` in a thread of its own (its own runtime), so that folding
-/// never delays the replication stream's reads and status updates. Stops when `stop` is set;
+/// never blocks the replication stream's reads and status updates; it folds on one core
+/// fewer than there are (at least one), leaving one to the stream. Stops when `stop` is set;
 /// an interrupted pass is safe (see the module doc).
 pub fn spawn_background(
     sink: Sink,
@@ -1339,6 +1353,10 @@ pub fn spawn_background(
     std::thread::Builder::new()
         .name("slotlake-compact".into())
         .spawn(move || {
+            let options = CompactOptions {
+                fold_threads: all_cores().saturating_sub(1).max(1),
+                ..options
+            };
             let runtime = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()

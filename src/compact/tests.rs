@@ -266,6 +266,7 @@ fn compact_in_groups(
                 chunks.push(c);
                 Ok(())
             },
+            2,
             group_keys,
         )
         .expect("fold");
@@ -358,6 +359,9 @@ proptest! {
     ) {
         let (changes, snapshots) = realize(&actions);
         let (open, all) = compact_in_groups(&changes, &cuts, reverse, group_keys);
+        // The same open versions, in the same order, however the keys were grouped.
+        let (one_group, _) = compact_in_groups(&changes, &cuts, reverse, usize::MAX);
+        prop_assert_eq!(&open, &one_group);
         let final_model = &snapshots.last().expect("final snapshot").1;
         prop_assert_eq!(&scd1(&open, &open), final_model);
         for (lsn, model) in &snapshots {
