@@ -488,13 +488,19 @@ pub(super) fn fold_in_groups(
     if !order.is_sorted() {
         order.sort_unstable();
     }
-    // Each change's group (truncates: `groups`), and the groups a key move joins.
-    let mut group = Vec::with_capacity(n);
+    // Each change's operation and group (truncates: `groups`), and the groups a key move joins.
+    let mut group: Vec<(u16, Op)> = Vec::with_capacity(n);
     let mut sizes = vec![0usize; groups + 1];
     let mut parent: Vec<usize> = (0..groups).collect();
     for &(_, _, b, row) in &order {
         let (view, i) = (&views[b as usize].1, row as usize);
-        let g = if view.ops.value(i) == "T" {
+        let op = match view.ops.value(i) {
+            "I" | "R" | "U" => Op::Upsert,
+            "D" => Op::Delete,
+            "T" => Op::Truncate,
+            other => return Err(FoldError::UnknownOp(other.to_string())),
+        };
+        let g = if op == Op::Truncate {
             groups
         } else {
             let g = group_of(key_hash(view.keys.row(i).as_ref()));
@@ -508,18 +514,12 @@ pub(super) fn fold_in_groups(
             g
         };
         sizes[g] += 1;
-        group.push(g as u16);
+        group.push((g as u16, op));
     }
     // The steps of each group (truncates: of every group), in commit order.
     let mut lists: Vec<Vec<Step>> = sizes.iter().map(|&k| Vec::with_capacity(k)).collect();
-    for (ord, (&(lsn, _, b, row), &g)) in order.iter().zip(&group).enumerate() {
+    for (ord, (&(lsn, _, b, row), &(g, op))) in order.iter().zip(&group).enumerate() {
         let (view, i) = (&views[b as usize].1, row as usize);
-        let op = match view.ops.value(i) {
-            "I" | "R" | "U" => Op::Upsert,
-            "D" => Op::Delete,
-            "T" => Op::Truncate,
-            other => return Err(FoldError::UnknownOp(other.to_string())),
-        };
         let key = view.keys.row(i);
         lists[usize::from(g)].push(Step {
             lsn,
@@ -575,7 +575,6 @@ pub(super) fn fold_in_groups(
     let folder = Folder {
         bases: &bases,
         views: &views,
-        sources: &sources,
         gather: &gather,
         col_index: &col_index,
         on_closed: std::sync::Mutex::new(on_closed),
@@ -686,8 +685,6 @@ pub(super) fn fold_in_groups(
         } else {
             deltalake::arrow::compute::concat(&refs)?
         });
-        drop(refs);
-        drop(slices);
         for cols in &mut unit_columns {
             cols[c] = deltalake::arrow::array::new_empty_array(field.data_type());
         }
@@ -729,7 +726,6 @@ struct ClosedChunk {
 struct Folder<'a, 'f> {
     bases: &'a [BaseView<'a>],
     views: &'a [(u32, ChangeView<'a>)],
-    sources: &'a [&'a RecordBatch],
     gather: &'a Gather<'a>,
     col_index: &'a HashMap<&'a str, u32>,
     on_closed: std::sync::Mutex<&'f mut (dyn FnMut(RecordBatch) -> Result<(), FoldError> + Send)>,
@@ -829,7 +825,7 @@ impl Folder<'_, '_> {
                                     continue;
                                 };
                                 let known = |&(s, r): &RowRef| {
-                                    self.sources[s as usize]
+                                    self.gather.sources[s as usize]
                                         .column(c as usize)
                                         .is_valid(r as usize)
                                 };

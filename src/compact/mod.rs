@@ -432,24 +432,15 @@ impl Ctx<'_> {
             })
     }
 
+    /// Writes `batch` as one Parquet file of `target`.
     async fn write_parquet(
         &self,
         target: &Target,
         file: String,
         batch: &RecordBatch,
     ) -> Result<Add, CompactError> {
-        let location = Path::from(file.as_str());
-        let writer = BufWriter::new(target.store.clone(), location);
-        let mut w = AsyncArrowWriter::try_new(
-            writer,
-            batch.schema(),
-            Some(writer_properties(&batch.schema())),
-        )
-        .map_err(self.fail("write Parquet"))?;
-        w.write(batch).await.map_err(self.fail("write Parquet"))?;
-        w.finish().await.map_err(self.fail("write Parquet"))?;
-        let size = w.bytes_written() as i64;
-        Ok(new_add(file, size, batch.num_rows()))
+        let bytes = encode_parquet(batch).map_err(self.fail("write Parquet"))?;
+        self.put_file(target, file, batch.num_rows(), bytes).await
     }
 
     /// Writes a bucket's two files, each (table, file name, rows): encoded at once on two
@@ -470,22 +461,22 @@ impl Ctx<'_> {
                     .unwrap_or_else(|p| std::panic::resume_unwind(p)),
             )
         });
+        let encoded_a = encoded_a.map_err(self.fail("write Parquet"))?;
+        let encoded_b = encoded_b.map_err(self.fail("write Parquet"))?;
         Ok((
-            self.put_encoded(a.0, a.1, a.2.num_rows(), encoded_a)
-                .await?,
-            self.put_encoded(b.0, b.1, b.2.num_rows(), encoded_b)
-                .await?,
+            self.put_file(a.0, a.1, a.2.num_rows(), encoded_a).await?,
+            self.put_file(b.0, b.1, b.2.num_rows(), encoded_b).await?,
         ))
     }
 
-    async fn put_encoded(
+    /// Stores an encoded Parquet file of `rows` rows in `target` (one put).
+    async fn put_file(
         &self,
         target: &Target,
         file: String,
         rows: usize,
-        encoded: Result<Vec<u8>, deltalake::parquet::errors::ParquetError>,
+        bytes: Vec<u8>,
     ) -> Result<Add, CompactError> {
-        let bytes = encoded.map_err(self.fail("write Parquet"))?;
         let size = bytes.len() as i64;
         target
             .store
