@@ -702,9 +702,15 @@ pub async fn stop(mut child: tokio::process::Child, log: &Path) {
     );
 }
 
-/// Waits until slot `slot` confirmed the source's current WAL insert position. (The insert
-/// position, not `pg_current_wal_lsn()`: with `synchronous_commit = off` the write position can
-/// still be before a commit that has returned.)
+/// What `slotlake run` logs once its initial snapshot (if any) is loaded and it streams.
+const STREAMING: &str = ": streaming source=";
+
+/// Waits until the `run` logging to `log` streams and slot `slot` confirmed the source's
+/// current WAL insert position. (The insert position, not `pg_current_wal_lsn()`: with
+/// `synchronous_commit = off` the write position can still be before a commit that has
+/// returned.) Streaming first: a slot `run` just created has confirmed its consistent point,
+/// which may be past the target, while the initial snapshot still loads; a workload started
+/// then overlaps the load.
 pub async fn caught_up(db: &TestDb, slot: &str, log: &Path) {
     let target = db
         .exec("SELECT pg_current_wal_insert_lsn()::text AS w")
@@ -719,12 +725,14 @@ pub async fn caught_up(db: &TestDb, slot: &str, log: &Path) {
                 "SELECT confirmed_flush_lsn >= '{target}' AS ok FROM pg_replication_slots WHERE slot_name = '{slot}'"
             ))
             .await;
-        if r.first().and_then(|r| r.get("ok")) == Some("t") {
+        if r.first().and_then(|r| r.get("ok")) == Some("t")
+            && std::fs::read_to_string(log).is_ok_and(|l| l.contains(STREAMING))
+        {
             return;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "slot never caught up\n{}",
+            "slot never caught up (or run never streamed)\n{}",
             std::fs::read_to_string(log).unwrap_or_default()
         );
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
