@@ -9,9 +9,9 @@
 # Then, one after the other:
 #
 #   pg_recvlogical -P pgoutput   the baseline: drains its slot to /dev/null up to the end (--endpos)
-#   slotlake run                 streams its slot into Delta change logs; timed from its start
-#                                until the slot's confirmed_flush_lsn reaches the end (everything
-#                                committed in the lake), then stopped with SIGTERM
+#   slotlake run --stop-at       streams its slot into Delta change logs up to the end and exits
+#                                once everything before it is committed in the lake and confirmed
+#                                (checked afterwards); timed from its start to its exit
 #
 # Scenarios (sizes divided by 10 with --quick):
 #
@@ -24,8 +24,7 @@
 # The changes of a-c are 80% inserts, 15% updates, 5% deletes in transactions of at most --batch
 # rows (the workload of scripts/bench-decode.sh). Peak RSS is GNU time's maximum resident set
 # size of each client. Files are the *.parquet files in the sink for file:// (checked against
-# slotlake_files_written_total from slotlake's /metrics, scraped once it has caught up), and that
-# metric for s3://.
+# the files_written slotlake logs when it stops), and that number for s3://.
 #
 # The first drain after a load is slower than later ones whoever does it (cold caches), so an
 # untimed pg_recvlogical drain of a third slot goes first unless --no-warmup.
@@ -119,7 +118,7 @@ done
 batch=$((10#$batch)) timeout_s=$((10#$timeout_s))
 div=$((quick ? 10 : 1))
 command -v timeout >/dev/null || die "timeout (coreutils) is needed"
-command -v curl >/dev/null || die "curl is needed (to read slotlake's /metrics)"
+command -v curl >/dev/null || die "curl is needed (to start moto for s3://)"
 command -v pgrep >/dev/null || die "pgrep (procps) is needed"
 [[ -x /usr/bin/time ]] || die "/usr/bin/time (GNU time) is needed for peak RSS; on Debian: apt-get install -y time"
 [[ -x $PG_BIN/pg_recvlogical ]] || die "$PG_BIN/pg_recvlogical not found (set SLOTLAKE_PG_BIN)"
@@ -129,15 +128,14 @@ slotlake=$(bench_slotlake_bin "$build" "$repo_dir") || exit 1
 
 # --- cleanup --------------------------------------------------------------------------------
 # work: results and sinks, outliving each scenario's server. client_pid: the client being
-# timed (for slotlake, the slotlake process under /usr/bin/time, whose pid is wait_pid).
+# timed (its `timeout` process, which passes a SIGTERM on).
 work=$(mktemp -d "${TMPDIR:-/tmp}/slotlake-bench-ingest.XXXXXX")
 client_pid=
-wait_pid=
 moto_pid=
 on_exit() {
     if [[ -n $client_pid ]]; then
         kill -TERM "$client_pid" 2>/dev/null || true
-        wait "${wait_pid:-$client_pid}" 2>/dev/null || true
+        wait "$client_pid" 2>/dev/null || true
     fi
     if [[ -n $moto_pid ]]; then
         kill -TERM "$moto_pid" 2>/dev/null || true
@@ -219,67 +217,40 @@ run_pg_recvlogical() {
     RSS=$(rss_mib "$sdir/$slot.rss")
 }
 
-# metric FILE NAME — the sum of NAME's samples (all label sets) in a Prometheus text FILE.
-metric() {
-    [[ -f $1 ]] || { echo "?"; return; }
-    awk -v n="$2" '$1 == n || index($1, n "{") == 1 { s += $NF; found = 1 } END { if (found) printf "%.0f\n", s; else print "?" }' "$1"
-}
-
-# run_slotlake SLOT SINK [run flags...] — slotlake run from SLOT into SINK until the slot's
-# confirmed_flush_lsn reaches end_lsn, then SIGTERM. Sets WALL (start to caught up), RSS (MiB,
-# whole life including the shutdown commit) and FILES (slotlake_files_written_total).
+# run_slotlake SLOT SINK [run flags...] — slotlake run from SLOT into SINK with --stop-at
+# end_lsn: it stops by itself once everything before the end is committed in the lake and
+# confirmed, as pg_recvlogical --endpos does. Sets WALL (start to exit), RSS (MiB) and FILES
+# (data files written, from its final log line).
 run_slotlake() {
-    local slot=$1 sink=$2 mport t_start t_end rc=0 deadline confirmed changes pid=
+    local slot=$1 sink=$2 t_start t_end rc=0 confirmed changes stopped
     shift 2
-    mport=$(pg_free_port)
     t_start=$(date +%s%N)
     env AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test AWS_REGION=us-east-1 \
-        /usr/bin/time -f '%M' -o "$sdir/$slot.rss" \
+        timeout "$timeout_s" /usr/bin/time -f '%M' -o "$sdir/$slot.rss" \
         "$slotlake" --log-level info --log-format json run --source "$conn" --slot "$slot" \
         --publication bench --sink "$sink" --flush-interval "${FLUSH_INTERVAL:-1s}" \
-        --metrics-addr "127.0.0.1:$mport" "$@" >"$sdir/$slot.out" 2>"$sdir/$slot.err" &
-    wait_pid=$!
-    client_pid=$wait_pid
-    # SIGTERM must reach slotlake, not GNU time (which would die and orphan it).
-    for _ in $(seq 1 100); do
-        pid=$(pgrep -P "$wait_pid" || true)
-        [[ -z $pid ]] || break
-        sleep 0.05
-    done
-    [[ -n $pid ]] && client_pid=$pid
-    deadline=$((t_start + timeout_s * 1000000000))
-    while :; do
-        if ! kill -0 "$client_pid" 2>/dev/null; then
-            wait "$wait_pid" || rc=$?
-            client_pid= wait_pid=
-            tail -n 20 "$sdir/$slot.err" >&2 || true
-            die "slotlake run exited (status $rc) before catching up (its stderr is above)"
-        fi
-        confirmed=$(pg_value "SELECT coalesce(confirmed_flush_lsn >= '$end_lsn', false) FROM pg_replication_slots WHERE slot_name = '$slot'")
-        [[ $confirmed == t ]] && break
-        if (($(date +%s%N) > deadline)); then
-            tail -n 20 "$sdir/$slot.err" >&2 || true
-            die "slotlake run did not catch up within ${timeout_s}s"
-        fi
-        sleep 0.1
-    done
+        --metrics-addr "127.0.0.1:0" --stop-at "$end_lsn" "$@" \
+        >"$sdir/$slot.out" 2>"$sdir/$slot.err" &
+    client_pid=$!
+    wait "$client_pid" || rc=$?
     t_end=$(date +%s%N)
-    curl -sf "http://127.0.0.1:$mport/metrics" >"$sdir/$slot.metrics" \
-        || say "warning: could not read slotlake's /metrics on port $mport"
-    kill -TERM "$client_pid"
-    wait "$wait_pid" || rc=$?
-    client_pid= wait_pid=
+    client_pid=
     if ((rc != 0)); then
         tail -n 20 "$sdir/$slot.err" >&2 || true
-        die "slotlake run exited with status $rc after SIGTERM (its stderr is above)"
+        if ((rc == 124)); then die "slotlake run did not reach the end within ${timeout_s}s"; fi
+        die "slotlake run failed (exit status $rc; its stderr is above)"
     fi
+    confirmed=$(pg_value "SELECT coalesce(confirmed_flush_lsn >= '$end_lsn', false) FROM pg_replication_slots WHERE slot_name = '$slot'")
+    [[ $confirmed == t ]] || die "slotlake run exited without confirming $slot up to $end_lsn"
     WALL=$(secs_between "$t_start" "$t_end")
     RSS=$(rss_mib "$sdir/$slot.rss")
-    FILES=$(metric "$sdir/$slot.metrics" slotlake_files_written_total)
-    changes=$(metric "$sdir/$slot.metrics" slotlake_changes_total)
+    stopped=$(grep '"message":"stopped"' "$sdir/$slot.err" | tail -n 1)
+    FILES=$(sed -n 's/.*"files_written":\([0-9]*\).*/\1/p' <<<"$stopped")
+    changes=$(sed -n 's/.*"changes":\([0-9]*\).*/\1/p' <<<"$stopped")
+    FILES=${FILES:-?}
     # The load's changes plus the marker row.
-    [[ $changes == "?" || $changes == "$((n_changes + 1))" ]] \
-        || die "slotlake counted ${changes} changes from $slot, expected $((n_changes + 1)) (the load and the marker)"
+    [[ $changes == "$((n_changes + 1))" ]] \
+        || die "slotlake counted ${changes:-?} changes from $slot, expected $((n_changes + 1)) (the load and the marker)"
 }
 
 # --- scenarios ------------------------------------------------------------------------------
@@ -396,7 +367,7 @@ run_scenario() {
                 local parquet
                 parquet=$(find "$sdir/lake" -name '*.parquet' -type f | wc -l)
                 [[ $parquet == "$FILES" ]] \
-                    || say "warning: slotlake_files_written_total is $FILES but the sink holds $parquet parquet files"
+                    || say "warning: slotlake reported $FILES files written but the sink holds $parquet parquet files"
                 FILES=$parquet
             fi
             say "  ${WALL}s, peak RSS ${RSS} MiB, $FILES files"

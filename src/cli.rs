@@ -446,4 +446,10 @@ pub struct RunArgs {
     /// changes are read again from the slot next time).
     #[arg(long, env = "SLOTLAKE_SHUTDOWN_TIMEOUT", value_name = "DURATION", default_value = DEFAULT_SHUTDOWN_TIMEOUT, value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
+    /// Stop once the stream has passed this LSN (like pg_recvlogical --endpos): every
+    /// transaction that committed before it is committed in the lake and confirmed, then
+    /// exit 0. For catch-up jobs run on a schedule, and benchmarks. By default run never
+    /// stops by itself.
+    #[arg(long, env = "SLOTLAKE_STOP_AT", value_name = "LSN")]
+    pub stop_at: Option<Lsn>,
 }

@@ -338,6 +338,7 @@ pub async fn run(a: RunArgs) -> Result<()> {
         heartbeat_interval: a.heartbeat_interval,
         slot_check_interval: a.slot_check_interval,
         shutdown_timeout: a.shutdown_timeout,
+        stop_at: a.stop_at,
     };
     // SIGTERM/SIGINT flips this; every attempt of the loop below watches it.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -456,6 +457,7 @@ pub async fn run(a: RunArgs) -> Result<()> {
         skipped_replayed = summary.skipped_replayed,
         spilled_bytes = summary.spilled_bytes,
         confirmed = %summary.confirmed,
+        files_written = metrics.files_written.get(),
         "stopped"
     );
     Ok(())

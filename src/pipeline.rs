@@ -105,6 +105,9 @@ pub struct RunOptions {
     /// Give up a shutdown that cannot commit (sink down) after this long; nothing is lost,
     /// the slot is simply not confirmed.
     pub shutdown_timeout: Duration,
+    /// Stop (as on shutdown: commit, confirm, end) between transactions once the stream has
+    /// passed this LSN.
+    pub stop_at: Option<Lsn>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -576,6 +579,10 @@ impl Pipeline {
                     Ok(r) => r?,
                     Err(_) => return Err(RunError::ShutdownTimeout(timeout)),
                 }
+                if assembler.is_idle() && !self.has_pending() {
+                    // Everything received is in the lake (as on an idle keepalive).
+                    self.summary.confirmed = self.summary.confirmed.max(self.received);
+                }
                 self.send_status(&mut stream).await?;
                 let conn = stream.stop().await?;
                 conn.close().await;
@@ -613,6 +620,7 @@ impl Pipeline {
                     reply_requested,
                 } => {
                     self.note_received(wal_end);
+                    stopping |= self.passed_stop_at(assembler.in_transaction());
                     if assembler.is_idle()
                         && !self.has_pending()
                         && wal_end > self.summary.confirmed
@@ -677,6 +685,7 @@ impl Pipeline {
                     } else if self.buffered_estimate() as u64 > self.opts.memory_budget {
                         self.relieve_memory().await?;
                     }
+                    stopping |= self.passed_stop_at(assembler.in_transaction());
                 }
             }
         }
@@ -702,6 +711,18 @@ impl Pipeline {
             t.floor = self.handed.floors.get(&t.name).copied();
             t.held = self.handed.held.contains(&t.name);
         }
+    }
+
+    /// Whether `--stop-at` is reached: between transactions, with the stream at or past it.
+    /// Messages come in commit order, a transaction's all together, and a keepalive's WAL
+    /// end is how far decoding got: once something at or past the LSN arrived, every
+    /// transaction that committed before it is here.
+    fn passed_stop_at(&self, in_transaction: bool) -> bool {
+        let passed = self.opts.stop_at.is_some_and(|s| self.received >= s);
+        if passed && !in_transaction {
+            tracing::info!(stop_at = %self.opts.stop_at.unwrap_or_default(), received = %self.received, "reached --stop-at; committing and stopping");
+        }
+        passed && !in_transaction
     }
 
     fn note_received(&mut self, lsn: Lsn) {

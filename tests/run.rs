@@ -878,3 +878,62 @@ async fn source_columns_named_like_metadata_columns_are_kept_apart() {
     );
     assert_eq!(update["_old_id__source"], 7);
 }
+
+/// `--stop-at`: run streams until the stream passes the LSN, then commits, confirms and exits
+/// 0 by itself, with every transaction that committed before the LSN in the lake.
+#[tokio::test]
+async fn stop_at_commits_everything_before_the_lsn_and_exits_by_itself() {
+    let cluster = Cluster::shared();
+    let db = cluster.create_db("stop_at").await;
+    let tables = setup(&db, 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let root = format!("file://{}", dir.path().join("lake").display());
+    let log = dir.path().join("run.log");
+    load_rows(&db, &tables, 1, 50).await;
+    db.exec("INSERT INTO marker VALUES (1)").await;
+    // A megabyte ahead of the WAL: only this test's segment switches get there.
+    let now: slotlake::lsn::Lsn = db
+        .exec("SELECT pg_current_wal_insert_lsn()::text AS w")
+        .await[0]
+        .get("w")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let stop = slotlake::lsn::Lsn(now.0 + (1 << 20));
+    let stop_text = stop.to_string();
+    let extra = ["--stop-at", &stop_text, "--heartbeat-interval", "0"];
+    let mut runner = Runner::start(&db, &root, &extra, &log);
+    wait_for_marker(&root, None, 1, &log).await;
+    assert!(
+        runner.child.try_wait().unwrap().is_none(),
+        "run keeps going short of --stop-at\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    load_rows(&db, &tables, 51, 50).await;
+    // Each switch ends the current 16 MiB segment: two of them take the WAL past `stop`.
+    db.exec(
+        "SELECT pg_switch_wal(); INSERT INTO marker VALUES (2);
+         SELECT pg_switch_wal(); INSERT INTO marker VALUES (3);",
+    )
+    .await;
+    let status = tokio::time::timeout(Duration::from_secs(60), runner.child.wait())
+        .await
+        .expect("run stops by itself once past --stop-at")
+        .unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(status.code(), Some(0), "{text}");
+    assert!(text.contains("reached --stop-at"), "{text}");
+    assert!(
+        confirmed_lsn(&db, &lake_slot(&db)).await >= stop,
+        "the slot is confirmed past --stop-at\n{text}"
+    );
+    // Both loads (committed before `stop`) are in the change log, each row once.
+    let rows = read_delta(&format!("{root}/changes/public/{}", tables[0]), None);
+    let mut inserted: Vec<i64> = rows
+        .iter()
+        .filter(|r| r["_op"] == "I")
+        .map(|r| r["id"].as_i64().unwrap())
+        .collect();
+    inserted.sort_unstable();
+    assert_eq!(inserted, (1..=100).collect::<Vec<i64>>(), "{text}");
+}
