@@ -891,7 +891,8 @@ async fn stop_at_commits_everything_before_the_lsn_and_exits_by_itself() {
     let log = dir.path().join("run.log");
     load_rows(&db, &tables, 1, 50).await;
     db.exec("INSERT INTO marker VALUES (1)").await;
-    // A megabyte ahead of the WAL: only this test's segment switches get there.
+    // 48 MiB ahead of the WAL: only this test's segment switches get there (other databases
+    // of a cluster shared by tests write a few MiB at most).
     let now: slotlake::lsn::Lsn = db
         .exec("SELECT pg_current_wal_insert_lsn()::text AS w")
         .await[0]
@@ -899,7 +900,7 @@ async fn stop_at_commits_everything_before_the_lsn_and_exits_by_itself() {
         .unwrap()
         .parse()
         .unwrap();
-    let stop = slotlake::lsn::Lsn(now.0 + (1 << 20));
+    let stop = slotlake::lsn::Lsn(now.0 + (48 << 20));
     let stop_text = stop.to_string();
     let extra = ["--stop-at", &stop_text, "--heartbeat-interval", "0"];
     let mut runner = Runner::start(&db, &root, &extra, &log);
@@ -910,12 +911,15 @@ async fn stop_at_commits_everything_before_the_lsn_and_exits_by_itself() {
         std::fs::read_to_string(&log).unwrap_or_default()
     );
     load_rows(&db, &tables, 51, 50).await;
-    // Each switch ends the current 16 MiB segment: two of them take the WAL past `stop`.
-    db.exec(
-        "SELECT pg_switch_wal(); INSERT INTO marker VALUES (2);
-         SELECT pg_switch_wal(); INSERT INTO marker VALUES (3);",
-    )
-    .await;
+    // Each switch ends the current 16 MiB segment (the insert before it writes WAL into it):
+    // four of them take the WAL past `stop`.
+    for m in 2..6 {
+        db.exec(&format!(
+            "INSERT INTO marker VALUES ({m}); SELECT pg_switch_wal();"
+        ))
+        .await;
+    }
+    db.exec("INSERT INTO marker VALUES (6)").await;
     let status = tokio::time::timeout(Duration::from_secs(60), runner.child.wait())
         .await
         .expect("run stops by itself once past --stop-at")
