@@ -203,45 +203,15 @@ rss_mib() {
     if [[ $kib =~ ^[0-9]+$ ]]; then awk -v k="$kib" 'BEGIN { printf "%.0f", k / 1024 }'; else echo "?"; fi
 }
 
-# run_pg_recvlogical SLOT — drains SLOT to end_lsn with pg_recvlogical under /usr/bin/time.
-# Sets WALL (seconds) and RSS (MiB).
-run_pg_recvlogical() {
-    local slot=$1 t_start t_end rc=0 left
-    t_start=$(date +%s%N)
-    timeout "$timeout_s" /usr/bin/time -f '%M' -o "$sdir/$slot.rss" \
-        "$PG_BIN/pg_recvlogical" -d "$conn" --slot "$slot" --start \
-        -P pgoutput -o proto_version=1 -o publication_names=bench \
-        --endpos "$end_lsn" --no-loop -f /dev/null >"$sdir/$slot.out" 2>"$sdir/$slot.err" &
-    client_pid=$!
-    wait "$client_pid" || rc=$?
-    t_end=$(date +%s%N)
-    client_pid=
-    if ((rc != 0)); then
-        tail -n 20 "$sdir/$slot.err" >&2 || true
-        if ((rc == 124)); then die "pg_recvlogical did not finish within ${timeout_s}s"; fi
-        die "pg_recvlogical failed (exit status $rc; its stderr is above)"
-    fi
-    # pg_recvlogical confirms what it wrote on exit, so nothing may be left in its slot.
-    left=$(pg_value "SELECT count(*) FROM pg_logical_slot_peek_binary_changes('$slot', NULL, NULL, 'proto_version', '1', 'publication_names', 'bench')")
-    [[ $left == 0 ]] || die "pg_recvlogical stopped early: $left messages are left in slot $slot"
-    WALL=$(secs_between "$t_start" "$t_end")
-    RSS=$(rss_mib "$sdir/$slot.rss")
-}
-
-# run_slotlake SLOT SINK [run flags...] — slotlake run from SLOT into SINK with --stop-at
-# end_lsn: it stops by itself once everything before the end is committed in the lake and
-# confirmed, as pg_recvlogical --endpos does. Sets WALL (start to exit), RSS (MiB) and FILES
-# (data files written, from its final log line).
-run_slotlake() {
-    local slot=$1 sink=$2 t_start t_end rc=0 confirmed changes stopped
+# timed_client NAME SLOT [env assignments...] COMMAND... — runs COMMAND (under env, with the
+# assignments) to its exit, bounded by --timeout, with GNU time recording its peak RSS in
+# $sdir/SLOT.rss and its output in $sdir/SLOT.out and .err. Sets WALL (seconds, start to
+# exit) and RSS (MiB); a failure or the time limit ends the script, naming NAME.
+timed_client() {
+    local name=$1 slot=$2 t_start t_end rc=0
     shift 2
     t_start=$(date +%s%N)
-    env AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test AWS_REGION=us-east-1 \
-        timeout "$timeout_s" /usr/bin/time -f '%M' -o "$sdir/$slot.rss" \
-        "$slotlake" --log-level info --log-format json run --source "$conn" --slot "$slot" \
-        --publication bench --sink "$sink" --flush-interval "${FLUSH_INTERVAL:-1s}" \
-        --metrics-addr "127.0.0.1:0" --stop-at "$end_lsn" "$@" \
-        >"$sdir/$slot.out" 2>"$sdir/$slot.err" &
+    timeout "$timeout_s" env "$@" >"$sdir/$slot.out" 2>"$sdir/$slot.err" &
     client_pid=$!
     wait "$client_pid" || rc=$?
     t_end=$(date +%s%N)
@@ -249,14 +219,41 @@ run_slotlake() {
         stop_group "$client_pid"
         client_pid=
         tail -n 20 "$sdir/$slot.err" >&2 || true
-        if ((rc == 124)); then die "slotlake run did not reach the end within ${timeout_s}s"; fi
-        die "slotlake run failed (exit status $rc; its stderr is above)"
+        if ((rc == 124)); then die "$name did not finish within ${timeout_s}s"; fi
+        die "$name failed (exit status $rc; its stderr is above)"
     fi
     client_pid=
-    confirmed=$(pg_value "SELECT coalesce(confirmed_flush_lsn >= '$end_lsn', false) FROM pg_replication_slots WHERE slot_name = '$slot'")
-    [[ $confirmed == t ]] || die "slotlake run exited without confirming $slot up to $end_lsn"
     WALL=$(secs_between "$t_start" "$t_end")
     RSS=$(rss_mib "$sdir/$slot.rss")
+}
+
+# run_pg_recvlogical SLOT — drains SLOT to end_lsn with pg_recvlogical. Sets WALL and RSS.
+run_pg_recvlogical() {
+    local slot=$1 left
+    timed_client pg_recvlogical "$slot" /usr/bin/time -f '%M' -o "$sdir/$slot.rss" \
+        "$PG_BIN/pg_recvlogical" -d "$conn" --slot "$slot" --start \
+        -P pgoutput -o proto_version=1 -o publication_names=bench \
+        --endpos "$end_lsn" --no-loop -f /dev/null
+    # pg_recvlogical confirms what it wrote on exit, so nothing may be left in its slot.
+    left=$(pg_value "SELECT count(*) FROM pg_logical_slot_peek_binary_changes('$slot', NULL, NULL, 'proto_version', '1', 'publication_names', 'bench')")
+    [[ $left == 0 ]] || die "pg_recvlogical stopped early: $left messages are left in slot $slot"
+}
+
+# run_slotlake SLOT SINK [run flags...] — slotlake run from SLOT into SINK with --stop-at
+# end_lsn: it stops by itself once everything before the end is committed in the lake and
+# confirmed, as pg_recvlogical --endpos does. Sets WALL, RSS and FILES (data files written,
+# from its final log line).
+run_slotlake() {
+    local slot=$1 sink=$2 confirmed changes stopped
+    shift 2
+    timed_client "slotlake run" "$slot" \
+        AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test AWS_REGION=us-east-1 \
+        /usr/bin/time -f '%M' -o "$sdir/$slot.rss" \
+        "$slotlake" --log-level info --log-format json run --source "$conn" --slot "$slot" \
+        --publication bench --sink "$sink" --flush-interval "${FLUSH_INTERVAL:-1s}" \
+        --metrics-addr "127.0.0.1:0" --stop-at "$end_lsn" "$@"
+    confirmed=$(pg_value "SELECT coalesce(confirmed_flush_lsn >= '$end_lsn', false) FROM pg_replication_slots WHERE slot_name = '$slot'")
+    [[ $confirmed == t ]] || die "slotlake run exited without confirming $slot up to $end_lsn"
     stopped=$(grep '"message":"stopped"' "$sdir/$slot.err" | tail -n 1 || true)
     FILES=$(sed -n 's/.*"files_written":\([0-9]*\).*/\1/p' <<<"$stopped")
     changes=$(sed -n 's/.*"changes":\([0-9]*\).*/\1/p' <<<"$stopped")

@@ -579,10 +579,7 @@ impl Pipeline {
                     Ok(r) => r?,
                     Err(_) => return Err(RunError::ShutdownTimeout(timeout)),
                 }
-                if assembler.is_idle() && !self.has_pending() {
-                    // Everything received is in the lake (as on an idle keepalive).
-                    self.summary.confirmed = self.summary.confirmed.max(self.received);
-                }
+                self.confirm_all_received(&assembler, self.received);
                 self.send_status(&mut stream).await?;
                 let conn = stream.stop().await?;
                 conn.close().await;
@@ -620,13 +617,8 @@ impl Pipeline {
                     reply_requested,
                 } => {
                     self.note_received(wal_end);
-                    stopping |= self.passed_stop_at(assembler.in_transaction());
-                    if assembler.is_idle()
-                        && !self.has_pending()
-                        && wal_end > self.summary.confirmed
-                    {
-                        // Nothing buffered: everything before wal_end is in the lake.
-                        self.summary.confirmed = wal_end;
+                    stopping = stopping || self.passed_stop_at(assembler.in_transaction());
+                    if self.confirm_all_received(&assembler, wal_end) {
                         self.send_status(&mut stream).await?;
                     } else if reply_requested {
                         self.send_status(&mut stream).await?;
@@ -685,7 +677,7 @@ impl Pipeline {
                     } else if self.buffered_estimate() as u64 > self.opts.memory_budget {
                         self.relieve_memory().await?;
                     }
-                    stopping |= self.passed_stop_at(assembler.in_transaction());
+                    stopping = stopping || self.passed_stop_at(assembler.in_transaction());
                 }
             }
         }
@@ -711,6 +703,18 @@ impl Pipeline {
             t.floor = self.handed.floors.get(&t.name).copied();
             t.held = self.handed.held.contains(&t.name);
         }
+    }
+
+    /// Confirms up to `received` (everything received so far, or a keepalive's WAL end) when
+    /// nothing is buffered or held and no transaction is open: then all of it is in the lake.
+    /// True when the confirmed position moved.
+    fn confirm_all_received(&mut self, assembler: &Assembler, received: Lsn) -> bool {
+        let advance =
+            assembler.is_idle() && !self.has_pending() && received > self.summary.confirmed;
+        if advance {
+            self.summary.confirmed = received;
+        }
+        advance
     }
 
     /// Whether `--stop-at` is reached: between transactions, with the stream at or past it.
