@@ -618,9 +618,9 @@ impl Pipeline {
                 } => {
                     self.note_received(wal_end);
                     stopping = stopping || self.passed_stop_at(assembler.in_transaction());
-                    if self.confirm_all_received(&assembler, wal_end) {
-                        self.send_status(&mut stream).await?;
-                    } else if reply_requested {
+                    // Nothing buffered: everything before wal_end is in the lake.
+                    let advanced = self.confirm_all_received(&assembler, wal_end);
+                    if advanced || reply_requested {
                         self.send_status(&mut stream).await?;
                     }
                 }
