@@ -294,18 +294,15 @@ pub async fn run(a: RunArgs) -> Result<()> {
     // while) goes on from its last committed chunks, as after a restart; SIGTERM/SIGINT
     // during the load keeps what is committed for the next start to go on from.
     let load = async {
-        let mut exported = exported;
+        let mut kept = exported.map(|(session, snapshot)| LoadSnapshot {
+            start: snapshot.point,
+            session,
+            snapshot,
+        });
         let mut backoff = RECONNECT_MIN;
         loop {
-            let loaded = initial_snapshot(
-                &load_opts,
-                a.snapshot,
-                &info,
-                &sink,
-                exported.take(),
-                &metrics,
-            )
-            .await;
+            let loaded =
+                initial_snapshot(&load_opts, a.snapshot, &info, &sink, &mut kept, &metrics).await;
             match loaded {
                 Ok(()) => return Ok(()),
                 Err(e) if crate::snapshot::retryable(&e) => {
@@ -667,64 +664,95 @@ pub async fn verify(a: crate::cli::VerifyArgs) -> Result<()> {
     Ok(())
 }
 
+/// The snapshot an initial load reads, the session that keeps it alive (it must stay open and
+/// idle), and the slot's start C the load is for.
+struct LoadSnapshot {
+    session: PgConnection,
+    snapshot: crate::snapshot::ExportedSnapshot,
+    start: crate::lsn::Lsn,
+}
+
 /// The initial snapshot of `run`: from the new slot's exported snapshot, or — when a load
-/// was interrupted — from a temporary slot's (see `crate::snapshot`).
+/// was interrupted — from a temporary slot's (see `crate::snapshot`). The snapshot is kept in
+/// `kept` when an attempt fails for a reason that leaves it valid (the sink failing), so that
+/// the next attempt goes on in the same snapshot, exactly; it is dropped when the load is
+/// done, when a table was rewritten under it, or when its session is gone.
 async fn initial_snapshot(
     opts: &crate::snapshot::LoadOptions,
     mode: crate::cli::SnapshotMode,
     info: &ConnInfo,
     sink: &crate::lake::store::Sink,
-    exported: Option<(PgConnection, crate::snapshot::ExportedSnapshot)>,
+    kept: &mut Option<LoadSnapshot>,
     metrics: &crate::metrics::Metrics,
 ) -> Result<()> {
-    use crate::snapshot::{read_record, temporary_snapshot, LoadRecord};
+    use crate::snapshot::{read_record, temporary_snapshot, usable, TableRewritten};
     if mode == crate::cli::SnapshotMode::Never {
         return Ok(());
     }
-    let (session, snapshot, point, plans) = match exported {
-        Some((repl, snap)) => {
-            let point = snap.point;
-            (repl, snap, point, Default::default())
-        }
-        None => match read_record(sink, &opts.slot).await? {
-            Some(LoadRecord {
-                state,
-                consistent_point,
-                plans,
-                ..
-            }) if state == "loading" => {
-                tracing::info!(slot = %opts.slot, "resuming an interrupted initial snapshot from a new snapshot");
-                // The slot never confirmed during the load: its position is still its start.
-                let point = match consistent_point.parse::<crate::lsn::Lsn>() {
-                    Ok(p) => p,
-                    Err(_) => {
-                        let mut repl =
-                            PgConnection::connect(info, SessionKind::Replication).await?;
-                        let slot_info = slot::slot_info(&mut repl, &opts.slot).await?;
-                        repl.close().await;
-                        slot_info
-                            .and_then(|s| s.confirmed_flush_lsn)
-                            .and_then(|l| l.parse().ok())
-                            .context("the slot of an interrupted snapshot is gone")?
-                    }
-                };
-                let (repl, snap) = temporary_snapshot(info).await?;
-                (repl, snap, point, plans)
+    let record = read_record(sink, &opts.slot).await?;
+    if let Some(k) = kept.as_ref() {
+        if !usable(info, &k.snapshot.name).await? {
+            tracing::info!(slot = %opts.slot, "the snapshot of the failed attempt is gone; the load goes on from a new one");
+            if let Some(k) = kept.take() {
+                k.session.close().await;
             }
-            _ => return Ok(()),
-        },
+        }
+    }
+    let loading = record.as_ref().filter(|r| r.state == "loading");
+    if kept.is_none() {
+        let Some(r) = loading else {
+            return Ok(());
+        };
+        tracing::info!(slot = %opts.slot, "resuming an interrupted initial snapshot from a new snapshot");
+        // The slot never confirmed during the load: its position is still its start.
+        let start = match r.consistent_point.parse::<crate::lsn::Lsn>() {
+            Ok(p) => p,
+            Err(_) => {
+                let mut repl = PgConnection::connect(info, SessionKind::Replication).await?;
+                let slot_info = slot::slot_info(&mut repl, &opts.slot).await?;
+                repl.close().await;
+                slot_info
+                    .and_then(|s| s.confirmed_flush_lsn)
+                    .and_then(|l| l.parse().ok())
+                    .context("the slot of an interrupted snapshot is gone")?
+            }
+        };
+        let (session, snapshot) = temporary_snapshot(info).await?;
+        *kept = Some(LoadSnapshot {
+            session,
+            snapshot,
+            start,
+        });
+    }
+    let Some(k) = kept.as_ref() else {
+        return Ok(());
     };
-    load_recorded(opts, info, sink, session, &snapshot, point, plans, metrics).await
+    // The plans of an earlier attempt at this slot's load (none for a slot just created).
+    let plans = loading
+        .filter(|r| {
+            r.consistent_point.is_empty()
+                || r.consistent_point.parse::<crate::lsn::Lsn>().ok() == Some(k.start)
+        })
+        .map(|r| r.plans.clone())
+        .unwrap_or_default();
+    let loaded = load_recorded(opts, info, sink, &k.snapshot, k.start, plans, metrics).await;
+    let keep = loaded
+        .as_ref()
+        .is_err_and(|e| !e.chain().any(|c| c.is::<TableRewritten>()));
+    if !keep {
+        if let Some(k) = kept.take() {
+            k.session.close().await;
+        }
+    }
+    loaded
 }
 
 /// Runs a load with its record: `loading` (with the slot's start, and the chunk plans of an
 /// interrupted attempt, which the load replaces with its own) before, `done` after.
-#[allow(clippy::too_many_arguments)]
 async fn load_recorded(
     opts: &crate::snapshot::LoadOptions,
     info: &ConnInfo,
     sink: &crate::lake::store::Sink,
-    session: PgConnection,
     snapshot: &crate::snapshot::ExportedSnapshot,
     point: crate::lsn::Lsn,
     plans: std::collections::BTreeMap<String, crate::snapshot::ChunkPlan>,
@@ -748,9 +776,7 @@ async fn load_recorded(
         metrics,
         Some(&mut record),
     )
-    .await;
-    session.close().await;
-    let loaded = loaded?;
+    .await?;
     record.state = "done".into();
     record.tables = loaded.covered.iter().map(|t| t.to_string()).collect();
     record.plans.clear();
@@ -983,7 +1009,9 @@ async fn resnapshot(
         .map(|r| r.0)
         .collect();
     let plans = Default::default();
-    load_recorded(opts, info, sink, repl, &snapshot, point, plans, metrics).await?;
+    let loaded = load_recorded(opts, info, sink, &snapshot, point, plans, metrics).await;
+    repl.close().await;
+    loaded?;
     crate::snapshot::clear_requests(sink, &requests).await
 }
 

@@ -43,6 +43,11 @@
 //! interval (another row held one of those keys) can still give a null or the other row's
 //! value. Between C and C2 the history of a resumed table is approximate: rows read at C2 are
 //! stamped C − 1.
+//!
+//! A load retried in the same process (the sink failed for a while) keeps the first snapshot
+//! as long as the session that exported it lives: it goes on at each table's first unfinished
+//! chunk with nothing read again, exactly as if it had not stopped.
+//!
 //! Compaction leaves the chunks of an unfinished load alone, so a current table is never
 //! published half loaded. Each worker locks a table before its first chunk (the lock reading
 //! takes anyway, held to the end of the load) and fails the load if the table was rewritten
@@ -600,6 +605,7 @@ pub async fn load(
                     table = %name,
                     chunks_done = done,
                     chunks = plan.chunks,
+                    same_snapshot = plan_lsn == lsn,
                     "initial snapshot: resuming a table from its first unfinished chunk"
                 );
                 summary.resumed += 1;
@@ -632,7 +638,9 @@ pub async fn load(
         for index in first..plan.chunks {
             let lo = index * plan.pages_per_chunk;
             let hi = (index + 1 < plan.chunks).then_some(lo + plan.pages_per_chunk);
-            let rescan_below = (index == first && first > 0).then_some(lo);
+            // Rows move between pages only between snapshots: a load going on in the snapshot
+            // that planned it (an attempt retried in the same process) reads no row again.
+            let rescan_below = (index == first && first > 0 && table_lsn != lsn).then_some(lo);
             let chunk_pages = hi.unwrap_or(pages).saturating_sub(lo) + rescan_below.unwrap_or(0);
             summary_pages += chunk_pages;
             chunks.push_back(Chunk {
@@ -786,6 +794,28 @@ pub async fn load(
         "initial snapshot: done"
     );
     Ok(summary)
+}
+
+/// Whether an exported snapshot can still be imported, i.e. the session that exported it is
+/// still open and idle. Errors reaching the server are errors, not a "no".
+pub async fn usable(info: &ConnInfo, snapshot: &str) -> anyhow::Result<bool> {
+    use crate::replication::ClientError;
+    let mut conn = PgConnection::connect(info, SessionKind::Sql).await?;
+    let imported = import(&mut conn, snapshot).await;
+    let _ = conn.simple_query("ROLLBACK").await;
+    conn.close().await;
+    match imported {
+        Ok(()) => Ok(true),
+        // 22023: invalid snapshot identifier.
+        Err(e)
+            if e.chain().any(|c| {
+                matches!(c.downcast_ref::<ClientError>(), Some(ClientError::Server(s)) if s.code == "22023")
+            }) =>
+        {
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Opens a repeatable-read transaction on `snapshot`.

@@ -476,16 +476,30 @@ async fn generated_columns_are_in_the_snapshot_exactly_when_published() {
 }
 
 /// The sink unreachable in the middle of the initial load: `run` waits it out and goes on from
-/// the committed chunks, in the same process — nothing lost, nothing loaded twice.
+/// the committed chunks, in the same process and in the same snapshot — nothing lost, nothing
+/// loaded twice, and the changes made meanwhile are in the change log as changes on top of the
+/// rows as they were at the slot's start (a newer snapshot would have folded them in).
 // Multi-threaded: the proxy's tasks must run while the test waits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_s3_outage_during_the_initial_snapshot_is_waited_out() {
+async fn an_s3_outage_during_the_initial_snapshot_is_waited_out_in_the_same_snapshot() {
+    s3_outage_during_the_load("snapshot_outage", false).await;
+}
+
+/// As above, but the session that exported the snapshot dies during the outage (a source
+/// restart would do that): the next attempt notices and goes on from a new snapshot, still
+/// losing nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_whose_snapshot_died_during_an_s3_outage_goes_on_from_a_new_one() {
+    s3_outage_during_the_load("snapshot_outage_lost", true).await;
+}
+
+async fn s3_outage_during_the_load(label: &str, kill_exporter: bool) {
     let cluster = Cluster::shared();
     let s3 = s3::S3Server::shared();
-    let bucket = s3.new_bucket("snapshot-outage").await;
+    let bucket = s3.new_bucket(label).await;
     let proxy = s3::TcpProxy::start(s3.addr());
     let endpoint = proxy.endpoint();
-    let db = cluster.create_db("snapshot_outage").await;
+    let db = cluster.create_db(label).await;
     create_tables(&db, 100_000).await;
     // The load stops at `small`, the last table, until the gate opens.
     let gate = close_gate(&db, "small").await;
@@ -505,33 +519,77 @@ async fn an_s3_outage_during_the_initial_snapshot_is_waited_out() {
         ],
     ]
     .concat();
-    let run = start_run(&db, "s_outage", &root, &args, &log).await;
+    let slot = label;
+    let run = start_run(&db, slot, &root, &args, &log).await;
     wait_for_log(&log, "table loaded table=public.mid_5", 120).await;
     proxy.set_down(true);
     gate.close().await;
     wait_for_log(&log, "the initial snapshot failed", 180).await;
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(!text.contains("initial snapshot: done"), "{text}");
+    // Changes to `small`, which the failed attempt had read but not committed.
+    db.exec(
+        "UPDATE small SET v = -v WHERE v <= 50;
+         DELETE FROM small WHERE k = 'k100';
+         INSERT INTO small VALUES ('knew', 7);",
+    )
+    .await;
+    if kill_exporter {
+        // Before streaming starts, the database's only walsender is the exporting session.
+        let killed = db
+            .int(
+                "SELECT count(pg_terminate_backend(pid)) AS v FROM pg_stat_activity
+                 WHERE backend_type = 'walsender' AND datname = current_database()",
+            )
+            .await;
+        assert_eq!(killed, 1, "the exporting session");
+    }
     proxy.set_down(false);
     wait_for_log(&log, "initial snapshot: done", 180).await;
     let text = std::fs::read_to_string(&log).unwrap();
-    let resumed = text
+    let loading: Vec<&str> = text
         .lines()
-        .rfind(|l| l.contains("initial snapshot: loading"))
-        .unwrap();
+        .filter(|l| l.contains("initial snapshot: loading"))
+        .collect();
+    let resumed = loading.last().unwrap();
     assert!(
         resumed.contains("skipped=8"),
         "the loaded tables were not read again: {resumed}"
     );
-    caught_up(&db, "s_outage", &log).await;
-    verify_ok_with(
-        &db,
-        "s_outage",
-        &root,
-        &["big", "small", "mid_5"],
-        &s3_flags,
-    )
-    .await;
+    let snapshot_lsn = |line: &str| {
+        let at = line
+            .find("snapshot_lsn=")
+            .expect("snapshot_lsn in the line");
+        line[at..].split_whitespace().next().unwrap().to_string()
+    };
+    let same = snapshot_lsn(loading[0]) == snapshot_lsn(resumed);
+    assert_eq!(
+        same, !kill_exporter,
+        "snapshot of the first and the last attempt:\n{}\n{resumed}",
+        loading[0]
+    );
+    assert_eq!(
+        text.contains("the snapshot of the failed attempt is gone"),
+        kill_exporter,
+        "{text}"
+    );
+    caught_up(&db, slot, &log).await;
+    verify_ok_with(&db, slot, &root, &["big", "small", "mid_5"], &s3_flags).await;
+    if !kill_exporter {
+        // `small` as of the slot's start, then the changes made during the outage on top.
+        let changes = read_delta(&format!("{root}/changes/public/small"), Some(&endpoint));
+        let count = |op: &str| changes.iter().filter(|r| r["_op"] == op).count();
+        assert_eq!(
+            (count("R"), count("U"), count("D"), count("I")),
+            (1000, 50, 1, 1),
+            "R/U/D/I rows of small"
+        );
+        let loaded_k1 = changes
+            .iter()
+            .find(|r| r["_op"] == "R" && r["k"] == "k1")
+            .expect("k1 loaded");
+        assert_eq!(loaded_k1["v"], 1, "k1 as of the slot's start: {loaded_k1}");
+    }
     stop(run, &log).await;
 }
 
