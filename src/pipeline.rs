@@ -39,7 +39,7 @@ use crate::lake::store::Sink;
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
 use crate::pgoutput::relation::CachedRelation;
-use crate::pgoutput::{DecodeError, Decoder, OldTuple, TupleData};
+use crate::pgoutput::{DecodeError, Decoder, OldTuple};
 use crate::replication::slot::{self, SlotError};
 use crate::replication::sql::TableName;
 use crate::replication::stream::{ReplicationMessage, ReplicationStream, StreamOptions};
@@ -47,7 +47,7 @@ use crate::replication::{ClientError, ConnInfo, PgConnection, SessionKind};
 use crate::txn::{Assembler, ChangeOp, Event, SpillConfig, TxnError};
 use crate::types::arrow::lake_type;
 use crate::types::catalog::TypeCatalog;
-use crate::types::{decode_column, ColumnValue, PgType, ValueError};
+use crate::types::ValueError;
 
 /// Rows a table buffers in Arrow builders before handing them to its Parquet writer.
 const BATCH_ROWS: usize = 8192;
@@ -193,7 +193,6 @@ pub struct RunSummary {
 /// Column layout of one relation version, as written.
 struct RelationLayout {
     table: TableName,
-    types: Vec<PgType>,
     specs: Vec<ColumnSpec>,
 }
 
@@ -833,30 +832,40 @@ impl Pipeline {
                             .append_truncate(lsn.0 as i64, seq, xid, commit_ts)
                     }
                     op => {
+                        // A delete carries only the old key or row: it goes in the source columns.
                         let (row, old) = match (&change.new, &change.old) {
-                            (Some(new), old) => (
-                                decode_row(new, &layout, lsn)?,
-                                old.as_ref().map(OldTuple::tuple),
-                            ),
-                            (None, Some(old)) => (decode_row(old.tuple(), &layout, lsn)?, None),
+                            (Some(new), old) => (new, old.as_ref().map(OldTuple::tuple)),
+                            (None, Some(old)) => (old.tuple(), None),
                             (None, None) => return Ok(()),
-                        };
-                        let old = match old {
-                            Some(t) => Some(decode_row(t, &layout, lsn)?),
-                            None => None,
                         };
                         state
                             .builder
-                            .append(
+                            .append_change(
                                 op.code(),
                                 lsn.0 as i64,
                                 seq,
                                 xid,
                                 commit_ts,
-                                &row,
-                                old.as_deref(),
+                                &row.columns,
+                                old.map(|t| t.columns.as_slice()),
                             )
-                            .map_err(row_err)?;
+                            .map_err(|e| match e {
+                                RowError::Parse { column, source } => RunError::Value {
+                                    table: layout.table.to_string(),
+                                    column,
+                                    lsn,
+                                    source,
+                                },
+                                RowError::ColumnCount { expected, got }
+                                | RowError::OldColumnCount { expected, got } => {
+                                    RunError::ColumnCount {
+                                        table: layout.table.to_string(),
+                                        expected,
+                                        got,
+                                    }
+                                }
+                                e => row_err(e),
+                            })?;
                     }
                 }
                 self.op_changes[change.op as usize].inc();
@@ -936,11 +945,7 @@ impl Pipeline {
                 }
             })
             .collect();
-        let layout = Arc::new(RelationLayout {
-            table,
-            types,
-            specs,
-        });
+        let layout = Arc::new(RelationLayout { table, specs });
         self.layouts.insert(key, layout.clone());
         Ok(layout)
     }
@@ -1139,34 +1144,6 @@ impl Pipeline {
         self.measure();
         Ok(())
     }
-}
-
-fn decode_row(
-    tuple: &TupleData,
-    layout: &RelationLayout,
-    lsn: Lsn,
-) -> Result<Vec<ColumnValue>, RunError> {
-    if tuple.columns.len() != layout.types.len() {
-        return Err(RunError::ColumnCount {
-            table: layout.table.to_string(),
-            expected: layout.types.len(),
-            got: tuple.columns.len(),
-        });
-    }
-    tuple
-        .columns
-        .iter()
-        .zip(&layout.types)
-        .zip(&layout.specs)
-        .map(|((col, ty), spec)| {
-            decode_column(ty, col).map_err(|source| RunError::Value {
-                table: layout.table.to_string(),
-                column: spec.name.clone(),
-                lsn,
-                source,
-            })
-        })
-        .collect()
 }
 
 /// ±25 % jitter so that many instances do not retry in lockstep.

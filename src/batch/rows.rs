@@ -35,6 +35,7 @@ use deltalake::arrow::datatypes::{DataType, Field, FieldRef, Schema, SchemaRef, 
 use deltalake::arrow::error::ArrowError;
 use deltalake::arrow::record_batch::RecordBatch;
 
+use crate::pgoutput::TupleColumn;
 use crate::types::arrow::{lake_type, ArrowValueError, ColumnBuilder, LIST_ELEMENT, UTC};
 use crate::types::{ColumnValue, PgType, Value, ValueError};
 
@@ -255,28 +256,8 @@ impl ChangeBatchBuilder {
         row: &[ColumnValue],
         old: Option<&[ColumnValue]>,
     ) -> Result<(), RowError> {
-        if !matches!(
-            op,
-            OP_INSERT | OP_UPDATE | OP_DELETE | OP_TRUNCATE | OP_READ
-        ) {
-            return Err(RowError::UnknownOp { op: op.to_owned() });
-        }
-        let expected = self.columns.len();
-        if row.len() != expected {
-            return Err(RowError::ColumnCount {
-                expected,
-                got: row.len(),
-            });
-        }
-        if let Some(old) = old {
-            if old.len() != expected {
-                return Err(RowError::OldColumnCount {
-                    expected,
-                    got: old.len(),
-                });
-            }
-        }
-
+        let ops = [OP_INSERT, OP_UPDATE, OP_DELETE, OP_TRUNCATE, OP_READ];
+        self.check_shape(&ops, op, row.len(), old.map(<[_]>::len))?;
         self.settle_reads();
         // Check everything first so that a rejected row leaves every builder untouched.
         for ((spec, builder), cv) in self.columns.iter().zip(&self.values).zip(row) {
@@ -330,6 +311,84 @@ impl ChangeBatchBuilder {
             }
         }
         self.append_meta(op, lsn, seq, xid, commit_ts_micros);
+        Ok(())
+    }
+
+    /// That `op` is one of `ops`, and the row (and old row) have a value per column.
+    fn check_shape(
+        &self,
+        ops: &[&str],
+        op: &str,
+        row: usize,
+        old: Option<usize>,
+    ) -> Result<(), RowError> {
+        if !ops.contains(&op) {
+            return Err(RowError::UnknownOp { op: op.to_owned() });
+        }
+        let expected = self.columns.len();
+        if row != expected {
+            return Err(RowError::ColumnCount { expected, got: row });
+        }
+        match old {
+            Some(got) if got != expected => Err(RowError::OldColumnCount { expected, got }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Appends one streamed change straight from its pgoutput tuples: `op` is `I`, `U` or `D`
+    /// (truncates go through [`Self::append_truncate`]); `row` holds the source columns in
+    /// order (a `u` column becomes null and is named in `_unchanged`); `old` is the old key or
+    /// row the change carried, whose key columns fill `_old_<k>`. Values whose type has a
+    /// direct path ([`ColumnBuilder::append_text_direct`], [`ColumnBuilder::append_binary_direct`])
+    /// skip the typed [`Value`]; the rest are parsed and appended as [`Self::append`] does, and
+    /// the batch is the same. Like [`Self::append_read`], an error leaves the row half
+    /// appended and the batch unusable ([`RowError::Broken`]): a change that cannot be decoded
+    /// ends the stream anyway.
+    #[allow(clippy::too_many_arguments)]
+    pub fn append_change(
+        &mut self,
+        op: &str,
+        lsn: i64,
+        seq: i64,
+        xid: i64,
+        commit_ts_micros: i64,
+        row: &[TupleColumn],
+        old: Option<&[TupleColumn]>,
+    ) -> Result<(), RowError> {
+        let ops = [OP_INSERT, OP_UPDATE, OP_DELETE];
+        self.check_shape(&ops, op, row.len(), old.map(<[_]>::len))?;
+        self.settle_reads();
+        self.broken = true;
+        for ((spec, builder), column) in self.columns.iter().zip(&mut self.values).zip(row) {
+            if let TupleColumn::UnchangedToast = column {
+                builder.append_null();
+                self.meta.unchanged.values().append_value(&spec.name);
+                continue;
+            }
+            append_wire(
+                builder,
+                &spec.ty,
+                &spec.name,
+                column,
+                &mut self.scratch,
+                &mut self.meta.special,
+            )?;
+        }
+        for key in &mut self.old {
+            match old.and_then(|o| o.get(key.index)) {
+                Some(column) => append_wire(
+                    &mut key.builder,
+                    &self.columns[key.index].ty,
+                    &key.name,
+                    column,
+                    &mut self.scratch,
+                    &mut self.meta.special,
+                )?,
+                None => key.builder.append_null(),
+            }
+        }
+        self.append_meta(op, lsn, seq, xid, commit_ts_micros);
+        self.broken = false;
         Ok(())
     }
 
@@ -651,6 +710,41 @@ fn old_value(old: Option<&[ColumnValue]>, index: usize) -> Option<&Value> {
 }
 
 /// Adds `<column>=<marker>` to the current row's `_special` list for each marker.
+/// One pgoutput value of a change (null and unchanged TOAST append a null): directly when the
+/// column's type has a direct path, else parsed into a typed value first.
+fn append_wire(
+    builder: &mut ColumnBuilder,
+    ty: &PgType,
+    name: &str,
+    column: &TupleColumn,
+    scratch: &mut Vec<String>,
+    special: &mut StrLists,
+) -> Result<(), RowError> {
+    let parsed = match column {
+        TupleColumn::Null | TupleColumn::UnchangedToast => {
+            builder.append_null();
+            return Ok(());
+        }
+        TupleColumn::Text(raw) if builder.append_text_direct(raw) => return Ok(()),
+        TupleColumn::Binary(raw) if builder.append_binary_direct(raw) => return Ok(()),
+        TupleColumn::Text(raw) => crate::types::text::parse(ty, raw),
+        TupleColumn::Binary(raw) => crate::types::binary::parse(ty, raw),
+    };
+    let value = parsed.map_err(|source| RowError::Parse {
+        column: name.to_owned(),
+        source,
+    })?;
+    scratch.clear();
+    builder
+        .append(&value, scratch)
+        .map_err(|source| RowError::Value {
+            column: name.to_owned(),
+            source,
+        })?;
+    push_specials(special, name, scratch);
+    Ok(())
+}
+
 fn push_specials(special: &mut StrLists, column: &str, markers: &[String]) {
     let strings = special.values();
     for marker in markers {
@@ -895,6 +989,130 @@ mod tests {
         b.append("I", 1, 0, 1, 0, &[v(grid)], None).unwrap();
         let batch = b.finish().unwrap();
         assert_eq!(list_row(&batch, "_special", 0), ["grid=dims=2x2"]);
+    }
+
+    /// Streamed changes appended from their pgoutput tuples give the batch that decoding every
+    /// value to its typed form and appending that gives: old keys, unchanged TOAST columns,
+    /// stand-ins for values the lake cannot hold, text and binary forms.
+    #[test]
+    fn changes_from_tuples_build_what_typed_rows_build() {
+        use crate::types::decode_column;
+        let t = |s: &str| TupleColumn::Text(bytes::Bytes::copy_from_slice(s.as_bytes()));
+        let b = |raw: &[u8]| TupleColumn::Binary(bytes::Bytes::copy_from_slice(raw));
+        type Change = (&'static str, Vec<TupleColumn>, Option<Vec<TupleColumn>>);
+        let changes: Vec<Change> = vec![
+            (
+                "I",
+                vec![t("1"), t("é body"), t("12.50"), t("2024-02-29")],
+                None,
+            ),
+            (
+                "I",
+                vec![t("2"), TupleColumn::Null, t("NaN"), t("infinity")],
+                None,
+            ),
+            (
+                "I",
+                vec![
+                    b(&3i32.to_be_bytes()),
+                    b(b"bin"),
+                    t("-0.01"),
+                    t("0001-01-01 BC"),
+                ],
+                None,
+            ),
+            (
+                "U",
+                vec![
+                    t("4"),
+                    TupleColumn::UnchangedToast,
+                    t("1"),
+                    TupleColumn::Null,
+                ],
+                Some(vec![
+                    t("1"),
+                    TupleColumn::Null,
+                    TupleColumn::Null,
+                    TupleColumn::Null,
+                ]),
+            ),
+            (
+                "U",
+                vec![t("2"), t("x"), t("Infinity"), t("2000-01-01")],
+                None,
+            ),
+            (
+                "D",
+                vec![
+                    t("4"),
+                    TupleColumn::Null,
+                    TupleColumn::Null,
+                    TupleColumn::Null,
+                ],
+                None,
+            ),
+        ];
+        let specs = table();
+        let mut direct = ChangeBatchBuilder::new(specs.clone());
+        let mut typed = ChangeBatchBuilder::new(specs.clone());
+        let decode = |row: &[TupleColumn]| -> Vec<ColumnValue> {
+            row.iter()
+                .zip(&specs)
+                .map(|(c, s)| decode_column(&s.ty, c).unwrap())
+                .collect()
+        };
+        for (seq, (op, row, old)) in changes.iter().enumerate() {
+            let seq = seq as i64;
+            direct
+                .append_change(op, 10, seq, 7, 99, row, old.as_deref())
+                .unwrap();
+            let old = old.as_deref().map(decode);
+            typed
+                .append(op, 10, seq, 7, 99, &decode(row), old.as_deref())
+                .unwrap();
+        }
+        let (direct, typed) = (direct.finish().unwrap(), typed.finish().unwrap());
+        assert_eq!(direct.num_rows(), changes.len());
+        assert_eq!(direct, typed);
+        assert_eq!(list_row(&direct, UNCHANGED, 3), ["body"]);
+        assert_eq!(column::<Int32Array>(&direct, "_old_id").value(3), 1);
+        assert!(!list_row(&direct, SPECIAL, 1).is_empty());
+    }
+
+    /// A value that cannot be decoded is an error naming the column, and the batch then
+    /// refuses to finish rather than hold a half row.
+    #[test]
+    fn an_undecodable_change_breaks_the_batch() {
+        let t = |s: &str| TupleColumn::Text(bytes::Bytes::copy_from_slice(s.as_bytes()));
+        let mut builder = ChangeBatchBuilder::new(table());
+        builder
+            .append_change(
+                "I",
+                1,
+                0,
+                1,
+                0,
+                &[t("1"), t("a"), t("1"), t("2024-01-01")],
+                None,
+            )
+            .unwrap();
+        let bad = [t("2"), t("b"), t("not a number"), t("2024-01-01")];
+        let err = builder
+            .append_change("I", 1, 1, 1, 0, &bad, None)
+            .unwrap_err();
+        assert!(
+            matches!(&err, RowError::Parse { column, .. } if column == "price"),
+            "{err}"
+        );
+        assert!(matches!(builder.finish(), Err(RowError::Broken)));
+        let short = [t("3")];
+        assert!(matches!(
+            builder.append_change("I", 1, 2, 1, 0, &short, None),
+            Err(RowError::ColumnCount {
+                expected: 4,
+                got: 1
+            })
+        ));
     }
 
     #[test]

@@ -63,6 +63,46 @@ pub fn parse(ty: &PgType, raw: &[u8]) -> Result<Value, ValueError> {
     value.map_err(|fail| fail.into_error(ty))
 }
 
+/// Scalars parsed without a [`Value`], for [`super::arrow::ColumnBuilder::append_text_direct`]:
+/// `None` wherever [`parse`] fails or gives a value the direct path leaves to the typed one.
+pub(crate) mod direct {
+    use super::{Float, Infinite};
+
+    pub(crate) fn bool(raw: &[u8]) -> Option<bool> {
+        super::parse_bool(raw).ok()
+    }
+
+    pub(crate) fn int(raw: &[u8], min: i64, max: i64) -> Option<i64> {
+        super::parse_int(raw, min, max).ok()
+    }
+
+    pub(crate) fn float<F: Float>(raw: &[u8]) -> Option<F> {
+        super::parse_float(raw).ok()
+    }
+
+    /// A finite numeric's text (`-?digits(.digits)?`), as [`super::parse_numeric`] accepts it.
+    pub(crate) fn finite_numeric(raw: &[u8]) -> Option<&str> {
+        match super::parse_numeric_shape(raw).ok()? {
+            true => std::str::from_utf8(raw).ok(),
+            false => None,
+        }
+    }
+
+    pub(crate) fn date(raw: &[u8]) -> Option<i32> {
+        match super::parse_date(raw).ok()? {
+            Infinite::Finite(d) => Some(d),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn timestamp(raw: &[u8], with_tz: bool) -> Option<i64> {
+        match super::parse_timestamp(raw, with_tz).ok()? {
+            Infinite::Finite(t) => Some(t),
+            _ => None,
+        }
+    }
+}
+
 /// Why a scalar was rejected, before the type name is attached.
 #[derive(Debug)]
 enum Fail {
@@ -140,7 +180,7 @@ fn parse_int(raw: &[u8], min: i64, max: i64) -> Parsed<i64> {
     Ok(acc)
 }
 
-trait Float: std::str::FromStr + Copy {
+pub(crate) trait Float: std::str::FromStr + Copy {
     const NAN: Self;
     const INFINITY: Self;
     const NEG_INFINITY: Self;
@@ -198,6 +238,18 @@ fn parse_numeric(raw: &[u8]) -> Parsed<Numeric> {
         b"-Infinity" => return Ok(Numeric::NegInfinity),
         _ => {}
     }
+    parse_numeric_shape(raw)?;
+    // Only ASCII digits, '-' and '.' remain: this cannot fail.
+    let text = std::str::from_utf8(raw).map_err(|_| Fail::Invalid("not UTF-8"))?;
+    Ok(Numeric::Finite(text.to_owned()))
+}
+
+/// Whether `raw` is a finite numeric (`-?digits(.digits)?`: true), a special value (false), or
+/// neither (an error).
+fn parse_numeric_shape(raw: &[u8]) -> Parsed<bool> {
+    if matches!(raw, b"NaN" | b"Infinity" | b"-Infinity") {
+        return Ok(false);
+    }
     let unsigned = raw.strip_prefix(b"-").unwrap_or(raw);
     let (int, frac) = match unsigned.iter().position(|&c| c == b'.') {
         Some(dot) => (
@@ -210,9 +262,7 @@ fn parse_numeric(raw: &[u8]) -> Parsed<Numeric> {
     if !all_digits(int) || frac.is_some_and(|f| !all_digits(f)) {
         return Err(Fail::Invalid("expected -digits[.digits], NaN or ±Infinity"));
     }
-    // Only ASCII digits, '-' and '.' remain: this cannot fail.
-    let text = std::str::from_utf8(raw).map_err(|_| Fail::Invalid("not UTF-8"))?;
-    Ok(Numeric::Finite(text.to_owned()))
+    Ok(true)
 }
 
 fn utf8(raw: &[u8]) -> Parsed<String> {
