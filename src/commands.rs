@@ -300,6 +300,7 @@ pub async fn run(a: RunArgs) -> Result<()> {
             snapshot,
         });
         let mut backoff = RECONNECT_MIN;
+        let mut failing_since = None;
         loop {
             let loaded =
                 initial_snapshot(&load_opts, a.snapshot, &info, &sink, &mut kept, &metrics).await;
@@ -307,6 +308,14 @@ pub async fn run(a: RunArgs) -> Result<()> {
                 Ok(()) => return Ok(()),
                 Err(e) if crate::snapshot::retryable(&e) => {
                     metrics.retries.with_label_values(&["snapshot"]).inc();
+                    // A kept snapshot holds back vacuum on the source: not through a long outage.
+                    let since = *failing_since.get_or_insert_with(std::time::Instant::now);
+                    if since.elapsed() >= SNAPSHOT_KEEP_LIMIT {
+                        if let Some(k) = kept.take() {
+                            tracing::warn!(failing_for = ?since.elapsed(), "releasing the initial snapshot, which holds back vacuum on the source; the load goes on from a new one when it can");
+                            k.session.close().await;
+                        }
+                    }
                     let wait = crate::pipeline::jitter(backoff);
                     tracing::warn!(error = %format!("{e:#}"), retry_in = ?wait, "the initial snapshot failed; it goes on from its committed chunks");
                     tokio::time::sleep(wait).await;
@@ -664,6 +673,10 @@ pub async fn verify(a: crate::cli::VerifyArgs) -> Result<()> {
     Ok(())
 }
 
+/// How long a failing initial load keeps its snapshot for the next attempt: the exporting
+/// session holds back the source's xmin horizon (vacuum) while it lives.
+const SNAPSHOT_KEEP_LIMIT: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+
 /// The snapshot an initial load reads, the session that keeps it alive (it must stay open and
 /// idle), and the slot's start C the load is for.
 struct LoadSnapshot {
@@ -685,7 +698,7 @@ async fn initial_snapshot(
     kept: &mut Option<LoadSnapshot>,
     metrics: &crate::metrics::Metrics,
 ) -> Result<()> {
-    use crate::snapshot::{read_record, temporary_snapshot, usable, TableRewritten};
+    use crate::snapshot::{read_record, temporary_snapshot, usable, SnapshotGone, TableRewritten};
     if mode == crate::cli::SnapshotMode::Never {
         return Ok(());
     }
@@ -736,9 +749,10 @@ async fn initial_snapshot(
         .map(|r| r.plans.clone())
         .unwrap_or_default();
     let loaded = load_recorded(opts, info, sink, &k.snapshot, k.start, plans, metrics).await;
-    let keep = loaded
-        .as_ref()
-        .is_err_and(|e| !e.chain().any(|c| c.is::<TableRewritten>()));
+    let keep = loaded.as_ref().is_err_and(|e| {
+        !e.chain()
+            .any(|c| c.is::<TableRewritten>() || c.is::<SnapshotGone>())
+    });
     if !keep {
         if let Some(k) = kept.take() {
             k.session.close().await;

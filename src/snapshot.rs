@@ -44,9 +44,12 @@
 //! value. Between C and C2 the history of a resumed table is approximate: rows read at C2 are
 //! stamped C − 1.
 //!
-//! A load retried in the same process (the sink failed for a while) keeps the first snapshot
-//! as long as the session that exported it lives: it goes on at each table's first unfinished
-//! chunk with nothing read again, exactly as if it had not stopped.
+//! A load retried in the same process (the sink failed for a while) keeps its snapshot as long
+//! as the session that exported it lives (for 15 minutes of failures at most: that session
+//! holds back vacuum): it goes on at each table's first unfinished chunk with nothing read
+//! again, exactly as if it had not stopped. A table rewritten since (a new relfilenode: an
+//! old snapshot reads it as empty) fails the attempt with [`TableRewritten`], and the next one
+//! takes a new snapshot.
 //!
 //! Compaction leaves the chunks of an unfinished load alone, so a current table is never
 //! published half loaded. Each worker locks a table before its first chunk (the lock reading
@@ -275,6 +278,7 @@ pub fn retryable(e: &anyhow::Error) -> bool {
     }
     e.chain().any(|c| {
         c.is::<TableRewritten>()
+            || c.is::<SnapshotGone>()
             || c.is::<LakeError>()
             || c.is::<object_store::Error>()
             || c.downcast_ref::<ClientError>()
@@ -585,6 +589,12 @@ pub async fn load(
         let (bytes, filenode) = relation_layout(&mut sql, name).await?;
         let pages = bytes / block;
         let columns = column_signature(&table);
+        // An attempt retried in the snapshot that planned the table: if a TRUNCATE or a
+        // rewriting ALTER TABLE gave it a new relfilenode since, this snapshot reads it as
+        // empty (those are not MVCC-safe); only a newer snapshot has its rows.
+        if earlier.is_some_and(|p| p.filenode != filenode) && earlier_lsn == Some(lsn) {
+            return Err(TableRewritten(name.clone()).into());
+        }
         // An interrupted load of this table goes on if its rows cannot have moved otherwise
         // than by transactions (no rewrite) and its columns are the same.
         let done = done.unwrap_or(0).max(0) as u64;
@@ -799,37 +809,44 @@ pub async fn load(
 /// Whether an exported snapshot can still be imported, i.e. the session that exported it is
 /// still open and idle. Errors reaching the server are errors, not a "no".
 pub async fn usable(info: &ConnInfo, snapshot: &str) -> anyhow::Result<bool> {
-    use crate::replication::ClientError;
     let mut conn = PgConnection::connect(info, SessionKind::Sql).await?;
     let imported = import(&mut conn, snapshot).await;
     let _ = conn.simple_query("ROLLBACK").await;
     conn.close().await;
     match imported {
         Ok(()) => Ok(true),
-        // 22023: invalid snapshot identifier.
-        Err(e)
-            if e.chain().any(|c| {
-                matches!(c.downcast_ref::<ClientError>(), Some(ClientError::Server(s)) if s.code == "22023")
-            }) =>
-        {
-            Ok(false)
-        }
+        Err(e) if e.is::<SnapshotGone>() => Ok(false),
         Err(e) => Err(e),
     }
 }
 
 /// Opens a repeatable-read transaction on `snapshot`.
 async fn import(conn: &mut PgConnection, snapshot: &str) -> anyhow::Result<()> {
+    use crate::replication::ClientError;
     conn.simple_query("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         .await?;
-    conn.simple_query(&format!(
-        "SET TRANSACTION SNAPSHOT {}",
-        quote_literal(snapshot)
-    ))
-    .await
-    .context("importing the exported snapshot (is the session that exported it still open?)")?;
-    Ok(())
+    let imported = conn
+        .simple_query(&format!(
+            "SET TRANSACTION SNAPSHOT {}",
+            quote_literal(snapshot)
+        ))
+        .await;
+    match imported {
+        Ok(_) => Ok(()),
+        // 22023: invalid snapshot identifier (its session is gone); 55000: its session ended
+        // while this import was under way.
+        Err(ClientError::Server(e)) if matches!(e.code.as_str(), "22023" | "55000") => {
+            Err(SnapshotGone.into())
+        }
+        Err(e) => Err(anyhow::Error::new(e).context("importing the exported snapshot")),
+    }
 }
+
+/// The exported snapshot can no longer be imported: the session that exported it has ended
+/// (the source restarted, the connection broke). A load can go on from a newer one.
+#[derive(Debug, thiserror::Error)]
+#[error("the exported snapshot is gone (the session that exported it has ended)")]
+pub struct SnapshotGone;
 
 /// The value in column `v` of the first row `sql` returns.
 async fn scalar(conn: &mut PgConnection, sql: &str) -> anyhow::Result<String> {

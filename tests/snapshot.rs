@@ -482,7 +482,7 @@ async fn generated_columns_are_in_the_snapshot_exactly_when_published() {
 // Multi-threaded: the proxy's tasks must run while the test waits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_s3_outage_during_the_initial_snapshot_is_waited_out_in_the_same_snapshot() {
-    s3_outage_during_the_load("snapshot_outage", false).await;
+    s3_outage_during_the_load("snapshot_outage", Meanwhile::Nothing).await;
 }
 
 /// As above, but the session that exported the snapshot dies during the outage (a source
@@ -490,10 +490,28 @@ async fn an_s3_outage_during_the_initial_snapshot_is_waited_out_in_the_same_snap
 /// losing nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_load_whose_snapshot_died_during_an_s3_outage_goes_on_from_a_new_one() {
-    s3_outage_during_the_load("snapshot_outage_lost", true).await;
+    s3_outage_during_the_load("snapshot_outage_lost", Meanwhile::ExporterDies).await;
 }
 
-async fn s3_outage_during_the_load(label: &str, kill_exporter: bool) {
+/// As above, but the table the load stopped at is rewritten during the outage (a rewriting
+/// ALTER TABLE: the old snapshot would read it as empty): the next attempt notices and reads
+/// it from a new snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_rewritten_during_an_s3_outage_is_read_from_a_new_snapshot() {
+    s3_outage_during_the_load("snapshot_outage_rewrite", Meanwhile::TableRewritten).await;
+}
+
+/// What happens on the source while the sink is down, besides changes to `small`.
+#[derive(PartialEq)]
+enum Meanwhile {
+    Nothing,
+    /// The session that exported the snapshot is terminated.
+    ExporterDies,
+    /// `small` gets a new relfilenode (ADD COLUMN with a volatile default rewrites it).
+    TableRewritten,
+}
+
+async fn s3_outage_during_the_load(label: &str, meanwhile: Meanwhile) {
     let cluster = Cluster::shared();
     let s3 = s3::S3Server::shared();
     let bucket = s3.new_bucket(label).await;
@@ -534,7 +552,11 @@ async fn s3_outage_during_the_load(label: &str, kill_exporter: bool) {
          INSERT INTO small VALUES ('knew', 7);",
     )
     .await;
-    if kill_exporter {
+    if meanwhile == Meanwhile::TableRewritten {
+        db.exec("ALTER TABLE small ADD COLUMN w int DEFAULT (random() * 0)::int")
+            .await;
+    }
+    if meanwhile == Meanwhile::ExporterDies {
         // Before streaming starts, the database's only walsender is the exporting session.
         let killed = db
             .int(
@@ -564,18 +586,24 @@ async fn s3_outage_during_the_load(label: &str, kill_exporter: bool) {
     };
     let same = snapshot_lsn(loading[0]) == snapshot_lsn(resumed);
     assert_eq!(
-        same, !kill_exporter,
+        same,
+        meanwhile == Meanwhile::Nothing,
         "snapshot of the first and the last attempt:\n{}\n{resumed}",
         loading[0]
     );
     assert_eq!(
         text.contains("the snapshot of the failed attempt is gone"),
-        kill_exporter,
+        meanwhile == Meanwhile::ExporterDies,
+        "{text}"
+    );
+    assert_eq!(
+        text.contains("public.small was rewritten"),
+        meanwhile == Meanwhile::TableRewritten,
         "{text}"
     );
     caught_up(&db, slot, &log).await;
     verify_ok_with(&db, slot, &root, &["big", "small", "mid_5"], &s3_flags).await;
-    if !kill_exporter {
+    if meanwhile == Meanwhile::Nothing {
         // `small` as of the slot's start, then the changes made during the outage on top.
         let changes = read_delta(&format!("{root}/changes/public/small"), Some(&endpoint));
         let count = |op: &str| changes.iter().filter(|r| r["_op"] == op).count();
