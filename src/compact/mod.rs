@@ -42,6 +42,7 @@ use deltalake::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use deltalake::parquet::arrow::async_writer::AsyncArrowWriter;
 use deltalake::protocol::{DeltaOperation, SaveMode};
 use deltalake::DeltaTable;
+use futures::StreamExt as _;
 use object_store::buffered::BufWriter;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
@@ -61,6 +62,8 @@ const CHECKPOINT_INTERVAL: u64 = 50;
 
 /// Rows per batch when reading Parquet.
 const READ_BATCH_ROWS: usize = 64 * 1024;
+/// Change-log files a step reads ahead of the one it routes (each decoded on its own thread).
+const READ_AHEAD_FILES: usize = 2;
 
 /// Arrow bytes per byte of change-log Parquet, to size steps before reading them (measured on
 /// the bench workload: zstd Parquet of integer and short text columns expands ~4×).
@@ -221,6 +224,15 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
+    /// For a Parquet read that failed (already boxed).
+    fn read_failed(&self) -> impl FnOnce(BoxError) -> CompactError + '_ {
+        move |source| CompactError::Failed {
+            table: self.table.clone(),
+            action: "read Parquet",
+            source,
+        }
+    }
+
     fn fail<E: std::error::Error + Send + Sync + 'static>(
         &self,
         action: &'static str,
@@ -425,11 +437,18 @@ impl Ctx<'_> {
     ) -> Result<Vec<RecordBatch>, CompactError> {
         read_parquet_file(store.as_ref(), path, schema)
             .await
-            .map_err(|source| CompactError::Failed {
-                table: self.table.clone(),
-                action: "read Parquet",
-                source,
-            })
+            .map_err(self.read_failed())
+    }
+
+    /// The batches of a read started with [`spawn_read`], once it has finished.
+    fn joined(
+        &self,
+        read: Result<Result<Vec<RecordBatch>, BoxError>, tokio::task::JoinError>,
+    ) -> Result<Vec<RecordBatch>, CompactError> {
+        match read {
+            Ok(batches) => batches.map_err(self.read_failed()),
+            Err(e) => Err(self.fail("read Parquet")(e)),
+        }
     }
 
     /// Writes `batch` as one Parquet file of `target`.
@@ -1024,8 +1043,26 @@ async fn step(
     let mut parent: Vec<usize> = (0..nb).collect();
     let mut touched = vec![rebucket; nb];
     let mut changes: u64 = 0;
-    for (path, _) in &files {
-        let batches = ctx.read_parquet(changes_store, path, change_schema).await?;
+    // The open versions a unit of buckets folds onto are read in the background: the next
+    // unit's while one folds, and a one-bucket table's while its changes are read.
+    let read_bases = |members: &[usize]| -> Vec<_> {
+        members
+            .iter()
+            .filter_map(|&b| bucket_list[b].open.as_ref())
+            .map(|(path, _)| {
+                spawn_read(history.store.clone(), path.clone(), history_schema.clone())
+            })
+            .collect()
+    };
+    let mut next_bases: Option<(usize, Vec<_>)> = (nb == 1).then(|| (0, read_bases(&[0])));
+    // Change-log files are read a few at a time, decoded on the blocking pool, in order.
+    let mut reads =
+        futures::stream::iter(files.iter().map(|(path, _)| {
+            spawn_read(changes_store.clone(), path.clone(), change_schema.clone())
+        }))
+        .buffered(READ_AHEAD_FILES);
+    while let Some(read) = reads.next().await {
+        let batches = ctx.joined(read)?;
         for batch in batches {
             changes += batch.num_rows() as u64;
             let keys = layout
@@ -1116,17 +1153,24 @@ async fn step(
     let closed_writer = ClosedWriter::start(history.store.clone(), history_schema.clone())
         .map_err(ctx.fail("start the closed-version writer"))?;
     let read_time = started.elapsed();
-    for members in units.values() {
+    let unit_list: Vec<&Vec<usize>> = units.values().collect();
+    for (u, members) in unit_list.iter().enumerate() {
         let fold_started = std::time::Instant::now();
+        let bases = match next_bases.take() {
+            Some((first, reads)) if first == members[0] => reads,
+            _ => read_bases(members),
+        };
+        if let Some(next) = unit_list.get(u + 1) {
+            next_bases = Some((next[0], read_bases(next)));
+        }
         let mut base = Vec::new();
+        for read in bases {
+            base.extend(ctx.joined(read.await)?);
+        }
         let mut unit_changes = Vec::new();
-        for &b in members {
+        for &b in members.iter() {
             let bucket = &bucket_list[b];
             if let Some((path, size)) = &bucket.open {
-                base.extend(
-                    ctx.read_parquet(&history.store, path, history_schema)
-                        .await?,
-                );
                 history_removes.push(remove_of(path, *size));
             }
             if let Some((path, size)) = &bucket.current {
@@ -1516,9 +1560,16 @@ pub async fn read_parquet_file(
     store: &dyn ObjectStore,
     path: &str,
     schema: &SchemaRef,
-) -> Result<Vec<RecordBatch>, Box<dyn std::error::Error + Send + Sync>> {
+) -> Result<Vec<RecordBatch>, BoxError> {
     let location = Path::parse(path)?;
     let bytes = store.get(&location).await?.bytes().await?;
+    decode_parquet(bytes, schema)
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The record batches of a whole Parquet file, conformed to `schema`.
+fn decode_parquet(bytes: bytes::Bytes, schema: &SchemaRef) -> Result<Vec<RecordBatch>, BoxError> {
     let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)?
         .with_batch_size(READ_BATCH_ROWS)
         .build()?;
@@ -1527,4 +1578,18 @@ pub async fn read_parquet_file(
         out.push(conform(&batch?, schema)?);
     }
     Ok(out)
+}
+
+/// [`read_parquet_file`] in the background, decoding on the blocking pool: several files
+/// decode at once, and a file is read while the caller works on another.
+fn spawn_read(
+    store: Arc<dyn ObjectStore>,
+    path: String,
+    schema: SchemaRef,
+) -> tokio::task::JoinHandle<Result<Vec<RecordBatch>, BoxError>> {
+    tokio::spawn(async move {
+        let location = Path::parse(&path)?;
+        let bytes = store.get(&location).await?.bytes().await?;
+        tokio::task::spawn_blocking(move || decode_parquet(bytes, &schema)).await?
+    })
 }
