@@ -508,3 +508,81 @@ fn a_key_changed_twice_before_a_resumed_load_keeps_the_loaded_toast_value() {
         assert_eq!(scd1(&open, &open), expected, "runs cut at {cuts:?}");
     }
 }
+
+/// A change-log file gone before it was compacted (a lost object, a file deleted by hand) fails
+/// the table's compaction with a read error naming the table, and nothing is committed: the
+/// read-ahead must not swallow the error of a file read in the background.
+#[tokio::test]
+async fn a_missing_change_log_file_fails_compaction_and_commits_nothing() {
+    use crate::lake::changelog::{app_id, ChangeLogTable};
+    use crate::lake::store::{S3Options, Sink};
+    use crate::lsn::Lsn;
+    use crate::replication::sql::TableName;
+
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().display());
+    let sink = Sink::open(&url, &S3Options::default()).unwrap();
+    let name = TableName {
+        schema: "public".into(),
+        name: "t".into(),
+    };
+    let schema = ChangeBatchBuilder::new(specs(false)).schema();
+    let mut log = ChangeLogTable::open(&sink, &name, &app_id("s"), &schema, 64 << 20)
+        .await
+        .unwrap();
+    // Three commits, one file each.
+    for txn in 1..=3i64 {
+        let mut b = ChangeBatchBuilder::new(specs(false));
+        for id in 0..10 {
+            let row = [
+                ColumnValue::Value(Value::Int8(id)),
+                ColumnValue::Value(Value::Text(format!("v{txn}"))),
+                ColumnValue::Value(Value::Int8(txn)),
+            ];
+            let op = if txn == 1 { "I" } else { "U" };
+            b.append(op, txn * 100, id, 1, txn * 1000, &row, None)
+                .unwrap();
+        }
+        log.write(b.finish().unwrap()).await.unwrap();
+        log.commit(Lsn(txn as u64 * 100)).await.unwrap();
+    }
+    let changes = dir.path().join("changes/public/t");
+    let mut files: Vec<_> = std::fs::read_dir(&changes)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
+        .collect();
+    files.sort();
+    assert_eq!(files.len(), 3);
+    std::fs::remove_file(&files[1]).unwrap();
+
+    let options = super::CompactOptions {
+        memory_budget: 64 << 20,
+        bucket_bytes: 128 << 20,
+        vacuum_retention: None,
+        optimize_file_size: 0,
+        changes_retention: None,
+        fold_threads: 2,
+    };
+    let err = super::compact_table(&sink, &name, &options)
+        .await
+        .expect_err("a change-log file is missing");
+    assert!(
+        matches!(&err, super::CompactError::Failed { table, action, .. } if table == "public.t" && *action == "read Parquet"),
+        "{err}"
+    );
+    for target in ["current", "history"] {
+        let log = dir.path().join(target).join("public/t/_delta_log");
+        let commits = std::fs::read_dir(&log).map_or(0, |d| {
+            d.filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "json"))
+            })
+            .count()
+        });
+        assert!(
+            commits <= 1,
+            "{target}: {commits} commits (creation at most)"
+        );
+    }
+}
