@@ -23,8 +23,9 @@
 #
 # The changes of a-c are 80% inserts, 15% updates, 5% deletes in transactions of at most --batch
 # rows (the workload of scripts/bench-decode.sh). Peak RSS is GNU time's maximum resident set
-# size of each client. Files are the *.parquet files in the sink for file:// (checked against
-# the files_written slotlake logs when it stops), and that number for s3://.
+# size of each client, CPU its user + system time (also from GNU time). Files are the *.parquet
+# files in the sink for file:// (checked against the files_written slotlake logs when it stops),
+# and that number for s3://.
 #
 # The first drain after a load is slower than later ones whoever does it (cold caches), so an
 # untimed pg_recvlogical drain of a third slot goes first unless --no-warmup.
@@ -196,11 +197,17 @@ cpu_busy() {
 
 secs_between() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", (b - a) / 1e9 }'; }
 
-# rss_mib FILE — GNU time's %M (KiB) in FILE as MiB; "?" when missing.
+# rss_mib FILE — GNU time's %M (KiB, first field of FILE's last line) as MiB; "?" when missing.
 rss_mib() {
     local kib
-    kib=$(tail -n 1 "$1" 2>/dev/null || true)
+    kib=$(tail -n 1 "$1" 2>/dev/null | awk '{ print $1 }' || true)
     if [[ $kib =~ ^[0-9]+$ ]]; then awk -v k="$kib" 'BEGIN { printf "%.0f", k / 1024 }'; else echo "?"; fi
+}
+
+# cpu_secs FILE — GNU time's %U + %S (second and third fields of FILE's last line): the
+# client's CPU seconds, user and system; "?" when missing.
+cpu_secs() {
+    tail -n 1 "$1" 2>/dev/null | awk 'NF >= 3 { printf "%.2f", $2 + $3; ok = 1 } END { if (!ok) print "?" }'
 }
 
 # timed_client NAME SLOT [env assignments...] COMMAND... — runs COMMAND (under env, with the
@@ -225,12 +232,13 @@ timed_client() {
     client_pid=
     WALL=$(secs_between "$t_start" "$t_end")
     RSS=$(rss_mib "$sdir/$slot.rss")
+    CPU=$(cpu_secs "$sdir/$slot.rss")
 }
 
 # run_pg_recvlogical SLOT — drains SLOT to end_lsn with pg_recvlogical. Sets WALL and RSS.
 run_pg_recvlogical() {
     local slot=$1 left
-    timed_client pg_recvlogical "$slot" /usr/bin/time -f '%M' -o "$sdir/$slot.rss" \
+    timed_client pg_recvlogical "$slot" /usr/bin/time -f '%M %U %S' -o "$sdir/$slot.rss" \
         "$PG_BIN/pg_recvlogical" -d "$conn" --slot "$slot" --start \
         -P pgoutput -o proto_version=1 -o publication_names=bench \
         --endpos "$end_lsn" --no-loop -f /dev/null
@@ -248,7 +256,7 @@ run_slotlake() {
     shift 2
     timed_client "slotlake run" "$slot" \
         AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test AWS_REGION=us-east-1 \
-        /usr/bin/time -f '%M' -o "$sdir/$slot.rss" \
+        /usr/bin/time -f '%M %U %S' -o "$sdir/$slot.rss" \
         "$slotlake" --log-level info --log-format json run --source "$conn" --slot "$slot" \
         --publication bench --sink "$sink" --flush-interval "${FLUSH_INTERVAL:-1s}" \
         --metrics-addr "127.0.0.1:0" --stop-at "$end_lsn" "$@"
@@ -367,8 +375,8 @@ run_scenario() {
         if [[ $tool == pg ]]; then
             say "pg_recvlogical drains bench_pg"
             run_pg_recvlogical bench_pg
-            say "  ${WALL}s, peak RSS ${RSS} MiB"
-            printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$label" pg_recvlogical "$n_changes" "$WALL" "$RSS" - >>"$work/results"
+            say "  ${WALL}s, peak RSS ${RSS} MiB, ${CPU} CPU s"
+            printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$label" pg_recvlogical "$n_changes" "$WALL" "$RSS" - "$CPU" >>"$work/results"
         else
             say "slotlake run drains bench_sl into $sink_url ${extra[*]}"
             run_slotlake bench_sl "$sink_url" "${extra[@]}"
@@ -381,8 +389,8 @@ run_scenario() {
                     || say "warning: slotlake reported $FILES files written but the sink holds $parquet parquet files"
                 FILES=$parquet
             fi
-            say "  ${WALL}s, peak RSS ${RSS} MiB, $FILES files"
-            printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$label" slotlake "$n_changes" "$WALL" "$RSS" "$FILES" >>"$work/results"
+            say "  ${WALL}s, peak RSS ${RSS} MiB, ${CPU} CPU s, $FILES files"
+            printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$label" slotlake "$n_changes" "$WALL" "$RSS" "$FILES" "$CPU" >>"$work/results"
         fi
     done
     printf '%s\t%s\t%s\t%s\t%s\n' "$label" "$tables" "$n_txns" "$wal_mib" "$busy" >>"$work/info"
@@ -403,16 +411,17 @@ echo
 awk -F'\t' -v quick="$quick" -v goals_file="$work/goals" '
 function rss_ok(r, lim, strict) { return r != "?" && (strict ? r + 0 < lim : r + 0 <= lim) }
 {
-    sc[NR] = $1; tool[NR] = $2; n[NR] = $3; w[NR] = $4; rss[NR] = $5; files[NR] = $6
+    sc[NR] = $1; tool[NR] = $2; n[NR] = $3; w[NR] = $4; rss[NR] = $5; files[NR] = $6; cpu[NR] = $7
     if ($2 == "pg_recvlogical") pgw[$1] = $4
 }
 END {
-    printf "%-13s %-15s %9s %8s %10s %6s %9s %6s\n", "scenario", "tool", "changes", "seconds", "changes/s", "ratio", "RSS MiB", "files"
+    printf "%-13s %-15s %9s %8s %10s %6s %9s %6s %7s %10s\n", "scenario", "tool", "changes", "seconds", "changes/s", "ratio", "RSS MiB", "files", "CPU s", "CPU us/chg"
     for (i = 1; i <= NR; i++) {
         ratio = (tool[i] == "slotlake" && pgw[sc[i]] > 0) ? sprintf("%.2f", pgw[sc[i]] / w[i]) : "-"
         if (tool[i] == "slotlake") r[substr(sc[i], 1, 1)] = ratio
         if (tool[i] == "slotlake") m[substr(sc[i], 1, 1)] = rss[i]
-        printf "%-13s %-15s %9d %8.3f %10.0f %6s %9s %6s\n", sc[i], tool[i], n[i], w[i], n[i] / w[i], ratio, rss[i], files[i]
+        per = (cpu[i] != "?" && cpu[i] != "") ? sprintf("%.2f", cpu[i] * 1e6 / n[i]) : "?"
+        printf "%-13s %-15s %9d %8.3f %10.0f %6s %9s %6s %7s %10s\n", sc[i], tool[i], n[i], w[i], n[i] / w[i], ratio, rss[i], files[i], cpu[i], per
     }
     print ""
     missed = 0
