@@ -103,7 +103,7 @@ pub enum RowError {
         #[source]
         source: ValueError,
     },
-    #[error("a row was left half appended by an earlier error; the batch cannot be finished")]
+    #[error("a row was left half appended by an earlier error; the batch takes no more rows and cannot be finished")]
     Broken,
     #[error("assembling the change-log record batch")]
     Batch(#[source] ArrowError),
@@ -314,6 +314,15 @@ impl ChangeBatchBuilder {
         Ok(())
     }
 
+    /// A half-appended row stays in the builders: nothing more goes in after it (the columns
+    /// would no longer line up).
+    fn refuse_if_broken(&self) -> Result<(), RowError> {
+        match self.broken {
+            true => Err(RowError::Broken),
+            false => Ok(()),
+        }
+    }
+
     /// That `op` is one of `ops`, and the row (and old row) have a value per column.
     fn check_shape(
         &self,
@@ -357,6 +366,7 @@ impl ChangeBatchBuilder {
     ) -> Result<(), RowError> {
         let ops = [OP_INSERT, OP_UPDATE, OP_DELETE];
         self.check_shape(&ops, op, row.len(), old.map(<[_]>::len))?;
+        self.refuse_if_broken()?;
         self.settle_reads();
         self.broken = true;
         for ((spec, builder), column) in self.columns.iter().zip(&mut self.values).zip(row) {
@@ -412,6 +422,7 @@ impl ChangeBatchBuilder {
                 got: fields.len(),
             });
         }
+        self.refuse_if_broken()?;
         self.broken = true;
         let mut specials = false;
         let mut fields = fields;
@@ -1105,6 +1116,14 @@ mod tests {
             "{err}"
         );
         assert!(matches!(builder.finish(), Err(RowError::Broken)));
+        let good = [t("3"), t("c"), t("3"), t("2024-01-01")];
+        assert!(
+            matches!(
+                builder.append_change("I", 1, 2, 1, 0, &good, None),
+                Err(RowError::Broken)
+            ),
+            "nothing goes in after a half row"
+        );
         let short = [t("3")];
         assert!(matches!(
             builder.append_change("I", 1, 2, 1, 0, &short, None),
