@@ -1065,6 +1065,12 @@ async fn step(
         let batches = ctx.joined(read)?;
         for batch in batches {
             changes += batch.num_rows() as u64;
+            if nb == 1 {
+                // One bucket (every small table): every change goes to it; no key to hash.
+                touched[0] = true;
+                routed[0].push(batch);
+                continue;
+            }
             let keys = layout
                 .key_rows(&batch, KeyNames::Row)
                 .map_err(ctx.fail("key"))?;
