@@ -689,7 +689,7 @@ struct LoadSnapshot {
 /// was interrupted — from a temporary slot's (see `crate::snapshot`). The snapshot is kept in
 /// `kept` when an attempt fails for a reason that leaves it valid (the sink failing), so that
 /// the next attempt goes on in the same snapshot, exactly; it is dropped when the load is
-/// done, when a table was rewritten under it, or when its session is gone.
+/// done, when a table was rewritten under it, or when importing it found its session gone.
 async fn initial_snapshot(
     opts: &crate::snapshot::LoadOptions,
     mode: crate::cli::SnapshotMode,
@@ -698,19 +698,11 @@ async fn initial_snapshot(
     kept: &mut Option<LoadSnapshot>,
     metrics: &crate::metrics::Metrics,
 ) -> Result<()> {
-    use crate::snapshot::{read_record, temporary_snapshot, usable, SnapshotGone, TableRewritten};
+    use crate::snapshot::{read_record, temporary_snapshot, SnapshotGone, TableRewritten};
     if mode == crate::cli::SnapshotMode::Never {
         return Ok(());
     }
     let record = read_record(sink, &opts.slot).await?;
-    if let Some(k) = kept.as_ref() {
-        if !usable(info, &k.snapshot.name).await? {
-            tracing::info!(slot = %opts.slot, "the snapshot of the failed attempt is gone; the load goes on from a new one");
-            if let Some(k) = kept.take() {
-                k.session.close().await;
-            }
-        }
-    }
     let loading = record.as_ref().filter(|r| r.state == "loading");
     if kept.is_none() {
         let Some(r) = loading else {
@@ -749,10 +741,15 @@ async fn initial_snapshot(
         .map(|r| r.plans.clone())
         .unwrap_or_default();
     let loaded = load_recorded(opts, info, sink, &k.snapshot, k.start, plans, metrics).await;
-    let keep = loaded.as_ref().is_err_and(|e| {
-        !e.chain()
-            .any(|c| c.is::<TableRewritten>() || c.is::<SnapshotGone>())
-    });
+    // The load's own imports tell when the snapshot is gone (`SnapshotGone`).
+    let keep = match &loaded {
+        Ok(()) => false,
+        Err(e) if e.chain().any(|c| c.is::<SnapshotGone>()) => {
+            tracing::info!(slot = %opts.slot, "the snapshot of the failed attempt is gone; the load goes on from a new one");
+            false
+        }
+        Err(e) => !e.chain().any(|c| c.is::<TableRewritten>()),
+    };
     if !keep {
         if let Some(k) = kept.take() {
             k.session.close().await;

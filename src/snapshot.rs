@@ -806,20 +806,6 @@ pub async fn load(
     Ok(summary)
 }
 
-/// Whether an exported snapshot can still be imported, i.e. the session that exported it is
-/// still open and idle. Errors reaching the server are errors, not a "no".
-pub async fn usable(info: &ConnInfo, snapshot: &str) -> anyhow::Result<bool> {
-    let mut conn = PgConnection::connect(info, SessionKind::Sql).await?;
-    let imported = import(&mut conn, snapshot).await;
-    let _ = conn.simple_query("ROLLBACK").await;
-    conn.close().await;
-    match imported {
-        Ok(()) => Ok(true),
-        Err(e) if e.is::<SnapshotGone>() => Ok(false),
-        Err(e) => Err(e),
-    }
-}
-
 /// Opens a repeatable-read transaction on `snapshot`.
 async fn import(conn: &mut PgConnection, snapshot: &str) -> anyhow::Result<()> {
     use crate::replication::ClientError;
