@@ -404,10 +404,11 @@ impl ChangeBatchBuilder {
 
     /// Appends a row read by the initial load (`_op` `R`, no old key, nothing unchanged)
     /// straight from its COPY fields, in column order. Values whose type has a direct path
-    /// ([`ColumnBuilder::append_binary_direct`]) skip the typed [`Value`]; the rest are parsed
-    /// and appended like a streamed change's. Unlike [`Self::append`], an error leaves the row
-    /// half appended: the batch is then unusable ([`Self::finish`] fails with
-    /// [`RowError::Broken`]), as a load that meets a bad value fails anyway.
+    /// ([`ColumnBuilder::append_binary_direct`], [`ColumnBuilder::append_text_direct`]) skip
+    /// the typed [`Value`]; the rest are parsed and appended like a streamed change's. Unlike
+    /// [`Self::append`], an error leaves the row half appended: the batch is then unusable
+    /// ([`Self::finish`] fails with [`RowError::Broken`]), as a load that meets a bad value
+    /// fails anyway.
     pub fn append_read<'a>(
         &mut self,
         lsn: i64,
@@ -438,30 +439,17 @@ impl ChangeBatchBuilder {
                     builder.append_null();
                     continue;
                 }
-                WireField::Binary(raw) => {
-                    if builder.append_binary_direct(raw) {
-                        continue;
-                    }
-                    (raw, true)
-                }
+                WireField::Binary(raw) => (raw, true),
                 WireField::Text(raw) => (raw, false),
             };
-            let parsed = if binary {
-                crate::types::binary::parse(&spec.ty, raw)
-            } else {
-                crate::types::text::parse(&spec.ty, raw)
-            };
-            let value = parsed.map_err(|source| RowError::Parse {
-                column: spec.name.clone(),
-                source,
-            })?;
-            self.scratch.clear();
-            builder
-                .append(&value, &mut self.scratch)
-                .map_err(|source| RowError::Value {
-                    column: spec.name.clone(),
-                    source,
-                })?;
+            append_raw(
+                builder,
+                &spec.ty,
+                &spec.name,
+                raw,
+                binary,
+                &mut self.scratch,
+            )?;
             if !self.scratch.is_empty() {
                 // This row's `_special` list is not empty: the rows before it get theirs now.
                 specials = true;
@@ -720,9 +708,8 @@ fn old_value(old: Option<&[ColumnValue]>, index: usize) -> Option<&Value> {
     }
 }
 
-/// Adds `<column>=<marker>` to the current row's `_special` list for each marker.
-/// One pgoutput value of a change (null and unchanged TOAST append a null): directly when the
-/// column's type has a direct path, else parsed into a typed value first.
+/// One pgoutput value of a change (null and unchanged TOAST append a null), its stand-in
+/// markers added to the row's `_special` list.
 fn append_wire(
     builder: &mut ColumnBuilder,
     ty: &PgType,
@@ -731,31 +718,55 @@ fn append_wire(
     scratch: &mut Vec<String>,
     special: &mut StrLists,
 ) -> Result<(), RowError> {
-    let parsed = match column {
+    let (raw, binary) = match column {
         TupleColumn::Null | TupleColumn::UnchangedToast => {
             builder.append_null();
             return Ok(());
         }
-        TupleColumn::Text(raw) if builder.append_text_direct(raw) => return Ok(()),
-        TupleColumn::Binary(raw) if builder.append_binary_direct(raw) => return Ok(()),
-        TupleColumn::Text(raw) => crate::types::text::parse(ty, raw),
-        TupleColumn::Binary(raw) => crate::types::binary::parse(ty, raw),
+        TupleColumn::Text(raw) => (raw.as_ref(), false),
+        TupleColumn::Binary(raw) => (raw.as_ref(), true),
+    };
+    append_raw(builder, ty, name, raw, binary, scratch)?;
+    push_specials(special, name, scratch);
+    Ok(())
+}
+
+/// One non-null value in its wire form (binary `typsend` or text `typoutput`): straight into
+/// the column when its type has a direct path, else parsed into a typed value and appended.
+/// `markers` ends up holding the value's stand-in markers (none on the direct path).
+fn append_raw(
+    builder: &mut ColumnBuilder,
+    ty: &PgType,
+    name: &str,
+    raw: &[u8],
+    binary: bool,
+    markers: &mut Vec<String>,
+) -> Result<(), RowError> {
+    markers.clear();
+    let direct = match binary {
+        true => builder.append_binary_direct(raw),
+        false => builder.append_text_direct(raw),
+    };
+    if direct {
+        return Ok(());
+    }
+    let parsed = match binary {
+        true => crate::types::binary::parse(ty, raw),
+        false => crate::types::text::parse(ty, raw),
     };
     let value = parsed.map_err(|source| RowError::Parse {
         column: name.to_owned(),
         source,
     })?;
-    scratch.clear();
     builder
-        .append(&value, scratch)
+        .append(&value, markers)
         .map_err(|source| RowError::Value {
             column: name.to_owned(),
             source,
-        })?;
-    push_specials(special, name, scratch);
-    Ok(())
+        })
 }
 
+/// Adds `<column>=<marker>` to the current row's `_special` list for each marker.
 fn push_specials(special: &mut StrLists, column: &str, markers: &[String]) {
     let strings = special.values();
     for marker in markers {
