@@ -819,11 +819,6 @@ impl Pipeline {
                 }
                 let lsn = position.commit_lsn;
                 let commit_ts = txn.commit_ts.unix_micros();
-                let row_err = |source| RunError::Row {
-                    table: layout.table.to_string(),
-                    lsn,
-                    source,
-                };
                 let (seq, xid) = (position.seq as i64, i64::from(txn.xid));
                 match change.op {
                     ChangeOp::Truncate => {
@@ -864,7 +859,11 @@ impl Pipeline {
                                         got,
                                     }
                                 }
-                                e => row_err(e),
+                                source => RunError::Row {
+                                    table: layout.table.to_string(),
+                                    lsn,
+                                    source,
+                                },
                             })?;
                     }
                 }

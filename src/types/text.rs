@@ -82,10 +82,8 @@ pub(crate) mod direct {
 
     /// A finite numeric's text (`-?digits(.digits)?`), as [`super::parse_numeric`] accepts it.
     pub(crate) fn finite_numeric(raw: &[u8]) -> Option<&str> {
-        match super::parse_numeric_shape(raw).ok()? {
-            true => std::str::from_utf8(raw).ok(),
-            false => None,
-        }
+        super::finite_numeric_shape(raw).ok()?;
+        std::str::from_utf8(raw).ok()
     }
 
     pub(crate) fn date(raw: &[u8]) -> Option<i32> {
@@ -238,18 +236,14 @@ fn parse_numeric(raw: &[u8]) -> Parsed<Numeric> {
         b"-Infinity" => return Ok(Numeric::NegInfinity),
         _ => {}
     }
-    parse_numeric_shape(raw)?;
+    finite_numeric_shape(raw)?;
     // Only ASCII digits, '-' and '.' remain: this cannot fail.
     let text = std::str::from_utf8(raw).map_err(|_| Fail::Invalid("not UTF-8"))?;
     Ok(Numeric::Finite(text.to_owned()))
 }
 
-/// Whether `raw` is a finite numeric (`-?digits(.digits)?`: true), a special value (false), or
-/// neither (an error).
-fn parse_numeric_shape(raw: &[u8]) -> Parsed<bool> {
-    if matches!(raw, b"NaN" | b"Infinity" | b"-Infinity") {
-        return Ok(false);
-    }
+/// That `raw` is a finite numeric's text: `-?digits(.digits)?`.
+fn finite_numeric_shape(raw: &[u8]) -> Parsed<()> {
     let unsigned = raw.strip_prefix(b"-").unwrap_or(raw);
     let (int, frac) = match unsigned.iter().position(|&c| c == b'.') {
         Some(dot) => (
@@ -262,7 +256,7 @@ fn parse_numeric_shape(raw: &[u8]) -> Parsed<bool> {
     if !all_digits(int) || frac.is_some_and(|f| !all_digits(f)) {
         return Err(Fail::Invalid("expected -digits[.digits], NaN or ±Infinity"));
     }
-    Ok(true)
+    Ok(())
 }
 
 fn utf8(raw: &[u8]) -> Parsed<String> {
