@@ -893,13 +893,7 @@ async fn stop_at_commits_everything_before_the_lsn_and_exits_by_itself() {
     db.exec("INSERT INTO marker VALUES (1)").await;
     // 48 MiB ahead of the WAL: only this test's segment switches get there (other databases
     // of a cluster shared by tests write a few MiB at most).
-    let now: slotlake::lsn::Lsn = db
-        .exec("SELECT pg_current_wal_insert_lsn()::text AS w")
-        .await[0]
-        .get("w")
-        .unwrap()
-        .parse()
-        .unwrap();
+    let now = db.wal_insert_lsn().await;
     let stop = slotlake::lsn::Lsn(now.0 + (48 << 20));
     let stop_text = stop.to_string();
     let extra = ["--stop-at", &stop_text, "--heartbeat-interval", "0"];

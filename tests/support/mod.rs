@@ -447,6 +447,18 @@ impl TestDb {
         admin.close().await;
     }
 
+    /// The WAL insert position (not `pg_current_wal_lsn()`, the write position: with
+    /// `synchronous_commit = off` that can still be before a commit that has returned).
+    pub async fn wal_insert_lsn(&self) -> slotlake::lsn::Lsn {
+        let rows = self
+            .exec("SELECT pg_current_wal_insert_lsn()::text AS w")
+            .await;
+        rows.first()
+            .and_then(|r| r.get("w"))
+            .and_then(|w| w.parse().ok())
+            .expect("pg_current_wal_insert_lsn()")
+    }
+
     /// The integer in column `v` of the first row `sql` returns, run as the admin.
     pub async fn int(&self, sql: &str) -> i64 {
         let rows = self.exec(sql).await;
@@ -706,18 +718,11 @@ pub async fn stop(mut child: tokio::process::Child, log: &Path) {
 const STREAMING: &str = ": streaming source=";
 
 /// Waits until the `run` logging to `log` streams and slot `slot` confirmed the source's
-/// current WAL insert position. (The insert position, not `pg_current_wal_lsn()`: with
-/// `synchronous_commit = off` the write position can still be before a commit that has
-/// returned.) Streaming first: a slot `run` just created has confirmed its consistent point,
+/// current WAL insert position ([`TestDb::wal_insert_lsn`]). Streaming first: a slot `run` just created has confirmed its consistent point,
 /// which may be past the target, while the initial snapshot still loads; a workload started
 /// then overlaps the load.
 pub async fn caught_up(db: &TestDb, slot: &str, log: &Path) {
-    let target = db
-        .exec("SELECT pg_current_wal_insert_lsn()::text AS w")
-        .await[0]
-        .get("w")
-        .unwrap()
-        .to_string();
+    let target = db.wal_insert_lsn().await;
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(120);
     loop {
         let r = db
