@@ -493,6 +493,7 @@ fn compact_options(t: &crate::cli::CompactTuning) -> crate::compact::CompactOpti
         optimize_file_size: t.optimize_file_size,
         changes_retention: t.changes_retention.0,
         fold_threads: crate::compact::all_cores(),
+        deletion_vectors: t.deletion_vectors,
     }
 }
 
@@ -524,6 +525,7 @@ pub async fn compact(a: crate::cli::CompactArgs) -> Result<()> {
                             "steps": r.steps,
                             "changes": r.changes,
                             "buckets_rewritten": r.buckets_rewritten,
+                            "buckets_patched": r.buckets_patched,
                             "buckets": r.buckets_total,
                             "current_bytes_rewritten": r.current_bytes_rewritten,
                             "current_bytes": r.current_bytes_total,
@@ -536,11 +538,12 @@ pub async fn compact(a: crate::cli::CompactArgs) -> Result<()> {
                         })
                     ),
                     crate::cli::OutputFormat::Table => println!(
-                        "{name}: {} changes in {} steps, {}/{} buckets rewritten ({} of {} bytes), change log through version {}; change-log files: {} merged into {}, {} expired; {} files vacuumed{}",
+                        "{name}: {} changes in {} steps, {}/{} buckets rewritten, {} patched ({} of {} bytes written), change log through version {}; change-log files: {} merged into {}, {} expired; {} files vacuumed{}",
                         r.changes,
                         r.steps,
                         r.buckets_rewritten,
                         r.buckets_total,
+                        r.buckets_patched,
                         r.current_bytes_rewritten,
                         r.current_bytes_total,
                         r.to_version.map_or("-".to_string(), |v| v.to_string()),

@@ -250,14 +250,14 @@ async fn read_table(
         .try_into_arrow()
         .map_err(|e: deltalake::arrow::error::ArrowError| e.to_string())?;
     let schema = Arc::new(schema);
-    let paths: Vec<String> = snapshot
+    let files: Vec<_> = snapshot
         .log_data()
         .iter()
-        .map(|f| f.path().into_owned())
+        .map(|f| (f.path().into_owned(), f.deletion_vector_descriptor()))
         .collect();
     let mut out = Vec::new();
-    for p in paths {
-        let batches = crate::compact::read_parquet_file(store.as_ref(), &p, &schema)
+    for (p, dv) in files {
+        let batches = crate::compact::read_table_file(store.as_ref(), &p, dv.as_ref(), &schema)
             .await
             .map_err(|e| format!("{kind} table of {table}: file {p} cannot be read: {e}"))?;
         out.extend(batches);

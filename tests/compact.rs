@@ -190,9 +190,26 @@ async fn compaction_and_verify_match_the_source_on_file_and_s3() {
         caught_up(&db, &slot, &log).await;
 
         let db_url = db.url();
-        let args = verify_args(&db_url, &slot, &root, &s3_flags);
+        // On S3, verify's compaction creates the tables with deletion vectors.
+        let mut args = verify_args(&db_url, &slot, &root, &s3_flags);
+        if label == "s3" {
+            args.push("--deletion-vectors");
+        }
         let (code, out, err) = run_slotlake(&args, &S3_ENV).await;
         assert_eq!(code, 0, "{label}: verify passes\n{out}\n{err}");
+        if label == "s3" {
+            // A few more changes (2 % of the rows, some moved to a new key), compacted by a
+            // second verify: they patch buckets instead of rewriting them.
+            db.exec(
+                "UPDATE acct SET balance = balance + 1 WHERE id % 50 = 0;
+                 UPDATE acct SET id = id + 200000 WHERE id % 500 = 7;
+                 DELETE FROM acct WHERE id % 500 = 9;",
+            )
+            .await;
+            caught_up(&db, &slot, &log).await;
+            let (code, out, err) = run_slotlake(&args, &S3_ENV).await;
+            assert_eq!(code, 0, "s3: verify after the patch passes\n{out}\n{err}");
+        }
         for t in ["public.acct", "public.kv", "public.events", "public.quiet"] {
             assert!(
                 out.lines()
@@ -259,6 +276,20 @@ async fn compaction_and_verify_match_the_source_on_file_and_s3() {
                 .collect::<Vec<_>>(),
         );
 
+        if label == "s3" {
+            // Buckets were patched: the independent reader above applied deletion vectors.
+            let marked = s3::read_delta(
+                &format!("{root}/current/public/acct"),
+                s3_reader,
+                &["--marked"],
+            )
+            .await;
+            let marked: u64 = marked.trim().parse().expect("a count");
+            assert!(
+                marked > 0,
+                "s3: acct's current files have rows marked deleted"
+            );
+        }
         if label == "file" {
             // Several buckets (64KiB each): the table is clustered, not one file.
             let files = parquet_on_disk(&dir.path().join("lake/current/public/acct"));
@@ -357,13 +388,30 @@ for f in files:
 /// identical to a clean compaction of the same change logs, and a further run changes nothing.
 #[tokio::test]
 async fn kill_nine_during_compaction_then_rerun_gives_identical_tables() {
+    kill_nine_during_compaction(false).await;
+}
+
+/// The same with deletion vectors: the small steps patch buckets, and kills land between a
+/// step's history and current commits, whose deletion vectors the re-run repairs.
+#[tokio::test]
+async fn kill_nine_during_compaction_with_deletion_vectors_gives_identical_tables() {
+    kill_nine_during_compaction(true).await;
+}
+
+async fn kill_nine_during_compaction(dv: bool) {
     let cluster = Cluster::shared();
-    let db = cluster.create_db("compact_kill").await;
+    let db = cluster
+        .create_db(if dv {
+            "compact_kill_dv"
+        } else {
+            "compact_kill"
+        })
+        .await;
     create_schema(&db).await;
     let dir = tempfile::tempdir().unwrap();
     let lake = dir.path().join("lake");
     let root = format!("file://{}", lake.display());
-    let slot = "c_kill";
+    let slot = if dv { "c_kill_dv" } else { "c_kill" };
     let log = dir.path().join("run.log");
     let run = start_run(&db, slot, &root, &["--compact-interval", "0"], &log).await;
     caught_up(&db, slot, &log).await;
@@ -376,7 +424,10 @@ async fn kill_nine_during_compaction_then_rerun_gives_identical_tables() {
     copy_dir(&lake.join("changes"), &reference.join("changes"));
     let reference_root = format!("file://{}", reference.display());
     // Small steps and buckets: many commits, so kills land between and inside them.
-    let tuning = ["--compact-memory", "256KiB", "--bucket-size", "32KiB"];
+    let mut tuning = vec!["--compact-memory", "256KiB", "--bucket-size", "32KiB"];
+    if dv {
+        tuning.push("--deletion-vectors");
+    }
     let started = std::time::Instant::now();
     let (code, out, err) = run_slotlake(
         &[&["compact", "--sink", &reference_root][..], &tuning].concat(),
@@ -398,7 +449,7 @@ async fn kill_nine_during_compaction_then_rerun_gives_identical_tables() {
         let delay = Duration::from_micros(seed % (clean.as_micros() as u64).max(1));
         let mut child = tokio::process::Command::new(slotlake_bin())
             .args(["compact", "--sink", &root])
-            .args(tuning)
+            .args(&tuning)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true)
@@ -445,6 +496,16 @@ async fn kill_nine_during_compaction_then_rerun_gives_identical_tables() {
             on_disk, active,
             "{kind}: replaced files vacuumed, live ones kept"
         );
+    }
+    if dv {
+        for kind in ["current", "history"] {
+            let table = format!("{reference_root}/{kind}/public/acct");
+            let marked = s3::read_delta(&table, None, &["--marked"]).await;
+            assert!(
+                marked.trim().parse::<u64>().expect("a count") > 0,
+                "{kind}: buckets were patched"
+            );
+        }
     }
     for kind in ["current", "history"] {
         for t in ["acct", "kv", "events"] {

@@ -23,6 +23,7 @@ import time
 import duckdb
 import pyarrow as pa
 from deltalake import DeltaTable, write_deltalake
+from read_delta import arrow_table  # same directory: the DV-aware reader
 
 GEN = """
 SELECT
@@ -127,7 +128,7 @@ def main():
         )
     elif args.cmd == "check":
         con = duckdb.connect()
-        ours = DeltaTable(args.current).to_pyarrow_table(columns=["id", "amount", "name"])
+        ours = arrow_table(DeltaTable(args.current), columns=["id", "amount", "name"])
         con.register("ours", ours)
         diff = con.execute(
             f"""SELECT count(*) FROM (

@@ -61,6 +61,22 @@ def storage_options(uri, endpoint):
 # --- canonical rendering -------------------------------------------------------------------
 
 
+def arrow_table(dt, columns=None):
+    """The table's rows as a pyarrow Table. A table with deletion vectors (slotlake compact
+    --deletion-vectors) is read through delta-rs's QueryBuilder, which applies them
+    (`to_pyarrow_table` refuses such tables), and cast back to the table's own schema."""
+    if "deletionVectors" in (dt.protocol().reader_features or []):
+        from deltalake import QueryBuilder
+
+        cols = ", ".join('"' + c.replace('"', '""') + '"' for c in columns) if columns else "*"
+        table = pa.table(QueryBuilder().register("t", dt).execute(f"SELECT {cols} FROM t"))
+        schema = pa.schema(dt.schema().to_arrow())
+        if columns:
+            schema = pa.schema([schema.field(c) for c in columns])
+        return table.cast(schema)
+    return dt.to_pyarrow_table(columns=columns)
+
+
 def civil_from_days(days):
     """Proleptic Gregorian (year, month, day) of a day count since 1970-01-01, for any year
     (Howard Hinnant's algorithm; Python's datetime stops at year 9999)."""
@@ -267,6 +283,11 @@ def main(argv):
     what.add_argument("--count", action="store_true", help="print only the row count")
     what.add_argument("--version", action="store_true", help="print only the table version")
     what.add_argument("--files", action="store_true", help="print the data files, one per line")
+    what.add_argument(
+        "--marked",
+        action="store_true",
+        help="print the rows the data files hold that deletion vectors mark as deleted",
+    )
     args = p.parse_args(argv)
     sys.stdout.reconfigure(encoding="utf-8")
     try:
@@ -278,7 +299,11 @@ def main(argv):
             for f in sorted(dt.file_uris()):
                 print(f)
             return 0
-        table = dt.to_pyarrow_table()
+        table = arrow_table(dt)
+        if args.marked:
+            physical = pa.table(dt.get_add_actions(flatten=True)).column("num_records")
+            print(sum(v for v in physical.to_pylist() if v is not None) - table.num_rows)
+            return 0
         if args.count:
             print(table.num_rows)
             return 0

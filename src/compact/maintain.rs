@@ -407,6 +407,7 @@ mod tests {
             sink: &sink,
             name: &name,
             table: name.to_string(),
+            deletion_vectors: false,
         };
         let optimize = || DeltaOperation::Optimize {
             predicate: None,

@@ -6,9 +6,10 @@
 //! far compaction got: `next << 20 | files` — change-log versions before `next` are compacted,
 //! and the first `files` data files of `next` (a commit too large for one step is compacted a
 //! few files at a time). A run reads only what comes after, in steps that fit the memory
-//! budget; each step commits the history table, then the current table. A crash between the two is repaired by the next run before anything else: the
-//! current table is a pure function of the history table's open versions (each current file is
-//! derived from one open-history file with the same id), so it is rebuilt from them.
+//! budget; each step commits the history table, then the current table. A crash between the
+//! two is repaired by the next run before anything else: the current table is a pure function
+//! of the history table's open versions (each current file is derived from one open-history
+//! file with the same id, and its deletion vector from that file's), so it is rebuilt from them.
 //!
 //! **Buckets.** Open versions are clustered by a hash of the key ([`fold::key_hash`]) into
 //! buckets, each one file of the current table and one "open" file of the history table,
@@ -20,9 +21,21 @@
 //! key-changing update whose old and new keys hash to different buckets merges those two into
 //! one unit of work (values of unchanged TOAST columns travel with the row).
 //!
+//! **Deletion vectors.** Tables created with [`CompactOptions::deletion_vectors`] have the Delta
+//! `deletionVectors` feature, and a bucket may hold several file pairs (same range, own ids). A
+//! step *patches* a unit when it can: the open versions of the keys its changes touch are
+//! marked deleted in their files' (inline, [`dv`]) vectors, the fold runs on those versions
+//! alone, and its output is one new file pair per bucket. It rewrites the unit into one pair per
+//! bucket instead on a truncate, on re-bucketing, when a bucket has [`MAX_BUCKET_FILES`] pairs,
+//! or when the touched keys and the rows already marked are more than 1 row in
+//! [`MARKED_DENOMINATOR`]. A current file holds its
+//! open file's live rows in order, so its vector follows from the open file's
+//! ([`current_marks`]); the repair after a crash rebuilds it the same way.
+//!
 //! **Order.** Within a step, changes are applied in (`_lsn`, `_seq`) order whatever the file
 //! order; steps follow the change-log versions, which are in commit-LSN order.
 
+pub mod dv;
 pub mod fold;
 mod maintain;
 #[cfg(test)]
@@ -31,12 +44,14 @@ mod tests;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use deltalake::arrow::array::{new_null_array, ArrayRef, RecordBatch};
+use deltalake::arrow::array::{new_null_array, ArrayRef, AsArray, RecordBatch};
 use deltalake::arrow::compute::{cast, concat_batches};
 use deltalake::arrow::datatypes::{Field, Schema, SchemaRef};
 use deltalake::kernel::engine::arrow_conversion::{TryIntoArrow, TryIntoKernel};
 use deltalake::kernel::transaction::CommitData;
-use deltalake::kernel::{Action, Add, Metadata, MetadataExt, Remove, StructType, Transaction};
+use deltalake::kernel::{
+    Action, Add, DeletionVectorDescriptor, Metadata, MetadataExt, Remove, StructType, Transaction,
+};
 use deltalake::logstore::{CommitOrBytes, LogStoreRef};
 use deltalake::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use deltalake::parquet::arrow::async_writer::AsyncArrowWriter;
@@ -103,6 +118,10 @@ pub struct CompactOptions {
     pub changes_retention: Option<std::time::Duration>,
     /// Threads that fold a step's changes.
     pub fold_threads: usize,
+    /// Tables created with this use deletion vectors: a bucket with few changed keys gets a
+    /// small file of their new versions and its old versions marked deleted, instead of being
+    /// rewritten (see the module docs).
+    pub deletion_vectors: bool,
 }
 
 /// One fold thread per core.
@@ -119,6 +138,7 @@ impl Default for CompactOptions {
             optimize_file_size: 64 << 20,
             changes_retention: None,
             fold_threads: all_cores(),
+            deletion_vectors: false,
         }
     }
 }
@@ -132,8 +152,11 @@ pub struct TableReport {
     pub to_version: Option<u64>,
     pub steps: u64,
     pub changes: u64,
-    /// Current-table buckets rewritten and their bytes, of the table's total after the run.
+    /// Current-table buckets rewritten and their bytes, of the table's total after the run
+    /// (bytes rewritten include the files of new versions that patched buckets got).
     pub buckets_rewritten: u64,
+    /// Buckets patched with deletion vectors instead of rewritten.
+    pub buckets_patched: u64,
     pub buckets_total: u64,
     pub current_bytes_rewritten: u64,
     pub current_bytes_total: u64,
@@ -211,16 +234,31 @@ struct Target {
     /// `None` until the table exists.
     version: Option<u64>,
     metadata: Option<Metadata>,
+    protocol: Option<deltalake::kernel::Protocol>,
     /// Change-log version compacted through.
     txn: Option<u64>,
-    /// Data files: path → size.
-    files: BTreeMap<String, i64>,
+    /// Data files: path → size and deletion vector.
+    files: BTreeMap<String, FileEntry>,
+    /// Created with deletion vectors enabled.
+    dv_ready: bool,
 }
+
+/// A data file of a current or history table.
+#[derive(Debug, Clone)]
+struct FileEntry {
+    size: i64,
+    dv: Option<DeletionVectorDescriptor>,
+}
+
+/// The table property that enables deletion vectors.
+const DV_PROPERTY: &str = "delta.enableDeletionVectors";
 
 struct Ctx<'a> {
     sink: &'a Sink,
     name: &'a TableName,
     table: String,
+    /// Create the current and history tables with deletion vectors.
+    deletion_vectors: bool,
 }
 
 impl Ctx<'_> {
@@ -255,8 +293,10 @@ impl Ctx<'_> {
             store: store.clone(),
             version: None,
             metadata: None,
+            protocol: None,
             txn: None,
             files: BTreeMap::new(),
+            dv_ready: false,
         };
         if !has_delta_log(store.as_ref(), &Path::default())
             .await
@@ -269,13 +309,21 @@ impl Ctx<'_> {
         let snapshot = table.snapshot().map_err(self.fail("load"))?;
         target.version = Some(snapshot.version());
         target.metadata = Some(snapshot.metadata().clone());
+        target.protocol = Some(snapshot.protocol().clone());
+        target.dv_ready = dv_enabled(snapshot.metadata());
         target.txn = snapshot
             .transaction_version(log_store.as_ref(), APP_ID)
             .await
             .map_err(self.fail("read txn version"))?
             .map(|v| v as u64);
         for f in snapshot.log_data().iter() {
-            target.files.insert(f.path().into_owned(), f.size());
+            target.files.insert(
+                f.path().into_owned(),
+                FileEntry {
+                    size: f.size(),
+                    dv: f.deletion_vector_descriptor(),
+                },
+            );
         }
         Ok(target)
     }
@@ -294,18 +342,43 @@ impl Ctx<'_> {
             .as_ref()
             .try_into_kernel()
             .map_err(self.fail("schema conversion"))?;
-        if target.version.is_none() {
-            let created = deltalake::operations::create::CreateBuilder::new()
+        let mut actions: Vec<Action> = Vec::with_capacity(adds.len() + removes.len() + 3);
+        let mut created = None;
+        if target.version.is_none() && self.deletion_vectors {
+            // Created by this commit (version 0), with the features it needs listed by hand:
+            // delta-rs's create lists `invariants` as well, which its own writer then refuses
+            // to vacuum without datafusion.
+            let protocol = crate::lake::changelog::protocol_upgrade(None, &kernel, true)
+                .map_err(self.fail("create"))?
+                .ok_or_else(|| {
+                    self.fail("create")(FoldError::MissingColumn("table features".into()))
+                })?;
+            let metadata = deltalake::kernel::new_metadata(
+                &kernel,
+                Vec::<String>::new(),
+                [(DV_PROPERTY, "true")],
+            )
+            .and_then(|m| m.with_name(self.name.name.clone()))
+            .and_then(|m| {
+                m.with_description(format!("slotlake {} table of {}", target.kind, self.name))
+            })
+            .map_err(self.fail("create"))?;
+            actions.push(Action::Protocol(protocol.clone()));
+            actions.push(Action::Metadata(metadata.clone()));
+            created = Some((metadata, protocol));
+        } else if target.version.is_none() {
+            let made = deltalake::operations::create::CreateBuilder::new()
                 .with_log_store(target.log_store.clone())
                 .with_table_name(self.name.name.clone())
                 .with_comment(format!("slotlake {} table of {}", target.kind, self.name))
                 .with_columns(kernel.fields().cloned())
                 .await;
-            match created {
+            match made {
                 Ok(t) => {
                     let snapshot = t.snapshot().map_err(self.fail("create"))?;
                     target.version = Some(snapshot.version());
                     target.metadata = Some(snapshot.metadata().clone());
+                    target.protocol = Some(snapshot.protocol().clone());
                 }
                 Err(_) => {
                     return Err(CompactError::Conflict {
@@ -315,15 +388,18 @@ impl Ctx<'_> {
                 }
             }
         }
-        let (Some(version), Some(metadata)) = (target.version, target.metadata.clone()) else {
-            return Err(CompactError::Conflict {
-                table: self.table.clone(),
-                target: target.kind,
-            });
+        let (next, metadata) = match (&created, target.version, target.metadata.clone()) {
+            (Some((m, _)), _, _) => (0, m.clone()),
+            (None, Some(version), Some(m)) => (version + 1, m),
+            _ => {
+                return Err(CompactError::Conflict {
+                    table: self.table.clone(),
+                    target: target.kind,
+                })
+            }
         };
-        let mut actions: Vec<Action> = Vec::with_capacity(adds.len() + removes.len() + 1);
         let current = metadata.parse_schema().map_err(self.fail("schema"))?;
-        let mut new_metadata = None;
+        let (mut new_metadata, mut new_protocol) = (None, None);
         if let Some(widened) = crate::lake::changelog::widen(&current, schema)
             .map_err(self.fail("schema evolution"))?
         {
@@ -332,12 +408,24 @@ impl Ctx<'_> {
                 .map_err(self.fail("schema evolution"))?;
             actions.push(Action::Metadata(m.clone()));
             new_metadata = Some(m);
+            new_protocol =
+                crate::lake::changelog::protocol_upgrade(target.protocol.as_ref(), &widened, false)
+                    .map_err(self.fail("schema evolution"))?;
+            if let Some(p) = &new_protocol {
+                actions.push(Action::Protocol(p.clone()));
+            }
         }
         for r in &removes {
             target.files.remove(&r.path);
         }
         for a in &adds {
-            target.files.insert(a.path.clone(), a.size);
+            target.files.insert(
+                a.path.clone(),
+                FileEntry {
+                    size: a.size,
+                    dv: a.deletion_vector.clone(),
+                },
+            );
         }
         actions.extend(removes.into_iter().map(Action::Remove));
         actions.extend(adds.into_iter().map(Action::Add));
@@ -352,7 +440,6 @@ impl Ctx<'_> {
             vec![Transaction::new(APP_ID, txn as i64)],
         );
         let bytes = data.get_bytes().map_err(self.fail("serialize commit"))?;
-        let next = version + 1;
         target
             .log_store
             .write_commit_entry(next, CommitOrBytes::LogBytes(bytes), Uuid::new_v4())
@@ -371,11 +458,19 @@ impl Ctx<'_> {
                 },
             })?;
         target.version = Some(next);
+        if let Some((m, p)) = created {
+            target.dv_ready = dv_enabled(&m);
+            target.metadata = Some(m);
+            target.protocol = Some(p);
+        }
+        if let Some(p) = new_protocol {
+            target.protocol = Some(p);
+        }
         if let Some(m) = new_metadata {
             target.metadata = Some(m);
         }
         target.txn = Some(txn);
-        if next.is_multiple_of(CHECKPOINT_INTERVAL) {
+        if next > 0 && next.is_multiple_of(CHECKPOINT_INTERVAL) {
             if let Err(e) =
                 crate::lake::changelog::write_checkpoint(target.log_store.clone(), next).await
             {
@@ -544,6 +639,30 @@ fn new_add(path: String, size: i64, rows: usize) -> Add {
     }
 }
 
+/// [`new_add`] of a file we wrote before, with rows of it marked deleted by `dv`.
+fn add_with_dv(path: &str, entry: &FileEntry, rows: usize, dv: DeletionVectorDescriptor) -> Add {
+    Add {
+        deletion_vector: Some(dv),
+        ..new_add(path.to_string(), entry.size, rows)
+    }
+}
+
+/// The `remove` action of a file of a current or history table (with its deletion vector:
+/// a file is identified by its path and deletion vector).
+fn remove_file(path: &str, entry: &FileEntry) -> Remove {
+    Remove {
+        deletion_vector: entry.dv.clone(),
+        ..remove_of(path, entry.size)
+    }
+}
+
+fn dv_enabled(metadata: &Metadata) -> bool {
+    metadata
+        .configuration()
+        .get(DV_PROPERTY)
+        .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+}
+
 fn remove_of(path: &str, size: i64) -> Remove {
     Remove {
         path: path.to_string(),
@@ -609,11 +728,18 @@ fn change_schema(layout: &Layout, changelog: &Schema) -> SchemaRef {
 struct Bucket {
     lo: u64,
     hi: u64,
-    /// The open-history file and the current file with their sizes.
-    open: Option<(String, i64)>,
-    current: Option<(String, i64)>,
+    /// Its file pairs, largest open-history file first. A bucket is one pair after a rewrite;
+    /// with deletion vectors, each step that patches it adds a pair.
+    members: Vec<Member>,
     /// Key signature the bucket was hashed with.
     signature: String,
+}
+
+/// One open-history file and the current file derived from it (same id).
+#[derive(Debug, Clone)]
+struct Member {
+    open: (String, FileEntry),
+    current: Option<(String, FileEntry)>,
 }
 
 fn signature_tag(layout: &Layout) -> String {
@@ -659,6 +785,7 @@ pub async fn compact_table(
         sink,
         name,
         table: name.to_string(),
+        deletion_vectors: options.deletion_vectors,
     };
     let mut report = TableReport {
         table: ctx.table.clone(),
@@ -690,6 +817,12 @@ pub async fn compact_table(
     // make what we read of history newer than what we read of current, never older.
     let mut current = ctx.load("current").await?;
     let mut history = ctx.load("history").await?;
+    // A target created now (the first run, or after one was deleted) gets deletion vectors
+    // when the other one has them: a repair copies the history table's vectors.
+    let ctx = Ctx {
+        deletion_vectors: ctx.deletion_vectors || history.dv_ready || current.dv_ready,
+        ..ctx
+    };
     report.from_version = through(history.txn);
     repair_current(&ctx, &layout, &history, &mut current).await?;
 
@@ -782,6 +915,7 @@ pub async fn compact_table(
         report.steps += 1;
         report.changes += stepped.changes;
         report.buckets_rewritten += stepped.buckets_rewritten;
+        report.buckets_patched += stepped.buckets_patched;
         report.current_bytes_rewritten += stepped.bytes_rewritten;
         report.history_versions_closed += stepped.closed;
         (next, skip) = end;
@@ -817,8 +951,8 @@ pub async fn compact_table(
             "change-log maintenance failed; the next compaction tries again"
         ),
     }
-    report.buckets_total = current.files.len() as u64;
-    report.current_bytes_total = current.files.values().map(|&s| s.max(0) as u64).sum();
+    report.buckets_total = buckets(&history, &current).len() as u64;
+    report.current_bytes_total = current.files.values().map(|f| f.size.max(0) as u64).sum();
     Ok(report)
 }
 
@@ -914,34 +1048,100 @@ fn commit_adds(bytes: &[u8]) -> Result<Vec<(String, i64)>, serde_json::Error> {
 
 /// The buckets of a table, from its history files.
 fn buckets(history: &Target, current: &Target) -> Vec<Bucket> {
-    let mut current_by_id: HashMap<String, (String, i64)> = HashMap::new();
-    for (path, size) in &current.files {
+    let mut current_by_id: HashMap<String, (String, FileEntry)> = HashMap::new();
+    for (path, entry) in &current.files {
         // b<lo>-<hi>-<id>: the id (a uuid) has dashes of its own.
         if let Some(rest) = path
             .strip_prefix('b')
             .and_then(|p| p.strip_suffix(".parquet"))
         {
             if let Some(id) = rest.splitn(3, '-').nth(2) {
-                current_by_id.insert(id.to_string(), (path.clone(), *size));
+                current_by_id.insert(id.to_string(), (path.clone(), entry.clone()));
             }
         }
     }
-    let mut out: Vec<Bucket> = history
-        .files
-        .iter()
-        .filter_map(|(path, size)| {
-            let (sig, lo, hi, id) = parse_open(path)?;
-            Some(Bucket {
+    let mut by_range: BTreeMap<(u64, u64, String), Vec<Member>> = BTreeMap::new();
+    for (path, entry) in &history.files {
+        let Some((sig, lo, hi, id)) = parse_open(path) else {
+            continue;
+        };
+        by_range.entry((lo, hi, sig)).or_default().push(Member {
+            open: (path.clone(), entry.clone()),
+            current: current_by_id.get(&id).cloned(),
+        });
+    }
+    by_range
+        .into_iter()
+        .map(|((lo, hi, signature), mut members)| {
+            members.sort_by_key(|m| std::cmp::Reverse(m.open.1.size));
+            Bucket {
                 lo,
                 hi,
-                open: Some((path.clone(), *size)),
-                current: current_by_id.get(&id).cloned(),
-                signature: sig,
-            })
+                members,
+                signature,
+            }
         })
-        .collect();
-    out.sort_by_key(|b| b.lo);
-    out
+        .collect()
+}
+
+/// The rows of `entry`'s file that its deletion vector marks (empty without one).
+fn marked(ctx: &Ctx<'_>, entry: &FileEntry) -> Result<roaring::RoaringTreemap, CompactError> {
+    entry
+        .dv
+        .as_ref()
+        .map_or(Ok(roaring::RoaringTreemap::new()), dv::decode)
+        .map_err(ctx.fail("read deletion vector"))
+}
+
+/// A current file's deletion vector for its open-history file's `marked` rows: the current
+/// file holds the open file's rows that are not tombstones, in the same order, so a marked
+/// live row at position p of the open file is at position (live rows before p) in the current
+/// file. Returns the vector and the current file's rows.
+fn current_marks(
+    open: &[RecordBatch],
+    marked: &roaring::RoaringTreemap,
+) -> Result<(roaring::RoaringTreemap, usize), FoldError> {
+    let mut out = roaring::RoaringTreemap::new();
+    let (mut pos, mut live) = (0u64, 0u64);
+    for batch in open {
+        let deleted = batch
+            .column_by_name(fold::DELETED)
+            .and_then(|c| c.as_boolean_opt())
+            .ok_or_else(|| FoldError::MissingColumn(fold::DELETED.into()))?;
+        for i in 0..batch.num_rows() {
+            if !deleted.value(i) {
+                if marked.contains(pos) {
+                    out.insert(live);
+                }
+                live += 1;
+            }
+            pos += 1;
+        }
+    }
+    Ok((out, live as usize))
+}
+
+/// `batches` (a whole file, in order) without the rows `marked` marks.
+fn drop_marked(
+    batches: Vec<RecordBatch>,
+    marked: &roaring::RoaringTreemap,
+) -> Result<Vec<RecordBatch>, BoxError> {
+    if marked.is_empty() {
+        return Ok(batches);
+    }
+    let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+    let live = dv::live_mask(marked, rows)?;
+    let mut out = Vec::with_capacity(batches.len());
+    let mut offset = 0;
+    for batch in batches {
+        let n = batch.num_rows();
+        let mask = live.slice(offset, n);
+        offset += n;
+        out.push(deltalake::arrow::compute::filter_record_batch(
+            &batch, &mask,
+        )?);
+    }
+    Ok(out)
 }
 
 /// Makes the current table match the history table's open versions, when a crash came
@@ -969,32 +1169,51 @@ async fn repair_current(
     let all = buckets(history, current);
     let keep: std::collections::HashSet<&str> = all
         .iter()
-        .filter_map(|b| b.current.as_ref().map(|c| c.0.as_str()))
+        .flat_map(|b| &b.members)
+        .filter_map(|m| m.current.as_ref().map(|c| c.0.as_str()))
         .collect();
-    let removes: Vec<Remove> = current
+    let mut removes: Vec<Remove> = current
         .files
         .iter()
         .filter(|(p, _)| !keep.contains(p.as_str()))
-        .map(|(p, s)| remove_of(p, *s))
+        .map(|(p, e)| remove_file(p, e))
         .collect();
     let mut adds = Vec::new();
     let history_schema = layout.history_schema();
-    for b in all.iter().filter(|b| b.current.is_none()) {
-        let Some((open_path, _)) = &b.open else {
+    for m in all.iter().flat_map(|b| &b.members) {
+        let (open_path, open_entry) = &m.open;
+        // A current file exists for this open file and no deletion vector is involved: it
+        // is right (files are never rewritten in place).
+        if m.current.as_ref().is_some_and(|c| c.1.dv.is_none()) && open_entry.dv.is_none() {
             continue;
-        };
+        }
         let Some((_, lo, hi, id)) = parse_open(open_path) else {
             continue;
         };
-        let batches = ctx
+        let open = ctx
             .read_parquet(&history.store, open_path, &history_schema)
             .await?;
-        let open = concat_batches(&history_schema, &batches).map_err(ctx.fail("concat"))?;
-        let rows = fold::current_rows(layout, &open).map_err(ctx.fail("current rows"))?;
-        adds.push(
-            ctx.write_parquet(current, current_name(lo, hi, &id), &rows)
-                .await?,
-        );
+        let (want, live) =
+            current_marks(&open, &marked(ctx, open_entry)?).map_err(ctx.fail("current rows"))?;
+        match &m.current {
+            Some((path, entry)) => {
+                if marked(ctx, entry)? != want {
+                    removes.push(remove_file(path, entry));
+                    adds.push(add_with_dv(path, entry, live, dv::encode(&want)));
+                }
+            }
+            None => {
+                let open = concat_batches(&history_schema, &open).map_err(ctx.fail("concat"))?;
+                let rows = fold::current_rows(layout, &open).map_err(ctx.fail("current rows"))?;
+                let mut add = ctx
+                    .write_parquet(current, current_name(lo, hi, &id), &rows)
+                    .await?;
+                if !want.is_empty() {
+                    add.deletion_vector = Some(dv::encode(&want));
+                }
+                adds.push(add);
+            }
+        }
     }
     ctx.commit(current, &layout.current_schema(), adds, removes, txn)
         .await
@@ -1003,6 +1222,7 @@ async fn repair_current(
 struct StepReport {
     changes: u64,
     buckets_rewritten: u64,
+    buckets_patched: u64,
     bytes_rewritten: u64,
     closed: u64,
 }
@@ -1028,8 +1248,7 @@ async fn step(
         bucket_list.push(Bucket {
             lo: 0,
             hi: u64::MAX,
-            open: None,
-            current: None,
+            members: Vec::new(),
             signature: sig.clone(),
         });
     }
@@ -1048,9 +1267,13 @@ async fn step(
     let read_bases = |members: &[usize]| -> Vec<_> {
         members
             .iter()
-            .filter_map(|&b| bucket_list[b].open.as_ref())
-            .map(|(path, _)| {
-                spawn_read(history.store.clone(), path.clone(), history_schema.clone())
+            .flat_map(|&b| &bucket_list[b].members)
+            .map(|m| {
+                spawn_read(
+                    history.store.clone(),
+                    m.open.0.clone(),
+                    history_schema.clone(),
+                )
             })
             .collect()
     };
@@ -1153,6 +1376,7 @@ async fn step(
     let mut report = StepReport {
         changes,
         buckets_rewritten: 0,
+        buckets_patched: 0,
         bytes_rewritten: 0,
         closed: 0,
     };
@@ -1169,25 +1393,50 @@ async fn step(
         if let Some(next) = unit_list.get(u + 1) {
             next_bases = Some((next[0], read_bases(next)));
         }
-        let mut base = Vec::new();
-        for read in bases {
-            base.extend(ctx.joined(read.await)?);
+        // The unit's files, in the order `read_bases` started them.
+        let mut files = Vec::with_capacity(bases.len());
+        let pairs = members
+            .iter()
+            .flat_map(|&b| bucket_list[b].members.iter().map(move |m| (b, m)));
+        for ((b, member), read) in pairs.zip(bases) {
+            files.push(BaseFile {
+                lo: bucket_list[b].lo,
+                member,
+                marked: marked(ctx, &member.open.1)?,
+                batches: ctx.joined(read.await)?,
+            });
         }
         let mut unit_changes = Vec::new();
         for &b in members.iter() {
-            let bucket = &bucket_list[b];
-            if let Some((path, size)) = &bucket.open {
-                history_removes.push(remove_of(path, *size));
-            }
-            if let Some((path, size)) = &bucket.current {
-                current_removes.push(remove_of(path, *size));
-            }
             unit_changes.append(&mut routed[b]);
         }
+        // Buckets (by first hash) a patch gave new versions or marks.
+        let mut patched = std::collections::HashSet::new();
         // A change routed to several buckets of one unit (a key move, a truncate) is applied once.
         if members.len() > 1 {
             unit_changes = dedup_changes(unit_changes).map_err(ctx.fail("dedup"))?;
         }
+        let patch = if patchable(history, current, &bucket_list, members, rebucket) {
+            patch_plan(layout, &files, &unit_changes).map_err(ctx.fail("key"))?
+        } else {
+            None
+        };
+        let base: Vec<RecordBatch> = match &patch {
+            Some(plan) => plan.base.clone(),
+            None => {
+                let mut base = Vec::new();
+                for f in &mut files {
+                    let batches = std::mem::take(&mut f.batches);
+                    base.extend(drop_marked(batches, &f.marked).map_err(ctx.read_failed())?);
+                    let (path, entry) = &f.member.open;
+                    history_removes.push(remove_file(path, entry));
+                    if let Some((path, entry)) = &f.member.current {
+                        current_removes.push(remove_file(path, entry));
+                    }
+                }
+                base
+            }
+        };
         let folded = fold::fold(
             layout,
             &base,
@@ -1211,7 +1460,9 @@ async fn step(
         fold_time += fold_started.elapsed();
         let write_started = std::time::Instant::now();
         report.closed += out.closed_rows as u64;
-        // Output ranges: the unit's buckets (all of the hash space when re-bucketing).
+        // Output ranges: the unit's buckets (all of the hash space when re-bucketing). A
+        // patch adds one file pair per bucket that has new versions; a rewrite splits a bucket
+        // grown past the bucket size.
         let ranges: Vec<(u64, u64)> = if rebucket {
             vec![(0, u64::MAX)]
         } else {
@@ -1220,15 +1471,23 @@ async fn step(
                 .map(|&b| (bucket_list[b].lo, bucket_list[b].hi))
                 .collect()
         };
+        let max_bytes = if patch.is_some() {
+            u64::MAX
+        } else {
+            options.bucket_bytes
+        };
         let mut pieces = Vec::new();
         for (lo, hi) in ranges {
-            split(&out, lo, hi, options.bucket_bytes, &mut pieces);
+            split(&out, lo, hi, max_bytes, &mut pieces);
         }
         // The unit's ranges cover every hash its rows can have; a gap would lose rows.
         if pieces.iter().map(|p| p.3).sum::<usize>() != out.open.num_rows() {
             return Err(ctx.fail("bucket ranges")(FoldError::BucketGap));
         }
         for (lo, hi, start, len) in pieces {
+            if len == 0 && patch.is_some() {
+                continue;
+            }
             let open = out.open.slice(start, len);
             // An empty bucket still owns its range: it keeps a file so the ranges stay whole.
             let id = Uuid::new_v4().to_string();
@@ -1240,9 +1499,41 @@ async fn step(
                 )
                 .await?;
             history_adds.push(open_add);
-            report.buckets_rewritten += 1;
+            patched.insert(lo);
+            if patch.is_none() {
+                report.buckets_rewritten += 1;
+            }
             report.bytes_rewritten += add.size.max(0) as u64;
             current_adds.push(add);
+        }
+        if let Some(plan) = patch {
+            // The old versions of the changed keys are marked deleted where they were.
+            for (f, hits) in files.iter().zip(plan.hits) {
+                if hits.is_empty() {
+                    continue;
+                }
+                patched.insert(f.lo);
+                let Some((cpath, centry)) = &f.member.current else {
+                    return Err(ctx.fail("patch")(FoldError::MissingColumn(
+                        "current file".into(),
+                    )));
+                };
+                let (path, entry) = &f.member.open;
+                let rows: usize = f.batches.iter().map(|b| b.num_rows()).sum();
+                let mut all = f.marked.clone();
+                all.extend(hits.iter());
+                let (current_hits, live) =
+                    current_marks(&f.batches, &hits).map_err(ctx.fail("patch"))?;
+                let mut current_all = marked(ctx, centry)?;
+                current_all.extend(current_hits.iter());
+                history_removes.push(remove_file(path, entry));
+                history_adds.push(add_with_dv(path, entry, rows, dv::encode(&all)));
+                if current_all.len() != centry.dv.as_ref().map_or(0, |d| d.cardinality as u64) {
+                    current_removes.push(remove_file(cpath, centry));
+                    current_adds.push(add_with_dv(cpath, centry, live, dv::encode(&current_all)));
+                }
+            }
+            report.buckets_patched += patched.len() as u64;
         }
         write_time += write_started.elapsed();
     }
@@ -1269,6 +1560,115 @@ async fn step(
         "compaction step"
     );
     Ok(report)
+}
+
+/// Files a bucket may have before a step rewrites it into one (deletion vectors).
+const MAX_BUCKET_FILES: usize = 8;
+
+/// A patch may leave at most 1 row in this many of a unit's files marked deleted (touched keys
+/// counted, which bounds the rows marked); past that the unit is rewritten (readers skip
+/// marked rows, but still read them).
+const MARKED_DENOMINATOR: u64 = 5;
+
+/// An open-history file of a unit, read whole.
+struct BaseFile<'a> {
+    /// Its bucket's first hash.
+    lo: u64,
+    member: &'a Member,
+    /// Rows its deletion vector marks.
+    marked: roaring::RoaringTreemap,
+    batches: Vec<RecordBatch>,
+}
+
+/// How a unit is patched: the open versions of the keys its changes touch (the fold's base),
+/// and per file, the rows they are at.
+struct PatchPlan {
+    base: Vec<RecordBatch>,
+    hits: Vec<roaring::RoaringTreemap>,
+}
+
+/// Whether a unit's buckets may be patched rather than rewritten: the table has deletion
+/// vectors, nothing is re-bucketed, and every bucket has files (each with its current file)
+/// and room for one more pair.
+fn patchable(
+    history: &Target,
+    current: &Target,
+    buckets: &[Bucket],
+    members: &[usize],
+    rebucket: bool,
+) -> bool {
+    history.dv_ready
+        && current.dv_ready
+        && !rebucket
+        && members.iter().all(|&b| {
+            let bucket = &buckets[b];
+            !bucket.members.is_empty()
+                && bucket.members.len() < MAX_BUCKET_FILES
+                && bucket.members.iter().all(|m| m.current.is_some())
+        })
+}
+
+/// The patch of a unit, or `None` when it is to be rewritten: a truncate, or more keys touched
+/// than 1 row in [`MARKED_DENOMINATOR`] of its files, counting the rows already marked (the
+/// keys are counted before their rows are looked for, so that a step that changes much of a
+/// bucket gives up early, not after a pass over the bucket).
+///
+/// A key's open version is touched when a change has it as its key or its old key; the fold
+/// then gives the new open versions of exactly those keys (every other key's version stays as
+/// it is), so the touched versions are marked deleted and the fold's output is added.
+fn patch_plan(
+    layout: &Layout,
+    files: &[BaseFile<'_>],
+    changes: &[RecordBatch],
+) -> Result<Option<PatchPlan>, FoldError> {
+    let total: u64 = files
+        .iter()
+        .flat_map(|f| &f.batches)
+        .map(|b| b.num_rows() as u64)
+        .sum();
+    let already: u64 = files.iter().map(|f| f.marked.len()).sum();
+    let allowed = (total / MARKED_DENOMINATOR).saturating_sub(already) as usize;
+    let mut keys: std::collections::HashSet<Box<[u8]>> = std::collections::HashSet::new();
+    for batch in changes {
+        let ops = batch
+            .column_by_name(OP)
+            .and_then(|c| c.as_string_opt::<i32>())
+            .ok_or_else(|| FoldError::MissingColumn(OP.into()))?;
+        if ops.iter().any(|op| op == Some("T")) {
+            return Ok(None);
+        }
+        for names in [KeyNames::Row, KeyNames::Old] {
+            for key in layout.key_rows(batch, names)?.iter() {
+                keys.insert(key.as_ref().into());
+                if keys.len() > allowed {
+                    return Ok(None);
+                }
+            }
+        }
+    }
+    let mut base = Vec::new();
+    let mut hits = Vec::with_capacity(files.len());
+    for f in files {
+        let mut file_hits = roaring::RoaringTreemap::new();
+        let mut pos = 0u64;
+        for batch in &f.batches {
+            let rows = layout.key_rows(batch, KeyNames::Row)?;
+            let mut take = Vec::new();
+            for i in 0..batch.num_rows() {
+                let p = pos + i as u64;
+                if keys.contains(rows.row(i).as_ref()) && !f.marked.contains(p) {
+                    take.push(i as u32);
+                    file_hits.insert(p);
+                }
+            }
+            if !take.is_empty() {
+                base.push(take_indices(batch, &take)?);
+            }
+            pos += batch.num_rows() as u64;
+        }
+        hits.push(file_hits);
+    }
+    Ok(Some(PatchPlan { base, hits }))
 }
 
 /// Rows of `out.open` in [lo, hi] as (lo, hi, start, len) pieces, halving the range while a
@@ -1365,6 +1765,7 @@ pub async fn compact_all(
                 changes = r.changes,
                 steps = r.steps,
                 buckets_rewritten = r.buckets_rewritten,
+                buckets_patched = r.buckets_patched,
                 buckets = r.buckets_total,
                 versions_closed = r.history_versions_closed,
                 elapsed_ms = started.elapsed().as_millis() as u64,
@@ -1570,6 +1971,21 @@ pub async fn read_parquet_file(
     let location = Path::parse(path)?;
     let bytes = store.get(&location).await?.bytes().await?;
     decode_parquet(bytes, schema)
+}
+
+/// The rows of a current or history table's data file: [`read_parquet_file`] without the rows
+/// its deletion vector marks.
+pub async fn read_table_file(
+    store: &dyn ObjectStore,
+    path: &str,
+    dv: Option<&DeletionVectorDescriptor>,
+    schema: &SchemaRef,
+) -> Result<Vec<RecordBatch>, BoxError> {
+    let batches = read_parquet_file(store, path, schema).await?;
+    match dv {
+        Some(dv) => drop_marked(batches, &dv::decode(dv)?),
+        None => Ok(batches),
+    }
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;

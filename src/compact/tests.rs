@@ -563,6 +563,7 @@ async fn a_missing_change_log_file_fails_compaction_and_commits_nothing() {
         optimize_file_size: 0,
         changes_retention: None,
         fold_threads: 2,
+        deletion_vectors: false,
     };
     let err = super::compact_table(&sink, &name, &options)
         .await
@@ -584,5 +585,217 @@ async fn a_missing_change_log_file_fails_compaction_and_commits_nothing() {
             commits <= 1,
             "{target}: {commits} commits (creation at most)"
         );
+    }
+}
+
+/// Every row of a current or history table as compaction left it (deletion vectors applied).
+async fn read_target(sink: &crate::lake::store::Sink, kind: &str) -> Vec<RecordBatch> {
+    use deltalake::kernel::engine::arrow_conversion::TryIntoArrow;
+    let path = sink.table_path(&[kind, "public", "t"]);
+    let (log_store, store, _) = sink.table_store(&path);
+    let mut table = deltalake::DeltaTable::new(log_store);
+    table.load().await.expect("load");
+    let snapshot = table.snapshot().expect("snapshot");
+    let schema: deltalake::arrow::datatypes::Schema =
+        snapshot.schema().as_ref().try_into_arrow().expect("schema");
+    let schema = std::sync::Arc::new(schema);
+    let mut out = Vec::new();
+    for f in snapshot.log_data().iter() {
+        let dv = f.deletion_vector_descriptor();
+        out.extend(
+            super::read_table_file(store.as_ref(), &f.path(), dv.as_ref(), &schema)
+                .await
+                .expect("read"),
+        );
+    }
+    out
+}
+
+/// Random change sequences on a 200-key table, compacted into small buckets with deletion
+/// vectors after every few commits, with now and then a crash between the history and the
+/// current commit (the current commit's log entry removed): the current table is the model
+/// and the history table gives the model as of every commit. Buckets get patched, and
+/// rewritten once they have too many files or marked rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_with_deletion_vectors_matches_the_model() {
+    use crate::lake::changelog::{app_id, ChangeLogTable};
+    use crate::lake::store::{S3Options, Sink};
+    use crate::lsn::Lsn;
+    use crate::replication::sql::TableName;
+    use proptest::strategy::ValueTree;
+
+    let name = TableName {
+        schema: "public".into(),
+        name: "t".into(),
+    };
+    let options = super::CompactOptions {
+        memory_budget: 64 << 20,
+        bucket_bytes: 4 << 10,
+        vacuum_retention: None,
+        optimize_file_size: 0,
+        changes_retention: None,
+        fold_threads: 2,
+        deletion_vectors: true,
+    };
+    let mut runner = proptest::test_runner::TestRunner::deterministic();
+    let (mut patched, mut rewritten, mut repaired) = (0u64, 0u64, 0u64);
+    for case in 0..12 {
+        let mut actions: Vec<Action> = (0..200u8)
+            .map(|k| Action::Insert {
+                k,
+                a: Some(k % 5),
+                b: i64::from(k),
+            })
+            .collect();
+        actions.push(Action::Commit);
+        let random = proptest::collection::vec(action(), 100..300)
+            .new_tree(&mut runner)
+            .expect("actions")
+            .current();
+        // The change log's schema stays fixed here; schema changes are the fold tests' job.
+        actions.extend(
+            random
+                .into_iter()
+                .filter(|a| !matches!(a, Action::AddColumn))
+                .filter(|a| case % 3 == 0 || !matches!(a, Action::Truncate)),
+        );
+        let (changes, snapshots) = realize(&actions);
+
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("file://{}", dir.path().display());
+        let sink = Sink::open(&url, &S3Options::default()).unwrap();
+        let schema = batch(&[], false).schema();
+        let mut log = ChangeLogTable::open(&sink, &name, &app_id("s"), &schema, 64 << 20)
+            .await
+            .unwrap();
+        let mut commits = 0;
+        let mut start = 0;
+        while start < changes.len() {
+            let lsn = changes[start].lsn;
+            let end = start + changes[start..].iter().take_while(|c| c.lsn == lsn).count();
+            log.write(batch(&changes[start..end], false)).await.unwrap();
+            log.commit(Lsn(lsn as u64)).await.unwrap();
+            start = end;
+            commits += 1;
+            if commits % 2 == 0 || start == changes.len() {
+                let r = super::compact_table(&sink, &name, &options)
+                    .await
+                    .expect("compact");
+                patched += r.buckets_patched;
+                rewritten += r.buckets_rewritten;
+                // Now and then the run "crashes" before its current commit: the next run
+                // repairs the current table from the history table.
+                if r.steps > 0 && commits % 6 == 0 && start < changes.len() {
+                    let log_dir = dir.path().join("current/public/t/_delta_log");
+                    let last = std::fs::read_dir(&log_dir)
+                        .unwrap()
+                        .map(|e| e.unwrap().path())
+                        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+                        .max()
+                        .expect("a current commit");
+                    std::fs::remove_file(last).unwrap();
+                    repaired += 1;
+                }
+            }
+        }
+        let current = read_target(&sink, "current").await;
+        let mut table = Table::new();
+        for b in &current {
+            for i in 0..b.num_rows() {
+                let (k, r) = row_of(b, i);
+                assert!(table.insert(k, r).is_none(), "case {case}: key {k} twice");
+            }
+        }
+        let final_model = &snapshots.last().expect("final snapshot").1;
+        assert_eq!(&table, final_model, "case {case}: current table");
+        let history = read_target(&sink, "history").await;
+        for (lsn, model) in &snapshots {
+            assert_eq!(
+                &as_of(&history, *lsn),
+                model,
+                "case {case}: history as of {lsn}"
+            );
+        }
+    }
+    assert!(patched > 50, "{patched} buckets patched");
+    assert!(rewritten > 10, "{rewritten} buckets rewritten");
+    assert!(repaired > 5, "{repaired} repairs");
+}
+
+/// `timestamp` columns (Delta `timestamp_ntz`, which needs the `timestampNtz` table feature),
+/// from the start or only added later: the change log and both targets stay loadable and
+/// vacuum works, with and without deletion vectors.
+#[tokio::test]
+async fn timestamp_columns_keep_every_table_loadable() {
+    use crate::lake::changelog::{app_id, ChangeLogTable};
+    use crate::lake::store::{S3Options, Sink};
+    use crate::lsn::Lsn;
+    use crate::replication::sql::TableName;
+    use crate::types::Infinite;
+
+    let name = TableName {
+        schema: "public".into(),
+        name: "t".into(),
+    };
+    let spec = |name: &str, ty: PgType, is_key: bool| ColumnSpec {
+        name: name.into(),
+        ty,
+        is_key,
+    };
+    for (dv, from_start) in [(false, true), (true, true), (false, false), (true, false)] {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("file://{}", dir.path().display());
+        let sink = Sink::open(&url, &S3Options::default()).unwrap();
+        let options = super::CompactOptions {
+            memory_budget: 64 << 20,
+            bucket_bytes: 128 << 20,
+            vacuum_retention: Some(std::time::Duration::ZERO),
+            optimize_file_size: 0,
+            changes_retention: None,
+            fold_threads: 2,
+            deletion_vectors: dv,
+        };
+        let mut specs = vec![spec("id", PgType::Int8, true)];
+        if from_start {
+            specs.push(spec("at", PgType::Timestamp, false));
+        }
+        let schema = ChangeBatchBuilder::new(specs.clone()).schema();
+        let mut log = ChangeLogTable::open(&sink, &name, &app_id("s"), &schema, 64 << 20)
+            .await
+            .unwrap();
+        for txn in 1..=4i64 {
+            if txn == 3 {
+                specs.push(spec("later", PgType::Timestamp, false));
+            }
+            let mut b = ChangeBatchBuilder::new(specs.clone());
+            for id in 0..20 {
+                let mut row = vec![ColumnValue::Value(Value::Int8(id))];
+                for _ in 1..specs.len() {
+                    let at = Infinite::Finite(txn * 1_000_000 + id);
+                    row.push(ColumnValue::Value(Value::Timestamp(at)));
+                }
+                let op = if txn == 1 { "I" } else { "U" };
+                b.append(op, txn * 100, id, 1, txn * 1000, &row, None)
+                    .unwrap();
+            }
+            log.write(b.finish().unwrap()).await.unwrap();
+            log.commit(Lsn(txn as u64 * 100)).await.unwrap();
+            let r = super::compact_table(&sink, &name, &options)
+                .await
+                .unwrap_or_else(|e| panic!("dv {dv} {from_start}, commit {txn}: {e}"));
+            assert_eq!(r.changes, 20, "dv {dv} {from_start}, commit {txn}");
+        }
+        for kind in ["current", "history"] {
+            let rows: usize = read_target(&sink, kind)
+                .await
+                .iter()
+                .map(|b| b.num_rows())
+                .sum();
+            let want = if kind == "current" { 20 } else { 80 };
+            assert_eq!(rows, want, "dv {dv} {from_start}: {kind}");
+        }
+        let changes = sink.table_path(&["changes", "public", "t"]);
+        let mut table = deltalake::DeltaTable::new(sink.table_store(&changes).0);
+        table.load().await.expect("the change log loads");
     }
 }

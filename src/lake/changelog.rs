@@ -21,7 +21,7 @@ use deltalake::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use deltalake::arrow::record_batch::RecordBatch;
 use deltalake::kernel::engine::arrow_conversion::{TryIntoArrow, TryIntoKernel};
 use deltalake::kernel::transaction::CommitData;
-use deltalake::kernel::{Action, Add, Metadata, MetadataExt, StructType, Transaction};
+use deltalake::kernel::{Action, Add, Metadata, MetadataExt, Protocol, StructType, Transaction};
 use deltalake::logstore::{CommitOrBytes, LogStoreRef};
 use deltalake::parquet::basic::{Compression, Encoding, ZstdLevel};
 use deltalake::parquet::file::properties::{
@@ -194,6 +194,8 @@ pub struct ChangeLogTable {
     version: u64,
     /// The table's metadata as of `version` (schema evolution rewrites it).
     metadata: Metadata,
+    /// The table's protocol as of `version` (a `timestamp` column added upgrades it).
+    protocol: Protocol,
     /// `txn` version of our app id: every source transaction with commit LSN ≤ this is in.
     committed: Option<Lsn>,
     /// Files written and closed but not yet committed.
@@ -292,6 +294,7 @@ impl ChangeLogTable {
         };
         let version = snapshot.version();
         let metadata = snapshot.metadata().clone();
+        let protocol = snapshot.protocol().clone();
         let writer = RecordBatchWriter::for_table(&table)
             .map_err(err("writer"))?
             .with_writer_properties(stream_writer_properties())
@@ -303,6 +306,7 @@ impl ChangeLogTable {
             app_id: app_id.to_string(),
             version,
             metadata,
+            protocol,
             committed,
             staged: Vec::new(),
             checkpoint: None,
@@ -512,8 +516,11 @@ impl ChangeLogTable {
             }
             tracing::debug!(table = %table_name, version = next, "change-log version taken by another committer; retrying on top");
         };
-        if let Some(m) = new_metadata {
+        if let Some((m, p)) = new_metadata {
             self.metadata = m;
+            if let Some(p) = p {
+                self.protocol = p;
+            }
         }
         let files = self.staged.len() as u64;
         let bytes = self.staged.iter().map(|a| a.size.max(0) as u64).sum();
@@ -530,7 +537,7 @@ impl ChangeLogTable {
         &self,
         writer_schema: &SchemaRef,
         txns: &[Transaction],
-    ) -> Result<(bytes::Bytes, Option<Metadata>), LakeError> {
+    ) -> Result<(bytes::Bytes, Option<Evolved>), LakeError> {
         let err = |action: &'static str| {
             let table = self.name.to_string();
             move |source| LakeError::Delta {
@@ -552,7 +559,12 @@ impl ChangeLogTable {
                 .with_schema(&widened)
                 .map_err(|e| err("schema evolution")(e.into()))?;
             actions.push(Action::Metadata(metadata.clone()));
-            new_metadata = Some(metadata);
+            let protocol = protocol_upgrade(Some(&self.protocol), &widened, false)
+                .map_err(|e| err("schema evolution")(e.into()))?;
+            if let Some(p) = &protocol {
+                actions.push(Action::Protocol(p.clone()));
+            }
+            new_metadata = Some((metadata, protocol));
         }
         let operation = DeltaOperation::Write {
             mode: SaveMode::Append,
@@ -585,6 +597,7 @@ impl ChangeLogTable {
         };
         self.version = snapshot.version();
         self.metadata = snapshot.metadata().clone();
+        self.protocol = snapshot.protocol().clone();
         if let Some(v) = ours {
             if self.committed.is_none_or(|c| (c.0 as i64) < v) {
                 self.committed = Some(Lsn(v as u64));
@@ -637,6 +650,71 @@ pub(crate) fn widen(
         fields.push(kernel);
     }
     Ok(Some(StructType::try_new(fields)?))
+}
+
+/// What a schema change commits: the widened metadata, and the protocol when it had to grow.
+type Evolved = (Metadata, Option<Protocol>);
+
+/// Whether a Delta schema has a `timestamp_ntz` column, at any depth.
+fn has_timestamp_ntz(schema: &StructType) -> bool {
+    fn walk(v: &serde_json::Value) -> bool {
+        match v {
+            serde_json::Value::Object(m) => m.iter().any(|(k, v)| {
+                (matches!(k.as_str(), "type" | "elementType" | "keyType" | "valueType")
+                    && v == "timestamp_ntz")
+                    || walk(v)
+            }),
+            serde_json::Value::Array(a) => a.iter().any(walk),
+            _ => false,
+        }
+    }
+    serde_json::to_value(schema).is_ok_and(|v| walk(&v))
+}
+
+/// The protocol a table with `schema` needs when it is `protocol` now (`None`: a table this
+/// commit creates), or `None` when it has what it needs: table features `timestampNtz` for a
+/// `timestamp_ntz` column (a Postgres `timestamp`), `deletionVectors` when `dv`, each both a
+/// reader and a writer feature (reader version 3, writer version 7). Features listed before
+/// stay; the legacy writer version 2's implicit `appendOnly` and `invariants` are not listed
+/// (slotlake uses neither, and delta-rs refuses to vacuum a table that lists `invariants`).
+pub(crate) fn protocol_upgrade(
+    protocol: Option<&Protocol>,
+    schema: &StructType,
+    dv: bool,
+) -> Result<Option<Protocol>, serde_json::Error> {
+    let mut want = Vec::new();
+    if dv {
+        want.push("deletionVectors");
+    }
+    if has_timestamp_ntz(schema) {
+        want.push("timestampNtz");
+    }
+    let mut v = match protocol {
+        Some(p) => serde_json::to_value(p)?,
+        None => serde_json::json!({"minReaderVersion": 1, "minWriterVersion": 2}),
+    };
+    let listed = |v: &serde_json::Value, list: &str, f: &str| {
+        v[list].as_array().is_some_and(|a| a.iter().any(|x| x == f))
+    };
+    let missing: Vec<&str> = want
+        .into_iter()
+        .filter(|f| !(listed(&v, "readerFeatures", f) && listed(&v, "writerFeatures", f)))
+        .collect();
+    if missing.is_empty() {
+        return Ok(None);
+    }
+    v["minReaderVersion"] = 3.into();
+    v["minWriterVersion"] = 7.into();
+    for list in ["readerFeatures", "writerFeatures"] {
+        let mut features = v[list].as_array().cloned().unwrap_or_default();
+        for f in &missing {
+            if !features.iter().any(|x| x == f) {
+                features.push((*f).into());
+            }
+        }
+        v[list] = features.into();
+    }
+    serde_json::from_value(v).map(Some)
 }
 
 /// Writes a Delta checkpoint of `version` of the table behind `log_store`.
