@@ -799,3 +799,89 @@ async fn timestamp_columns_keep_every_table_loadable() {
         table.load().await.expect("the change log loads");
     }
 }
+
+/// Past a checkpoint (every 50 commits) a table with deletion vectors still reads right: the
+/// vectors survive in the checkpoint, and the next compaction, which loads the table from it,
+/// patches on top of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletion_vectors_survive_checkpoints() {
+    use crate::lake::changelog::{app_id, ChangeLogTable};
+    use crate::lake::store::{S3Options, Sink};
+    use crate::lsn::Lsn;
+    use crate::replication::sql::TableName;
+
+    let name = TableName {
+        schema: "public".into(),
+        name: "t".into(),
+    };
+    let options = super::CompactOptions {
+        memory_budget: 64 << 20,
+        bucket_bytes: 128 << 20,
+        vacuum_retention: None,
+        optimize_file_size: 0,
+        changes_retention: None,
+        fold_threads: 2,
+        deletion_vectors: true,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().display());
+    let sink = Sink::open(&url, &S3Options::default()).unwrap();
+    let schema = batch(&[], false).schema();
+    let mut log = ChangeLogTable::open(&sink, &name, &app_id("s"), &schema, 64 << 20)
+        .await
+        .unwrap();
+    // 256 keys, then 60 transactions of 3 updates each (2 of them TOAST-unchanged), each
+    // compacted on its own: 61 commits in each target.
+    let mut actions: Vec<Action> = (0..=255u8)
+        .map(|k| Action::Insert {
+            k,
+            a: Some(k % 5),
+            b: 0,
+        })
+        .collect();
+    for t in 0..60usize {
+        actions.push(Action::Commit);
+        for j in 0..3usize {
+            actions.push(Action::Update {
+                pick: t * 37 + j * 101,
+                new_k: None,
+                a: (j == 0).then_some(Some((t % 5) as u8)),
+                b: (t * 10 + j) as i64,
+            });
+        }
+    }
+    let (changes, snapshots) = realize(&actions);
+    let mut patched = 0;
+    let mut start = 0;
+    while start < changes.len() {
+        let lsn = changes[start].lsn;
+        let end = start + changes[start..].iter().take_while(|c| c.lsn == lsn).count();
+        log.write(batch(&changes[start..end], false)).await.unwrap();
+        log.commit(Lsn(lsn as u64)).await.unwrap();
+        start = end;
+        patched += super::compact_table(&sink, &name, &options)
+            .await
+            .expect("compact")
+            .buckets_patched;
+    }
+    assert!(patched > 40, "{patched} patches");
+    for kind in ["current", "history"] {
+        let checkpoint = dir
+            .path()
+            .join(kind)
+            .join("public/t/_delta_log/00000000000000000050.checkpoint.parquet");
+        assert!(checkpoint.exists(), "{kind}: a checkpoint at version 50");
+    }
+    let mut table = Table::new();
+    for b in &read_target(&sink, "current").await {
+        for i in 0..b.num_rows() {
+            let (k, r) = row_of(b, i);
+            assert!(table.insert(k, r).is_none(), "key {k} twice");
+        }
+    }
+    assert_eq!(&table, &snapshots.last().expect("final").1);
+    let history = read_target(&sink, "history").await;
+    for (lsn, model) in &snapshots {
+        assert_eq!(&as_of(&history, *lsn), model, "history as of {lsn}");
+    }
+}
