@@ -149,11 +149,11 @@ pub struct CompactTuning {
     /// deleted --vacuum-retention later). `off` keeps the change log whole.
     #[arg(long, env = "SLOTLAKE_CHANGES_RETENTION", value_name = "DURATION", default_value = "off", value_parser = parse_optional_duration)]
     pub changes_retention: OptionalDuration,
-    /// Create current and history tables with deletion vectors (Delta reader version 3):
-    /// a bucket with few changed keys gets a small file of their new versions, and its old
-    /// versions are marked deleted, instead of being rewritten. Needs a reader that applies
-    /// deletion vectors (Spark, Databricks, DuckDB's delta extension, delta-rs's
-    /// QueryBuilder). A table keeps what it was created with.
+    /// Current and history tables with deletion vectors (Delta reader version 3): a bucket
+    /// with few changed keys gets a small file of their new versions, and its old versions
+    /// are marked deleted, instead of being rewritten. Needs a reader that applies deletion
+    /// vectors (Spark, Databricks, DuckDB's delta extension, delta-rs's QueryBuilder).
+    /// Existing tables are switched on with their next commit; a table keeps them.
     #[arg(long, env = "SLOTLAKE_DELETION_VECTORS")]
     pub deletion_vectors: bool,
 }

@@ -21,8 +21,8 @@
 //! key-changing update whose old and new keys hash to different buckets merges those two into
 //! one unit of work (values of unchanged TOAST columns travel with the row).
 //!
-//! **Deletion vectors.** Tables created with [`CompactOptions::deletion_vectors`] have the Delta
-//! `deletionVectors` feature, and a bucket may hold several file pairs (same range, own ids). A
+//! **Deletion vectors.** Tables compacted with [`CompactOptions::deletion_vectors`] get the
+//! Delta `deletionVectors` feature (and keep it), and a bucket may hold several file pairs (same range, own ids). A
 //! step *patches* a unit when it can: the open versions of the keys its changes touch are
 //! marked deleted in their files' (inline, [`dv`]) vectors, the fold runs on those versions
 //! alone, and its output is one new file pair per bucket. It rewrites the unit into one pair per
@@ -118,9 +118,10 @@ pub struct CompactOptions {
     pub changes_retention: Option<std::time::Duration>,
     /// Threads that fold a step's changes.
     pub fold_threads: usize,
-    /// Tables created with this use deletion vectors: a bucket with few changed keys gets a
-    /// small file of their new versions and its old versions marked deleted, instead of being
-    /// rewritten (see the module docs).
+    /// Current and history tables get deletion vectors (new ones at creation, others with
+    /// their next commit): a bucket with few changed keys gets a small file of their new
+    /// versions and its old versions marked deleted, instead of being rewritten (see the
+    /// module docs). A table that has them keeps them.
     pub deletion_vectors: bool,
 }
 
@@ -400,20 +401,32 @@ impl Ctx<'_> {
         };
         let current = metadata.parse_schema().map_err(self.fail("schema"))?;
         let (mut new_metadata, mut new_protocol) = (None, None);
-        if let Some(widened) = crate::lake::changelog::widen(&current, schema)
-            .map_err(self.fail("schema evolution"))?
-        {
-            let m = metadata
-                .with_schema(&widened)
-                .map_err(self.fail("schema evolution"))?;
+        let widened = crate::lake::changelog::widen(&current, schema)
+            .map_err(self.fail("schema evolution"))?;
+        // A table created without deletion vectors gets them with its next commit when they
+        // are asked for (that commit still rewrites; later ones patch).
+        let enable_dv = self.deletion_vectors && created.is_none() && !target.dv_ready;
+        if widened.is_some() || enable_dv {
+            let mut m = metadata.clone();
+            if let Some(w) = &widened {
+                m = m.with_schema(w).map_err(self.fail("schema evolution"))?;
+            }
+            if enable_dv {
+                m = m
+                    .add_config_key(DV_PROPERTY.to_string(), "true".to_string())
+                    .map_err(self.fail("enable deletion vectors"))?;
+            }
+            new_protocol = crate::lake::changelog::protocol_upgrade(
+                target.protocol.as_ref(),
+                widened.as_ref().unwrap_or(&current),
+                enable_dv,
+            )
+            .map_err(self.fail("schema evolution"))?;
             actions.push(Action::Metadata(m.clone()));
-            new_metadata = Some(m);
-            new_protocol =
-                crate::lake::changelog::protocol_upgrade(target.protocol.as_ref(), &widened, false)
-                    .map_err(self.fail("schema evolution"))?;
             if let Some(p) = &new_protocol {
                 actions.push(Action::Protocol(p.clone()));
             }
+            new_metadata = Some(m);
         }
         for r in &removes {
             target.files.remove(&r.path);
@@ -467,6 +480,7 @@ impl Ctx<'_> {
             target.protocol = Some(p);
         }
         if let Some(m) = new_metadata {
+            target.dv_ready = dv_enabled(&m);
             target.metadata = Some(m);
         }
         target.txn = Some(txn);

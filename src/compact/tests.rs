@@ -612,7 +612,8 @@ async fn read_target(sink: &crate::lake::store::Sink, kind: &str) -> Vec<RecordB
 }
 
 /// Random change sequences on a 200-key table, compacted into small buckets with deletion
-/// vectors after every few commits, with now and then a crash between the history and the
+/// vectors after every few commits (in half the cases, tables created without them and
+/// switched on by the next run), with now and then a crash between the history and the
 /// current commit (the current commit's log entry removed): the current table is the model
 /// and the history table gives the model as of every commit. Buckets get patched, and
 /// rewritten once they have too many files or marked rows.
@@ -639,6 +640,7 @@ async fn compaction_with_deletion_vectors_matches_the_model() {
     };
     let mut runner = proptest::test_runner::TestRunner::deterministic();
     let (mut patched, mut rewritten, mut repaired) = (0u64, 0u64, 0u64);
+    let mut patched_after_switch = 0u64;
     for case in 0..12 {
         let mut actions: Vec<Action> = (0..200u8)
             .map(|k| Action::Insert {
@@ -678,11 +680,20 @@ async fn compaction_with_deletion_vectors_matches_the_model() {
             start = end;
             commits += 1;
             if commits % 2 == 0 || start == changes.len() {
+                // Odd cases create the tables without deletion vectors; the next run turns
+                // them on.
+                let options = super::CompactOptions {
+                    deletion_vectors: case % 2 == 0 || commits > 2,
+                    ..options.clone()
+                };
                 let r = super::compact_table(&sink, &name, &options)
                     .await
                     .expect("compact");
                 patched += r.buckets_patched;
                 rewritten += r.buckets_rewritten;
+                if case % 2 == 1 {
+                    patched_after_switch += r.buckets_patched;
+                }
                 // Now and then the run "crashes" before its current commit: the next run
                 // repairs the current table from the history table.
                 if r.steps > 0 && commits % 6 == 0 && start < changes.len() {
@@ -718,6 +729,10 @@ async fn compaction_with_deletion_vectors_matches_the_model() {
         }
     }
     assert!(patched > 50, "{patched} buckets patched");
+    assert!(
+        patched_after_switch > 20,
+        "{patched_after_switch} buckets patched in tables switched to deletion vectors"
+    );
     assert!(rewritten > 10, "{rewritten} buckets rewritten");
     assert!(repaired > 5, "{repaired} repairs");
 }
