@@ -935,3 +935,126 @@ async fn stop_at_commits_everything_before_the_lsn_and_exits_by_itself() {
     inserted.sort_unstable();
     assert_eq!(inserted, (1..=100).collect::<Vec<i64>>(), "{text}");
 }
+
+/// A tmpfs of `size` mounted at `dir` (needs root), unmounted on drop.
+struct SmallDisk {
+    dir: PathBuf,
+}
+
+impl SmallDisk {
+    fn mount(dir: &Path, size: &str) -> SmallDisk {
+        std::fs::create_dir_all(dir).unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .unwrap();
+        assert!(status.success(), "mount a tmpfs at {}", dir.display());
+        SmallDisk {
+            dir: dir.to_path_buf(),
+        }
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.dir)
+            .status();
+    }
+}
+
+/// The lake's disk fills up mid-run: commits fail and are retried, nothing written during it is
+/// confirmed, and once space is freed the run catches up with nothing lost or repeated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_confirms_nothing_unwritten_and_recovers() {
+    if !is_root() {
+        // Mounting a small filesystem needs root; CI runs the tests as root.
+        eprintln!("skipped: needs root to mount a tmpfs");
+        return;
+    }
+    let cluster = Cluster::shared();
+    let db = cluster.create_db("fulldisk").await;
+    let tables = setup(&db, 5).await;
+    let dir = tempfile::tempdir().unwrap();
+    let disk = SmallDisk::mount(&dir.path().join("disk"), "16m");
+    let lake_dir = disk.dir.join("lake");
+    let root = format!("file://{}", lake_dir.display());
+    let log = dir.path().join("run.log");
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let metrics_addr = format!("127.0.0.1:{metrics_port}");
+    let runner = Runner::start(&db, &root, &["--metrics-addr", &metrics_addr], &log);
+    db.exec(&format!(
+        "INSERT INTO {} (id) SELECT generate_series(1, 100); INSERT INTO marker VALUES (1)",
+        tables[0]
+    ))
+    .await;
+    wait_for_marker(&root, None, 1, &log).await;
+
+    // Fill the disk: a file grows until the filesystem refuses more.
+    let filler = disk.dir.join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0u8; 64 << 10];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.sync_all();
+    }
+    let retries_before = metric(&scrape(metrics_port).await, "slotlake_retries_total");
+    db.exec(&format!(
+        "SET synchronous_commit = on; INSERT INTO {} (id) SELECT generate_series(1, 500); INSERT INTO marker VALUES (2)",
+        tables[1]
+    ))
+    .await;
+    let written_up_to: slotlake::lsn::Lsn = db
+        .exec(&format!(
+            "SELECT max(lsn)::text AS w FROM pg_logical_slot_peek_changes('{}', NULL, NULL) WHERE data LIKE 'COMMIT%'",
+            oracle_slot(&db)
+        ))
+        .await[0]
+        .get("w")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let m = scrape(metrics_port).await;
+        if metric(&m, "slotlake_retries_total") >= retries_before + 3.0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no retries while the disk is full\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let during = confirmed_lsn(&db, &lake_slot(&db)).await;
+    assert!(
+        during < written_up_to,
+        "confirmed {during} past data that could not be written (WAL at {written_up_to})"
+    );
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        text.contains("No space left on device"),
+        "the log names the cause\n{text}"
+    );
+
+    std::fs::remove_file(&filler).unwrap();
+    wait_for_marker(&root, None, 2, &log).await;
+    runner.stop().await;
+    let mut want = oracle(&db, &oracle_slot(&db)).await;
+    want.remove("marker");
+    let changed: Vec<String> = want.keys().cloned().collect();
+    let got = lake(&root, &changed, None);
+    for (t, ops) in &want {
+        assert_eq!(got.get(t), Some(ops), "change log of {t}");
+    }
+    assert!(confirmed_lsn(&db, &lake_slot(&db)).await >= written_up_to);
+    drop(disk);
+}

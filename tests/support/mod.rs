@@ -53,7 +53,7 @@ pub fn pg_bin() -> PathBuf {
     )
 }
 
-fn is_root() -> bool {
+pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc_geteuid() == 0 }
 }
