@@ -60,9 +60,26 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     Ok(v as u64)
 }
 
+/// A byte size as [`parse_size`], or `0` / `off` for none (0).
+pub fn parse_size_or_off(s: &str) -> Result<u64, String> {
+    match s.trim() {
+        "0" | "off" => Ok(0),
+        _ => parse_size(s),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_size_that_can_be_off() {
+        assert_eq!(parse_size_or_off("0"), Ok(0));
+        assert_eq!(parse_size_or_off("off"), Ok(0));
+        assert_eq!(parse_size_or_off("8MiB"), Ok(8 << 20));
+        assert!(parse_size_or_off("-1").is_err());
+        assert!(parse_size("0").is_err());
+    }
 
     #[test]
     fn sizes() {
