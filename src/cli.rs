@@ -413,8 +413,8 @@ pub struct RunArgs {
     )]
     pub on_slot_invalidated: OnSlotInvalidated,
     /// /readyz is unready while the replication lag (WAL received but not yet committed and
-    /// confirmed) is above this; 0: no limit.
-    #[arg(long, env = "SLOTLAKE_READY_MAX_LAG", value_name = "SIZE", default_value = "1GiB", value_parser = parse_size)]
+    /// confirmed) is above this; `0` or `off`: no limit.
+    #[arg(long, env = "SLOTLAKE_READY_MAX_LAG", value_name = "SIZE", default_value = "1GiB", value_parser = crate::config::parse_size_or_off)]
     pub ready_max_lag: u64,
     /// Initial snapshot: `initial` loads every published table's existing rows when run
     /// creates the slot (and finishes a load a crash interrupted); `never` streams only.
@@ -459,4 +459,38 @@ pub struct RunArgs {
     /// stops by itself.
     #[arg(long, env = "SLOTLAKE_STOP_AT", value_name = "LSN")]
     pub stop_at: Option<Lsn>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Flags documented as "`0` or `off` turns it off" accept both.
+    #[test]
+    fn size_flags_that_can_be_off_accept_zero_and_off() {
+        for off in ["0", "off"] {
+            let cli = Cli::try_parse_from([
+                "slotlake",
+                "run",
+                "--source",
+                "postgresql://localhost/db",
+                "--slot",
+                "s",
+                "--publication",
+                "p",
+                "--sink",
+                "memory://",
+                "--ready-max-lag",
+                off,
+                "--optimize-file-size",
+                off,
+            ])
+            .unwrap_or_else(|e| panic!("{off}: {e}"));
+            let Command::Run(run) = cli.command else {
+                panic!("run");
+            };
+            assert_eq!(run.ready_max_lag, 0);
+            assert_eq!(run.compact.optimize_file_size, 0);
+        }
+    }
 }
