@@ -177,7 +177,7 @@ pub struct CompactArgs {
     /// Compact only these tables (schema.table; repeatable). Default: every change log.
     #[arg(long = "table", value_name = "SCHEMA.TABLE")]
     pub tables: Vec<String>,
-    /// Run again this long after each pass, until SIGTERM/SIGINT; default: once.
+    /// Run again this long after each pass, until SIGTERM/SIGINT; default (or `0`): once.
     #[arg(long, env = "SLOTLAKE_COMPACT_INTERVAL", value_name = "DURATION", value_parser = parse_duration)]
     pub interval: Option<Duration>,
     #[command(flatten)]
@@ -336,7 +336,7 @@ pub struct TailArgs {
     #[arg(long, value_name = "LSN", default_value = "0/0")]
     pub start_lsn: Lsn,
     /// Interval between standby status updates.
-    #[arg(long, env = "SLOTLAKE_STATUS_INTERVAL", value_name = "DURATION", default_value = DEFAULT_STATUS_INTERVAL, value_parser = parse_duration)]
+    #[arg(long, env = "SLOTLAKE_STATUS_INTERVAL", value_name = "DURATION", default_value = DEFAULT_STATUS_INTERVAL, value_parser = crate::config::parse_period)]
     pub status_interval: Duration,
 }
 
@@ -385,7 +385,7 @@ pub struct RunArgs {
     #[arg(long, env = "SLOTLAKE_TARGET_FILE_SIZE", value_name = "SIZE", default_value = DEFAULT_TARGET_FILE_SIZE, value_parser = parse_size)]
     pub target_file_size: u64,
     /// Commit buffered changes when the oldest is this old.
-    #[arg(long, env = "SLOTLAKE_FLUSH_INTERVAL", value_name = "DURATION", default_value = DEFAULT_FLUSH_INTERVAL, value_parser = parse_duration)]
+    #[arg(long, env = "SLOTLAKE_FLUSH_INTERVAL", value_name = "DURATION", default_value = DEFAULT_FLUSH_INTERVAL, value_parser = crate::config::parse_period)]
     pub flush_interval: Duration,
     /// Memory for buffered changes; above it, the largest tables are written out early.
     #[arg(long, env = "SLOTLAKE_MEMORY_BUDGET", value_name = "SIZE", default_value = DEFAULT_MEMORY_BUDGET, value_parser = parse_size)]
@@ -447,7 +447,7 @@ pub struct RunArgs {
     #[arg(long, env = "SLOTLAKE_METRICS_ADDR", value_name = "ADDR", default_value = crate::metrics::DEFAULT_METRICS_ADDR)]
     pub metrics_addr: std::net::SocketAddr,
     /// Interval between standby status updates.
-    #[arg(long, env = "SLOTLAKE_STATUS_INTERVAL", value_name = "DURATION", default_value = DEFAULT_STATUS_INTERVAL, value_parser = parse_duration)]
+    #[arg(long, env = "SLOTLAKE_STATUS_INTERVAL", value_name = "DURATION", default_value = DEFAULT_STATUS_INTERVAL, value_parser = crate::config::parse_period)]
     pub status_interval: Duration,
     /// On SIGTERM/SIGINT, give up committing after this long (nothing is lost: uncommitted
     /// changes are read again from the slot next time).
@@ -492,5 +492,28 @@ mod tests {
             assert_eq!(run.ready_max_lag, 0);
             assert_eq!(run.compact.optimize_file_size, 0);
         }
+    }
+
+    /// Periods that drive a timer are refused at 0 (a zero-period timer panics).
+    #[test]
+    fn zero_periods_are_refused() {
+        let base = [
+            "slotlake",
+            "run",
+            "--source",
+            "postgresql://localhost/db",
+            "--slot",
+            "s",
+            "--publication",
+            "p",
+            "--sink",
+            "memory://",
+        ];
+        for flag in ["--status-interval", "--flush-interval"] {
+            let args: Vec<&str> = base.iter().copied().chain([flag, "0"]).collect();
+            let err = Cli::try_parse_from(args).expect_err(flag).to_string();
+            assert!(err.contains("must be more than 0"), "{flag}: {err}");
+        }
+        assert!(Cli::try_parse_from(base).is_ok());
     }
 }

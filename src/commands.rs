@@ -569,7 +569,10 @@ pub async fn compact(a: crate::cli::CompactArgs) -> Result<()> {
             elapsed_ms = elapsed.as_millis() as u64,
             "compaction pass"
         );
-        let Some(interval) = a.interval else { break };
+        // No interval, or 0 (the variable `run --compact-interval` shares: off there): once.
+        let Some(interval) = a.interval.filter(|i| !i.is_zero()) else {
+            break;
+        };
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
             _ = stop_rx.wait_for(|s| *s) => break,

@@ -60,6 +60,15 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     Ok(v as u64)
 }
 
+/// A duration as [`parse_duration`] that must not be zero (a period something is done every).
+pub fn parse_period(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d.is_zero() {
+        return Err(format!("{s:?}: must be more than 0"));
+    }
+    Ok(d)
+}
+
 /// A byte size as [`parse_size`], or `0` / `off` for none (0).
 pub fn parse_size_or_off(s: &str) -> Result<u64, String> {
     match s.trim() {
@@ -71,6 +80,14 @@ pub fn parse_size_or_off(s: &str) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_period_is_more_than_zero() {
+        assert_eq!(parse_period("250ms"), Ok(Duration::from_millis(250)));
+        assert!(parse_period("0").is_err());
+        assert!(parse_period("0s").is_err());
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+    }
 
     #[test]
     fn a_size_that_can_be_off() {
