@@ -451,31 +451,43 @@ pub(super) fn fold_in_groups(
     let groups = 1usize << bits;
     let group_of = |h: u64| h.checked_shr(64 - bits).unwrap_or(0) as usize;
     let mut sources: Vec<&RecordBatch> = Vec::with_capacity(base.len() + changes.len() + 1);
+    // Keys encoded and hashed batch by batch on every thread.
+    let base_views = par_map(base, threads, |batch| {
+        let keys = converter.convert_columns(&layout.key_columns(batch, KeyNames::Row)?)?;
+        let hashes = (0..keys.num_rows())
+            .map(|r| key_hash(keys.row(r).as_ref()))
+            .collect::<Vec<u64>>();
+        Ok::<_, FoldError>((
+            BaseView {
+                src: 0,
+                keys,
+                from_lsn: int64(batch, VALID_FROM_LSN)?,
+                from_ts: timestamps(batch, VALID_FROM)?,
+                deleted: bools(batch, DELETED)?,
+            },
+            hashes,
+        ))
+    });
     let mut bases = Vec::with_capacity(base.len());
-    for batch in base {
-        let src = index(sources.len())?;
-        sources.push(batch);
-        bases.push(BaseView {
-            src,
-            keys: converter.convert_columns(&layout.key_columns(batch, KeyNames::Row)?)?,
-            from_lsn: int64(batch, VALID_FROM_LSN)?,
-            from_ts: timestamps(batch, VALID_FROM)?,
-            deleted: bools(batch, DELETED)?,
-        });
-    }
-    let mut views = Vec::with_capacity(changes.len());
-    for batch in &changes {
-        let src = index(sources.len())?;
-        sources.push(batch);
-        views.push((src, ChangeView::new(layout, &converter, batch)?));
-    }
     let mut base_groups: Vec<Vec<RowRef>> = vec![Vec::new(); groups];
-    for (b, view) in bases.iter().enumerate() {
-        let b = index(b)?;
-        for row in 0..view.keys.num_rows() {
-            let g = group_of(key_hash(view.keys.row(row).as_ref()));
-            base_groups[g].push((b, index(row)?));
+    for (batch, view) in base.iter().zip(base_views) {
+        let (mut view, hashes) = view?;
+        view.src = index(sources.len())?;
+        sources.push(batch);
+        let b = index(bases.len())?;
+        for (row, &h) in hashes.iter().enumerate() {
+            base_groups[group_of(h)].push((b, index(row)?));
         }
+        bases.push(view);
+    }
+    let change_views = par_map(&changes, threads, |batch| {
+        ChangeView::new(layout, &converter, batch)
+    });
+    let mut views = Vec::with_capacity(changes.len());
+    for (batch, view) in changes.iter().zip(change_views) {
+        let src = index(sources.len())?;
+        sources.push(batch);
+        views.push((src, view?));
     }
     // Commit order; (_lsn, _seq) is unique, so the order never depends on file order.
     let mut order: Vec<(i64, i64, u32, u32)> = Vec::with_capacity(n);
@@ -503,7 +515,7 @@ pub(super) fn fold_in_groups(
         let g = if op == Op::Truncate {
             groups
         } else {
-            let g = group_of(key_hash(view.keys.row(i).as_ref()));
+            let g = group_of(view.hashes[i]);
             if view.has_old[i] {
                 let old = group_of(key_hash(view.old_keys.row(i).as_ref()));
                 if old != g {
@@ -878,6 +890,8 @@ impl Folder<'_, '_> {
 /// The columns of one change batch the fold reads.
 struct ChangeView<'a> {
     keys: Rows,
+    /// [`key_hash`] of each row's key.
+    hashes: Vec<u64>,
     old_keys: Rows,
     has_old: Vec<bool>,
     ops: &'a deltalake::arrow::array::StringArray,
@@ -894,8 +908,12 @@ impl<'a> ChangeView<'a> {
         batch: &'a RecordBatch,
     ) -> Result<ChangeView<'a>, FoldError> {
         let old_cols = layout.key_columns(batch, KeyNames::Old)?;
+        let keys = converter.convert_columns(&layout.key_columns(batch, KeyNames::Row)?)?;
         Ok(ChangeView {
-            keys: converter.convert_columns(&layout.key_columns(batch, KeyNames::Row)?)?,
+            hashes: (0..keys.num_rows())
+                .map(|r| key_hash(keys.row(r).as_ref()))
+                .collect(),
+            keys,
             old_keys: converter.convert_columns(&old_cols)?,
             has_old: (0..batch.num_rows())
                 .map(|i| old_cols.iter().any(|c| c.is_valid(i)))
@@ -913,6 +931,29 @@ impl<'a> ChangeView<'a> {
                 .ok_or_else(|| FoldError::MissingColumn(UNCHANGED.into()))?,
         })
     }
+}
+
+/// `f` of every item, in order, on up to `threads` threads (contiguous shares).
+fn par_map<'a, T: Sync, R: Send>(
+    items: &'a [T],
+    threads: usize,
+    f: impl Fn(&'a T) -> R + Sync,
+) -> Vec<R> {
+    let threads = threads.clamp(1, items.len().max(1));
+    if threads == 1 {
+        return items.iter().map(f).collect();
+    }
+    let share = items.len().div_ceil(threads);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = items
+            .chunks(share)
+            .map(|chunk| s.spawn(|| chunk.iter().map(&f).collect::<Vec<R>>()))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    })
 }
 
 struct Gather<'a> {
