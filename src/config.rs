@@ -69,12 +69,21 @@ pub fn parse_period(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
-/// A byte size as [`parse_size`], or `0` / `off` for none (0).
+/// A byte size as [`parse_size`], or `off` or a zero size (`0`, `0MiB`) for none (0).
 pub fn parse_size_or_off(s: &str) -> Result<u64, String> {
-    match s.trim() {
-        "0" | "off" => Ok(0),
-        _ => parse_size(s),
+    let t = s.trim();
+    if t.eq_ignore_ascii_case("off") {
+        return Ok(0);
     }
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    if num.parse::<f64>() == Ok(0.0) {
+        // Still a size: the unit must be one.
+        return parse_size(&format!("1{unit}")).map(|_| 0);
+    }
+    parse_size(s)
 }
 
 #[cfg(test)]
@@ -93,6 +102,9 @@ mod tests {
     fn a_size_that_can_be_off() {
         assert_eq!(parse_size_or_off("0"), Ok(0));
         assert_eq!(parse_size_or_off("off"), Ok(0));
+        assert_eq!(parse_size_or_off("OFF"), Ok(0));
+        assert_eq!(parse_size_or_off("0MiB"), Ok(0));
+        assert!(parse_size_or_off("0parsecs").is_err());
         assert_eq!(parse_size_or_off("8MiB"), Ok(8 << 20));
         assert!(parse_size_or_off("-1").is_err());
         assert!(parse_size("0").is_err());

@@ -240,7 +240,7 @@ struct Target {
     txn: Option<u64>,
     /// Data files: path → size and deletion vector.
     files: BTreeMap<String, FileEntry>,
-    /// Created with deletion vectors enabled.
+    /// Deletion vectors enabled: the table property, and the feature in the protocol.
     dv_ready: bool,
 }
 
@@ -258,7 +258,8 @@ struct Ctx<'a> {
     sink: &'a Sink,
     name: &'a TableName,
     table: String,
-    /// Create the current and history tables with deletion vectors.
+    /// Give the current and history tables deletion vectors (at creation, or with their next
+    /// commit).
     deletion_vectors: bool,
 }
 
@@ -311,7 +312,7 @@ impl Ctx<'_> {
         target.version = Some(snapshot.version());
         target.metadata = Some(snapshot.metadata().clone());
         target.protocol = Some(snapshot.protocol().clone());
-        target.dv_ready = dv_enabled(snapshot.metadata());
+        target.dv_ready = dv_enabled(snapshot.metadata(), snapshot.protocol());
         target.txn = snapshot
             .transaction_version(log_store.as_ref(), APP_ID)
             .await
@@ -472,7 +473,6 @@ impl Ctx<'_> {
             })?;
         target.version = Some(next);
         if let Some((m, p)) = created {
-            target.dv_ready = dv_enabled(&m);
             target.metadata = Some(m);
             target.protocol = Some(p);
         }
@@ -480,8 +480,10 @@ impl Ctx<'_> {
             target.protocol = Some(p);
         }
         if let Some(m) = new_metadata {
-            target.dv_ready = dv_enabled(&m);
             target.metadata = Some(m);
+        }
+        if let (Some(m), Some(p)) = (&target.metadata, &target.protocol) {
+            target.dv_ready = dv_enabled(m, p);
         }
         target.txn = Some(txn);
         if next > 0 && next.is_multiple_of(CHECKPOINT_INTERVAL) {
@@ -670,11 +672,21 @@ fn remove_file(path: &str, entry: &FileEntry) -> Remove {
     }
 }
 
-fn dv_enabled(metadata: &Metadata) -> bool {
+/// Whether a table has deletion vectors: the table property set and the feature in the
+/// protocol (both reader and writer), so that no vector goes to a table readers could take for
+/// one without.
+fn dv_enabled(metadata: &Metadata, protocol: &deltalake::kernel::Protocol) -> bool {
+    let listed = |v: &serde_json::Value, list: &str| {
+        v[list]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|f| f == "deletionVectors"))
+    };
     metadata
         .configuration()
         .get(DV_PROPERTY)
         .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+        && serde_json::to_value(protocol)
+            .is_ok_and(|v| listed(&v, "readerFeatures") && listed(&v, "writerFeatures"))
 }
 
 fn remove_of(path: &str, size: i64) -> Remove {
