@@ -59,6 +59,8 @@ pub enum FoldError {
     TooManyRows,
     #[error("a worker of the fold stopped without the open versions of unit {0}")]
     UnitLost(usize),
+    #[error("the table's files are not as compaction left them: {0}")]
+    Inconsistent(&'static str),
     #[error(transparent)]
     Arrow(#[from] ArrowError),
 }

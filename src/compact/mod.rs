@@ -353,7 +353,7 @@ impl Ctx<'_> {
             let protocol = crate::lake::changelog::protocol_upgrade(None, &kernel, true)
                 .map_err(self.fail("create"))?
                 .ok_or_else(|| {
-                    self.fail("create")(FoldError::MissingColumn("table features".into()))
+                    self.fail("create")(FoldError::Inconsistent("no table features to list"))
                 })?;
             let metadata = deltalake::kernel::new_metadata(
                 &kernel,
@@ -1540,8 +1540,8 @@ async fn step(
                 }
                 patched.insert(f.lo);
                 let Some((cpath, centry)) = &f.member.current else {
-                    return Err(ctx.fail("patch")(FoldError::MissingColumn(
-                        "current file".into(),
+                    return Err(ctx.fail("patch")(FoldError::Inconsistent(
+                        "an open-history file without its current file",
                     )));
                 };
                 let (path, entry) = &f.member.open;
