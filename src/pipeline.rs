@@ -124,7 +124,7 @@ pub enum RunError {
         #[source]
         source: DecodeError,
     },
-    #[error("invalid transaction sequence at {lsn}")]
+    #[error("cannot assemble the transactions of the stream at {lsn}")]
     Txn {
         lsn: Lsn,
         #[source]

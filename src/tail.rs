@@ -60,7 +60,7 @@ pub enum TailError {
         #[source]
         source: DecodeError,
     },
-    #[error("invalid transaction sequence at {lsn}")]
+    #[error("cannot assemble the transactions of the stream at {lsn}")]
     Txn {
         lsn: Lsn,
         #[source]

@@ -1083,3 +1083,97 @@ async fn a_full_disk_confirms_nothing_unwritten_and_recovers() {
     assert!(confirmed_lsn(&db, &lake_slot(&db)).await >= written_up_to);
     drop(disk);
 }
+
+/// The spill directory fills up while a streamed transaction is spilled: the run stops with an
+/// error naming the cause (an operator's matter, not retried), confirms nothing of the
+/// transaction, and a restart once space is freed lands it exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_spill_disk_stops_the_run_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = if is_root() {
+        SmallDisk::mount(&dir.path().join("spill"), "32m")
+    } else {
+        None
+    };
+    let Some(disk) = disk else {
+        eprintln!(
+            "SKIPPED a_full_spill_disk_stops_the_run_and_loses_nothing: cannot mount a tmpfs here"
+        );
+        return;
+    };
+    let cluster = Cluster::shared();
+    let db = cluster.create_db("fullspill").await;
+    let tables = setup(&db, 2).await;
+    let root = format!("file://{}", dir.path().join("lake").display());
+    let log = dir.path().join("run.log");
+    let spill = disk.dir.display().to_string();
+    let flags = ["--memory-budget", "4MiB", "--spill-dir", &spill];
+    let mut runner = Runner::start(&db, &root, &flags, &log);
+    db.exec(&format!(
+        "INSERT INTO {} (id) SELECT generate_series(1, 10); INSERT INTO marker VALUES (1)",
+        tables[0]
+    ))
+    .await;
+    wait_for_marker(&root, None, 1, &log).await;
+
+    let filler = disk.dir.join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        while f.write_all(&[0u8; 4096]).is_ok() {}
+        let _ = f.sync_all();
+    }
+    // A transaction far larger than logical_decoding_work_mem (64kB here): streamed, and
+    // spilled past a quarter of the 4 MiB budget.
+    db.exec(&format!(
+        "SET synchronous_commit = on; INSERT INTO {} (id, v) SELECT g, repeat('s', 200) FROM generate_series(100, 30099) g; INSERT INTO marker VALUES (2)",
+        tables[1]
+    ))
+    .await;
+    let written_up_to: slotlake::lsn::Lsn = db
+        .exec(&format!(
+            "SELECT max(lsn)::text AS w FROM pg_logical_slot_peek_changes('{}', NULL, NULL) WHERE data LIKE 'COMMIT%'",
+            oracle_slot(&db)
+        ))
+        .await[0]
+        .get("w")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(120), runner.child.wait())
+        .await
+        .expect("run stops on a full spill disk")
+        .unwrap();
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(!status.success(), "exits with an error\n{text}");
+    assert!(
+        text.contains("cannot write the spill file") && text.contains("No space left on device"),
+        "the error names the spill file and the cause\n{text}"
+    );
+    let confirmed = confirmed_lsn(&db, &lake_slot(&db)).await;
+    assert!(
+        confirmed < written_up_to,
+        "confirmed {confirmed} past the transaction it could not spill ({written_up_to})"
+    );
+
+    std::fs::remove_file(&filler).unwrap();
+    let runner = Runner::start(&db, &root, &flags, &log);
+    wait_for_marker(&root, None, 2, &log).await;
+    runner.stop().await;
+    let mut want = oracle(&db, &oracle_slot(&db)).await;
+    want.remove("marker");
+    let got = lake(&root, &tables, None);
+    for (t, ops) in &want {
+        assert_eq!(got.get(t), Some(ops), "change log of {t}");
+    }
+    assert_eq!(want[&tables[1]].len(), 30_000);
+    let stopped = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        stopped
+            .lines()
+            .filter(|l| l.contains("stopped"))
+            .any(|l| !l.contains("spilled_bytes=0") && l.contains("spilled_bytes=")),
+        "the restarted run spilled the transaction\n{stopped}"
+    );
+    drop(disk);
+}
