@@ -435,6 +435,20 @@ async fn kill_nine_at_random_points_loses_and_duplicates_nothing() {
     }
 }
 
+/// The end of the commit record of the last transaction the oracle slot has (not consumed):
+/// confirming at or past it says that transaction is in the lake.
+async fn last_commit_end(db: &TestDb) -> slotlake::lsn::Lsn {
+    db.exec(&format!(
+        "SELECT max(lsn)::text AS w FROM pg_logical_slot_peek_changes('{}', NULL, NULL) WHERE data LIKE 'COMMIT%'",
+        oracle_slot(db)
+    ))
+    .await[0]
+    .get("w")
+    .unwrap()
+    .parse()
+    .unwrap()
+}
+
 async fn confirmed_lsn(db: &TestDb, slot: &str) -> slotlake::lsn::Lsn {
     let rows = db.exec(&format!("SELECT confirmed_flush_lsn::text AS c FROM pg_replication_slots WHERE slot_name = '{slot}'")).await;
     rows[0].get("c").unwrap().parse().unwrap()
@@ -510,16 +524,7 @@ async fn s3_outage_confirms_nothing_unwritten_and_recovers() {
     // The end of the commit record of the transaction written during the outage (the oracle
     // slot reports it): confirming at or past it would tell Postgres that it is in the lake.
     // Anything before it is fine, even inside that transaction's WAL, since it is resent whole.
-    let written_up_to: slotlake::lsn::Lsn = db
-        .exec(&format!(
-            "SELECT max(lsn)::text AS w FROM pg_logical_slot_peek_changes('{}', NULL, NULL) WHERE data LIKE 'COMMIT%'",
-            oracle_slot(&db)
-        ))
-        .await[0]
-        .get("w")
-        .unwrap()
-        .parse()
-        .unwrap();
+    let written_up_to = last_commit_end(&db).await;
     // Wait until slotlake has failed to commit a few times, then check it confirmed nothing new.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     loop {
@@ -1036,16 +1041,7 @@ async fn a_full_disk_confirms_nothing_unwritten_and_recovers() {
         tables[0], tables[1]
     ))
     .await;
-    let written_up_to: slotlake::lsn::Lsn = db
-        .exec(&format!(
-            "SELECT max(lsn)::text AS w FROM pg_logical_slot_peek_changes('{}', NULL, NULL) WHERE data LIKE 'COMMIT%'",
-            oracle_slot(&db)
-        ))
-        .await[0]
-        .get("w")
-        .unwrap()
-        .parse()
-        .unwrap();
+    let written_up_to = last_commit_end(&db).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     loop {
         let m = scrape(metrics_port).await;
@@ -1130,16 +1126,7 @@ async fn a_full_spill_disk_stops_the_run_and_loses_nothing() {
         tables[1]
     ))
     .await;
-    let written_up_to: slotlake::lsn::Lsn = db
-        .exec(&format!(
-            "SELECT max(lsn)::text AS w FROM pg_logical_slot_peek_changes('{}', NULL, NULL) WHERE data LIKE 'COMMIT%'",
-            oracle_slot(&db)
-        ))
-        .await[0]
-        .get("w")
-        .unwrap()
-        .parse()
-        .unwrap();
+    let written_up_to = last_commit_end(&db).await;
     let status = tokio::time::timeout(Duration::from_secs(120), runner.child.wait())
         .await
         .expect("run stops on a full spill disk")
