@@ -11,8 +11,9 @@
 //! 3. The current table is compared with the history table's open versions (they must be the
 //!    same rows), which catches damage to either.
 //!
-//! Source values are parsed with the same text parser and Arrow builders as streamed changes,
-//! so both sides have identical types; rows are compared through Arrow's row encoding.
+//! Source rows are read with `COPY … (FORMAT binary)` (text for types without a binary parser)
+//! into the same Arrow builders as streamed changes, so both sides have identical types; rows
+//! are compared through Arrow's row encoding.
 
 use std::collections::HashMap;
 use std::sync::Arc;
