@@ -465,27 +465,28 @@ pub struct RunArgs {
 mod tests {
     use super::*;
 
+    /// A `slotlake run` command line with the required flags.
+    const RUN: [&str; 10] = [
+        "slotlake",
+        "run",
+        "--source",
+        "postgresql://localhost/db",
+        "--slot",
+        "s",
+        "--publication",
+        "p",
+        "--sink",
+        "memory://",
+    ];
+
     /// Flags documented as "`0` or `off` turns it off" accept both.
     #[test]
     fn size_flags_that_can_be_off_accept_zero_and_off() {
         for off in ["0", "off"] {
-            let cli = Cli::try_parse_from([
-                "slotlake",
-                "run",
-                "--source",
-                "postgresql://localhost/db",
-                "--slot",
-                "s",
-                "--publication",
-                "p",
-                "--sink",
-                "memory://",
-                "--ready-max-lag",
-                off,
-                "--optimize-file-size",
-                off,
-            ])
-            .unwrap_or_else(|e| panic!("{off}: {e}"));
+            let args = RUN
+                .into_iter()
+                .chain(["--ready-max-lag", off, "--optimize-file-size", off]);
+            let cli = Cli::try_parse_from(args).unwrap_or_else(|e| panic!("{off}: {e}"));
             let Command::Run(run) = cli.command else {
                 panic!("run");
             };
@@ -497,23 +498,11 @@ mod tests {
     /// Periods that drive a timer are refused at 0 (a zero-period timer panics).
     #[test]
     fn zero_periods_are_refused() {
-        let base = [
-            "slotlake",
-            "run",
-            "--source",
-            "postgresql://localhost/db",
-            "--slot",
-            "s",
-            "--publication",
-            "p",
-            "--sink",
-            "memory://",
-        ];
         for flag in ["--status-interval", "--flush-interval"] {
-            let args: Vec<&str> = base.iter().copied().chain([flag, "0"]).collect();
+            let args = RUN.into_iter().chain([flag, "0"]);
             let err = Cli::try_parse_from(args).expect_err(flag).to_string();
             assert!(err.contains("must be more than 0"), "{flag}: {err}");
         }
-        assert!(Cli::try_parse_from(base).is_ok());
+        assert!(Cli::try_parse_from(RUN).is_ok());
     }
 }

@@ -31,6 +31,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 
 /// Parses a byte size: `512`, `64KiB`, `256MiB`, `1GiB`, `100MB`, `1GB`.
 pub fn parse_size(s: &str) -> Result<u64, String> {
+    sized(s, 1.0)
+}
+
+/// A byte size of at least `min` bytes.
+fn sized(s: &str, min: f64) -> Result<u64, String> {
     let t = s.trim();
     let split = t
         .find(|c: char| !c.is_ascii_digit() && c != '.')
@@ -54,7 +59,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         }
     };
     let v = n * mult;
-    if !v.is_finite() || !(1.0..=1e15).contains(&v) {
+    if !v.is_finite() || !(min..=1e15).contains(&v) {
         return Err(format!("{s:?} is out of range"));
     }
     Ok(v as u64)
@@ -71,19 +76,10 @@ pub fn parse_period(s: &str) -> Result<Duration, String> {
 
 /// A byte size as [`parse_size`], or `off` or a zero size (`0`, `0MiB`) for none (0).
 pub fn parse_size_or_off(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    if t.eq_ignore_ascii_case("off") {
+    if s.trim().eq_ignore_ascii_case("off") {
         return Ok(0);
     }
-    let split = t
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    if num.parse::<f64>() == Ok(0.0) {
-        // Still a size: the unit must be one.
-        return parse_size(&format!("1{unit}")).map(|_| 0);
-    }
-    parse_size(s)
+    sized(s, 0.0)
 }
 
 #[cfg(test)]

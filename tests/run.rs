@@ -435,6 +435,54 @@ async fn kill_nine_at_random_points_loses_and_duplicates_nothing() {
     }
 }
 
+/// Waits (up to 120 s) until `retries` of the scraped metrics reaches `at_least` — slotlake
+/// failing to write — then checks the lake's slot is confirmed short of `written_up_to`.
+async fn retried_without_confirming(
+    db: &TestDb,
+    metrics_port: u16,
+    retries: impl Fn(&str) -> f64,
+    at_least: f64,
+    written_up_to: slotlake::lsn::Lsn,
+    log: &Path,
+    what: &str,
+) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let m = scrape(metrics_port).await;
+        if retries(&m) >= at_least {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no {what}\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let during = confirmed_lsn(db, &lake_slot(db)).await;
+    assert!(
+        during < written_up_to,
+        "confirmed {during} past data that could not be written (WAL at {written_up_to})"
+    );
+}
+
+/// Checks every change log against the oracle (the marker table aside) and returns the
+/// oracle's changes.
+async fn assert_lake_is_oracle(
+    db: &TestDb,
+    root: &str,
+    s3: Option<&str>,
+) -> BTreeMap<String, Vec<(String, i64)>> {
+    let mut want = oracle(db, &oracle_slot(db)).await;
+    want.remove("marker");
+    let changed: Vec<String> = want.keys().cloned().collect();
+    let got = lake(root, &changed, s3);
+    for (t, ops) in &want {
+        assert_eq!(got.get(t), Some(ops), "change log of {t}");
+    }
+    want
+}
+
 /// The end of the commit record of the last transaction the oracle slot has (not consumed):
 /// confirming at or past it says that transaction is in the lake.
 async fn last_commit_end(db: &TestDb) -> slotlake::lsn::Lsn {
@@ -526,35 +574,21 @@ async fn s3_outage_confirms_nothing_unwritten_and_recovers() {
     // Anything before it is fine, even inside that transaction's WAL, since it is resent whole.
     let written_up_to = last_commit_end(&db).await;
     // Wait until slotlake has failed to commit a few times, then check it confirmed nothing new.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    loop {
-        let m = scrape(metrics_port).await;
-        if metric(&m, "slotlake_retries_total") >= 3.0 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no commit retries during the outage\n{}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let during = confirmed_lsn(&db, &lake_slot(&db)).await;
-    assert!(
-        during < written_up_to,
-        "confirmed {during} past data that could not be written (WAL at {written_up_to})"
-    );
+    retried_without_confirming(
+        &db,
+        metrics_port,
+        |m| metric(m, "slotlake_retries_total"),
+        3.0,
+        written_up_to,
+        &log,
+        "commit retries during the outage",
+    )
+    .await;
 
     proxy.set_down(false);
     wait_for_marker(&root, Some(&endpoint), 2, &log).await;
     runner.stop().await;
-    let mut want = oracle(&db, &oracle_slot(&db)).await;
-    want.remove("marker");
-    let changed: Vec<String> = want.keys().filter(|t| *t != "marker").cloned().collect();
-    let got = lake(&root, &changed, Some(&endpoint));
-    for (t, ops) in &want {
-        assert_eq!(got.get(t), Some(ops), "change log of {t}");
-    }
+    assert_lake_is_oracle(&db, &root, Some(&endpoint)).await;
     assert!(confirmed_lsn(&db, &lake_slot(&db)).await >= written_up_to);
 }
 
@@ -1042,24 +1076,16 @@ async fn a_full_disk_confirms_nothing_unwritten_and_recovers() {
     ))
     .await;
     let written_up_to = last_commit_end(&db).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    loop {
-        let m = scrape(metrics_port).await;
-        if lake_retries(&m) >= retries_before + 3.0 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no retries while the disk is full\n{}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let during = confirmed_lsn(&db, &lake_slot(&db)).await;
-    assert!(
-        during < written_up_to,
-        "confirmed {during} past data that could not be written (WAL at {written_up_to})"
-    );
+    retried_without_confirming(
+        &db,
+        metrics_port,
+        lake_retries,
+        retries_before + 3.0,
+        written_up_to,
+        &log,
+        "retries while the disk is full",
+    )
+    .await;
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(
         text.contains("No space left on device"),
@@ -1069,13 +1095,7 @@ async fn a_full_disk_confirms_nothing_unwritten_and_recovers() {
     std::fs::remove_file(&filler).unwrap();
     wait_for_marker(&root, None, 2, &log).await;
     runner.stop().await;
-    let mut want = oracle(&db, &oracle_slot(&db)).await;
-    want.remove("marker");
-    let changed: Vec<String> = want.keys().cloned().collect();
-    let got = lake(&root, &changed, None);
-    for (t, ops) in &want {
-        assert_eq!(got.get(t), Some(ops), "change log of {t}");
-    }
+    assert_lake_is_oracle(&db, &root, None).await;
     assert!(confirmed_lsn(&db, &lake_slot(&db)).await >= written_up_to);
     drop(disk);
 }
@@ -1147,12 +1167,7 @@ async fn a_full_spill_disk_stops_the_run_and_loses_nothing() {
     let runner = Runner::start(&db, &root, &flags, &log);
     wait_for_marker(&root, None, 2, &log).await;
     runner.stop().await;
-    let mut want = oracle(&db, &oracle_slot(&db)).await;
-    want.remove("marker");
-    let got = lake(&root, &tables, None);
-    for (t, ops) in &want {
-        assert_eq!(got.get(t), Some(ops), "change log of {t}");
-    }
+    let want = assert_lake_is_oracle(&db, &root, None).await;
     assert_eq!(want[&tables[1]].len(), 30_000);
     let stopped = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(

@@ -22,15 +22,15 @@
 //! one unit of work (values of unchanged TOAST columns travel with the row).
 //!
 //! **Deletion vectors.** Tables compacted with [`CompactOptions::deletion_vectors`] get the
-//! Delta `deletionVectors` feature (and keep it), and a bucket may hold several file pairs (same range, own ids). A
-//! step *patches* a unit when it can: the open versions of the keys its changes touch are
-//! marked deleted in their files' (inline, [`dv`]) vectors, the fold runs on those versions
-//! alone, and its output is one new file pair per bucket. It rewrites the unit into one pair per
-//! bucket instead on a truncate, on re-bucketing, when a bucket has [`MAX_BUCKET_FILES`] pairs,
-//! or when the touched keys and the rows already marked are more than 1 row in
-//! [`MARKED_DENOMINATOR`]. A current file holds its
-//! open file's live rows in order, so its vector follows from the open file's
-//! ([`current_marks`]); the repair after a crash rebuilds it the same way.
+//! Delta `deletionVectors` feature (and keep it), and a bucket may hold several file pairs
+//! (same range, own ids). A step *patches* a unit when it can: the open versions of the keys
+//! its changes touch are marked deleted in their files' (inline, [`dv`]) vectors, the fold runs
+//! on those versions alone, and its output is one new file pair per bucket. It rewrites the
+//! unit into one pair per bucket instead on a truncate, on re-bucketing, when a bucket has
+//! [`MAX_BUCKET_FILES`] pairs, or when the touched keys and the rows already marked are more
+//! than 1 row in [`MARKED_DENOMINATOR`]. A current file holds its open file's live rows in
+//! order, so its vector follows from the open file's ([`current_marks`]); the repair after a
+//! crash rebuilds it the same way.
 //!
 //! **Order.** Within a step, changes are applied in (`_lsn`, `_seq`) order whatever the file
 //! order; steps follow the change-log versions, which are in commit-LSN order.
@@ -676,17 +676,11 @@ fn remove_file(path: &str, entry: &FileEntry) -> Remove {
 /// protocol (both reader and writer), so that no vector goes to a table readers could take for
 /// one without.
 fn dv_enabled(metadata: &Metadata, protocol: &deltalake::kernel::Protocol) -> bool {
-    let listed = |v: &serde_json::Value, list: &str| {
-        v[list]
-            .as_array()
-            .is_some_and(|a| a.iter().any(|f| f == "deletionVectors"))
-    };
     metadata
         .configuration()
         .get(DV_PROPERTY)
         .is_some_and(|v| v.eq_ignore_ascii_case("true"))
-        && serde_json::to_value(protocol)
-            .is_ok_and(|v| listed(&v, "readerFeatures") && listed(&v, "writerFeatures"))
+        && crate::lake::changelog::has_feature(protocol, "deletionVectors")
 }
 
 fn remove_of(path: &str, size: i64) -> Remove {
@@ -1442,13 +1436,13 @@ async fn step(
         if members.len() > 1 {
             unit_changes = dedup_changes(unit_changes).map_err(ctx.fail("dedup"))?;
         }
-        let patch = if patchable(history, current, &bucket_list, members, rebucket) {
+        let mut patch = if patchable(history, current, &bucket_list, members, rebucket) {
             patch_plan(layout, &files, &unit_changes).map_err(ctx.fail("key"))?
         } else {
             None
         };
-        let base: Vec<RecordBatch> = match &patch {
-            Some(plan) => plan.base.clone(),
+        let base: Vec<RecordBatch> = match &mut patch {
+            Some(plan) => std::mem::take(&mut plan.base),
             None => {
                 let mut base = Vec::new();
                 for f in &mut files {
@@ -1525,8 +1519,9 @@ async fn step(
                 )
                 .await?;
             history_adds.push(open_add);
-            patched.insert(lo);
-            if patch.is_none() {
+            if patch.is_some() {
+                patched.insert(lo);
+            } else {
                 report.buckets_rewritten += 1;
             }
             report.bytes_rewritten += add.size.max(0) as u64;

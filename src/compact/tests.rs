@@ -517,15 +517,11 @@ async fn a_missing_change_log_file_fails_compaction_and_commits_nothing() {
     use crate::lake::changelog::{app_id, ChangeLogTable};
     use crate::lake::store::{S3Options, Sink};
     use crate::lsn::Lsn;
-    use crate::replication::sql::TableName;
 
     let dir = tempfile::tempdir().unwrap();
     let url = format!("file://{}", dir.path().display());
     let sink = Sink::open(&url, &S3Options::default()).unwrap();
-    let name = TableName {
-        schema: "public".into(),
-        name: "t".into(),
-    };
+    let name = table_t();
     let schema = ChangeBatchBuilder::new(specs(false)).schema();
     let mut log = ChangeLogTable::open(&sink, &name, &app_id("s"), &schema, 64 << 20)
         .await
@@ -556,15 +552,7 @@ async fn a_missing_change_log_file_fails_compaction_and_commits_nothing() {
     assert_eq!(files.len(), 3);
     std::fs::remove_file(&files[1]).unwrap();
 
-    let options = super::CompactOptions {
-        memory_budget: 64 << 20,
-        bucket_bytes: 128 << 20,
-        vacuum_retention: None,
-        optimize_file_size: 0,
-        changes_retention: None,
-        fold_threads: 2,
-        deletion_vectors: false,
-    };
+    let options = test_options(128 << 20, false);
     let err = super::compact_table(&sink, &name, &options)
         .await
         .expect_err("a change-log file is missing");
@@ -611,6 +599,52 @@ async fn read_target(sink: &crate::lake::store::Sink, kind: &str) -> Vec<RecordB
     out
 }
 
+/// The table these tests compact, `public.t`.
+fn table_t() -> crate::replication::sql::TableName {
+    crate::replication::sql::TableName {
+        schema: "public".into(),
+        name: "t".into(),
+    }
+}
+
+/// Compaction settings for these tests: buckets of `bucket_bytes`, no vacuum or change-log
+/// maintenance, two fold threads.
+fn test_options(bucket_bytes: u64, deletion_vectors: bool) -> super::CompactOptions {
+    super::CompactOptions {
+        memory_budget: 64 << 20,
+        bucket_bytes,
+        vacuum_retention: None,
+        optimize_file_size: 0,
+        changes_retention: None,
+        fold_threads: 2,
+        deletion_vectors,
+    }
+}
+
+/// `changes`' source transactions, in commit order (a transaction's changes share `lsn`).
+fn transactions(changes: &[Change]) -> Vec<&[Change]> {
+    changes.chunk_by(|a, b| a.lsn == b.lsn).collect()
+}
+
+/// Checks the compacted `public.t` of `sink` against the model: the current table holds each
+/// key once and is the final snapshot, and the history table as of each snapshot's LSN is
+/// that snapshot.
+async fn assert_model(sink: &crate::lake::store::Sink, snapshots: &[(i64, Table)], what: &str) {
+    let mut table = Table::new();
+    for b in &read_target(sink, "current").await {
+        for i in 0..b.num_rows() {
+            let (k, r) = row_of(b, i);
+            assert!(table.insert(k, r).is_none(), "{what}: key {k} twice");
+        }
+    }
+    let final_model = &snapshots.last().expect("final snapshot").1;
+    assert_eq!(&table, final_model, "{what}: current table");
+    let history = read_target(sink, "history").await;
+    for (lsn, model) in snapshots {
+        assert_eq!(&as_of(&history, *lsn), model, "{what}: history as of {lsn}");
+    }
+}
+
 /// Random change sequences on a 200-key table, compacted into small buckets with deletion
 /// vectors after every few commits (in half the cases, tables created without them and
 /// switched on by the next run), with now and then a crash between the history and the
@@ -622,22 +656,9 @@ async fn compaction_with_deletion_vectors_matches_the_model() {
     use crate::lake::changelog::{app_id, ChangeLogTable};
     use crate::lake::store::{S3Options, Sink};
     use crate::lsn::Lsn;
-    use crate::replication::sql::TableName;
     use proptest::strategy::ValueTree;
 
-    let name = TableName {
-        schema: "public".into(),
-        name: "t".into(),
-    };
-    let options = super::CompactOptions {
-        memory_budget: 64 << 20,
-        bucket_bytes: 4 << 10,
-        vacuum_retention: None,
-        optimize_file_size: 0,
-        changes_retention: None,
-        fold_threads: 2,
-        deletion_vectors: true,
-    };
+    let name = table_t();
     let mut runner = proptest::test_runner::TestRunner::deterministic();
     let (mut patched, mut rewritten, mut repaired) = (0u64, 0u64, 0u64);
     let mut patched_after_switch = 0u64;
@@ -670,22 +691,15 @@ async fn compaction_with_deletion_vectors_matches_the_model() {
         let mut log = ChangeLogTable::open(&sink, &name, &app_id("s"), &schema, 64 << 20)
             .await
             .unwrap();
-        let mut commits = 0;
-        let mut start = 0;
-        while start < changes.len() {
-            let lsn = changes[start].lsn;
-            let end = start + changes[start..].iter().take_while(|c| c.lsn == lsn).count();
-            log.write(batch(&changes[start..end], false)).await.unwrap();
-            log.commit(Lsn(lsn as u64)).await.unwrap();
-            start = end;
-            commits += 1;
-            if commits % 2 == 0 || start == changes.len() {
+        let txns = transactions(&changes);
+        for (i, txn) in txns.iter().enumerate() {
+            log.write(batch(txn, false)).await.unwrap();
+            log.commit(Lsn(txn[0].lsn as u64)).await.unwrap();
+            let (commits, last) = (i + 1, i + 1 == txns.len());
+            if commits % 2 == 0 || last {
                 // Odd cases create the tables without deletion vectors; the next run turns
                 // them on.
-                let options = super::CompactOptions {
-                    deletion_vectors: case % 2 == 0 || commits > 2,
-                    ..options.clone()
-                };
+                let options = test_options(4 << 10, case % 2 == 0 || commits > 2);
                 let r = super::compact_table(&sink, &name, &options)
                     .await
                     .expect("compact");
@@ -698,7 +712,7 @@ async fn compaction_with_deletion_vectors_matches_the_model() {
                 // repairs the current table from the history table.
                 // (In odd cases, also the run that switches deletion vectors on.)
                 let crash = commits % 6 == 0 || (case % 2 == 1 && commits == 4);
-                if r.steps > 0 && crash && start < changes.len() {
+                if r.steps > 0 && crash && !last {
                     let log_dir = dir.path().join("current/public/t/_delta_log");
                     let last = std::fs::read_dir(&log_dir)
                         .unwrap()
@@ -711,40 +725,20 @@ async fn compaction_with_deletion_vectors_matches_the_model() {
                 }
             }
         }
-        // Both tables have the feature in their protocol, not only the property.
+        // Both tables have the feature in their protocol (reader and writer), not only the
+        // property.
         for kind in ["current", "history"] {
             let path = sink.table_path(&[kind, "public", "t"]);
             let mut t = deltalake::DeltaTable::new(sink.table_store(&path).0);
             t.load().await.expect("load");
             let snapshot = t.snapshot().expect("snapshot");
-            let protocol = serde_json::to_value(snapshot.protocol()).expect("protocol");
-            for list in ["readerFeatures", "writerFeatures"] {
-                assert!(
-                    protocol[list]
-                        .as_array()
-                        .is_some_and(|a| a.iter().any(|f| f == "deletionVectors")),
-                    "case {case}: {kind} {list}: {protocol}"
-                );
-            }
-        }
-        let current = read_target(&sink, "current").await;
-        let mut table = Table::new();
-        for b in &current {
-            for i in 0..b.num_rows() {
-                let (k, r) = row_of(b, i);
-                assert!(table.insert(k, r).is_none(), "case {case}: key {k} twice");
-            }
-        }
-        let final_model = &snapshots.last().expect("final snapshot").1;
-        assert_eq!(&table, final_model, "case {case}: current table");
-        let history = read_target(&sink, "history").await;
-        for (lsn, model) in &snapshots {
-            assert_eq!(
-                &as_of(&history, *lsn),
-                model,
-                "case {case}: history as of {lsn}"
+            assert!(
+                crate::lake::changelog::has_feature(snapshot.protocol(), "deletionVectors"),
+                "case {case}: {kind}: {:?}",
+                snapshot.protocol()
             );
         }
+        assert_model(&sink, &snapshots, &format!("case {case}")).await;
     }
     assert!(patched > 50, "{patched} buckets patched");
     assert!(
@@ -763,13 +757,9 @@ async fn timestamp_columns_keep_every_table_loadable() {
     use crate::lake::changelog::{app_id, ChangeLogTable};
     use crate::lake::store::{S3Options, Sink};
     use crate::lsn::Lsn;
-    use crate::replication::sql::TableName;
     use crate::types::Infinite;
 
-    let name = TableName {
-        schema: "public".into(),
-        name: "t".into(),
-    };
+    let name = table_t();
     let spec = |name: &str, ty: PgType, is_key: bool| ColumnSpec {
         name: name.into(),
         ty,
@@ -780,13 +770,8 @@ async fn timestamp_columns_keep_every_table_loadable() {
         let url = format!("file://{}", dir.path().display());
         let sink = Sink::open(&url, &S3Options::default()).unwrap();
         let options = super::CompactOptions {
-            memory_budget: 64 << 20,
-            bucket_bytes: 128 << 20,
             vacuum_retention: Some(std::time::Duration::ZERO),
-            optimize_file_size: 0,
-            changes_retention: None,
-            fold_threads: 2,
-            deletion_vectors: dv,
+            ..test_options(128 << 20, dv)
         };
         let mut specs = vec![spec("id", PgType::Int8, true)];
         if from_start {
@@ -841,21 +826,9 @@ async fn deletion_vectors_survive_checkpoints() {
     use crate::lake::changelog::{app_id, ChangeLogTable};
     use crate::lake::store::{S3Options, Sink};
     use crate::lsn::Lsn;
-    use crate::replication::sql::TableName;
 
-    let name = TableName {
-        schema: "public".into(),
-        name: "t".into(),
-    };
-    let options = super::CompactOptions {
-        memory_budget: 64 << 20,
-        bucket_bytes: 128 << 20,
-        vacuum_retention: None,
-        optimize_file_size: 0,
-        changes_retention: None,
-        fold_threads: 2,
-        deletion_vectors: true,
-    };
+    let name = table_t();
+    let options = test_options(128 << 20, true);
     let dir = tempfile::tempdir().unwrap();
     let url = format!("file://{}", dir.path().display());
     let sink = Sink::open(&url, &S3Options::default()).unwrap();
@@ -885,13 +858,9 @@ async fn deletion_vectors_survive_checkpoints() {
     }
     let (changes, snapshots) = realize(&actions);
     let mut patched = 0;
-    let mut start = 0;
-    while start < changes.len() {
-        let lsn = changes[start].lsn;
-        let end = start + changes[start..].iter().take_while(|c| c.lsn == lsn).count();
-        log.write(batch(&changes[start..end], false)).await.unwrap();
-        log.commit(Lsn(lsn as u64)).await.unwrap();
-        start = end;
+    for txn in transactions(&changes) {
+        log.write(batch(txn, false)).await.unwrap();
+        log.commit(Lsn(txn[0].lsn as u64)).await.unwrap();
         patched += super::compact_table(&sink, &name, &options)
             .await
             .expect("compact")
@@ -905,16 +874,5 @@ async fn deletion_vectors_survive_checkpoints() {
             .join("public/t/_delta_log/00000000000000000050.checkpoint.parquet");
         assert!(checkpoint.exists(), "{kind}: a checkpoint at version 50");
     }
-    let mut table = Table::new();
-    for b in &read_target(&sink, "current").await {
-        for i in 0..b.num_rows() {
-            let (k, r) = row_of(b, i);
-            assert!(table.insert(k, r).is_none(), "key {k} twice");
-        }
-    }
-    assert_eq!(&table, &snapshots.last().expect("final").1);
-    let history = read_target(&sink, "history").await;
-    for (lsn, model) in &snapshots {
-        assert_eq!(&as_of(&history, *lsn), model, "history as of {lsn}");
-    }
+    assert_model(&sink, &snapshots, "past a checkpoint").await;
 }

@@ -693,13 +693,7 @@ pub(crate) fn protocol_upgrade(
         Some(p) => serde_json::to_value(p)?,
         None => serde_json::json!({"minReaderVersion": 1, "minWriterVersion": 2}),
     };
-    let listed = |v: &serde_json::Value, list: &str, f: &str| {
-        v[list].as_array().is_some_and(|a| a.iter().any(|x| x == f))
-    };
-    let missing: Vec<&str> = want
-        .into_iter()
-        .filter(|f| !(listed(&v, "readerFeatures", f) && listed(&v, "writerFeatures", f)))
-        .collect();
+    let missing: Vec<&str> = want.into_iter().filter(|f| !lists_feature(&v, f)).collect();
     if missing.is_empty() {
         return Ok(None);
     }
@@ -715,6 +709,20 @@ pub(crate) fn protocol_upgrade(
         v[list] = features.into();
     }
     serde_json::from_value(v).map(Some)
+}
+
+/// Whether a protocol (as JSON) lists `feature` as a reader and a writer feature.
+fn lists_feature(protocol: &serde_json::Value, feature: &str) -> bool {
+    ["readerFeatures", "writerFeatures"].iter().all(|list| {
+        protocol[*list]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|x| x == feature))
+    })
+}
+
+/// Whether `protocol` has `feature` as a reader and a writer feature.
+pub(crate) fn has_feature(protocol: &Protocol, feature: &str) -> bool {
+    serde_json::to_value(protocol).is_ok_and(|v| lists_feature(&v, feature))
 }
 
 /// Writes a Delta checkpoint of `version` of the table behind `log_store`.
