@@ -31,6 +31,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use deltalake::arrow::record_batch::RecordBatch;
 use futures::StreamExt;
 
 use crate::batch::rows::{ChangeBatchBuilder, ColumnSpec, RowError};
@@ -155,6 +156,8 @@ pub enum RunError {
     StreamEnded,
     #[error("opening the change log of {table} failed: {message}")]
     OpenTask { table: String, message: String },
+    #[error("committing to the lake failed: {message}")]
+    CommitTask { message: String },
     #[error("shutdown could not commit buffered changes within {0:?}; they will be read again from the slot")]
     ShutdownTimeout(Duration),
 }
@@ -167,7 +170,10 @@ impl RunError {
     pub fn is_transient(&self) -> bool {
         match self {
             RunError::Client(c) | RunError::Slot(SlotError::Client(c)) => c.is_transient(),
-            RunError::Lake(_) | RunError::StreamEnded | RunError::OpenTask { .. } => true,
+            RunError::Lake(_)
+            | RunError::StreamEnded
+            | RunError::OpenTask { .. }
+            | RunError::CommitTask { .. } => true,
             RunError::Slot(_)
             | RunError::Decode { .. }
             | RunError::Txn { .. }
@@ -196,10 +202,12 @@ struct RelationLayout {
     specs: Vec<ColumnSpec>,
 }
 
-/// A change log being opened in the background, or open.
+/// A change log being opened in the background, open, or lent to the [`Flight`] committing
+/// it (with the commit LSN of the last transaction it held when lent).
 enum LogSlot {
     Opening(tokio::task::JoinHandle<Result<ChangeLogTable, LakeError>>),
     Open(Box<ChangeLogTable>),
+    Lent { committed: Option<Lsn> },
 }
 
 /// One source table's change log and what is buffered for it.
@@ -233,17 +241,8 @@ impl TableState {
     /// The change log, waiting for its open to finish if needed.
     async fn log(&mut self) -> Result<&mut ChangeLogTable, RunError> {
         if let LogSlot::Opening(handle) = &mut self.log {
-            let log = match handle.await {
-                Ok(r) => r?,
-                Err(e) => {
-                    return Err(RunError::OpenTask {
-                        table: self.name.to_string(),
-                        message: e.to_string(),
-                    })
-                }
-            };
+            let log = opened(handle, &self.name).await?;
             if let Some(c) = log.committed_lsn() {
-                tracing::info!(table = %self.name, committed = %c, "change log holds transactions up to this commit LSN");
                 if !self.builder.is_empty() {
                     self.filter_at_or_below = Some(c);
                 }
@@ -252,7 +251,10 @@ impl TableState {
         }
         match &mut self.log {
             LogSlot::Open(log) => Ok(log),
-            LogSlot::Opening(_) => unreachable!("the open was awaited above"),
+            // Callers land the flight first ([`Pipeline::land`]).
+            LogSlot::Opening(_) | LogSlot::Lent { .. } => Err(RunError::CommitTask {
+                message: format!("the change log of {} is not here", self.name),
+            }),
         }
     }
 
@@ -260,44 +262,80 @@ impl TableState {
     fn open_log(&self) -> Option<&ChangeLogTable> {
         match &self.log {
             LogSlot::Open(log) => Some(log),
+            LogSlot::Opening(_) | LogSlot::Lent { .. } => None,
+        }
+    }
+
+    fn is_lent(&self) -> bool {
+        matches!(self.log, LogSlot::Lent { .. })
+    }
+
+    /// The commit LSN of the last source transaction the change log holds, if known.
+    fn committed_lsn(&self) -> Option<Lsn> {
+        match &self.log {
+            LogSlot::Open(log) => log.committed_lsn(),
+            LogSlot::Lent { committed } => *committed,
             LogSlot::Opening(_) => None,
         }
     }
 
+    /// The rows buffered in the builder as one batch, replays of committed transactions
+    /// dropped (the change log must be open).
+    fn take_batch(&mut self) -> Result<Option<RecordBatch>, RunError> {
+        if self.builder.is_empty() {
+            return Ok(None);
+        }
+        let lsn = self.pending_lsn.unwrap_or_default();
+        let table = self.name.to_string();
+        let row_err = |source| RunError::Row {
+            table: table.clone(),
+            lsn,
+            source,
+        };
+        let mut batch = self.builder.finish().map_err(row_err)?;
+        if let Some(c) = self.filter_at_or_below.take() {
+            let before = batch.num_rows();
+            batch = drop_replayed(batch, c)
+                .map_err(|e| row_err(crate::batch::rows::RowError::Batch(e)))?;
+            self.filtered += (before - batch.num_rows()) as u64;
+        }
+        Ok((batch.num_rows() > 0).then_some(batch))
+    }
+
     async fn move_rows_to_writer(&mut self) -> Result<(), RunError> {
         self.log().await?;
-        if !self.builder.is_empty() {
-            let lsn = self.pending_lsn.unwrap_or_default();
-            let table = self.name.to_string();
-            let row_err = |source| RunError::Row {
-                table: table.clone(),
-                lsn,
-                source,
-            };
-            let mut batch = self.builder.finish().map_err(row_err)?;
-            if let Some(c) = self.filter_at_or_below.take() {
-                let before = batch.num_rows();
-                batch = drop_replayed(batch, c)
-                    .map_err(|e| row_err(crate::batch::rows::RowError::Batch(e)))?;
-                self.filtered += (before - batch.num_rows()) as u64;
-            }
-            if batch.num_rows() > 0 {
-                self.log().await?.write(batch).await?;
-            }
+        if let Some(batch) = self.take_batch()? {
+            self.log().await?.write(batch).await?;
         }
         Ok(())
     }
 
+    /// Memory of the rows buffered here (a lent change log's are counted with its flight).
     fn memory_bytes(&self) -> usize {
         self.builder.memory_bytes() + self.open_log().map_or(0, ChangeLogTable::buffered_bytes)
     }
 }
 
+/// The change log `open` opened (its `txn` version logged).
+async fn opened(
+    open: &mut tokio::task::JoinHandle<Result<ChangeLogTable, LakeError>>,
+    table: &TableName,
+) -> Result<ChangeLogTable, RunError> {
+    let log = open.await.map_err(|e| RunError::OpenTask {
+        table: table.to_string(),
+        message: e.to_string(),
+    })??;
+    if let Some(c) = log.committed_lsn() {
+        tracing::info!(table = %table, committed = %c, "change log holds transactions up to this commit LSN");
+    }
+    Ok(log)
+}
+
 /// The rows of `batch` whose `_lsn` is above `committed`.
 fn drop_replayed(
-    batch: deltalake::arrow::record_batch::RecordBatch,
+    batch: RecordBatch,
     committed: Lsn,
-) -> Result<deltalake::arrow::record_batch::RecordBatch, deltalake::arrow::error::ArrowError> {
+) -> Result<RecordBatch, deltalake::arrow::error::ArrowError> {
     use deltalake::arrow::array::{BooleanArray, Int64Array};
     let Some(lsn) = batch
         .column_by_name(crate::batch::rows::LSN)
@@ -360,6 +398,7 @@ pub async fn run(
         op_changes,
         handoff,
         handed: HandOff::default(),
+        flight: None,
     };
     p.metrics.streaming.store(true, Ordering::Relaxed);
     let result = p.stream_loop(stream, shutdown).await;
@@ -523,6 +562,8 @@ struct Pipeline {
     /// Backfills' side of the hand-off, and the latest state seen of it.
     handoff: HandOffLink,
     handed: HandOff,
+    /// The flush being committed in the background, if any.
+    flight: Option<Flight>,
 }
 
 impl Pipeline {
@@ -592,9 +633,14 @@ impl Pipeline {
                 }
                 _ = flush_check.tick() => {
                     if !assembler.in_transaction() && self.flush_due() {
-                        self.flush_all(&mut stream).await?;
+                        self.flush_in_background(&mut stream).await?;
                         self.send_status(&mut stream).await?;
                     }
+                    continue;
+                }
+                landed = flight_landing(&mut self.flight) => {
+                    self.landed(landed)?;
+                    self.send_status(&mut stream).await?;
                     continue;
                 }
                 _ = &mut shutdown, if !stopping => {
@@ -642,7 +688,7 @@ impl Pipeline {
                         })?;
                     loop {
                         for event in events.drain(..) {
-                            self.handle_event(event).await?;
+                            self.handle_event(event, &mut stream).await?;
                         }
                         if !assembler.replaying() {
                             break;
@@ -656,7 +702,7 @@ impl Pipeline {
                                 source,
                             })?;
                         if self.buffered_estimate() as u64 > self.opts.memory_budget {
-                            self.relieve_memory().await?;
+                            self.relieve_memory(&mut stream).await?;
                         }
                         if self.last_status.elapsed() >= self.opts.status_interval {
                             self.send_status(&mut stream).await?;
@@ -671,10 +717,10 @@ impl Pipeline {
                         self.summary.spilled_bytes = spilled;
                     }
                     if !assembler.in_transaction() && self.flush_due() {
-                        self.flush_all(&mut stream).await?;
+                        self.flush_in_background(&mut stream).await?;
                         self.send_status(&mut stream).await?;
                     } else if self.buffered_estimate() as u64 > self.opts.memory_budget {
-                        self.relieve_memory().await?;
+                        self.relieve_memory(&mut stream).await?;
                     }
                     stopping = stopping || self.passed_stop_at(assembler.in_transaction());
                 }
@@ -750,14 +796,20 @@ impl Pipeline {
     }
 
     /// Whether any table has rows not yet committed: exactly when the oldest such row's
-    /// arrival is recorded (set with the first row, cleared by a flush), so no table walk.
+    /// arrival is recorded (set with the first row, cleared by a flush) or a flush is in the
+    /// air, so no table walk.
     fn has_pending(&self) -> bool {
-        self.oldest_pending.is_some()
+        self.oldest_pending.is_some() || self.flight.is_some()
     }
 
-    /// Measures the bytes buffered in builders and writers of every table.
+    /// Measures the bytes buffered in builders and writers of every table, and in the air.
     fn measure(&mut self) -> usize {
-        self.buffered = self.tables.values().map(TableState::memory_bytes).sum();
+        self.buffered = self
+            .tables
+            .values()
+            .map(TableState::memory_bytes)
+            .sum::<usize>()
+            + self.flight.as_ref().map_or(0, |f| f.bytes);
         self.since_measure = 0;
         self.metrics.buffered_bytes.set(self.buffered as i64);
         self.buffered
@@ -782,25 +834,35 @@ impl Pipeline {
         }
     }
 
-    async fn handle_event(&mut self, event: Event) -> Result<(), RunError> {
+    async fn handle_event(
+        &mut self,
+        event: Event,
+        stream: &mut ReplicationStream,
+    ) -> Result<(), RunError> {
         match event {
             Event::Relation { relation, .. } => {
-                self.layout(&relation).await?;
+                self.layout(&relation, stream).await?;
             }
             Event::Change {
                 txn,
                 position,
                 change,
             } => {
-                let layout = self.layout(&change.relation).await?;
+                let layout = self.layout(&change.relation, stream).await?;
                 let key = (change.relation.relation.id, change.relation.version);
                 self.ensure_table(&layout, key).await?;
+                let Some(state) = self.tables.get(&layout.table) else {
+                    return Ok(());
+                };
+                if state.is_lent() && state.layout_key != key {
+                    // Its rows so far must go to its change log, which is in the air.
+                    self.land(stream).await?;
+                }
                 let Some(state) = self.tables.get_mut(&layout.table) else {
                     return Ok(());
                 };
                 if state
-                    .open_log()
-                    .and_then(ChangeLogTable::committed_lsn)
+                    .committed_lsn()
                     .is_some_and(|c| position.commit_lsn <= c)
                 {
                     self.summary.skipped_replayed += 1;
@@ -874,7 +936,8 @@ impl Pipeline {
                     state.first_pending = Some(lsn);
                 }
                 state.pending_lsn = Some(lsn);
-                if state.builder.len() >= BATCH_ROWS {
+                // (A table whose change log is in the air keeps its rows until it lands.)
+                if state.builder.len() >= BATCH_ROWS && !state.is_lent() {
                     state.move_rows_to_writer().await?;
                 }
                 if self.oldest_pending.is_none() {
@@ -897,16 +960,16 @@ impl Pipeline {
     }
 
     /// The layout of a relation version, resolving its column types once.
-    async fn layout(&mut self, relation: &CachedRelation) -> Result<Arc<RelationLayout>, RunError> {
+    async fn layout(
+        &mut self,
+        relation: &CachedRelation,
+        stream: &mut ReplicationStream,
+    ) -> Result<Arc<RelationLayout>, RunError> {
         let key = (relation.relation.id, relation.version);
         if let Some(l) = self.layouts.get(&key) {
             return Ok(l.clone());
         }
         let rel = &relation.relation;
-        let types = self
-            .catalog
-            .resolve_relation(rel, &mut self.catalog_conn, &self.source)
-            .await?;
         let table = TableName {
             schema: if rel.namespace.is_empty() {
                 "pg_catalog".into()
@@ -915,6 +978,14 @@ impl Pipeline {
             },
             name: rel.name.clone(),
         };
+        if self.tables.get(&table).is_some_and(TableState::is_lent) {
+            // A new version of a table compares with its change log's schema, in the air.
+            self.land(stream).await?;
+        }
+        let types = self
+            .catalog
+            .resolve_relation(rel, &mut self.catalog_conn, &self.source)
+            .await?;
         // Type-change rule: a column whose lake type differs from the one already in the
         // change log is written under `<name>__<pgtype>`; the old column keeps its history.
         let existing = match self.tables.get_mut(&table) {
@@ -1010,7 +1081,9 @@ impl Pipeline {
 
     /// Memory above the budget in the middle of a transaction: hand rows to the writers and
     /// close the largest tables' open files (staged, committed with the next flush).
-    async fn relieve_memory(&mut self) -> Result<(), RunError> {
+    async fn relieve_memory(&mut self, stream: &mut ReplicationStream) -> Result<(), RunError> {
+        // A flush in the air holds memory too, and the change logs it lent.
+        self.land(stream).await?;
         let budget = self.opts.memory_budget as usize;
         let mut by_size: Vec<&mut TableState> = self.tables.values_mut().collect();
         by_size.sort_by_key(|t| std::cmp::Reverse(t.memory_bytes()));
@@ -1028,101 +1101,148 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Commits every table with buffered rows, retrying with backoff while the sink fails
-    /// (status updates keep flowing, without advancing), then advances the confirm position.
+    /// Commits every table with buffered rows and advances the confirm position, waiting for
+    /// it (status updates keep flowing while the sink fails and the commits retry). The work
+    /// is shared by two threads: the stream waits anyway.
     async fn flush_all(&mut self, stream: &mut ReplicationStream) -> Result<(), RunError> {
-        // Tables a backfill is loading are not committed; the slot is not confirmed past the
-        // first change they buffer.
-        let cap = self
-            .tables
+        self.land(stream).await?;
+        self.start_flight(2).await?;
+        self.land(stream).await
+    }
+
+    /// Starts committing every table with buffered rows on another thread while the stream
+    /// goes on: the tables' rows and change logs are lent to a [`Flight`], and the confirm
+    /// position advances when it lands. A flight still in the air is waited for first.
+    async fn flush_in_background(
+        &mut self,
+        stream: &mut ReplicationStream,
+    ) -> Result<(), RunError> {
+        self.land(stream).await?;
+        self.start_flight(1).await
+    }
+
+    /// Tables a backfill is loading are not committed; the slot is not confirmed past the
+    /// first change they buffer: that change's LSN − 1, if any.
+    fn held_cap(&self) -> Option<Lsn> {
+        self.tables
             .values()
             .filter(|t| t.held)
             .filter_map(|t| t.first_pending)
             .min()
-            .map(|first| Lsn(first.0.saturating_sub(1)));
-        let confirmable = |end: Lsn| cap.map_or(end, |c| end.min(c));
+            .map(|first| Lsn(first.0.saturating_sub(1)))
+    }
+
+    /// Lends the rows and change log of every table with buffered rows (not held) to a new
+    /// [`Flight`] of `threads` blocking threads. There must be none in the air.
+    async fn start_flight(&mut self, threads: usize) -> Result<(), RunError> {
+        let cap = self.held_cap();
         if !self.has_pending() {
             if let Some(end) = self.last_end {
-                self.summary.confirmed = self.summary.confirmed.max(confirmable(end));
+                self.summary.confirmed = self.summary.confirmed.max(confirmable(end, cap));
             }
             return Ok(());
         }
         let started = Instant::now();
-        let buffered_before = self.measure();
-        let committed_tables = self
-            .tables
-            .values()
-            .filter(|t| t.pending_lsn.is_some() && !t.held)
-            .count();
-        let mut backoff = Duration::from_millis(200);
+        let mut outgoing = Vec::new();
+        let mut bytes = 0;
+        for t in self.tables.values_mut() {
+            let Some(lsn) = t.pending_lsn.filter(|_| !t.held) else {
+                continue;
+            };
+            bytes += t.memory_bytes();
+            // (A change log still being opened goes too: the flight waits for it, and drops
+            // the replays among the rows once it knows the log's `txn` version.)
+            let batch = t.take_batch()?;
+            let lent = LogSlot::Lent {
+                committed: t.committed_lsn(),
+            };
+            outgoing.push(Outgoing {
+                name: t.name.clone(),
+                log: std::mem::replace(&mut t.log, lent),
+                batch,
+                lsn,
+                filtered: 0,
+                opened: false,
+            });
+            t.pending_lsn = None;
+            t.first_pending = None;
+        }
+        for t in self.tables.values_mut() {
+            self.summary.skipped_replayed += std::mem::take(&mut t.filtered);
+        }
+        // Held rows stay pending (and keep later transactions from being confirmed one by
+        // one); the age restarts so that they do not make every check a flush.
+        self.oldest_pending = cap.map(|_| Instant::now());
+        let oldest_ts = self.oldest_pending_ts.take();
+        let tables = outgoing.len();
+        let task = tokio::spawn(commit_in_threads(outgoing, threads, self.metrics.clone()));
+        self.flight = Some(Flight {
+            task,
+            end: self.last_end,
+            cap,
+            started,
+            oldest_ts,
+            bytes,
+            tables,
+        });
+        self.measure();
+        Ok(())
+    }
+
+    /// Waits for the flight in the air, if any, sending status updates meanwhile; gives the
+    /// change logs back to their tables and advances the confirm position.
+    async fn land(&mut self, stream: &mut ReplicationStream) -> Result<(), RunError> {
+        let Some(flight) = self.flight.as_mut() else {
+            return Ok(());
+        };
         let mut status = tokio::time::interval(self.opts.status_interval);
         status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            let attempt = {
-                let pending: Vec<&mut TableState> = self
-                    .tables
-                    .values_mut()
-                    .filter(|t| t.pending_lsn.is_some() && !t.held)
-                    .collect();
-                let metrics = &self.metrics;
-                let commits = futures::stream::iter(pending)
-                    .map(|t| async move {
-                        t.move_rows_to_writer().await?;
-                        let lsn = t.pending_lsn.unwrap_or_default();
-                        let (files, bytes) = t.log().await?.commit(lsn).await?;
-                        metrics.files_written.inc_by(files);
-                        metrics.written_bytes.inc_by(bytes);
-                        t.pending_lsn = None;
-                        t.first_pending = None;
-                        Ok::<(), RunError>(())
-                    })
-                    .buffer_unordered(COMMIT_CONCURRENCY)
-                    .collect::<Vec<_>>();
-                tokio::pin!(commits);
-                let (received, confirmed) = (self.received, self.summary.confirmed);
-                loop {
-                    tokio::select! {
-                        results = &mut commits => break results.into_iter().find_map(Result::err),
-                        _ = status.tick() => {
-                            stream.send_status(received, confirmed, confirmed, false).await?;
-                        }
-                    }
-                }
-            };
-            match attempt {
-                None => break,
-                // Rows were lost with a failed data file: only a restart from the slot's
-                // confirmed position brings them back (the caller reconnects).
-                Some(RunError::Lake(e)) if e.lost_buffered_rows() => {
-                    return Err(RunError::Lake(e));
-                }
-                Some(e) => {
-                    self.metrics.retries.with_label_values(&["commit"]).inc();
-                    tracing::warn!(error = %error_chain(&e), retry_in = ?backoff, "commit to the lake failed; nothing confirmed, retrying");
-                    let sleep = tokio::time::sleep(jitter(backoff));
-                    tokio::pin!(sleep);
-                    loop {
-                        tokio::select! {
-                            _ = &mut sleep => break,
-                            _ = status.tick() => {
-                                let c = self.summary.confirmed;
-                                stream.send_status(self.received, c, c, false).await?;
-                            }
-                        }
-                    }
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
+        status.reset();
+        let (received, confirmed) = (self.received, self.summary.confirmed);
+        let landed = loop {
+            tokio::select! {
+                r = &mut flight.task => break r,
+                _ = status.tick() => {
+                    stream.send_status(received, confirmed, confirmed, false).await?;
                 }
             }
+        };
+        self.landed(landed)
+    }
+
+    /// Takes in a flight that came down: `landed` is its task's outcome.
+    fn landed(
+        &mut self,
+        landed: Result<Result<Vec<Outgoing>, RunError>, tokio::task::JoinError>,
+    ) -> Result<(), RunError> {
+        let Some(flight) = self.flight.take() else {
+            return Ok(());
+        };
+        let logs = landed.map_err(|e| RunError::CommitTask {
+            message: e.to_string(),
+        })??;
+        for o in logs {
+            let Some(t) = self.tables.get_mut(&o.name) else {
+                continue;
+            };
+            if o.opened && !t.builder.is_empty() {
+                // Rows that came while it was being opened may be replays.
+                if let LogSlot::Open(log) = &o.log {
+                    t.filter_at_or_below = log.committed_lsn();
+                }
+            }
+            t.log = o.log;
+            self.summary.skipped_replayed += o.filtered;
         }
-        let elapsed = started.elapsed();
+        let elapsed = flight.started.elapsed();
         self.metrics.flush_duration.observe(elapsed.as_secs_f64());
         tracing::debug!(
-            tables = committed_tables,
-            buffered_bytes = buffered_before,
+            tables = flight.tables,
+            buffered_bytes = flight.bytes,
             elapsed_ms = elapsed.as_millis() as u64,
             "flush committed"
         );
-        if let Some(ts) = self.oldest_pending_ts.take() {
+        if let Some(ts) = flight.oldest_ts {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_micros() as i64)
@@ -1131,17 +1251,180 @@ impl Pipeline {
                 .commit_to_durable
                 .observe((now - ts).max(0) as f64 / 1e6);
         }
-        // Held rows stay pending (and keep later transactions from being confirmed one by
-        // one); the age restarts so that they do not make every check a flush.
-        self.oldest_pending = cap.map(|_| Instant::now());
-        for t in self.tables.values_mut() {
-            self.summary.skipped_replayed += std::mem::take(&mut t.filtered);
-        }
-        if let Some(end) = self.last_end {
-            self.summary.confirmed = self.summary.confirmed.max(confirmable(end));
+        // Everything up to the flight's start is in the lake; so is every later transaction
+        // when nothing new is buffered.
+        let end = if self.oldest_pending.is_none() {
+            self.last_end
+        } else {
+            flight.end
+        };
+        if let Some(end) = end {
+            let cap = self.held_cap().into_iter().chain(flight.cap).min();
+            self.summary.confirmed = self.summary.confirmed.max(confirmable(end, cap));
         }
         self.measure();
         Ok(())
+    }
+}
+
+/// The outcome of the flight in the air when it lands; never, without one.
+async fn flight_landing(
+    flight: &mut Option<Flight>,
+) -> Result<Result<Vec<Outgoing>, RunError>, tokio::task::JoinError> {
+    match flight {
+        Some(f) => (&mut f.task).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// `end`, but not past `cap`.
+fn confirmable(end: Lsn, cap: Option<Lsn>) -> Lsn {
+    cap.map_or(end, |c| end.min(c))
+}
+
+/// One table's part of a flush: its change log (open, or being opened), the rows to write
+/// to it (if its builder had any left), and the commit LSN of the last transaction they hold.
+struct Outgoing {
+    name: TableName,
+    log: LogSlot,
+    batch: Option<RecordBatch>,
+    lsn: Lsn,
+    /// Replayed rows dropped once the log was open.
+    filtered: u64,
+    /// The log was opened in the flight.
+    opened: bool,
+}
+
+impl Outgoing {
+    async fn commit(&mut self, metrics: &Metrics) -> Result<(), RunError> {
+        if let LogSlot::Opening(handle) = &mut self.log {
+            let log = opened(handle, &self.name).await?;
+            if let Some(c) = log.committed_lsn() {
+                if let Some(batch) = self.batch.take() {
+                    let before = batch.num_rows();
+                    let kept = drop_replayed(batch, c).map_err(|e| RunError::Row {
+                        table: self.name.to_string(),
+                        lsn: self.lsn,
+                        source: RowError::Batch(e),
+                    })?;
+                    self.filtered += (before - kept.num_rows()) as u64;
+                    self.batch = (kept.num_rows() > 0).then_some(kept);
+                }
+            }
+            self.log = LogSlot::Open(Box::new(log));
+            self.opened = true;
+        }
+        let LogSlot::Open(log) = &mut self.log else {
+            return Err(RunError::CommitTask {
+                message: format!("the change log of {} is not here", self.name),
+            });
+        };
+        if let Some(batch) = self.batch.take() {
+            log.write(batch).await?;
+        }
+        let (files, bytes) = log.commit(self.lsn).await?;
+        metrics.files_written.inc_by(files);
+        metrics.written_bytes.inc_by(bytes);
+        Ok(())
+    }
+}
+
+/// A flush being committed away from the stream's thread: Parquet encoding and compression
+/// are most of a flush's work, and the stream stalled for all of it (180 ms per second of
+/// changes in `scripts/bench-ingest.sh` scenario a).
+struct Flight {
+    task: tokio::task::JoinHandle<Result<Vec<Outgoing>, RunError>>,
+    /// End LSN of the last transaction processed when it started: confirmable once it lands.
+    end: Option<Lsn>,
+    /// The held tables' cap then.
+    cap: Option<Lsn>,
+    started: Instant,
+    /// Source commit time of the oldest change it carries (µs since 1970).
+    oldest_ts: Option<i64>,
+    /// Memory it holds: counted as buffered until it lands.
+    bytes: usize,
+    tables: usize,
+}
+
+/// Commits `outgoing` on `threads` blocking threads (tables spread by size), each running
+/// its share concurrently on the runtime's handle; gives the change logs back.
+async fn commit_in_threads(
+    mut outgoing: Vec<Outgoing>,
+    threads: usize,
+    metrics: Arc<Metrics>,
+) -> Result<Vec<Outgoing>, RunError> {
+    outgoing.sort_by_key(|o| {
+        std::cmp::Reverse(
+            o.batch
+                .as_ref()
+                .map_or(0, RecordBatch::get_array_memory_size),
+        )
+    });
+    let threads = threads.max(1);
+    let mut shares: Vec<Vec<Outgoing>> = (0..threads).map(|_| Vec::new()).collect();
+    for (i, o) in outgoing.into_iter().enumerate() {
+        shares[i % threads].push(o);
+    }
+    let runtime = tokio::runtime::Handle::current();
+    let jobs: Vec<_> = shares
+        .into_iter()
+        .filter(|s| !s.is_empty())
+        .map(|share| {
+            let (runtime, metrics) = (runtime.clone(), metrics.clone());
+            tokio::task::spawn_blocking(move || runtime.block_on(commit_share(share, &metrics)))
+        })
+        .collect();
+    let mut logs = Vec::new();
+    for job in futures::future::join_all(jobs).await {
+        let share = job.map_err(|e| RunError::CommitTask {
+            message: e.to_string(),
+        })??;
+        logs.extend(share);
+    }
+    Ok(logs)
+}
+
+/// Commits every table of `share`, [`COMMIT_CONCURRENCY`] at a time, retrying with backoff
+/// while the sink fails (nothing is confirmed meanwhile). Rows lost with a failed data file
+/// end it: only a restart from the slot's confirmed position brings them back.
+async fn commit_share(
+    mut todo: Vec<Outgoing>,
+    metrics: &Metrics,
+) -> Result<Vec<Outgoing>, RunError> {
+    let mut done = Vec::with_capacity(todo.len());
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let results = futures::stream::iter(todo.drain(..))
+            .map(|mut o| async move {
+                let r = o.commit(metrics).await;
+                (o, r)
+            })
+            .buffer_unordered(COMMIT_CONCURRENCY)
+            .collect::<Vec<_>>()
+            .await;
+        let mut failure = None;
+        for (o, r) in results {
+            match r {
+                Ok(()) => done.push(o),
+                // A commit that failed with its log open and its rows in the writer is tried
+                // again; the rest (a failed open, which retried already, rows lost with a
+                // failed data file) ends the run's attempt.
+                Err(RunError::Lake(e))
+                    if !e.lost_buffered_rows() && matches!(o.log, LogSlot::Open(_)) =>
+                {
+                    todo.push(o);
+                    failure.get_or_insert(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let Some(e) = failure else {
+            return Ok(done);
+        };
+        metrics.retries.with_label_values(&["commit"]).inc();
+        tracing::warn!(error = %error_chain(&e), retry_in = ?backoff, "commit to the lake failed; nothing confirmed, retrying");
+        tokio::time::sleep(jitter(backoff)).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 

@@ -459,6 +459,39 @@ async fn retried_without_confirming(
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // The stream goes on meanwhile (the commits retry on another thread): a transaction with
+    // nothing for the lake (a transactional logical message) is read, and a status update
+    // goes out after it — and still confirms nothing that could not be written.
+    db.exec("SET synchronous_commit = on; SELECT pg_logical_emit_message(true, 'slotlake-test', 'outage')")
+        .await;
+    let message_end = last_commit_end(db).await;
+    loop {
+        let received = metric(&scrape(metrics_port).await, "slotlake_received_lsn");
+        if received >= message_end.0 as f64 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "slotlake did not read on during the {what}: received {received}, the message ends at {message_end}\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let read_at = db.exec("SELECT now()::text AS t").await[0]
+        .get("t")
+        .unwrap()
+        .to_string();
+    let status_after = format!(
+        "SELECT coalesce(bool_or(r.reply_time > '{read_at}'), false)::text AS after FROM pg_stat_replication r JOIN pg_replication_slots s ON s.active_pid = r.pid WHERE s.slot_name = '{}'",
+        lake_slot(db)
+    );
+    while db.exec(&status_after).await[0].get("after") != Some("true") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no status update after the {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let during = confirmed_lsn(db, &lake_slot(db)).await;
     assert!(
         during < written_up_to,
