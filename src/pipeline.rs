@@ -11,6 +11,10 @@
 //! loss). After a crash, Postgres resends from the confirmed LSN and each table skips what its
 //! `txn` version already covers: guarantee 2 (no duplicates).
 //!
+//! A flush's commits run on another thread ([`Flight`]) while the stream reads on; the confirm
+//! position advances when the flight lands; while one is in the air, nothing it carries (or
+//! anything after it) is confirmed.
+//!
 //! Flush policy (why thousands of tables do not mean thousands of tiny files per second): a
 //! flush happens when the oldest uncommitted change is `--flush-interval` old, or when buffered
 //! data exceeds `--memory-budget`. Each flush writes at most one file per active table (more
@@ -170,16 +174,14 @@ impl RunError {
     pub fn is_transient(&self) -> bool {
         match self {
             RunError::Client(c) | RunError::Slot(SlotError::Client(c)) => c.is_transient(),
-            RunError::Lake(_)
-            | RunError::StreamEnded
-            | RunError::OpenTask { .. }
-            | RunError::CommitTask { .. } => true,
+            RunError::Lake(_) | RunError::StreamEnded | RunError::OpenTask { .. } => true,
             RunError::Slot(_)
             | RunError::Decode { .. }
             | RunError::Txn { .. }
             | RunError::Value { .. }
             | RunError::Row { .. }
             | RunError::ColumnCount { .. }
+            | RunError::CommitTask { .. }
             | RunError::ShutdownTimeout(_) => false,
         }
     }
@@ -402,6 +404,13 @@ pub async fn run(
     };
     p.metrics.streaming.store(true, Ordering::Relaxed);
     let result = p.stream_loop(stream, shutdown).await;
+    if let Some(flight) = p.flight.take() {
+        // The run ends with a flush in the air (an error, or a shutdown that could not
+        // commit): stop it before anything else writes these change logs. Nothing of it
+        // is confirmed; the next run reads it again from the slot.
+        flight.cancel.send_replace(true);
+        let _ = flight.task.await;
+    }
     monitor.abort();
     p.metrics.streaming.store(false, Ordering::Relaxed);
     if let Some(c) = p.catalog_conn.take() {
@@ -1175,9 +1184,16 @@ impl Pipeline {
         self.oldest_pending = cap.map(|_| Instant::now());
         let oldest_ts = self.oldest_pending_ts.take();
         let tables = outgoing.len();
-        let task = tokio::spawn(commit_in_threads(outgoing, threads, self.metrics.clone()));
+        let cancel = Arc::new(tokio::sync::watch::Sender::new(false));
+        let task = tokio::spawn(commit_in_threads(
+            outgoing,
+            threads,
+            self.metrics.clone(),
+            cancel.clone(),
+        ));
         self.flight = Some(Flight {
             task,
+            cancel,
             end: self.last_end,
             cap,
             started,
@@ -1334,6 +1350,8 @@ impl Outgoing {
 /// changes in `scripts/bench-ingest.sh` scenario a).
 struct Flight {
     task: tokio::task::JoinHandle<Result<Vec<Outgoing>, RunError>>,
+    /// Set: its commits stop at their next await (what they wrote stays unconfirmed).
+    cancel: Arc<tokio::sync::watch::Sender<bool>>,
     /// End LSN of the last transaction processed when it started: confirmable once it lands.
     end: Option<Lsn>,
     /// The held tables' cap then.
@@ -1347,11 +1365,13 @@ struct Flight {
 }
 
 /// Commits `outgoing` on `threads` blocking threads (tables spread by size), each running
-/// its share concurrently on the runtime's handle; gives the change logs back.
+/// its share concurrently on the runtime's handle; gives the change logs back. The first
+/// failure cancels the other shares.
 async fn commit_in_threads(
     mut outgoing: Vec<Outgoing>,
     threads: usize,
     metrics: Arc<Metrics>,
+    cancel: Arc<tokio::sync::watch::Sender<bool>>,
 ) -> Result<Vec<Outgoing>, RunError> {
     outgoing.sort_by_key(|o| {
         std::cmp::Reverse(
@@ -1366,22 +1386,34 @@ async fn commit_in_threads(
         shares[i % threads].push(o);
     }
     let runtime = tokio::runtime::Handle::current();
-    let jobs: Vec<_> = shares
+    let mut jobs: futures::stream::FuturesUnordered<_> = shares
         .into_iter()
         .filter(|s| !s.is_empty())
         .map(|share| {
-            let (runtime, metrics) = (runtime.clone(), metrics.clone());
-            tokio::task::spawn_blocking(move || runtime.block_on(commit_share(share, &metrics)))
+            let (runtime, metrics, cancel) = (runtime.clone(), metrics.clone(), cancel.subscribe());
+            tokio::task::spawn_blocking(move || {
+                runtime.block_on(commit_share(share, &metrics, cancel))
+            })
         })
         .collect();
     let mut logs = Vec::new();
-    for job in futures::future::join_all(jobs).await {
+    let mut failure = None;
+    while let Some(job) = jobs.next().await {
         let share = job.map_err(|e| RunError::CommitTask {
             message: e.to_string(),
-        })??;
-        logs.extend(share);
+        });
+        match share.and_then(|s| s) {
+            Ok(share) => logs.extend(share),
+            Err(e) => {
+                cancel.send_replace(true);
+                failure.get_or_insert(e);
+            }
+        }
     }
-    Ok(logs)
+    match failure {
+        None => Ok(logs),
+        Some(e) => Err(e),
+    }
 }
 
 /// Commits every table of `share`, [`COMMIT_CONCURRENCY`] at a time, retrying with backoff
@@ -1390,18 +1422,25 @@ async fn commit_in_threads(
 async fn commit_share(
     mut todo: Vec<Outgoing>,
     metrics: &Metrics,
+    mut cancel: tokio::sync::watch::Receiver<bool>,
 ) -> Result<Vec<Outgoing>, RunError> {
+    let cancelled = || RunError::CommitTask {
+        message: "cancelled".into(),
+    };
     let mut done = Vec::with_capacity(todo.len());
     let mut backoff = Duration::from_millis(200);
     loop {
-        let results = futures::stream::iter(todo.drain(..))
+        let attempt = futures::stream::iter(todo.drain(..))
             .map(|mut o| async move {
                 let r = o.commit(metrics).await;
                 (o, r)
             })
             .buffer_unordered(COMMIT_CONCURRENCY)
-            .collect::<Vec<_>>()
-            .await;
+            .collect::<Vec<_>>();
+        let results = tokio::select! {
+            r = attempt => r,
+            _ = cancel.wait_for(|c| *c) => return Err(cancelled()),
+        };
         let mut failure = None;
         for (o, r) in results {
             match r {
@@ -1423,7 +1462,10 @@ async fn commit_share(
         };
         metrics.retries.with_label_values(&["commit"]).inc();
         tracing::warn!(error = %error_chain(&e), retry_in = ?backoff, "commit to the lake failed; nothing confirmed, retrying");
-        tokio::time::sleep(jitter(backoff)).await;
+        tokio::select! {
+            _ = tokio::time::sleep(jitter(backoff)) => {}
+            _ = cancel.wait_for(|c| *c) => return Err(cancelled()),
+        }
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }

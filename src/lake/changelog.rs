@@ -65,14 +65,18 @@ pub enum LakeError {
     LsnOutOfRange { table: String, lsn: Lsn },
     #[error("change log of {table}: an earlier data-file write failed, so its open files are lost; the run must restart from the slot")]
     WriterFailed { table: String },
+    #[error("change log of {table}: another writer committed this slot's transactions up to {version} meanwhile; the run must restart from the slot")]
+    Overtaken { table: String, version: i64 },
 }
 
 impl LakeError {
-    /// A data file could not be written: the rows in the writer are gone, so retrying the
+    /// A data file could not be written (or another writer committed some of the same
+    /// transactions, so the files written cannot be committed without doubling them):
+    /// the rows in the writer are gone, so retrying the
     /// commit would lose them. Only restarting from the slot's confirmed position is safe.
     pub fn lost_buffered_rows(&self) -> bool {
         match self {
-            LakeError::WriterFailed { .. } => true,
+            LakeError::WriterFailed { .. } | LakeError::Overtaken { .. } => true,
             LakeError::Delta { action, .. } => matches!(*action, "write" | "stage files"),
             LakeError::LsnOutOfRange { .. } => false,
         }
@@ -200,6 +204,8 @@ pub struct ChangeLogTable {
     committed: Option<Lsn>,
     /// Files written and closed but not yet committed.
     staged: Vec<Add>,
+    /// The lowest commit LSN (`_lsn`) of the rows written since the last commit.
+    lowest_lsn: Option<i64>,
     /// A checkpoint being written in the background, if any.
     checkpoint: Option<tokio::task::JoinHandle<()>>,
     /// Rows and Arrow bytes handed to the writer since the last stage: the writer's open row
@@ -309,6 +315,7 @@ impl ChangeLogTable {
             protocol,
             committed,
             staged: Vec::new(),
+            lowest_lsn: None,
             checkpoint: None,
             rows_since_stage: 0,
             arrow_bytes_since_stage: 0,
@@ -360,6 +367,14 @@ impl ChangeLogTable {
         }
         self.rows_since_stage += batch.num_rows();
         self.arrow_bytes_since_stage += batch.get_array_memory_size();
+        let lowest = batch
+            .column_by_name(crate::batch::rows::LSN)
+            .and_then(|c| {
+                c.as_any()
+                    .downcast_ref::<deltalake::arrow::array::Int64Array>()
+            })
+            .and_then(deltalake::arrow::compute::min);
+        self.lowest_lsn = self.lowest_lsn.into_iter().chain(lowest).min();
         let written = self
             .writer
             .write_with_mode(batch, WriteMode::MergeSchema)
@@ -503,12 +518,21 @@ impl ChangeLogTable {
                 }
                 Err(e) => e,
             };
-            let landed = self
+            let (landed, overtaken) = self
                 .resolve_failed_commit(&txns[0])
                 .await
                 .map_err(err("read the log after a failed commit"))?;
             if landed {
                 break None;
+            }
+            // Another writer of this slot (a stale one of an earlier run) committed
+            // transactions that the files staged here hold too: committing them on top would
+            // double those rows.
+            if let Some(version) = overtaken.filter(|&v| self.lowest_lsn.is_some_and(|l| l <= v)) {
+                return Err(LakeError::Overtaken {
+                    table: table_name,
+                    version,
+                });
             }
             attempt += 1;
             if self.version < next || attempt >= COMMIT_RACES {
@@ -525,6 +549,7 @@ impl ChangeLogTable {
         let files = self.staged.len() as u64;
         let bytes = self.staged.iter().map(|a| a.size.max(0) as u64).sum();
         self.staged.clear();
+        self.lowest_lsn = None;
         if self.version.is_multiple_of(CHECKPOINT_INTERVAL) {
             self.start_checkpoint();
         }
@@ -580,8 +605,14 @@ impl ChangeLogTable {
 
     /// After a commit attempt failed: reload the table's version, metadata and `txn` version,
     /// so that a commit that did land is recognised (`mark`'s app id has reached its version)
-    /// and a retry targets the right version.
-    async fn resolve_failed_commit(&mut self, mark: &Transaction) -> Result<bool, DeltaTableError> {
+    /// and a retry targets the right version. Also returns our app id's version when another
+    /// writer moved it meanwhile: a backfill (its rows are below ours), or a stale writer of
+    /// an earlier run still committing (the staged files may hold what it committed).
+    async fn resolve_failed_commit(
+        &mut self,
+        mark: &Transaction,
+    ) -> Result<(bool, Option<i64>), DeltaTableError> {
+        let before = self.committed;
         let mut table = DeltaTable::new(self.log_store.clone());
         table.load().await?;
         let snapshot = table.snapshot()?;
@@ -603,7 +634,15 @@ impl ChangeLogTable {
                 self.committed = Some(Lsn(v as u64));
             }
         }
-        Ok(landed.is_some_and(|v| v >= mark.version))
+        // Our own lost attempt lands exactly at its version; anything else that moved our
+        // version was written by someone else.
+        let landed = if mark.app_id == self.app_id {
+            landed == Some(mark.version)
+        } else {
+            landed.is_some_and(|v| v >= mark.version)
+        };
+        let overtaken = ours.filter(|&v| before.is_none_or(|c| (c.0 as i64) < v));
+        Ok((landed, overtaken.filter(|_| !landed)))
     }
 
     /// Writes a Delta checkpoint of the current version in the background, so that readers
@@ -887,5 +926,57 @@ mod tests {
             .unwrap();
         assert_eq!(reopened.committed_lsn(), Some(Lsn(20)));
         assert_eq!(reopened.version(), mine + 2);
+    }
+
+    /// Two writers of the same slot on one change log (a stale one of an earlier run still
+    /// committing): the one whose staged rows include transactions the other committed
+    /// refuses to commit them again; one whose rows are all newer (a backfill committed below
+    /// them) lands on top.
+    #[tokio::test]
+    async fn a_commit_overtaken_by_another_writer_of_the_slot_is_refused() {
+        let sink = Sink::open("memory://", &Default::default()).unwrap();
+        let name = TableName::parse("public.t").unwrap();
+        let schema = Arc::new(Schema::new(vec![Field::new(LSN, DataType::Int64, true)]));
+        let open = || ChangeLogTable::open(&sink, &name, "slotlake-s", &schema, 1 << 20);
+        let mut stale = open().await.unwrap();
+        let mut fresh = open().await.unwrap();
+        let mut newer = open().await.unwrap();
+        for lsn in [10, 20] {
+            stale.write(batch(&schema, lsn)).await.unwrap();
+        }
+        stale.commit(Lsn(20)).await.unwrap();
+
+        for lsn in [10, 20, 30] {
+            fresh.write(batch(&schema, lsn)).await.unwrap();
+        }
+        let refused = fresh.commit(Lsn(30)).await.unwrap_err();
+        assert!(
+            matches!(refused, LakeError::Overtaken { version: 20, .. }),
+            "{refused}"
+        );
+        assert!(
+            refused.lost_buffered_rows(),
+            "the run restarts from the slot"
+        );
+
+        newer.write(batch(&schema, 40)).await.unwrap();
+        newer.commit(Lsn(40)).await.unwrap();
+        let reopened = open().await.unwrap();
+        assert_eq!(reopened.committed_lsn(), Some(Lsn(40)));
+        let mut table = DeltaTable::new(reopened.log_store.clone());
+        table.load().await.unwrap();
+        let mut rows: Vec<usize> = table
+            .snapshot()
+            .unwrap()
+            .log_data()
+            .into_iter()
+            .map(|f| f.num_records().unwrap_or(0))
+            .collect();
+        rows.sort_unstable();
+        assert_eq!(
+            rows,
+            [1, 2],
+            "the newer writer's file (40) and the stale one's (10, 20)"
+        );
     }
 }
