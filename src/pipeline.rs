@@ -1208,19 +1208,16 @@ impl Pipeline {
     /// Waits for the flight in the air, if any, sending status updates meanwhile; gives the
     /// change logs back to their tables and advances the confirm position.
     async fn land(&mut self, stream: &mut ReplicationStream) -> Result<(), RunError> {
-        let Some(flight) = self.flight.as_mut() else {
+        if self.flight.is_none() {
             return Ok(());
-        };
+        }
         let mut status = tokio::time::interval(self.opts.status_interval);
         status.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         status.reset();
-        let (received, confirmed) = (self.received, self.summary.confirmed);
         let landed = loop {
             tokio::select! {
-                r = &mut flight.task => break r,
-                _ = status.tick() => {
-                    stream.send_status(received, confirmed, confirmed, false).await?;
-                }
+                r = flight_landing(&mut self.flight) => break r,
+                _ = status.tick() => self.send_status(stream).await?,
             }
         };
         self.landed(landed)
