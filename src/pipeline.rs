@@ -288,20 +288,15 @@ impl TableState {
             return Ok(None);
         }
         let lsn = self.pending_lsn.unwrap_or_default();
-        let table = self.name.to_string();
-        let row_err = |source| RunError::Row {
-            table: table.clone(),
+        let batch = self.builder.finish().map_err(|source| RunError::Row {
+            table: self.name.to_string(),
             lsn,
             source,
-        };
-        let mut batch = self.builder.finish().map_err(row_err)?;
-        if let Some(c) = self.filter_at_or_below.take() {
-            let before = batch.num_rows();
-            batch = drop_replayed(batch, c)
-                .map_err(|e| row_err(crate::batch::rows::RowError::Batch(e)))?;
-            self.filtered += (before - batch.num_rows()) as u64;
+        })?;
+        match self.filter_at_or_below.take() {
+            Some(c) => without_replays(batch, c, &mut self.filtered, &self.name, lsn),
+            None => Ok((batch.num_rows() > 0).then_some(batch)),
         }
-        Ok((batch.num_rows() > 0).then_some(batch))
     }
 
     async fn move_rows_to_writer(&mut self) -> Result<(), RunError> {
@@ -331,6 +326,25 @@ async fn opened(
         tracing::info!(table = %table, committed = %c, "change log holds transactions up to this commit LSN");
     }
     Ok(log)
+}
+
+/// `batch` without the rows of transactions at or below `committed` (counted in `dropped`);
+/// `None` when nothing is left. `lsn` names the rows in an error.
+fn without_replays(
+    batch: RecordBatch,
+    committed: Lsn,
+    dropped: &mut u64,
+    table: &TableName,
+    lsn: Lsn,
+) -> Result<Option<RecordBatch>, RunError> {
+    let before = batch.num_rows();
+    let kept = drop_replayed(batch, committed).map_err(|e| RunError::Row {
+        table: table.to_string(),
+        lsn,
+        source: RowError::Batch(e),
+    })?;
+    *dropped += (before - kept.num_rows()) as u64;
+    Ok((kept.num_rows() > 0).then_some(kept))
 }
 
 /// The rows of `batch` whose `_lsn` is above `committed`.
@@ -860,16 +874,17 @@ impl Pipeline {
                 let layout = self.layout(&change.relation, stream).await?;
                 let key = (change.relation.relation.id, change.relation.version);
                 self.ensure_table(&layout, key).await?;
-                let Some(state) = self.tables.get(&layout.table) else {
+                let Some(mut state) = self.tables.get_mut(&layout.table) else {
                     return Ok(());
                 };
                 if state.is_lent() && state.layout_key != key {
                     // Its rows so far must go to its change log, which is in the air.
                     self.land(stream).await?;
+                    let Some(landed) = self.tables.get_mut(&layout.table) else {
+                        return Ok(());
+                    };
+                    state = landed;
                 }
-                let Some(state) = self.tables.get_mut(&layout.table) else {
-                    return Ok(());
-                };
                 if state
                     .committed_lsn()
                     .is_some_and(|c| position.commit_lsn <= c)
@@ -1314,14 +1329,8 @@ impl Outgoing {
             let log = opened(handle, &self.name).await?;
             if let Some(c) = log.committed_lsn() {
                 if let Some(batch) = self.batch.take() {
-                    let before = batch.num_rows();
-                    let kept = drop_replayed(batch, c).map_err(|e| RunError::Row {
-                        table: self.name.to_string(),
-                        lsn: self.lsn,
-                        source: RowError::Batch(e),
-                    })?;
-                    self.filtered += (before - kept.num_rows()) as u64;
-                    self.batch = (kept.num_rows() > 0).then_some(kept);
+                    self.batch =
+                        without_replays(batch, c, &mut self.filtered, &self.name, self.lsn)?;
                 }
             }
             self.log = LogSlot::Open(Box::new(log));

@@ -201,11 +201,7 @@ async fn wrong_password_fails_clearly_and_never_prints_the_password() {
 #[tokio::test]
 async fn unreachable_host_and_tls_failure() {
     let cluster = Cluster::shared();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let (code, _, err) = slotlake(&[
         "slot",
         "list",

@@ -569,11 +569,7 @@ async fn s3_outage_confirms_nothing_unwritten_and_recovers() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("run.log");
     let root = format!("s3://{bucket}/lake");
-    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let metrics_port = free_port();
     let metrics_addr = format!("127.0.0.1:{metrics_port}");
     let runner = Runner::start(
         &db,
@@ -840,11 +836,7 @@ async fn readyz_is_unready_while_lag_exceeds_the_limit_and_ready_after_catching_
     let dir = tempfile::tempdir().unwrap();
     let root = format!("file://{}", dir.path().join("lake").display());
     let log = dir.path().join("run.log");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     // Changes wait up to 3 s before being committed: long enough to see the lag.
     let runner = Runner::start(
@@ -1040,6 +1032,20 @@ impl SmallDisk {
     }
 }
 
+impl SmallDisk {
+    /// Fills the disk: a file grows until the filesystem refuses more. Returns the file (remove
+    /// it to make room again).
+    fn fill(&self) -> PathBuf {
+        use std::io::Write;
+        let filler = self.dir.join("filler");
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0u8; 4 << 10];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.sync_all();
+        filler
+    }
+}
+
 impl Drop for SmallDisk {
     fn drop(&mut self) {
         let _ = std::process::Command::new("umount")
@@ -1071,11 +1077,7 @@ async fn a_full_disk_confirms_nothing_unwritten_and_recovers() {
     let lake_dir = disk.dir.join("lake");
     let root = format!("file://{}", lake_dir.display());
     let log = dir.path().join("run.log");
-    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let metrics_port = free_port();
     let metrics_addr = format!("127.0.0.1:{metrics_port}");
     let runner = Runner::start(&db, &root, &["--metrics-addr", &metrics_addr], &log);
     db.exec(&format!(
@@ -1085,15 +1087,7 @@ async fn a_full_disk_confirms_nothing_unwritten_and_recovers() {
     .await;
     wait_for_marker(&root, None, 1, &log).await;
 
-    // Fill the disk: a file grows until the filesystem refuses more.
-    let filler = disk.dir.join("filler");
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&filler).unwrap();
-        let chunk = vec![0u8; 64 << 10];
-        while f.write_all(&chunk).is_ok() {}
-        let _ = f.sync_all();
-    }
+    let filler = disk.fill();
     // Retries of writes to the lake only: commits, and opening (creating) a change log —
     // other stages retry for other reasons.
     let lake_retries = |m: &str| {
@@ -1165,13 +1159,7 @@ async fn a_full_spill_disk_stops_the_run_and_loses_nothing() {
     .await;
     wait_for_marker(&root, None, 1, &log).await;
 
-    let filler = disk.dir.join("filler");
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&filler).unwrap();
-        while f.write_all(&[0u8; 4096]).is_ok() {}
-        let _ = f.sync_all();
-    }
+    let filler = disk.fill();
     // A transaction far larger than logical_decoding_work_mem (64kB here): streamed, and
     // spilled past a quarter of the 4 MiB budget.
     db.exec(&format!(

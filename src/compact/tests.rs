@@ -514,18 +514,12 @@ fn a_key_changed_twice_before_a_resumed_load_keeps_the_loaded_toast_value() {
 /// read-ahead must not swallow the error of a file read in the background.
 #[tokio::test]
 async fn a_missing_change_log_file_fails_compaction_and_commits_nothing() {
-    use crate::lake::changelog::{app_id, ChangeLogTable};
-    use crate::lake::store::{S3Options, Sink};
     use crate::lsn::Lsn;
 
     let dir = tempfile::tempdir().unwrap();
-    let url = format!("file://{}", dir.path().display());
-    let sink = Sink::open(&url, &S3Options::default()).unwrap();
     let name = table_t();
     let schema = ChangeBatchBuilder::new(specs(false)).schema();
-    let mut log = ChangeLogTable::open(&sink, &name, &app_id("s"), &schema, 64 << 20)
-        .await
-        .unwrap();
+    let (sink, mut log) = file_lake(dir.path(), &schema).await;
     // Three commits, one file each.
     for txn in 1..=3i64 {
         let mut b = ChangeBatchBuilder::new(specs(false));
@@ -607,6 +601,24 @@ fn table_t() -> crate::replication::sql::TableName {
     }
 }
 
+/// A file:// sink in `dir` and the change log of `public.t` (app id of slot `s`) in it.
+async fn file_lake(
+    dir: &std::path::Path,
+    schema: &deltalake::arrow::datatypes::SchemaRef,
+) -> (
+    crate::lake::store::Sink,
+    crate::lake::changelog::ChangeLogTable,
+) {
+    use crate::lake::changelog::{app_id, ChangeLogTable};
+    use crate::lake::store::{S3Options, Sink};
+    let url = format!("file://{}", dir.display());
+    let sink = Sink::open(&url, &S3Options::default()).unwrap();
+    let log = ChangeLogTable::open(&sink, &table_t(), &app_id("s"), schema, 64 << 20)
+        .await
+        .unwrap();
+    (sink, log)
+}
+
 /// Compaction settings for these tests: buckets of `bucket_bytes`, no vacuum or change-log
 /// maintenance, two fold threads.
 fn test_options(bucket_bytes: u64, deletion_vectors: bool) -> super::CompactOptions {
@@ -653,8 +665,6 @@ async fn assert_model(sink: &crate::lake::store::Sink, snapshots: &[(i64, Table)
 /// rewritten once they have too many files or marked rows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compaction_with_deletion_vectors_matches_the_model() {
-    use crate::lake::changelog::{app_id, ChangeLogTable};
-    use crate::lake::store::{S3Options, Sink};
     use crate::lsn::Lsn;
     use proptest::strategy::ValueTree;
 
@@ -685,12 +695,7 @@ async fn compaction_with_deletion_vectors_matches_the_model() {
         let (changes, snapshots) = realize(&actions);
 
         let dir = tempfile::tempdir().unwrap();
-        let url = format!("file://{}", dir.path().display());
-        let sink = Sink::open(&url, &S3Options::default()).unwrap();
-        let schema = batch(&[], false).schema();
-        let mut log = ChangeLogTable::open(&sink, &name, &app_id("s"), &schema, 64 << 20)
-            .await
-            .unwrap();
+        let (sink, mut log) = file_lake(dir.path(), &batch(&[], false).schema()).await;
         let txns = transactions(&changes);
         for (i, txn) in txns.iter().enumerate() {
             log.write(batch(txn, false)).await.unwrap();
@@ -754,8 +759,6 @@ async fn compaction_with_deletion_vectors_matches_the_model() {
 /// vacuum works, with and without deletion vectors.
 #[tokio::test]
 async fn timestamp_columns_keep_every_table_loadable() {
-    use crate::lake::changelog::{app_id, ChangeLogTable};
-    use crate::lake::store::{S3Options, Sink};
     use crate::lsn::Lsn;
     use crate::types::Infinite;
 
@@ -767,8 +770,6 @@ async fn timestamp_columns_keep_every_table_loadable() {
     };
     for (dv, from_start) in [(false, true), (true, true), (false, false), (true, false)] {
         let dir = tempfile::tempdir().unwrap();
-        let url = format!("file://{}", dir.path().display());
-        let sink = Sink::open(&url, &S3Options::default()).unwrap();
         let options = super::CompactOptions {
             vacuum_retention: Some(std::time::Duration::ZERO),
             ..test_options(128 << 20, dv)
@@ -778,9 +779,7 @@ async fn timestamp_columns_keep_every_table_loadable() {
             specs.push(spec("at", PgType::Timestamp, false));
         }
         let schema = ChangeBatchBuilder::new(specs.clone()).schema();
-        let mut log = ChangeLogTable::open(&sink, &name, &app_id("s"), &schema, 64 << 20)
-            .await
-            .unwrap();
+        let (sink, mut log) = file_lake(dir.path(), &schema).await;
         for txn in 1..=4i64 {
             if txn == 3 {
                 specs.push(spec("later", PgType::Timestamp, false));
@@ -823,19 +822,12 @@ async fn timestamp_columns_keep_every_table_loadable() {
 /// patches on top of them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deletion_vectors_survive_checkpoints() {
-    use crate::lake::changelog::{app_id, ChangeLogTable};
-    use crate::lake::store::{S3Options, Sink};
     use crate::lsn::Lsn;
 
     let name = table_t();
     let options = test_options(128 << 20, true);
     let dir = tempfile::tempdir().unwrap();
-    let url = format!("file://{}", dir.path().display());
-    let sink = Sink::open(&url, &S3Options::default()).unwrap();
-    let schema = batch(&[], false).schema();
-    let mut log = ChangeLogTable::open(&sink, &name, &app_id("s"), &schema, 64 << 20)
-        .await
-        .unwrap();
+    let (sink, mut log) = file_lake(dir.path(), &batch(&[], false).schema()).await;
     // 256 keys, then 60 transactions of 3 updates each (2 of them TOAST-unchanged), each
     // compacted on its own: 61 commits in each target.
     let mut actions: Vec<Action> = (0..=255u8)

@@ -619,12 +619,15 @@ impl ChangeLogTable {
         let ours = snapshot
             .transaction_version(self.log_store.as_ref(), &self.app_id)
             .await?;
+        // Our own lost attempt lands exactly at its version; anything else that moved our
+        // version was written by someone else.
         let landed = if mark.app_id == self.app_id {
-            ours
+            ours == Some(mark.version)
         } else {
             snapshot
                 .transaction_version(self.log_store.as_ref(), &mark.app_id)
                 .await?
+                .is_some_and(|v| v >= mark.version)
         };
         self.version = snapshot.version();
         self.metadata = snapshot.metadata().clone();
@@ -634,13 +637,6 @@ impl ChangeLogTable {
                 self.committed = Some(Lsn(v as u64));
             }
         }
-        // Our own lost attempt lands exactly at its version; anything else that moved our
-        // version was written by someone else.
-        let landed = if mark.app_id == self.app_id {
-            landed == Some(mark.version)
-        } else {
-            landed.is_some_and(|v| v >= mark.version)
-        };
         let overtaken = ours.filter(|&v| before.is_none_or(|c| (c.0 as i64) < v));
         Ok((landed, overtaken.filter(|_| !landed)))
     }
