@@ -240,8 +240,16 @@ struct Target {
     txn: Option<u64>,
     /// Data files: path → size and deletion vector.
     files: BTreeMap<String, FileEntry>,
+}
+
+impl Target {
     /// Deletion vectors enabled: the table property, and the feature in the protocol.
-    dv_ready: bool,
+    fn dv_ready(&self) -> bool {
+        match (&self.metadata, &self.protocol) {
+            (Some(m), Some(p)) => dv_enabled(m, p),
+            _ => false,
+        }
+    }
 }
 
 /// A data file of a current or history table.
@@ -298,7 +306,6 @@ impl Ctx<'_> {
             protocol: None,
             txn: None,
             files: BTreeMap::new(),
-            dv_ready: false,
         };
         if !has_delta_log(store.as_ref(), &Path::default())
             .await
@@ -312,7 +319,6 @@ impl Ctx<'_> {
         target.version = Some(snapshot.version());
         target.metadata = Some(snapshot.metadata().clone());
         target.protocol = Some(snapshot.protocol().clone());
-        target.dv_ready = dv_enabled(snapshot.metadata(), snapshot.protocol());
         target.txn = snapshot
             .transaction_version(log_store.as_ref(), APP_ID)
             .await
@@ -406,7 +412,7 @@ impl Ctx<'_> {
             .map_err(self.fail("schema evolution"))?;
         // A table created without deletion vectors gets them with its next commit when they
         // are asked for (that commit still rewrites; later ones patch).
-        let enable_dv = self.deletion_vectors && created.is_none() && !target.dv_ready;
+        let enable_dv = self.deletion_vectors && created.is_none() && !target.dv_ready();
         if widened.is_some() || enable_dv {
             let mut m = metadata.clone();
             if let Some(w) = &widened {
@@ -481,9 +487,6 @@ impl Ctx<'_> {
         }
         if let Some(m) = new_metadata {
             target.metadata = Some(m);
-        }
-        if let (Some(m), Some(p)) = (&target.metadata, &target.protocol) {
-            target.dv_ready = dv_enabled(m, p);
         }
         target.txn = Some(txn);
         if next > 0 && next.is_multiple_of(CHECKPOINT_INTERVAL) {
@@ -840,7 +843,7 @@ pub async fn compact_table(
     // A target created now (the first run, or after one was deleted) gets deletion vectors
     // when the other one has them: a repair copies the history table's vectors.
     let ctx = Ctx {
-        deletion_vectors: ctx.deletion_vectors || history.dv_ready || current.dv_ready,
+        deletion_vectors: ctx.deletion_vectors || history.dv_ready() || current.dv_ready(),
         ..ctx
     };
     report.from_version = through(history.txn);
@@ -1545,11 +1548,13 @@ async fn step(
                 all.extend(hits.iter());
                 let (current_hits, live) =
                     current_marks(&f.batches, &hits).map_err(ctx.fail("patch"))?;
-                let mut current_all = marked(ctx, centry)?;
-                current_all.extend(current_hits.iter());
                 history_removes.push(remove_file(path, entry));
                 history_adds.push(add_with_dv(path, entry, rows, dv::encode(&all)));
-                if current_all.len() != centry.dv.as_ref().map_or(0, |d| d.cardinality as u64) {
+                // (Newly hit rows were not marked before: the current file's vector changes
+                // exactly when some of them are live.)
+                if !current_hits.is_empty() {
+                    let mut current_all = marked(ctx, centry)?;
+                    current_all.extend(current_hits.iter());
                     current_removes.push(remove_file(cpath, centry));
                     current_adds.push(add_with_dv(cpath, centry, live, dv::encode(&current_all)));
                 }
@@ -1618,8 +1623,8 @@ fn patchable(
     members: &[usize],
     rebucket: bool,
 ) -> bool {
-    history.dv_ready
-        && current.dv_ready
+    history.dv_ready()
+        && current.dv_ready()
         && !rebucket
         && members.iter().all(|&b| {
             let bucket = &buckets[b];

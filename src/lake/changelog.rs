@@ -638,7 +638,7 @@ impl ChangeLogTable {
             }
         }
         let overtaken = ours.filter(|&v| before.is_none_or(|c| (c.0 as i64) < v));
-        Ok((landed, overtaken.filter(|_| !landed)))
+        Ok((landed, overtaken))
     }
 
     /// Writes a Delta checkpoint of the current version in the background, so that readers
@@ -690,22 +690,6 @@ pub(crate) fn widen(
 /// What a schema change commits: the widened metadata, and the protocol when it had to grow.
 type Evolved = (Metadata, Option<Protocol>);
 
-/// Whether a Delta schema has a `timestamp_ntz` column, at any depth.
-fn has_timestamp_ntz(schema: &StructType) -> bool {
-    fn walk(v: &serde_json::Value) -> bool {
-        match v {
-            serde_json::Value::Object(m) => m.iter().any(|(k, v)| {
-                (matches!(k.as_str(), "type" | "elementType" | "keyType" | "valueType")
-                    && v == "timestamp_ntz")
-                    || walk(v)
-            }),
-            serde_json::Value::Array(a) => a.iter().any(walk),
-            _ => false,
-        }
-    }
-    serde_json::to_value(schema).is_ok_and(|v| walk(&v))
-}
-
 /// The protocol a table with `schema` needs when it is `protocol` now (`None`: a table this
 /// commit creates), or `None` when it has what it needs: table features `timestampNtz` for a
 /// `timestamp_ntz` column (a Postgres `timestamp`), `deletionVectors` when `dv`, each both a
@@ -721,7 +705,7 @@ pub(crate) fn protocol_upgrade(
     if dv {
         want.push("deletionVectors");
     }
-    if has_timestamp_ntz(schema) {
+    if deltalake::kernel::contains_timestampntz(schema.fields()) {
         want.push("timestampNtz");
     }
     let mut v = match protocol {
@@ -757,7 +741,9 @@ fn lists_feature(protocol: &serde_json::Value, feature: &str) -> bool {
 
 /// Whether `protocol` has `feature` as a reader and a writer feature.
 pub(crate) fn has_feature(protocol: &Protocol, feature: &str) -> bool {
-    serde_json::to_value(protocol).is_ok_and(|v| lists_feature(&v, feature))
+    [protocol.reader_features(), protocol.writer_features()]
+        .iter()
+        .all(|list| list.is_some_and(|l| l.iter().any(|f| f.as_ref() == feature)))
 }
 
 /// Writes a Delta checkpoint of `version` of the table behind `log_store`.
