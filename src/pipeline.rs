@@ -61,6 +61,9 @@ const BATCH_ROWS: usize = 8192;
 const MEASURE_EVERY: usize = 1024;
 /// Events of a committed streamed transaction handled between two memory checks.
 const REPLAY_SLICE: usize = 4096;
+/// Messages taken from the read buffer in a row before the stream loop looks at its timers,
+/// the flight and the shutdown signal again.
+const BURST: usize = 64;
 /// Tables committed concurrently in one flush.
 const COMMIT_CONCURRENCY: usize = 32;
 /// Change logs opened (or created) concurrently in the background.
@@ -399,8 +402,8 @@ pub async fn run(
         app_id: app_id(&opts.slot),
         catalog: TypeCatalog::new(),
         catalog_conn: None,
-        layouts: HashMap::new(),
-        tables: HashMap::new(),
+        layouts: HashMap::default(),
+        tables: HashMap::default(),
         summary: RunSummary::default(),
         received: Lsn::INVALID,
         last_end: None,
@@ -562,8 +565,8 @@ struct Pipeline {
     app_id: String,
     catalog: TypeCatalog,
     catalog_conn: Option<PgConnection>,
-    layouts: HashMap<(u32, u32), Arc<RelationLayout>>,
-    tables: HashMap<TableName, TableState>,
+    layouts: HashMap<(u32, u32), Arc<RelationLayout>, foldhash::fast::RandomState>,
+    tables: HashMap<TableName, TableState, foldhash::fast::RandomState>,
     summary: RunSummary,
     received: Lsn,
     /// End LSN of the last complete transaction processed.
@@ -607,6 +610,7 @@ impl Pipeline {
             tokio::time::interval(Duration::from_millis(250).min(self.opts.flush_interval));
         flush_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut stopping = false;
+        let mut burst = 0usize;
         tokio::pin!(shutdown);
         let mut handoff = self.handoff.state.clone();
         let mut handoff_alive = true;
@@ -648,33 +652,44 @@ impl Pipeline {
                 conn.close().await;
                 return Ok(());
             }
-            let msg = tokio::select! {
-                m = stream.next_message() => m?,
-                _ = status.tick() => {
-                    self.send_status(&mut stream).await?;
-                    continue;
-                }
-                _ = flush_check.tick() => {
-                    if !assembler.in_transaction() && self.flush_due() {
-                        self.flush_in_background(&mut stream).await?;
+            // Messages already buffered are taken without a trip through `select!` (which
+            // polls every branch), up to BURST in a row so timers and the flight are still seen.
+            let buffered = if burst < BURST {
+                stream.buffered_message()?
+            } else {
+                None
+            };
+            burst = if buffered.is_some() { burst + 1 } else { 0 };
+            let msg = match buffered {
+                Some(m) => Some(m),
+                None => tokio::select! {
+                    m = stream.next_message() => m?,
+                    _ = status.tick() => {
                         self.send_status(&mut stream).await?;
+                        continue;
                     }
-                    continue;
-                }
-                landed = flight_landing(&mut self.flight) => {
-                    self.landed(landed)?;
-                    self.send_status(&mut stream).await?;
-                    continue;
-                }
-                _ = &mut shutdown, if !stopping => {
-                    tracing::info!("shutting down: finishing the current transaction, then committing");
-                    stopping = true;
-                    continue;
-                }
-                r = handoff.changed(), if handoff_alive => {
-                    self.take_handoff(r, &mut handoff, &mut handoff_alive);
-                    continue;
-                }
+                    _ = flush_check.tick() => {
+                        if !assembler.in_transaction() && self.flush_due() {
+                            self.flush_in_background(&mut stream).await?;
+                            self.send_status(&mut stream).await?;
+                        }
+                        continue;
+                    }
+                    landed = flight_landing(&mut self.flight) => {
+                        self.landed(landed)?;
+                        self.send_status(&mut stream).await?;
+                        continue;
+                    }
+                    _ = &mut shutdown, if !stopping => {
+                        tracing::info!("shutting down: finishing the current transaction, then committing");
+                        stopping = true;
+                        continue;
+                    }
+                    r = handoff.changed(), if handoff_alive => {
+                        self.take_handoff(r, &mut handoff, &mut handoff_alive);
+                        continue;
+                    }
+                },
             };
             let Some(msg) = msg else {
                 return Err(RunError::StreamEnded);
@@ -1130,7 +1145,7 @@ impl Pipeline {
     /// is shared by two threads: the stream waits anyway.
     async fn flush_all(&mut self, stream: &mut ReplicationStream) -> Result<(), RunError> {
         self.land(stream).await?;
-        self.start_flight(2).await?;
+        self.start_flight(FLUSH_THREADS).await?;
         self.land(stream).await
     }
 
@@ -1157,7 +1172,7 @@ impl Pipeline {
     }
 
     /// Lends the rows and change log of every table with buffered rows (not held) to a new
-    /// [`Flight`] of `threads` blocking threads. There must be none in the air.
+    /// [`Flight`] of `threads` flush threads. There must be none in the air.
     async fn start_flight(&mut self, threads: usize) -> Result<(), RunError> {
         let cap = self.held_cap();
         if !self.has_pending() {
@@ -1370,9 +1385,8 @@ struct Flight {
     tables: usize,
 }
 
-/// Commits `outgoing` on `threads` blocking threads (tables spread by size), each running
-/// its share concurrently on the runtime's handle; gives the change logs back. The first
-/// failure cancels the other shares.
+/// Commits `outgoing` on `threads` flush threads (tables spread by size), each running its
+/// share concurrently; gives the change logs back. The first failure cancels the other shares.
 async fn commit_in_threads(
     mut outgoing: Vec<Outgoing>,
     threads: usize,
@@ -1386,20 +1400,21 @@ async fn commit_in_threads(
                 .map_or(0, RecordBatch::get_array_memory_size),
         )
     });
-    let threads = threads.max(1);
+    let threads = threads.clamp(1, FLUSH_THREADS);
     let mut shares: Vec<Vec<Outgoing>> = (0..threads).map(|_| Vec::new()).collect();
     for (i, o) in outgoing.into_iter().enumerate() {
         shares[i % threads].push(o);
     }
-    let runtime = tokio::runtime::Handle::current();
+    let runtimes = (0..threads)
+        .map(flush_runtime)
+        .collect::<Result<Vec<_>, _>>()?;
     let mut jobs: futures::stream::FuturesUnordered<_> = shares
         .into_iter()
-        .filter(|s| !s.is_empty())
-        .map(|share| {
-            let (runtime, metrics, cancel) = (runtime.clone(), metrics.clone(), cancel.subscribe());
-            tokio::task::spawn_blocking(move || {
-                runtime.block_on(commit_share(share, &metrics, cancel))
-            })
+        .zip(runtimes)
+        .filter(|(share, _)| !share.is_empty())
+        .map(|(share, runtime)| {
+            let (metrics, cancel) = (metrics.clone(), cancel.subscribe());
+            runtime.spawn(async move { commit_share(share, &metrics, cancel).await })
         })
         .collect();
     let mut logs = Vec::new();
@@ -1420,6 +1435,29 @@ async fn commit_in_threads(
         None => Ok(logs),
         Some(e) => Err(e),
     }
+}
+
+/// Flush threads: background flushes use one, shutdown and a backfill's pause all of them.
+const FLUSH_THREADS: usize = 2;
+
+/// The runtime of flush thread `i` (one worker thread each, started on first use, kept for the
+/// process). Flights do not commit on the stream's runtime: a change log's writer finishes
+/// each file (encoding and compressing its last row group) in a task it spawns, and on the
+/// stream's single-threaded runtime that task would run on the stream's thread.
+fn flush_runtime(i: usize) -> Result<&'static tokio::runtime::Runtime, RunError> {
+    static RUNTIMES: [std::sync::OnceLock<Result<tokio::runtime::Runtime, String>>; FLUSH_THREADS] =
+        [const { std::sync::OnceLock::new() }; FLUSH_THREADS];
+    let runtime = RUNTIMES[i % FLUSH_THREADS].get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("slotlake-flush")
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())
+    });
+    runtime.as_ref().map_err(|e| RunError::CommitTask {
+        message: format!("cannot start a flush thread: {e}"),
+    })
 }
 
 /// Commits every table of `share`, [`COMMIT_CONCURRENCY`] at a time, retrying with backoff

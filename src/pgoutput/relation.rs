@@ -47,7 +47,7 @@ pub enum SchemaChange {
 /// The latest definition of every relation seen in this replication session.
 #[derive(Debug, Default, Clone)]
 pub struct RelationCache {
-    relations: HashMap<RelationId, Arc<CachedRelation>>,
+    relations: HashMap<RelationId, Arc<CachedRelation>, foldhash::fast::RandomState>,
 }
 
 impl RelationCache {

@@ -605,6 +605,15 @@ impl PgConnection {
         Ok(Some((tag, len + 1)))
     }
 
+    /// A complete message tagged `tag` from the buffer, if the buffer starts with one (no I/O;
+    /// anything else stays buffered for [`Self::read_frame`]).
+    pub(crate) fn buffered_frame(&mut self, tag: u8) -> Result<Option<Frame>, ClientError> {
+        match self.frame_head()? {
+            Some((t, _)) if t == tag => self.try_frame(),
+            _ => Ok(None),
+        }
+    }
+
     /// A complete message from the buffer, if one is there ("need more bytes" is `Ok(None)`).
     fn try_frame(&mut self) -> Result<Option<Frame>, ClientError> {
         let Some((tag, len)) = self.frame_head()? else {

@@ -146,6 +146,15 @@ impl ReplicationStream {
         }
     }
 
+    /// The next message if a whole one is already buffered, without I/O and without waiting
+    /// (`Ok(None)`: nothing complete is buffered, or what is needs [`Self::next_message`]).
+    pub fn buffered_message(&mut self) -> Result<Option<ReplicationMessage>, ClientError> {
+        match self.conn.buffered_frame(b'd')? {
+            Some(frame) => parse_copy_data(frame.body).map(Some),
+            None => Ok(None),
+        }
+    }
+
     /// Sends a standby status update: WAL received (`write`), durably processed (`flush`), and
     /// applied (`apply`). The server may recycle WAL up to `flush`.
     pub async fn send_status(

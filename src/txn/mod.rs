@@ -209,7 +209,7 @@ pub struct Assembler {
     open: Option<OpenTxn>,
     /// Xid of the stream block we are in, if any.
     stream_block: Option<Xid>,
-    streams: HashMap<Xid, Stream>,
+    streams: HashMap<Xid, Stream, foldhash::fast::RandomState>,
     spill: Option<SpillConfig>,
     /// Bytes held in memory over all streams.
     held_bytes: usize,
