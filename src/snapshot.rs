@@ -36,18 +36,13 @@
 //!   the replayed changes bring it to its current state. A table rewritten since (new
 //!   relfilenode) or whose columns changed is loaded anew instead.
 //!
-//! The rows a resumed table reads from the newer snapshot are written twice: at C − 1 with the
-//! chunk's rows (the table's history starts where its load began), and again at C2 − 1, after
-//! the changes between C and C2 that the stream replays. Those replays can refer to rows the
-//! lake never had — an update leaving a TOASTed value out on a row of an unread chunk, a key
-//! given up by one row and taken by another — and alone would leave such a value null or
-//! wrong (the fold carries it from the row loaded at the key an update moves it to, the best
-//! it can do); the copy at C2 − 1 is each row exactly as it was at C2, and compaction adds no
-//! version for a copy equal to the row's current version. So the current tables are exact
-//! after a resumed load, and the history too from C2 on. Between C and C2 the history of a
-//! resumed table is approximate: rows read at C2 stand in for the table as of C (that
-//! snapshot is gone), and a version a differing copy ends shows what the replays could not
-//! know.
+//! The current tables are exact after a resumed load. A row of an unread chunk whose key
+//! changed between C and C2 with a TOASTed value left out is loaded only at its key as of C2:
+//! the fold takes the value from the row loaded at the key an update moves it to, when the row
+//! it moves from has none (a null, which Postgres never leaves out). Key reuse within the
+//! interval (another row held one of those keys) can still give a null or the other row's
+//! value. Between C and C2 the history of a resumed table is approximate: rows read at C2 are
+//! stamped C − 1.
 //!
 //! A load retried in the same process (the sink failed for a while) keeps its snapshot as long
 //! as the session that exported it lives (for 15 minutes of failures at most: that session
@@ -748,24 +743,11 @@ pub async fn load(
         match msg? {
             Msg::Rows(t, index, batch) => {
                 let rows = batch.num_rows() as u64;
-                // A table resumed from a newer snapshot (at C2) than the one its load began in
-                // (at C): its rows are written a second time at C2 − 1, after the changes
-                // between C and C2 that the stream replays on top of the rows at C − 1. Those
-                // replays can refer to rows the lake never had (a key moved with a TOASTed
-                // value left out, then reused); the copy is each row exactly as it was at C2.
-                // Compaction adds no version for a copy equal to the row's current version.
-                let again = if tables[t].lsn != lsn {
-                    Some(restamped(&batch, lsn)?)
-                } else {
-                    None
-                };
-                let writer = tables[t]
+                tables[t]
                     .writer(index, sink, &app, opts.target_file_size)
+                    .await?
+                    .write(batch)
                     .await?;
-                writer.write(batch).await?;
-                if let Some(again) = again {
-                    writer.write(again).await?;
-                }
                 tables[t].rows += rows;
                 summary.rows += rows;
                 metrics.snapshot_rows.inc_by(rows);
@@ -980,24 +962,6 @@ async fn worker(
     let _ = conn.simple_query("COMMIT").await;
     conn.close().await;
     Ok(())
-}
-
-/// `batch` with every row's `_lsn` set to `lsn`.
-fn restamped(
-    batch: &deltalake::arrow::array::RecordBatch,
-    lsn: Lsn,
-) -> anyhow::Result<deltalake::arrow::array::RecordBatch> {
-    use deltalake::arrow::array::{ArrayRef, Int64Array};
-    let index = batch
-        .schema()
-        .index_of(crate::batch::rows::LSN)
-        .context("a loaded batch without _lsn")?;
-    let mut columns = batch.columns().to_vec();
-    columns[index] = Arc::new(Int64Array::from_value(lsn.0 as i64, batch.num_rows())) as ArrayRef;
-    Ok(deltalake::arrow::array::RecordBatch::try_new(
-        batch.schema(),
-        columns,
-    )?)
 }
 
 /// A temporary slot whose exported snapshot a load can use when the slot's own is gone (a

@@ -386,21 +386,6 @@ async fn a_resumed_load_reads_only_unfinished_chunks_and_the_rows_that_moved() {
         .await;
     db.exec("UPDATE t SET id = id + 10000 WHERE id > 10000")
         .await;
-    // Key reuse, `doc` left out each time: a row of the committed chunk gives up its key, and
-    // a row of an unread chunk takes it. The replayed updates alone would move the wrong
-    // `doc` (or none) around: only the rows as read after the restart can tell.
-    let reused = db
-        .int("SELECT min(id) AS v FROM t WHERE (ctid::text::point)[0] < 8 AND id < 3000")
-        .await;
-    let taker = db
-        .int("SELECT count(*) AS v FROM t WHERE id = 4500 AND (ctid::text::point)[0] >= 8")
-        .await;
-    assert_eq!(taker, 1, "row 4500 is in an unread chunk");
-    db.exec(&format!(
-        "UPDATE t SET id = 30000 + id, n = 3 WHERE id = {reused};
-         UPDATE t SET id = {reused}, n = 4 WHERE id = 4500;"
-    ))
-    .await;
     db.exec("VACUUM FREEZE t").await;
     let moved = db
         .int("SELECT count(*) AS v FROM t WHERE id > 5000 AND (ctid::text::point)[0] < 8")
