@@ -739,14 +739,14 @@ async fn initial_snapshot(
         return Ok(());
     };
     // The plans of an earlier attempt at this slot's load (none for a slot just created).
-    let plans = loading
+    let earlier = loading
         .filter(|r| {
             r.consistent_point.is_empty()
                 || r.consistent_point.parse::<crate::lsn::Lsn>().ok() == Some(k.start)
         })
-        .map(|r| r.plans.clone())
+        .map(|r| (r.plans.clone(), r.restates.clone()))
         .unwrap_or_default();
-    let loaded = load_recorded(opts, info, sink, &k.snapshot, k.start, plans, metrics).await;
+    let loaded = load_recorded(opts, info, sink, &k.snapshot, k.start, earlier, metrics).await;
     // The load's own imports tell when the snapshot is gone (`SnapshotGone`).
     let keep = match &loaded {
         Ok(()) => false,
@@ -765,14 +765,18 @@ async fn initial_snapshot(
 }
 
 /// Runs a load with its record: `loading` (with the slot's start, and the chunk plans of an
-/// interrupted attempt, which the load replaces with its own) before, `done` after.
+/// interrupted attempt, which the load replaces with its own, and the copies it left for the
+/// stream, which it keeps) before, `done` after.
 async fn load_recorded(
     opts: &crate::snapshot::LoadOptions,
     info: &ConnInfo,
     sink: &crate::lake::store::Sink,
     snapshot: &crate::snapshot::ExportedSnapshot,
     point: crate::lsn::Lsn,
-    plans: std::collections::BTreeMap<String, crate::snapshot::ChunkPlan>,
+    (plans, restates): (
+        std::collections::BTreeMap<String, crate::snapshot::ChunkPlan>,
+        std::collections::BTreeMap<String, crate::snapshot::Restate>,
+    ),
     metrics: &crate::metrics::Metrics,
 ) -> Result<()> {
     use crate::snapshot::{load, write_record, LoadRecord};
@@ -781,6 +785,7 @@ async fn load_recorded(
         state: "loading".into(),
         tables: Vec::new(),
         plans,
+        restates,
     };
     write_record(sink, &opts.slot, &record).await?;
     let since = crate::lsn::Lsn(point.0.saturating_sub(1));
@@ -979,17 +984,16 @@ async fn backfill(
     session.close().await;
     drop(release);
     let loaded = loaded?;
-    // `run` is the record's only writer (requests are files of their own), so this is current.
-    let Some(mut record) = crate::snapshot::read_record(sink, &opts.slot).await? else {
-        return Ok(());
-    };
-    for t in &loaded.covered {
-        let t = t.to_string();
-        if !record.tables.contains(&t) {
-            record.tables.push(t);
+    // `run` is the record's only writer (requests are files of their own).
+    crate::snapshot::update_record(sink, &opts.slot, |record| {
+        for t in &loaded.covered {
+            let t = t.to_string();
+            if !record.tables.contains(&t) {
+                record.tables.push(t);
+            }
         }
-    }
-    crate::snapshot::write_record(sink, &opts.slot, &record).await?;
+    })
+    .await?;
     // Requests that arrived during the load are not among these: they wait for the next one.
     crate::snapshot::clear_requests(sink, &requests).await?;
     tracing::info!(

@@ -165,6 +165,8 @@ pub enum RunError {
     OpenTask { table: String, message: String },
     #[error("committing to the lake failed: {message}")]
     CommitTask { message: String },
+    #[error("the initial load's record: {message}")]
+    LoadRecord { message: String },
     #[error("shutdown could not commit buffered changes within {0:?}; they will be read again from the slot")]
     ShutdownTimeout(Duration),
 }
@@ -177,7 +179,10 @@ impl RunError {
     pub fn is_transient(&self) -> bool {
         match self {
             RunError::Client(c) | RunError::Slot(SlotError::Client(c)) => c.is_transient(),
-            RunError::Lake(_) | RunError::StreamEnded | RunError::OpenTask { .. } => true,
+            RunError::Lake(_)
+            | RunError::StreamEnded
+            | RunError::OpenTask { .. }
+            | RunError::LoadRecord { .. } => true,
             RunError::Slot(_)
             | RunError::Decode { .. }
             | RunError::Txn { .. }
@@ -379,6 +384,7 @@ pub async fn run(
     handoff: HandOffLink,
 ) -> Result<RunSummary, RunError> {
     slot::validate_slot_name(&opts.slot)?;
+    let restates = pending_restates(sink, &opts.slot).await?;
     let stream = start_stream(source, opts).await?;
     let monitor = tokio::spawn(monitor_source(
         source.clone(),
@@ -418,6 +424,7 @@ pub async fn run(
         handoff,
         handed: HandOff::default(),
         flight: None,
+        restates,
     };
     p.metrics.streaming.store(true, Ordering::Relaxed);
     let result = p.stream_loop(stream, shutdown).await;
@@ -434,6 +441,37 @@ pub async fn run(
         c.close().await;
     }
     result.map(|()| p.summary)
+}
+
+/// Rows a load resumed from a newer snapshot read, as they were at its point + 1 (see
+/// [`crate::snapshot::Restate`]): staged files, committed by the stream after every change
+/// below that point and before any other.
+struct PendingRestate {
+    table: TableName,
+    lsn: Lsn,
+    adds: Vec<deltalake::kernel::Add>,
+}
+
+/// The copies the slot's load record says are not committed yet, in LSN order.
+async fn pending_restates(sink: &Sink, slot: &str) -> Result<Vec<PendingRestate>, RunError> {
+    let record = crate::snapshot::read_record(sink, slot)
+        .await
+        .map_err(|e| RunError::LoadRecord {
+            message: format!("{e:#}"),
+        })?;
+    let mut pending = Vec::new();
+    for (name, r) in record.map(|r| r.restates).unwrap_or_default() {
+        let bad = |what: String| RunError::LoadRecord {
+            message: format!("the copies of {name}: {what}"),
+        };
+        pending.push(PendingRestate {
+            table: TableName::parse(&name).map_err(bad)?,
+            lsn: r.lsn.parse().map_err(|e| bad(format!("{e}")))?,
+            adds: r.adds,
+        });
+    }
+    pending.sort_by_key(|r| r.lsn);
+    Ok(pending)
 }
 
 /// Side duties on an ordinary SQL connection to the source, next to the stream:
@@ -588,6 +626,8 @@ struct Pipeline {
     /// Backfills' side of the hand-off, and the latest state seen of it.
     handoff: HandOffLink,
     handed: HandOff,
+    /// Copies of a resumed load's rows, to commit once the stream reaches their point.
+    restates: Vec<PendingRestate>,
     /// The flush being committed in the background, if any.
     flight: Option<Flight>,
 }
@@ -700,6 +740,9 @@ impl Pipeline {
                     reply_requested,
                 } => {
                     self.note_received(wal_end);
+                    if assembler.is_idle() {
+                        self.commit_restates(wal_end, &mut stream).await?;
+                    }
                     stopping = stopping || self.passed_stop_at(assembler.in_transaction());
                     // Nothing buffered: everything before wal_end is in the lake.
                     let advanced = self.confirm_all_received(&assembler, wal_end);
@@ -826,7 +869,12 @@ impl Pipeline {
     }
 
     async fn send_status(&mut self, stream: &mut ReplicationStream) -> Result<(), RunError> {
-        let c = self.summary.confirmed;
+        // Copies still to commit at C2 − 1 keep the slot below C2: a restart must see the
+        // stream reach C2 again.
+        let c = match self.restates.first() {
+            Some(r) => self.summary.confirmed.min(r.lsn),
+            None => self.summary.confirmed,
+        };
         self.metrics.confirmed_flush_lsn.set(c.0 as i64);
         stream.send_status(self.received, c, c, false).await?;
         self.last_status = Instant::now();
@@ -993,9 +1041,58 @@ impl Pipeline {
                     self.summary.confirmed = self.summary.confirmed.max(end_lsn);
                 }
             }
-            Event::Begin(_) | Event::Message { .. } => {}
+            Event::Begin(txn) => self.commit_restates(txn.commit_lsn, stream).await?,
+            Event::Message { .. } => {}
         }
         Ok(())
+    }
+
+    /// Commits the copies of a resumed load's rows (see [`PendingRestate`]) whose point is
+    /// below `lsn` — the commit LSN of the next transaction, or how far decoding got —
+    /// after everything buffered, which is all below it.
+    async fn commit_restates(
+        &mut self,
+        lsn: Lsn,
+        stream: &mut ReplicationStream,
+    ) -> Result<(), RunError> {
+        if self.restates.first().is_none_or(|r| r.lsn >= lsn) {
+            return Ok(());
+        }
+        self.flush_all(stream).await?;
+        while self.restates.first().is_some_and(|r| r.lsn < lsn) {
+            let r = self.restates.remove(0);
+            let app = crate::snapshot::restate_app(&self.app_id, r.lsn);
+            // The table exists (its load committed); the schema is only for creating one.
+            let schema = Arc::new(deltalake::arrow::datatypes::Schema::empty());
+            let (mut log, done) = ChangeLogTable::open_reading(
+                &self.sink,
+                &r.table,
+                &self.app_id,
+                &schema,
+                self.opts.target_file_size,
+                Some(&app),
+            )
+            .await?;
+            // Committed already by a run that stopped before it could update the record; or
+            // superseded: the table was loaded again since, at a later point (`slotlake
+            // snapshot --table` while the stream caught up; only a re-load moves its `txn`
+            // version past C2 − 1 before the stream reaches C2).
+            let reloaded = log.committed_lsn().is_some_and(|c| c > r.lsn);
+            if done.is_none() && !reloaded {
+                log.adopt(r.adds);
+                log.commit_progress(&app, 1, None).await?;
+            }
+            let name = r.table.to_string();
+            crate::snapshot::update_record(&self.sink, &self.opts.slot, |record| {
+                record.restates.remove(&name);
+            })
+            .await
+            .map_err(|e| RunError::LoadRecord {
+                message: format!("{e:#}"),
+            })?;
+            tracing::info!(table = %r.table, lsn = %r.lsn, "committed the rows a resumed initial load read again, after the changes before them");
+        }
+        self.send_status(stream).await
     }
 
     /// The layout of a relation version, resolving its column types once.

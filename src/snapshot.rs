@@ -36,13 +36,17 @@
 //!   the replayed changes bring it to its current state. A table rewritten since (new
 //!   relfilenode) or whose columns changed is loaded anew instead.
 //!
-//! The current tables are exact after a resumed load. A row of an unread chunk whose key
-//! changed between C and C2 with a TOASTed value left out is loaded only at its key as of C2:
-//! the fold takes the value from the row loaded at the key an update moves it to, when the row
-//! it moves from has none (a null, which Postgres never leaves out). Key reuse within the
-//! interval (another row held one of those keys) can still give a null or the other row's
-//! value. Between C and C2 the history of a resumed table is approximate: rows read at C2 are
-//! stamped C − 1.
+//! The rows a resumed table reads from the newer snapshot go in twice: at C − 1 with its
+//! other chunks (its history starts where the load began), and as they were at C2, at C2 − 1
+//! (see [`Restate`]): the replayed changes between C and C2 can refer to rows the lake never
+//! had — an update leaving a TOASTed value out on a row of an unread chunk, a key given up by
+//! one row and taken by another — and alone would leave such a value null or wrong. The copies
+//! are staged, listed in the load record before the table's last chunk commits, and committed
+//! by the stream once it reaches C2 (`crate::pipeline`), so that the change log's version
+//! order stays its LSN order; compaction adds no version for a copy equal to its key's
+//! version. The current tables are exact after a resumed load, and the history from C2 on.
+//! Between C and C2 the history of a resumed table is approximate: rows read at C2 stand in
+//! for the table as of C, whose snapshot is gone.
 //!
 //! A load retried in the same process (the sink failed for a while) keeps its snapshot as long
 //! as the session that exported it lives (for 15 minutes of failures at most: that session
@@ -97,7 +101,7 @@ pub struct ExportedSnapshot {
 }
 
 /// The record of a slot's initial load, kept in the lake.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LoadRecord {
     /// The slot's consistent point when the load started.
     pub consistent_point: String,
@@ -110,6 +114,30 @@ pub struct LoadRecord {
     /// While `loading`: how each table being loaded was split, by `schema.table`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub plans: BTreeMap<String, ChunkPlan>,
+    /// Copies of rows a resumed load read from a newer snapshot, by `schema.table`: staged
+    /// in the change log, committed by the stream once it reaches their snapshot's point.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub restates: BTreeMap<String, Restate>,
+}
+
+/// Rows of a table that a load resumed from a newer snapshot (consistent point C2) read, as
+/// they were at C2: the files a second writer staged (never committed by the load) with the
+/// rows at `_lsn = C2 − 1`. The rows went in at C − 1 as well (the table's load began at C),
+/// below the changes between C and C2 that the stream replays — and those can refer to rows
+/// the lake never had (a key moved with a TOASTed value left out, then reused). The stream
+/// commits the copies after every change below C2 and before any at or after it, so the
+/// change log's version order stays its LSN order, which compaction's steps follow; a copy
+/// equal to its key's version then adds no version.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Restate {
+    /// C2 − 1.
+    pub lsn: String,
+    pub adds: Vec<deltalake::kernel::Add>,
+}
+
+/// The app id whose `txn` version (1) marks a table's copies at `lsn` committed.
+pub fn restate_app(app: &str, lsn: Lsn) -> String {
+    format!("{app}-restate-{lsn}")
 }
 
 /// How one table's load is split into chunks, kept in the load record so that an interrupted
@@ -138,6 +166,7 @@ impl LoadRecord {
             state: "loading".into(),
             tables: Vec::new(),
             plans: BTreeMap::new(),
+            restates: BTreeMap::new(),
         }
     }
 }
@@ -160,6 +189,23 @@ pub async fn read_record(sink: &Sink, slot: &str) -> anyhow::Result<Option<LoadR
     }
 }
 
+/// Changes the slot's load record, if there is one, under a lock: while streaming, `run`
+/// updates it from two tasks (a backfill adds its tables, the stream drops copies it
+/// committed), each a read-modify-write without a condition (`file://` has none).
+pub async fn update_record(
+    sink: &Sink,
+    slot: &str,
+    change: impl FnOnce(&mut LoadRecord),
+) -> anyhow::Result<()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _held = LOCK.lock().await;
+    let Some(mut record) = read_record(sink, slot).await? else {
+        return Ok(());
+    };
+    change(&mut record);
+    write_record(sink, slot, &record).await
+}
+
 pub async fn write_record(sink: &Sink, slot: &str, record: &LoadRecord) -> anyhow::Result<()> {
     let bytes = serde_json::to_vec(record)?;
     sink.root()
@@ -171,7 +217,8 @@ pub async fn write_record(sink: &Sink, slot: &str, record: &LoadRecord) -> anyho
 
 /// Where `slotlake snapshot --table` leaves re-load requests for the slot's `run`, one file
 /// each: `run` is the record's only writer, so a request cannot be lost to a concurrent
-/// rewrite of the record (read-modify-write without a condition: `file://` has none).
+/// rewrite of the record (read-modify-write without a condition: `file://` has none; `run`'s
+/// own tasks go through [`update_record`]).
 fn requests_path(sink: &Sink, slot: &str) -> Path {
     sink.table_path(&["_slotlake", "snapshot", &format!("{slot}.requests")])
 }
@@ -352,6 +399,10 @@ struct TableLoad {
     next: u64,
     /// Open writers by chunk (only `first`'s when the table commits once).
     writers: BTreeMap<u64, ChangeLogTable>,
+    /// A table resumed from a newer snapshot: its rows' copies at this `_lsn` (see
+    /// [`Restate`]), and their writer.
+    restate: Option<Lsn>,
+    copies: Option<ChangeLogTable>,
     /// Chunks read but not committed.
     read: BTreeSet<u64>,
     rows: u64,
@@ -384,6 +435,31 @@ impl TableLoad {
         self.writers
             .get_mut(&key)
             .context("a chunk writer vanished")
+    }
+
+    /// The writer of the copies of its rows (see [`Restate`]), opened on first use.
+    async fn copies(
+        &mut self,
+        sink: &Sink,
+        app: &str,
+        target_file_size: u64,
+    ) -> anyhow::Result<&mut ChangeLogTable> {
+        if self.copies.is_none() {
+            let schema = changelog_schema(&self.source.specs);
+            let log = ChangeLogTable::open(sink, &self.source.name, app, &schema, target_file_size)
+                .await
+                .and_then(ChangeLogTable::for_bulk_load)
+                .with_context(|| format!("opening the change log of {}", self.source.name))?;
+            self.copies = Some(log);
+        }
+        self.copies.as_mut().context("the copies' writer vanished")
+    }
+
+    /// Whether reading chunk `index` lets the table's last chunk commit.
+    fn completes(&self, index: u64) -> bool {
+        let mut read = self.read.clone();
+        read.insert(index);
+        (self.next..self.end).all(|c| read.contains(&c))
     }
 
     /// Chunk `index` is read: commits what can be committed. True when the table is done.
@@ -529,7 +605,7 @@ pub async fn load(
     opts: &LoadOptions,
     since: Lsn,
     metrics: &crate::metrics::Metrics,
-    record: Option<&mut LoadRecord>,
+    mut record: Option<&mut LoadRecord>,
 ) -> anyhow::Result<LoadSummary> {
     let started = Instant::now();
     let lsn = Lsn(snapshot.point.0.saturating_sub(1));
@@ -554,6 +630,7 @@ pub async fn load(
     let mut summary = LoadSummary::default();
     let mut chunks: VecDeque<Chunk> = VecDeque::new();
     let mut plans = BTreeMap::new();
+    let mut anew = Vec::new();
     let mut summary_pages = 0u64;
     for name in &names {
         let table = crate::source::describe(
@@ -623,6 +700,8 @@ pub async fn load(
                 (plan, plan_lsn, done)
             }
             None => {
+                // Copies a crashed attempt left for this table are older than its new load.
+                anew.push(name.to_string());
                 // Data from before this slot's start (any app id: also another slot's), or
                 // chunks of an interrupted load that cannot go on, is replaced.
                 if committed.is_some() || log.version() > 0 {
@@ -669,6 +748,8 @@ pub async fn load(
             source: table,
             lsn: table_lsn,
             progress: record.is_some().then(|| progress_app(&app, table_lsn)),
+            restate: (record.is_some() && table_lsn != lsn).then_some(lsn),
+            copies: None,
             first,
             end: plan.chunks,
             next: first,
@@ -685,9 +766,12 @@ pub async fn load(
     }
     let _ = sql.simple_query("COMMIT").await;
     sql.close().await;
-    if let Some(record) = record {
+    if let Some(record) = record.as_deref_mut() {
         // Before any chunk commits: a restart finds the plan its chunks were committed by.
         record.plans = plans;
+        for name in &anew {
+            record.restates.remove(name);
+        }
         write_record(sink, &opts.slot, record).await?;
     }
     summary.tables = tables.len();
@@ -743,6 +827,11 @@ pub async fn load(
         match msg? {
             Msg::Rows(t, index, batch) => {
                 let rows = batch.num_rows() as u64;
+                if let Some(at) = tables[t].restate {
+                    let copy = restamped(&batch, at)?;
+                    let copies = tables[t].copies(sink, &app, opts.target_file_size).await?;
+                    copies.write(copy).await?;
+                }
                 tables[t]
                     .writer(index, sink, &app, opts.target_file_size)
                     .await?
@@ -753,11 +842,13 @@ pub async fn load(
                 metrics.snapshot_rows.inc_by(rows);
                 let buffered: usize = tables
                     .iter()
-                    .flat_map(|t| t.writers.values())
+                    .flat_map(|t| t.writers.values().chain(&t.copies))
                     .map(|w| w.buffered_bytes())
                     .sum();
                 if buffered as u64 > opts.memory_budget {
-                    let writers = tables.iter_mut().flat_map(|t| t.writers.values_mut());
+                    let writers = tables
+                        .iter_mut()
+                        .flat_map(|t| t.writers.values_mut().chain(&mut t.copies));
                     if let Some(big) = writers.max_by_key(|w| w.buffered_bytes()) {
                         big.stage().await?;
                     }
@@ -767,6 +858,24 @@ pub async fn load(
             Msg::ChunkDone(t, index, pages) => {
                 progress.chunk_done(pages);
                 let table = &mut tables[t];
+                if let (Some(at), Some(record)) = (table.restate, record.as_deref_mut()) {
+                    if table.completes(index) {
+                        // Recorded before the commit that marks the table loaded: after a
+                        // crash, the copies are known or the table is resumed again.
+                        let adds = match table.copies.as_mut() {
+                            Some(copies) => copies.take_staged().await?,
+                            None => Vec::new(),
+                        };
+                        let restate = Restate {
+                            lsn: at.to_string(),
+                            adds,
+                        };
+                        record
+                            .restates
+                            .insert(table.source.name.to_string(), restate);
+                        write_record(sink, &opts.slot, record).await?;
+                    }
+                }
                 if table
                     .chunk_read(index, sink, &app, opts.target_file_size)
                     .await?
@@ -962,6 +1071,24 @@ async fn worker(
     let _ = conn.simple_query("COMMIT").await;
     conn.close().await;
     Ok(())
+}
+
+/// `batch` with every row's `_lsn` set to `lsn`.
+fn restamped(
+    batch: &deltalake::arrow::array::RecordBatch,
+    lsn: Lsn,
+) -> anyhow::Result<deltalake::arrow::array::RecordBatch> {
+    use deltalake::arrow::array::{ArrayRef, Int64Array};
+    let index = batch
+        .schema()
+        .index_of(crate::batch::rows::LSN)
+        .context("a loaded batch without _lsn")?;
+    let mut columns = batch.columns().to_vec();
+    columns[index] = Arc::new(Int64Array::from_value(lsn.0 as i64, batch.num_rows())) as ArrayRef;
+    Ok(deltalake::arrow::array::RecordBatch::try_new(
+        batch.schema(),
+        columns,
+    )?)
 }
 
 /// A temporary slot whose exported snapshot a load can use when the slot's own is gone (a

@@ -386,6 +386,22 @@ async fn a_resumed_load_reads_only_unfinished_chunks_and_the_rows_that_moved() {
         .await;
     db.exec("UPDATE t SET id = id + 10000 WHERE id > 10000")
         .await;
+    // Key reuse, `doc` left out each time: a row of the committed chunk gives up its key, and
+    // a row of an unread chunk takes it. The replayed updates alone would move the wrong
+    // `doc` (or none) around: only the rows as read after the restart can tell.
+    let reused = db
+        .int("SELECT min(id) AS v FROM t WHERE (ctid::text::point)[0] < 8 AND id < 3000")
+        .await;
+    let taker = db
+        .int("SELECT count(*) AS v FROM t WHERE id = 4500 AND (ctid::text::point)[0] >= 8")
+        .await;
+    assert_eq!(taker, 1, "row 4500 is in an unread chunk");
+    let before_reuse = db.wal_insert_lsn().await.to_string();
+    db.exec(&format!(
+        "UPDATE t SET id = 30000 + id, n = 3 WHERE id = {reused};
+         UPDATE t SET id = {reused}, n = 4 WHERE id = 4500;"
+    ))
+    .await;
     db.exec("VACUUM FREEZE t").await;
     let moved = db
         .int("SELECT count(*) AS v FROM t WHERE id > 5000 AND (ctid::text::point)[0] < 8")
@@ -396,8 +412,29 @@ async fn a_resumed_load_reads_only_unfinished_chunks_and_the_rows_that_moved() {
     gate.simple_query("SELECT pg_advisory_unlock(4343)")
         .await
         .unwrap();
+    // The resumed run streams only up to the key-reuse updates, and a compaction runs then:
+    // their replays come in a later compaction step than the load's rows.
+    let stop_at = ["--stop-at", before_reuse.as_str()];
+    let mut first = start_run(
+        &db,
+        "s_chunks",
+        &root,
+        &[&args[..], &stop_at[..]].concat(),
+        &log,
+    )
+    .await;
+    let status = tokio::time::timeout(Duration::from_secs(120), first.wait())
+        .await
+        .expect("the run stops at --stop-at")
+        .unwrap();
+    assert!(
+        status.success(),
+        "{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    let (code, out, err) = run_slotlake(&["compact", "--sink", &root], &[]).await;
+    assert_eq!(code, 0, "{out}\n{err}");
     let run = start_run(&db, "s_chunks", &root, &args, &log).await;
-    wait_for_log(&log, "initial snapshot: done", 120).await;
     let text = std::fs::read_to_string(&log).unwrap();
     let resumed = text
         .lines()
@@ -421,6 +458,11 @@ async fn a_resumed_load_reads_only_unfinished_chunks_and_the_rows_that_moved() {
         "read {rows_read} rows again; {unread} in unread pages, {moved} moved, {total} in all"
     );
     caught_up(&db, "s_chunks", &log).await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("committed the rows a resumed initial load read again"),
+        "{text}"
+    );
     verify_ok(&db, "s_chunks", &root, &["t"]).await;
     stop(run, &log).await;
 }

@@ -399,6 +399,9 @@ struct Step {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Op {
     Upsert,
+    /// A row read from the source (`R`): an upsert, except that a row equal to its key's
+    /// live version adds no version (a resumed load writes rows again, see `snapshot`).
+    Restate,
     Delete,
     Truncate,
 }
@@ -509,7 +512,8 @@ pub(super) fn fold_in_groups(
     for &(_, _, b, row) in &order {
         let (view, i) = (&views[b as usize].1, row as usize);
         let op = match view.ops.value(i) {
-            "I" | "R" | "U" => Op::Upsert,
+            "I" | "U" => Op::Upsert,
+            "R" => Op::Restate,
             "D" => Op::Delete,
             "T" => Op::Truncate,
             other => return Err(FoldError::UnknownOp(other.to_string())),
@@ -760,6 +764,20 @@ impl Folder<'_, '_> {
         (*on_closed)(batch)
     }
 
+    /// Whether every source column of version `v` equals row `row`'s (nulls equal nulls).
+    fn same_values(&self, v: &Version, row: RowRef) -> bool {
+        let sources = self.gather.sources;
+        (0..self.gather.ncols).all(|c| {
+            let (a, b) = (v.value_ref(c as u32), row);
+            let (Some(x), Some(y)) = (sources.get(a.0 as usize), sources.get(b.0 as usize)) else {
+                return false;
+            };
+            let (x, y) = (x.column(c), y.column(c));
+            deltalake::arrow::array::make_comparator(x, y, Default::default())
+                .is_ok_and(|cmp| cmp(a.1 as usize, b.1 as usize).is_eq())
+        })
+    }
+
     /// Folds `steps` (the unit's changes and every truncate, in commit order) into the open
     /// versions `base` of one unit's keys; returns the unit's open versions, sorted by key
     /// hash.
@@ -801,9 +819,16 @@ impl Folder<'_, '_> {
                 })
             };
             match step.op {
-                Op::Upsert => {
+                Op::Upsert | Op::Restate => {
                     let (src, view) = &self.views[step.b as usize];
                     let i = row as usize;
+                    if step.op == Op::Restate
+                        && state
+                            .get(step.key.as_slice())
+                            .is_some_and(|v| !v.deleted && self.same_values(v, (*src, row)))
+                    {
+                        continue;
+                    }
                     let mut carried_from: Option<Version> = None;
                     if step.moved {
                         // The key changed: the old key's row ends here and a tombstone opens.

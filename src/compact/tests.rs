@@ -3,7 +3,7 @@
 //! re-inserts, truncates, an added column), split into any number of compaction runs and
 //! shuffled within a run.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use deltalake::arrow::array::{Array, AsArray, RecordBatch};
 use deltalake::arrow::datatypes::{Int64Type, TimestampMicrosecondType};
@@ -506,6 +506,67 @@ fn a_key_changed_twice_before_a_resumed_load_keeps_the_loaded_toast_value() {
         let (open, _) = compact(&changes, &cuts, false);
         let expected = Table::from([(3, (Some("loaded".to_string()), Some(9), None))]);
         assert_eq!(scd1(&open, &open), expected, "runs cut at {cuts:?}");
+    }
+}
+
+/// A resumed load writes the rows it reads from its newer snapshot a second time, after the
+/// changes the stream replays (see `snapshot`): a copy equal to its key's live version adds
+/// no version, a different one (a replayed update that could not know a TOAST value) ends
+/// that version with the row as read — in one compaction run or split between runs.
+#[test]
+fn a_row_read_again_adds_a_version_only_when_it_differs() {
+    let int = |v: i64| ColumnValue::Value(Value::Int8(v));
+    let text = |v: &str| ColumnValue::Value(Value::Text(v.into()));
+    let change = |op, row, lsn| Change {
+        op,
+        row,
+        old: None,
+        lsn,
+        seq: 0,
+        with_c: false,
+    };
+    let changes = [
+        change("R", vec![int(1), text("same"), int(7)], 99),
+        change("R", vec![int(2), text("kept"), int(1)], 99),
+        change("U", vec![int(2), ColumnValue::UnchangedToast, int(2)], 200),
+        change("R", vec![int(3), text("gone"), int(5)], 99),
+        change("D", vec![int(3), text("gone"), int(5)], 250),
+        change("R", vec![int(1), text("same"), int(7)], 300),
+        change("R", vec![int(2), text("fixed"), int(2)], 300),
+        change("R", vec![int(3), text("back"), int(6)], 300),
+    ];
+    for cuts in [vec![], vec![3], vec![5], vec![6, 7]] {
+        let (open, all) = compact(&changes, &cuts, false);
+        let expected = Table::from([
+            (1, (Some("same".to_string()), Some(7), None)),
+            (2, (Some("fixed".to_string()), Some(2), None)),
+            (3, (Some("back".to_string()), Some(6), None)),
+        ]);
+        assert_eq!(scd1(&open, &open), expected, "runs cut at {cuts:?}");
+        let versions = |key: i64| {
+            (0..all.len())
+                .flat_map(|b| (0..all[b].num_rows()).map(move |i| (b, i)))
+                .filter(|&(b, i)| col_i64(&all[b], "id", i) == Some(key))
+                .map(|(b, i)| {
+                    let from = col_i64(&all[b], VALID_FROM_LSN, i).unwrap_or(-1);
+                    let to = col_i64(&all[b], VALID_TO_LSN, i);
+                    (from, to)
+                })
+                .collect::<BTreeSet<_>>()
+        };
+        // Key 1: one version, from the first read on. Key 2: loaded, updated (its TOAST value
+        // carried), then the differing copy. Key 3: loaded, deleted (a tombstone), read again.
+        assert_eq!(versions(1), BTreeSet::from([(99, None)]), "cut at {cuts:?}");
+        assert_eq!(
+            versions(2),
+            BTreeSet::from([(99, Some(200)), (200, Some(300)), (300, None)]),
+            "cut at {cuts:?}"
+        );
+        assert_eq!(
+            versions(3),
+            BTreeSet::from([(99, Some(250)), (250, Some(300)), (300, None)]),
+            "cut at {cuts:?}"
+        );
     }
 }
 

@@ -438,6 +438,18 @@ impl ChangeLogTable {
         Ok(())
     }
 
+    /// Closes what was written and hands over the files: staged, never committed by this
+    /// writer (a resumed load's copies, which the stream commits later: see `crate::snapshot`).
+    pub async fn take_staged(&mut self) -> Result<Vec<Add>, LakeError> {
+        self.stage().await?;
+        Ok(std::mem::take(&mut self.staged))
+    }
+
+    /// Stages files another writer wrote (see [`Self::take_staged`]) for the next commit.
+    pub fn adopt(&mut self, adds: Vec<Add>) {
+        self.staged.extend(adds);
+    }
+
     /// True when there is something to commit.
     pub fn has_pending(&self) -> bool {
         !self.staged.is_empty() || self.writer.buffered_record_batch_count() > 0
