@@ -1077,9 +1077,11 @@ impl Pipeline {
             // superseded: the table was loaded again since, at a later point (`slotlake
             // snapshot --table` while the stream caught up; only a re-load moves its `txn`
             // version past C2 − 1 before the stream reaches C2).
+            // (A re-load committing between this check and the commit makes the commit fail
+            // as overtaken; the run restarts and checks again.)
             let reloaded = log.committed_lsn().is_some_and(|c| c > r.lsn);
             if done.is_none() && !reloaded {
-                log.adopt(r.adds);
+                log.adopt(r.adds, r.lsn.0 as i64);
                 log.commit_progress(&app, 1, None).await?;
             }
             let name = r.table.to_string();

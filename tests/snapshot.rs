@@ -396,7 +396,11 @@ async fn a_resumed_load_reads_only_unfinished_chunks_and_the_rows_that_moved() {
         .int("SELECT count(*) AS v FROM t WHERE id = 4500 AND (ctid::text::point)[0] >= 8")
         .await;
     assert_eq!(taker, 1, "row 4500 is in an unread chunk");
-    let before_reuse = db.wal_insert_lsn().await.to_string();
+    // The first run stops at the end of a transaction of its own (a logical message) past
+    // this point, before the key reuse, whatever other WAL comes in between.
+    let before_reuse = db.wal_insert_lsn().await;
+    db.exec("SELECT pg_logical_emit_message(true, 'slotlake-test', 'split')")
+        .await;
     db.exec(&format!(
         "UPDATE t SET id = 30000 + id, n = 3 WHERE id = {reused};
          UPDATE t SET id = {reused}, n = 4 WHERE id = 4500;"
@@ -414,7 +418,8 @@ async fn a_resumed_load_reads_only_unfinished_chunks_and_the_rows_that_moved() {
         .unwrap();
     // The resumed run streams only up to the key-reuse updates, and a compaction runs then:
     // their replays come in a later compaction step than the load's rows.
-    let stop_at = ["--stop-at", before_reuse.as_str()];
+    let stop_at = before_reuse.to_string();
+    let stop_at = ["--stop-at", stop_at.as_str()];
     let mut first = start_run(
         &db,
         "s_chunks",
@@ -431,6 +436,15 @@ async fn a_resumed_load_reads_only_unfinished_chunks_and_the_rows_that_moved() {
         status.success(),
         "{}",
         std::fs::read_to_string(&log).unwrap()
+    );
+    // It stopped before the key reuse, and the copies (at C2 − 1) are not committed yet.
+    let table_dir = dir.path().join("lake/changes/public/t");
+    let highest =
+        |versions: &[Vec<(String, i64)>]| versions.iter().flatten().map(|(_, lsn)| *lsn).max();
+    let before = highest(&rows_per_version(&table_dir));
+    assert!(
+        before.is_some_and(|l| l < before_reuse.0 as i64),
+        "the first run committed up to {before:?}, past {before_reuse}"
     );
     let (code, out, err) = run_slotlake(&["compact", "--sink", &root], &[]).await;
     assert_eq!(code, 0, "{out}\n{err}");

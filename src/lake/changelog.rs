@@ -445,9 +445,12 @@ impl ChangeLogTable {
         Ok(std::mem::take(&mut self.staged))
     }
 
-    /// Stages files another writer wrote (see [`Self::take_staged`]) for the next commit.
-    pub fn adopt(&mut self, adds: Vec<Add>) {
+    /// Stages files another writer wrote (see [`Self::take_staged`]), whose rows are at
+    /// `lsn` and above, for the next commit (refused like written rows if another writer of
+    /// the slot committed past `lsn` meanwhile: [`LakeError::Overtaken`]).
+    pub fn adopt(&mut self, adds: Vec<Add>, lsn: i64) {
         self.staged.extend(adds);
+        self.lowest_lsn = self.lowest_lsn.into_iter().chain([lsn]).min();
     }
 
     /// True when there is something to commit.
