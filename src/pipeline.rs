@@ -172,6 +172,12 @@ pub enum RunError {
 }
 
 impl RunError {
+    fn load_record(e: anyhow::Error) -> RunError {
+        RunError::LoadRecord {
+            message: format!("{e:#}"),
+        }
+    }
+
     /// Transient failures go away by themselves — the connection to Postgres lost, the server
     /// restarting or failing over, the sink unavailable for longer than one attempt retries —
     /// and the run resumes from the slot's confirmed position. Everything else (slot or
@@ -456,9 +462,7 @@ struct PendingRestate {
 async fn pending_restates(sink: &Sink, slot: &str) -> Result<Vec<PendingRestate>, RunError> {
     let record = crate::snapshot::read_record(sink, slot)
         .await
-        .map_err(|e| RunError::LoadRecord {
-            message: format!("{e:#}"),
-        })?;
+        .map_err(RunError::load_record)?;
     let mut pending = Vec::new();
     for (name, r) in record.map(|r| r.restates).unwrap_or_default() {
         let bad = |what: String| RunError::LoadRecord {
@@ -1089,9 +1093,7 @@ impl Pipeline {
                 record.restates.remove(&name);
             })
             .await
-            .map_err(|e| RunError::LoadRecord {
-                message: format!("{e:#}"),
-            })?;
+            .map_err(RunError::load_record)?;
             tracing::info!(table = %r.table, lsn = %r.lsn, "committed the rows a resumed initial load read again, after the changes before them");
         }
         self.send_status(stream).await

@@ -425,11 +425,7 @@ impl TableLoad {
             self.first
         };
         if !self.writers.contains_key(&key) {
-            let schema = changelog_schema(&self.source.specs);
-            let log = ChangeLogTable::open(sink, &self.source.name, app, &schema, target_file_size)
-                .await
-                .and_then(ChangeLogTable::for_bulk_load)
-                .with_context(|| format!("opening the change log of {}", self.source.name))?;
+            let log = bulk_writer(&self.source, sink, app, target_file_size).await?;
             self.writers.insert(key, log);
         }
         self.writers
@@ -445,21 +441,14 @@ impl TableLoad {
         target_file_size: u64,
     ) -> anyhow::Result<&mut ChangeLogTable> {
         if self.copies.is_none() {
-            let schema = changelog_schema(&self.source.specs);
-            let log = ChangeLogTable::open(sink, &self.source.name, app, &schema, target_file_size)
-                .await
-                .and_then(ChangeLogTable::for_bulk_load)
-                .with_context(|| format!("opening the change log of {}", self.source.name))?;
-            self.copies = Some(log);
+            self.copies = Some(bulk_writer(&self.source, sink, app, target_file_size).await?);
         }
         self.copies.as_mut().context("the copies' writer vanished")
     }
 
     /// Whether reading chunk `index` lets the table's last chunk commit.
     fn completes(&self, index: u64) -> bool {
-        let mut read = self.read.clone();
-        read.insert(index);
-        (self.next..self.end).all(|c| read.contains(&c))
+        (self.next..self.end).all(|c| c == index || self.read.contains(&c))
     }
 
     /// Chunk `index` is read: commits what can be committed. True when the table is done.
@@ -1071,6 +1060,20 @@ async fn worker(
     let _ = conn.simple_query("COMMIT").await;
     conn.close().await;
     Ok(())
+}
+
+/// A writer of `table`'s change log for loaded rows.
+async fn bulk_writer(
+    table: &SourceTable,
+    sink: &Sink,
+    app: &str,
+    target_file_size: u64,
+) -> anyhow::Result<ChangeLogTable> {
+    let schema = changelog_schema(&table.specs);
+    ChangeLogTable::open(sink, &table.name, app, &schema, target_file_size)
+        .await
+        .and_then(ChangeLogTable::for_bulk_load)
+        .with_context(|| format!("opening the change log of {}", table.name))
 }
 
 /// `batch` with every row's `_lsn` set to `lsn`.
