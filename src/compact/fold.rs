@@ -19,13 +19,17 @@
 //! NULL) AND NOT _deleted`, and the current table is the open versions that are not tombstones.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering::Relaxed};
 use std::sync::Arc;
 
+use deltalake::arrow::array::BooleanBufferBuilder;
 use deltalake::arrow::array::{
     Array, ArrayRef, AsArray, BooleanArray, Int64Array, RecordBatch, TimestampMicrosecondArray,
 };
-use deltalake::arrow::compute::interleave;
-use deltalake::arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef, TimeUnit};
+use deltalake::arrow::compute::{interleave, nullif, FilterBuilder};
+use deltalake::arrow::datatypes::{
+    DataType, Field, Int64Type, Schema, SchemaRef, TimeUnit, TimestampMicrosecondType,
+};
 use deltalake::arrow::error::ArrowError;
 use deltalake::arrow::row::{RowConverter, Rows, SortField};
 
@@ -303,6 +307,10 @@ struct Version {
     from_lsn: i64,
     from_ts: i64,
     deleted: bool,
+    /// The version is its source row as it stands: an open version read back, the row of an
+    /// insert or update (no overrides), or the tombstone of a delete (its row has the key).
+    /// Closing it only marks the row (see [`Closings`]); other versions are gathered.
+    own: bool,
 }
 
 impl Version {
@@ -313,6 +321,7 @@ impl Version {
             from_lsn: lsn,
             from_ts: ts,
             deleted: true,
+            own: false,
             ..self.clone()
         };
         std::mem::replace(self, tomb)
@@ -338,8 +347,12 @@ pub struct FoldOutput {
     pub open: RecordBatch,
     /// The key hash of each row of `open`.
     pub open_hashes: Vec<u64>,
-    /// Versions closed by this fold (handed to `on_closed` in chunks as they were produced).
+    /// Versions closed by this fold: those handed to `on_closed` in chunks as they were
+    /// produced, and those of `closed_parts`.
     pub closed_rows: usize,
+    /// The closed versions that are rows of the fold's input as they stand, by input batch:
+    /// [`ClosedPart::build`] makes their history rows (a filter, not a gather).
+    pub closed_parts: Vec<ClosedPart>,
     /// Changes applied.
     pub changes: usize,
 }
@@ -590,11 +603,13 @@ pub(super) fn fold_in_groups(
         null_src: index(sources.len())?,
         ncols,
     };
+    let closings = Closings::new(&sources);
     let folder = Folder {
         bases: &bases,
         views: &views,
         gather: &gather,
         col_index: &col_index,
+        closings: &closings,
         on_closed: std::sync::Mutex::new(on_closed),
     };
     let work = |unit: &[usize], scratch: &mut Scratch, closed: &mut ClosedChunk| {
@@ -664,6 +679,14 @@ pub(super) fn fold_in_groups(
         }
     }
 
+    let shape = Arc::new(PartShape {
+        schema: layout.history_schema(),
+        key: layout.key.clone(),
+        ncols,
+    });
+    let closed_parts = closings.parts(&sources, base.len(), &shape, threads)?;
+    closed_rows += closed_parts.iter().map(ClosedPart::rows).sum::<usize>();
+
     // Open versions by key hash (then key bytes, for a deterministic order). Each unit's are
     // sorted and a group is a range of hashes: the output is each group's slice of its unit's
     // versions, in group order, copied a column at a time (each unit's column dropped once
@@ -712,6 +735,7 @@ pub(super) fn fold_in_groups(
         open: open_batch,
         open_hashes,
         closed_rows,
+        closed_parts,
         changes: n,
     })
 }
@@ -746,6 +770,7 @@ struct Folder<'a, 'f> {
     views: &'a [(u32, ChangeView<'a>)],
     gather: &'a Gather<'a>,
     col_index: &'a HashMap<&'a str, u32>,
+    closings: &'a Closings,
     on_closed: std::sync::Mutex<&'f mut (dyn FnMut(RecordBatch) -> Result<(), FoldError> + Send)>,
 }
 
@@ -803,6 +828,7 @@ impl Folder<'_, '_> {
                     from_lsn: view.from_lsn.value(i),
                     from_ts: view.from_ts.value(i),
                     deleted: view.deleted.value(i),
+                    own: true,
                 },
             );
         }
@@ -812,11 +838,15 @@ impl Folder<'_, '_> {
             }
             let (l, t, row) = (step.lsn, step.ts, step.row);
             let close = |v: Version, closed: &mut ClosedChunk| {
-                closed.versions.push(Closed {
-                    v,
-                    to_lsn: l,
-                    to_ts: t,
-                })
+                if v.own {
+                    self.closings.close(v.src, l, t);
+                } else {
+                    closed.versions.push(Closed {
+                        v,
+                        to_lsn: l,
+                        to_ts: t,
+                    })
+                }
             };
             match step.op {
                 Op::Upsert | Op::Restate => {
@@ -843,6 +873,7 @@ impl Folder<'_, '_> {
                     let mut overrides = Vec::new();
                     let next = |overrides: Vec<(u32, RowRef)>| Version {
                         src: (*src, row),
+                        own: overrides.is_empty(),
                         overrides: (!overrides.is_empty()).then(|| overrides.into()),
                         from_lsn: l,
                         from_ts: t,
@@ -890,7 +921,17 @@ impl Folder<'_, '_> {
                 Op::Delete => {
                     if let Some(prev) = state.get_mut(step.key.as_slice()) {
                         if !prev.deleted {
-                            let ended = prev.end_with_tombstone(l, t);
+                            // The tombstone is the delete's row: it has the key, and the
+                            // other columns are nulled on output.
+                            let tomb = Version {
+                                src: (self.views[step.b as usize].0, row),
+                                overrides: None,
+                                from_lsn: l,
+                                from_ts: t,
+                                deleted: true,
+                                own: true,
+                            };
+                            let ended = std::mem::replace(prev, tomb);
                             close(ended, closed);
                         }
                     }
@@ -981,6 +1022,150 @@ fn par_map<'a, T: Sync, R: Send>(
             .flat_map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
             .collect()
     })
+}
+
+/// For each row of each source batch (open versions, then changes), where its own version
+/// (see [`Version::own`]) was closed: (`_valid_to_lsn`, `_valid_to`), `i64::MIN` while open.
+/// A row belongs to one unit, so one worker writes it; atomics make that safe to share.
+struct Closings {
+    to: Vec<Vec<(AtomicI64, AtomicI64)>>,
+}
+
+impl Closings {
+    fn new(sources: &[&RecordBatch]) -> Closings {
+        let open = || (AtomicI64::new(i64::MIN), AtomicI64::new(i64::MIN));
+        Closings {
+            to: sources
+                .iter()
+                .map(|b| (0..b.num_rows()).map(|_| open()).collect())
+                .collect(),
+        }
+    }
+
+    fn close(&self, (s, row): RowRef, lsn: i64, ts: i64) {
+        if let Some((l, t)) = self.to.get(s as usize).and_then(|b| b.get(row as usize)) {
+            l.store(lsn, Relaxed);
+            t.store(ts, Relaxed);
+        }
+    }
+
+    /// The closed rows of each source batch that has any (the first `bases` are open
+    /// versions, the others changes).
+    fn parts(
+        &self,
+        sources: &[&RecordBatch],
+        bases: usize,
+        shape: &Arc<PartShape>,
+        threads: usize,
+    ) -> Result<Vec<ClosedPart>, FoldError> {
+        let numbered: Vec<(usize, &Vec<(AtomicI64, AtomicI64)>)> =
+            self.to.iter().enumerate().collect();
+        let parts = par_map(&numbered, threads, |&(s, to)| {
+            let mut mask = BooleanBufferBuilder::new(to.len());
+            let (mut to_lsn, mut to_ts) = (Vec::new(), Vec::new());
+            for (l, t) in to {
+                let l = l.load(Relaxed);
+                mask.append(l != i64::MIN);
+                if l != i64::MIN {
+                    to_lsn.push(l);
+                    to_ts.push(t.load(Relaxed));
+                }
+            }
+            (!to_lsn.is_empty()).then(|| ClosedPart {
+                batch: sources[s].clone(),
+                change: s >= bases,
+                mask: BooleanArray::new(mask.finish(), None),
+                to_lsn,
+                to_ts,
+                shape: shape.clone(),
+            })
+        });
+        Ok(parts.into_iter().flatten().collect())
+    }
+}
+
+/// What building a [`ClosedPart`] needs of the table.
+pub struct PartShape {
+    schema: SchemaRef,
+    key: Vec<usize>,
+    ncols: usize,
+}
+
+/// Rows of one input batch of a fold whose own versions it closed, and where.
+pub struct ClosedPart {
+    batch: RecordBatch,
+    /// A change batch (else open versions, in the history schema).
+    change: bool,
+    mask: BooleanArray,
+    to_lsn: Vec<i64>,
+    to_ts: Vec<i64>,
+    shape: Arc<PartShape>,
+}
+
+impl ClosedPart {
+    pub fn rows(&self) -> usize {
+        self.to_lsn.len()
+    }
+
+    /// The history rows of the closed versions.
+    pub fn build(self) -> Result<RecordBatch, FoldError> {
+        let filter = FilterBuilder::new(&self.mask).optimize().build();
+        let ts = |a: &TimestampMicrosecondArray| -> Result<ArrayRef, FoldError> {
+            let kept = filter.filter(a)?;
+            Ok(Arc::new(
+                kept.as_primitive::<TimestampMicrosecondType>()
+                    .clone()
+                    .with_timezone(UTC),
+            ))
+        };
+        let (from_lsn, from_ts, deleted) = if self.change {
+            let ops = filter.filter(
+                self.batch
+                    .column_by_name(OP)
+                    .ok_or_else(|| FoldError::MissingColumn(OP.into()))?,
+            )?;
+            let ops = ops
+                .as_string_opt::<i32>()
+                .ok_or_else(|| FoldError::MissingColumn(OP.into()))?;
+            let deleted: BooleanArray = ops.iter().map(|o| Some(o == Some("D"))).collect();
+            (
+                filter.filter(int64(&self.batch, LSN)?)?,
+                ts(timestamps(&self.batch, COMMIT_TS)?)?,
+                deleted,
+            )
+        } else {
+            (
+                filter.filter(int64(&self.batch, VALID_FROM_LSN)?)?,
+                ts(timestamps(&self.batch, VALID_FROM)?)?,
+                filter
+                    .filter(bools(&self.batch, DELETED)?)?
+                    .as_boolean()
+                    .clone(),
+            )
+        };
+        // A delete's row may carry every column (REPLICA IDENTITY FULL); its tombstone keeps
+        // only the key.
+        let null_out = self.change && deleted.true_count() > 0;
+        let mut cols: Vec<ArrayRef> = Vec::with_capacity(self.shape.schema.fields().len());
+        for c in 0..self.shape.ncols {
+            let kept = filter.filter(self.batch.column(c))?;
+            cols.push(if null_out && !self.shape.key.contains(&c) {
+                nullif(&kept, &deleted)?
+            } else {
+                kept
+            });
+        }
+        let n = self.to_lsn.len();
+        cols.push(from_lsn);
+        cols.push(Arc::new(Int64Array::from(self.to_lsn)));
+        cols.push(from_ts);
+        cols.push(Arc::new(
+            TimestampMicrosecondArray::from(self.to_ts).with_timezone(UTC),
+        ));
+        cols.push(Arc::new(BooleanArray::from(vec![false; n])));
+        cols.push(Arc::new(deleted));
+        Ok(RecordBatch::try_new(self.shape.schema.clone(), cols)?)
+    }
 }
 
 struct Gather<'a> {

@@ -55,6 +55,7 @@ use deltalake::kernel::{
 use deltalake::logstore::{CommitOrBytes, LogStoreRef};
 use deltalake::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use deltalake::parquet::arrow::async_writer::AsyncArrowWriter;
+use deltalake::parquet::arrow::ProjectionMask;
 use deltalake::protocol::{DeltaOperation, SaveMode};
 use deltalake::DeltaTable;
 use futures::StreamExt as _;
@@ -1480,6 +1481,18 @@ async fn step(
             Err(e) => return Err(ctx.fail("fold")(e)),
         };
         drop(base);
+        // Built and encoded by the writer while the bucket is written.
+        let mut out = out;
+        if closed_writer
+            .send_parts(std::mem::take(&mut out.closed_parts))
+            .is_err()
+        {
+            let e = closed_writer
+                .finish()
+                .err()
+                .unwrap_or(ClosedWriteError::Stopped);
+            return Err(ctx.fail("write closed versions")(e));
+        }
         fold_time += fold_started.elapsed();
         let write_started = std::time::Instant::now();
         report.closed += out.closed_rows as u64;
@@ -1910,7 +1923,7 @@ fn writer_runtime() -> std::io::Result<&'static tokio::runtime::Runtime> {
 /// thread of its own (with its own runtime), so that encoding them overlaps the fold and the
 /// bucket rewrites on the caller's thread. At most two chunks wait in between.
 struct ClosedWriter {
-    tx: Option<std::sync::mpsc::SyncSender<RecordBatch>>,
+    tx: Option<std::sync::mpsc::SyncSender<ClosedBatches>>,
     thread: Option<std::thread::JoinHandle<Result<Option<Add>, ClosedWriteError>>>,
 }
 
@@ -1922,6 +1935,15 @@ enum ClosedWriteError {
     Stopped,
     #[error("starting the closed-version writer")]
     Io(#[from] std::io::Error),
+    #[error("building closed versions")]
+    Fold(#[from] FoldError),
+}
+
+/// What the closed-version writer is handed: versions the fold gathered, or the rows of its
+/// input it closed (built by the writer).
+enum ClosedBatches {
+    Gathered(RecordBatch),
+    Parts(Vec<fold::ClosedPart>),
 }
 
 impl ClosedWriter {
@@ -1929,26 +1951,36 @@ impl ClosedWriter {
         store: Arc<dyn ObjectStore>,
         schema: SchemaRef,
     ) -> Result<ClosedWriter, ClosedWriteError> {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<RecordBatch>(2);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<ClosedBatches>(2);
         let thread = std::thread::Builder::new()
             .name("slotlake-closed".into())
             .spawn(move || -> Result<Option<Add>, ClosedWriteError> {
                 let runtime = writer_runtime()?;
                 let mut writer: Option<(String, AsyncArrowWriter<BufWriter>)> = None;
                 let mut rows = 0usize;
-                while let Ok(batch) = rx.recv() {
-                    if writer.is_none() {
-                        let file = format!("closed-{}.parquet", Uuid::new_v4());
-                        let w = AsyncArrowWriter::try_new(
-                            BufWriter::new(store.clone(), Path::from(file.as_str())),
-                            schema.clone(),
-                            Some(writer_properties(&schema)),
-                        )?;
-                        writer = Some((file, w));
-                    }
-                    if let Some((_, w)) = writer.as_mut() {
-                        rows += batch.num_rows();
-                        runtime.block_on(w.write(&batch))?;
+                while let Ok(received) = rx.recv() {
+                    let batches: Box<dyn Iterator<Item = Result<RecordBatch, FoldError>>> =
+                        match received {
+                            ClosedBatches::Gathered(batch) => Box::new(std::iter::once(Ok(batch))),
+                            ClosedBatches::Parts(parts) => {
+                                Box::new(parts.into_iter().map(fold::ClosedPart::build))
+                            }
+                        };
+                    for batch in batches {
+                        let batch = batch?;
+                        if writer.is_none() {
+                            let file = format!("closed-{}.parquet", Uuid::new_v4());
+                            let w = AsyncArrowWriter::try_new(
+                                BufWriter::new(store.clone(), Path::from(file.as_str())),
+                                schema.clone(),
+                                Some(writer_properties(&schema)),
+                            )?;
+                            writer = Some((file, w));
+                        }
+                        if let Some((_, w)) = writer.as_mut() {
+                            rows += batch.num_rows();
+                            runtime.block_on(w.write(&batch))?;
+                        }
                     }
                 }
                 let Some((file, mut w)) = writer else {
@@ -1964,7 +1996,18 @@ impl ClosedWriter {
     }
 
     fn send(&self, batch: RecordBatch) -> Result<(), FoldError> {
-        match self.tx.as_ref().map(|tx| tx.send(batch)) {
+        self.hand(ClosedBatches::Gathered(batch))
+    }
+
+    fn send_parts(&self, parts: Vec<fold::ClosedPart>) -> Result<(), FoldError> {
+        if parts.is_empty() {
+            return Ok(());
+        }
+        self.hand(ClosedBatches::Parts(parts))
+    }
+
+    fn hand(&self, batches: ClosedBatches) -> Result<(), FoldError> {
+        match self.tx.as_ref().map(|tx| tx.send(batches)) {
             Some(Ok(())) => Ok(()),
             // The writer failed; its error comes out of `finish`.
             _ => Err(FoldError::OutputClosed),
@@ -2016,9 +2059,20 @@ pub async fn read_table_file(
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// The record batches of a whole Parquet file, conformed to `schema`.
+/// The record batches of a whole Parquet file, conformed to `schema`; only the columns it
+/// names are decoded (not a change log's `_xid` and `_special`, which compaction does not use).
 fn decode_parquet(bytes: bytes::Bytes, schema: &SchemaRef) -> Result<Vec<RecordBatch>, BoxError> {
-    let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)?
+    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes)?;
+    let wanted = builder
+        .schema()
+        .fields()
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| schema.field_with_name(f.name()).is_ok())
+        .map(|(i, _)| i);
+    let mask = ProjectionMask::roots(builder.parquet_schema(), wanted);
+    let reader = builder
+        .with_projection(mask)
         .with_batch_size(READ_BATCH_ROWS)
         .build()?;
     let mut out = Vec::new();
