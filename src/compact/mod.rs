@@ -881,6 +881,7 @@ pub async fn compact_table(
         tracing::info!(table = %ctx.table, "initial load of the table in progress; its chunks are compacted once it is done");
     }
     let budget = options.memory_budget / 2;
+    let mut carry = Carry::new();
     while next <= latest {
         // Gather the commits of one step; a commit larger than the budget on its own (an
         // initial load, a huge transaction) is taken a few files at a time, in file order,
@@ -922,6 +923,7 @@ pub async fn compact_table(
             end = (v + 1, 0);
             v += 1;
         }
+        let carry_allowed = carry.allowed(end.0 <= latest);
         let stepped = step(
             &ctx,
             &layout,
@@ -934,6 +936,8 @@ pub async fn compact_table(
             &mut history,
             &mut current,
             options,
+            &mut carry,
+            carry_allowed,
         )
         .await?;
         report.steps += 1;
@@ -943,6 +947,12 @@ pub async fn compact_table(
         report.current_bytes_rewritten += stepped.bytes_rewritten;
         report.history_versions_closed += stepped.closed;
         (next, skip) = end;
+    }
+    if !carry.open.is_empty() || carry.closed.is_some() {
+        // The last step always commits.
+        return Err(ctx.fail("compaction steps")(FoldError::Inconsistent(
+            "work carried past the last step",
+        )));
     }
     report.to_version = through(history.txn);
     if let Some(retention) = options.vacuum_retention {
@@ -1249,6 +1259,8 @@ struct StepReport {
     buckets_patched: u64,
     bytes_rewritten: u64,
     closed: u64,
+    /// The step committed (else it carried its work to the next).
+    committed: bool,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1264,6 +1276,8 @@ async fn step(
     history: &mut Target,
     current: &mut Target,
     options: &CompactOptions,
+    carry: &mut Carry,
+    carry_allowed: bool,
 ) -> Result<StepReport, CompactError> {
     let sig = signature_tag(layout);
     let mut bucket_list = buckets(history, current);
@@ -1288,9 +1302,12 @@ async fn step(
     let mut changes: u64 = 0;
     // The open versions a unit of buckets folds onto are read in the background: the next
     // unit's while one folds, and a one-bucket table's while its changes are read.
+    // (Buckets an earlier step carried are in memory: their files were read then.)
+    let carried: std::collections::HashSet<usize> = carry.open.keys().copied().collect();
     let read_bases = |members: &[usize]| -> Vec<_> {
         members
             .iter()
+            .filter(|b| !carried.contains(b))
             .flat_map(|&b| &bucket_list[b].members)
             .map(|m| {
                 spawn_read(
@@ -1394,18 +1411,23 @@ async fn step(
     }
 
     let mut history_adds = Vec::new();
-    let mut history_removes = Vec::new();
     let mut current_adds = Vec::new();
-    let mut current_removes = Vec::new();
     let mut report = StepReport {
         changes,
         buckets_rewritten: 0,
         buckets_patched: 0,
         bytes_rewritten: 0,
         closed: 0,
+        committed: false,
     };
-    let closed_writer = ClosedWriter::start(history.store.clone(), history_schema.clone())
-        .map_err(ctx.fail("start the closed-version writer"))?;
+    let closed_writer = match carry.closed.take() {
+        Some(writer) => writer,
+        None => ClosedWriter::start(history.store.clone(), history_schema.clone())
+            .map_err(ctx.fail("start the closed-version writer"))?,
+    };
+    // The step ends with a commit once a unit is written: when carrying is not allowed, a
+    // unit is patched, or the carried versions would outgrow the memory budget.
+    let mut write = !carry_allowed || rebucket;
     let read_time = started.elapsed();
     let unit_list: Vec<&Vec<usize>> = units.values().collect();
     for (u, members) in unit_list.iter().enumerate() {
@@ -1421,6 +1443,7 @@ async fn step(
         let mut files = Vec::with_capacity(bases.len());
         let pairs = members
             .iter()
+            .filter(|b| !carried.contains(b))
             .flat_map(|&b| bucket_list[b].members.iter().map(move |m| (b, m)));
         for ((b, member), read) in pairs.zip(bases) {
             files.push(BaseFile {
@@ -1440,23 +1463,30 @@ async fn step(
         if members.len() > 1 {
             unit_changes = dedup_changes(unit_changes).map_err(ctx.fail("dedup"))?;
         }
-        let mut patch = if patchable(history, current, &bucket_list, members, rebucket) {
-            patch_plan(layout, &files, &unit_changes).map_err(ctx.fail("key"))?
-        } else {
-            None
-        };
+        let mut patch =
+            if carried.is_empty() && patchable(history, current, &bucket_list, members, rebucket) {
+                patch_plan(layout, &files, &unit_changes).map_err(ctx.fail("key"))?
+            } else {
+                None
+            };
         let base: Vec<RecordBatch> = match &mut patch {
-            Some(plan) => std::mem::take(&mut plan.base),
+            Some(plan) => {
+                write = true;
+                std::mem::take(&mut plan.base)
+            }
             None => {
                 let mut base = Vec::new();
                 for f in &mut files {
                     let batches = std::mem::take(&mut f.batches);
                     base.extend(drop_marked(batches, &f.marked).map_err(ctx.read_failed())?);
                     let (path, entry) = &f.member.open;
-                    history_removes.push(remove_file(path, entry));
+                    carry.history_removes.push(remove_file(path, entry));
                     if let Some((path, entry)) = &f.member.current {
-                        current_removes.push(remove_file(path, entry));
+                        carry.current_removes.push(remove_file(path, entry));
                     }
+                }
+                for b in members.iter() {
+                    base.extend(carry.open.remove(b).map(|c| c.open));
                 }
                 base
             }
@@ -1468,7 +1498,7 @@ async fn step(
             &mut |batch| closed_writer.send(batch),
             options.fold_threads,
         );
-        let out = match folded {
+        let mut out = match folded {
             Ok(out) => out,
             Err(FoldError::OutputClosed) => {
                 // The writer's own error says why.
@@ -1481,8 +1511,7 @@ async fn step(
             Err(e) => return Err(ctx.fail("fold")(e)),
         };
         drop(base);
-        // Built and encoded by the writer while the bucket is written.
-        let mut out = out;
+        // Built and encoded by the writer while the step goes on.
         if closed_writer
             .send_parts(std::mem::take(&mut out.closed_parts))
             .is_err()
@@ -1494,8 +1523,28 @@ async fn step(
             return Err(ctx.fail("write closed versions")(e));
         }
         fold_time += fold_started.elapsed();
-        let write_started = std::time::Instant::now();
         report.closed += out.closed_rows as u64;
+        let rows = out.open.num_rows().max(1) as u64;
+        let bytes = out.open.get_array_memory_size() as u64;
+        if !write && carry.bytes() + bytes <= options.memory_budget / 2 {
+            // Carried, a slice per bucket.
+            for &b in members.iter() {
+                let (lo, hi) = (bucket_list[b].lo, bucket_list[b].hi);
+                let start = out.open_hashes.partition_point(|&h| h < lo);
+                let end = out.open_hashes.partition_point(|&h| h <= hi);
+                carry.open.insert(
+                    b,
+                    Carried {
+                        hashes: out.open_hashes[start..end].to_vec(),
+                        open: out.open.slice(start, end - start),
+                        bytes: bytes * (end - start) as u64 / rows,
+                    },
+                );
+            }
+            continue;
+        }
+        write = true;
+        let write_started = std::time::Instant::now();
         // Output ranges: the unit's buckets (all of the hash space when re-bucketing). A
         // patch adds one file pair per bucket that has new versions; a rewrite splits a bucket
         // grown past the bucket size.
@@ -1507,33 +1556,18 @@ async fn step(
                 .map(|&b| (bucket_list[b].lo, bucket_list[b].hi))
                 .collect()
         };
-        let max_bytes = if patch.is_some() {
-            u64::MAX
-        } else {
-            options.bucket_bytes
-        };
-        let mut pieces = Vec::new();
-        for (lo, hi) in ranges {
-            split(&out, lo, hi, max_bytes, &mut pieces);
-        }
-        // The unit's ranges cover every hash its rows can have; a gap would lose rows.
-        if pieces.iter().map(|p| p.3).sum::<usize>() != out.open.num_rows() {
-            return Err(ctx.fail("bucket ranges")(FoldError::BucketGap));
-        }
-        for (lo, hi, start, len) in pieces {
-            if len == 0 && patch.is_some() {
-                continue;
-            }
-            let open = out.open.slice(start, len);
-            // An empty bucket still owns its range: it keeps a file so the ranges stay whole.
-            let id = Uuid::new_v4().to_string();
-            let rows = fold::current_rows(layout, &open).map_err(ctx.fail("current rows"))?;
-            let (open_add, add) = ctx
-                .write_bucket(
-                    (history, open_name(&sig, lo, hi, &id), &open),
-                    (current, current_name(lo, hi, &id), &rows),
-                )
-                .await?;
+        let written = write_buckets(
+            ctx,
+            layout,
+            &sig,
+            (history, current),
+            &ranges,
+            (&out.open_hashes, &out.open),
+            patch.is_some(),
+            options.bucket_bytes,
+        )
+        .await?;
+        for (lo, open_add, add) in written {
             history_adds.push(open_add);
             if patch.is_some() {
                 patched.insert(lo);
@@ -1561,14 +1595,14 @@ async fn step(
                 all.extend(hits.iter());
                 let (current_hits, live) =
                     current_marks(&f.batches, &hits).map_err(ctx.fail("patch"))?;
-                history_removes.push(remove_file(path, entry));
+                carry.history_removes.push(remove_file(path, entry));
                 history_adds.push(add_with_dv(path, entry, rows, dv::encode(&all)));
                 // (Newly hit rows were not marked before: the current file's vector changes
                 // exactly when some of them are live.)
                 if !current_hits.is_empty() {
                     let mut current_all = marked(ctx, centry)?;
                     current_all.extend(current_hits.iter());
-                    current_removes.push(remove_file(cpath, centry));
+                    carry.current_removes.push(remove_file(cpath, centry));
                     current_adds.push(add_with_dv(cpath, centry, live, dv::encode(&current_all)));
                 }
             }
@@ -1576,6 +1610,44 @@ async fn step(
         }
         write_time += write_started.elapsed();
     }
+    if !write {
+        // Nothing is committed: the next step folds onto the carried versions.
+        carry.closed = Some(closed_writer);
+        carry.steps += 1;
+        tracing::debug!(
+            table = %ctx.table,
+            changes,
+            read_ms = read_time.as_millis() as u64,
+            base_and_fold_ms = fold_time.as_millis() as u64,
+            carried_bytes = carry.bytes(),
+            total_ms = started.elapsed().as_millis() as u64,
+            "compaction step (carried)"
+        );
+        return Ok(report);
+    }
+    // Buckets carried from earlier steps that this step did not touch.
+    let write_started = std::time::Instant::now();
+    for (b, c) in std::mem::take(&mut carry.open) {
+        let range = [(bucket_list[b].lo, bucket_list[b].hi)];
+        let written = write_buckets(
+            ctx,
+            layout,
+            &sig,
+            (history, current),
+            &range,
+            (&c.hashes, &c.open),
+            false,
+            options.bucket_bytes,
+        )
+        .await?;
+        for (_, open_add, add) in written {
+            history_adds.push(open_add);
+            report.buckets_rewritten += 1;
+            report.bytes_rewritten += add.size.max(0) as u64;
+            current_adds.push(add);
+        }
+    }
+    write_time += write_started.elapsed();
     let closed_started = std::time::Instant::now();
     if let Some(add) = closed_writer
         .finish()
@@ -1584,10 +1656,15 @@ async fn step(
         history_adds.push(add);
     }
     let closed_wait = closed_started.elapsed();
+    let history_removes = std::mem::take(&mut carry.history_removes);
+    let current_removes = std::mem::take(&mut carry.current_removes);
     ctx.commit(history, history_schema, history_adds, history_removes, txn)
         .await?;
     ctx.commit(current, current_schema, current_adds, current_removes, txn)
         .await?;
+    carry.steps = 0;
+    carry.since = std::time::Instant::now();
+    report.committed = true;
     tracing::debug!(
         table = %ctx.table,
         changes,
@@ -1599,6 +1676,100 @@ async fn step(
         "compaction step"
     );
     Ok(report)
+}
+
+/// Writes open versions (sorted by key hash) as bucket file pairs: one per range of `ranges`
+/// (which must cover every row's hash), a range split while its rows are over `max_bytes`;
+/// with `patch`, ranges without rows get no files. Returns (range start, open-history add,
+/// current add) per pair.
+#[allow(clippy::too_many_arguments)]
+async fn write_buckets(
+    ctx: &Ctx<'_>,
+    layout: &Layout,
+    sig: &str,
+    (history, current): (&Target, &Target),
+    ranges: &[(u64, u64)],
+    (hashes, open): (&[u64], &RecordBatch),
+    patch: bool,
+    bucket_bytes: u64,
+) -> Result<Vec<(u64, Add, Add)>, CompactError> {
+    let max_bytes = if patch { u64::MAX } else { bucket_bytes };
+    let mut pieces = Vec::new();
+    for &(lo, hi) in ranges {
+        split((hashes, open), lo, hi, max_bytes, &mut pieces);
+    }
+    // The ranges cover every hash the rows can have; a gap would lose rows.
+    if pieces.iter().map(|p| p.3).sum::<usize>() != open.num_rows() {
+        return Err(ctx.fail("bucket ranges")(FoldError::BucketGap));
+    }
+    let mut written = Vec::with_capacity(pieces.len());
+    for (lo, hi, start, len) in pieces {
+        if len == 0 && patch {
+            continue;
+        }
+        let piece = open.slice(start, len);
+        // An empty bucket still owns its range: it keeps a file so the ranges stay whole.
+        let id = Uuid::new_v4().to_string();
+        let rows = fold::current_rows(layout, &piece).map_err(ctx.fail("current rows"))?;
+        let (open_add, add) = ctx
+            .write_bucket(
+                (history, open_name(sig, lo, hi, &id), &piece),
+                (current, current_name(lo, hi, &id), &rows),
+            )
+            .await?;
+        written.push((lo, open_add, add));
+    }
+    Ok(written)
+}
+
+/// Most steps one compaction run folds without committing (see [`Carry`]).
+const MAX_CARRIED_STEPS: usize = 16;
+/// Longest a run folds without committing.
+const MAX_CARRY_AGE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// What a step leaves to the next instead of committing: the open versions of the buckets it
+/// folded, the files they replace, and the writer of the versions it closed. A run of steps
+/// over a backlog then reads and writes each bucket once instead of once per step; it
+/// commits when the versions would outgrow half the memory budget, every
+/// [`MAX_CARRIED_STEPS`] steps or [`MAX_CARRY_AGE`], and at its end. A crash in between
+/// loses only work the next run redoes the same way.
+struct Carry {
+    open: BTreeMap<usize, Carried>,
+    history_removes: Vec<Remove>,
+    current_removes: Vec<Remove>,
+    closed: Option<ClosedWriter>,
+    steps: usize,
+    since: std::time::Instant,
+}
+
+/// A bucket's open versions, carried.
+struct Carried {
+    hashes: Vec<u64>,
+    open: RecordBatch,
+    /// Its share of the memory of the fold output it is a slice of.
+    bytes: u64,
+}
+
+impl Carry {
+    fn new() -> Carry {
+        Carry {
+            open: BTreeMap::new(),
+            history_removes: Vec::new(),
+            current_removes: Vec::new(),
+            closed: None,
+            steps: 0,
+            since: std::time::Instant::now(),
+        }
+    }
+
+    fn bytes(&self) -> u64 {
+        self.open.values().map(|c| c.bytes).sum()
+    }
+
+    /// Whether the next step may end without a commit.
+    fn allowed(&self, more: bool) -> bool {
+        more && self.steps + 1 < MAX_CARRIED_STEPS && self.since.elapsed() < MAX_CARRY_AGE
+    }
 }
 
 /// Files a bucket may have before a step rewrites it into one (deletion vectors).
@@ -1710,27 +1881,27 @@ fn patch_plan(
     Ok(Some(PatchPlan { base, hits }))
 }
 
-/// Rows of `out.open` in [lo, hi] as (lo, hi, start, len) pieces, halving the range while a
+/// Rows of `open` (sorted by key hash, `hashes`) in [lo, hi] as (lo, hi, start, len) pieces, halving the range while a
 /// piece is over `max_bytes`.
 fn split(
-    out: &fold::FoldOutput,
+    (hashes, open): (&[u64], &RecordBatch),
     lo: u64,
     hi: u64,
     max_bytes: u64,
     pieces: &mut Vec<(u64, u64, usize, usize)>,
 ) {
-    let start = out.open_hashes.partition_point(|&h| h < lo);
-    let end = out.open_hashes.partition_point(|&h| h <= hi);
+    let start = hashes.partition_point(|&h| h < lo);
+    let end = hashes.partition_point(|&h| h <= hi);
     let len = end - start;
-    let bytes = if out.open.num_rows() == 0 {
+    let bytes = if open.num_rows() == 0 {
         0
     } else {
-        out.open.get_array_memory_size() as u64 * len as u64 / out.open.num_rows() as u64
+        open.get_array_memory_size() as u64 * len as u64 / open.num_rows() as u64
     };
     if bytes > max_bytes && hi > lo && len > 1 {
         let mid = lo + (hi - lo) / 2;
-        split(out, lo, mid, max_bytes, pieces);
-        split(out, mid + 1, hi, max_bytes, pieces);
+        split((hashes, open), lo, mid, max_bytes, pieces);
+        split((hashes, open), mid + 1, hi, max_bytes, pieces);
     } else {
         pieces.push((lo, hi, start, len));
     }
@@ -1919,9 +2090,11 @@ fn writer_runtime() -> std::io::Result<&'static tokio::runtime::Runtime> {
     Ok(RUNTIME.get_or_init(|| rt))
 }
 
-/// Writes the versions a step closes to one `closed-<id>.parquet` of the history table, in a
-/// thread of its own (with its own runtime), so that encoding them overlaps the fold and the
-/// bucket rewrites on the caller's thread. At most two chunks wait in between.
+/// Writes the versions the steps up to a commit close to one `closed-<id>.parquet` of the
+/// history table, in a thread of its own (with its own runtime), so that encoding them overlaps
+/// the fold, the bucket rewrites and the next step on the caller's thread. A hand-over waits
+/// until the writer is done with the one before: a step's parts hold its change batches, and
+/// at most two steps' are held.
 struct ClosedWriter {
     tx: Option<std::sync::mpsc::SyncSender<ClosedBatches>>,
     thread: Option<std::thread::JoinHandle<Result<Option<Add>, ClosedWriteError>>>,
@@ -1951,7 +2124,7 @@ impl ClosedWriter {
         store: Arc<dyn ObjectStore>,
         schema: SchemaRef,
     ) -> Result<ClosedWriter, ClosedWriteError> {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<ClosedBatches>(2);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<ClosedBatches>(0);
         let thread = std::thread::Builder::new()
             .name("slotlake-closed".into())
             .spawn(move || -> Result<Option<Add>, ClosedWriteError> {
