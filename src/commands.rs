@@ -523,6 +523,7 @@ pub async fn compact(a: crate::cli::CompactArgs) -> Result<()> {
                             "from_version": r.from_version,
                             "to_version": r.to_version,
                             "steps": r.steps,
+                            "commits": r.commits,
                             "changes": r.changes,
                             "buckets_rewritten": r.buckets_rewritten,
                             "buckets_patched": r.buckets_patched,
@@ -538,9 +539,10 @@ pub async fn compact(a: crate::cli::CompactArgs) -> Result<()> {
                         })
                     ),
                     crate::cli::OutputFormat::Table => println!(
-                        "{name}: {} changes in {} steps, {}/{} buckets rewritten, {} patched ({} of {} bytes written), change log through version {}; change-log files: {} merged into {}, {} expired; {} files vacuumed{}",
+                        "{name}: {} changes in {} steps ({} commits), {}/{} buckets rewritten, {} patched ({} of {} bytes written), change log through version {}; change-log files: {} merged into {}, {} expired; {} files vacuumed{}",
                         r.changes,
                         r.steps,
+                        r.commits,
                         r.buckets_rewritten,
                         r.buckets_total,
                         r.buckets_patched,

@@ -430,12 +430,30 @@ async fn kill_nine_during_compaction(dv: bool) {
     }
     let started = std::time::Instant::now();
     let (code, out, err) = run_slotlake(
-        &[&["compact", "--sink", &reference_root][..], &tuning].concat(),
+        &[
+            &["compact", "--sink", &reference_root, "--format", "json"][..],
+            &tuning,
+        ]
+        .concat(),
         &[],
     )
     .await;
     assert_eq!(code, 0, "{out}\n{err}");
     let clean = started.elapsed();
+    // Some steps carry their work to the next, so kills land inside such runs of steps too.
+    let (steps, commits) = out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .fold((0, 0), |(s, c), r| {
+            (
+                s + r["steps"].as_u64().unwrap_or(0),
+                c + r["commits"].as_u64().unwrap_or(0),
+            )
+        });
+    assert!(
+        commits > 1 && commits < steps,
+        "{commits} commits of {steps} steps: {out}"
+    );
 
     let mut interrupted = 0;
     let mut attempts = 0;

@@ -977,15 +977,22 @@ impl<'a> ChangeView<'a> {
     ) -> Result<ChangeView<'a>, FoldError> {
         let old_cols = layout.key_columns(batch, KeyNames::Old)?;
         let keys = converter.convert_columns(&layout.key_columns(batch, KeyNames::Row)?)?;
+        let has_old: Vec<bool> = (0..batch.num_rows())
+            .map(|i| old_cols.iter().any(|c| c.is_valid(i)))
+            .collect();
+        // Old keys are read only where there is one; most batches have none.
+        let old_keys = if has_old.contains(&true) {
+            converter.convert_columns(&old_cols)?
+        } else {
+            converter.empty_rows(0, 0)
+        };
         Ok(ChangeView {
             hashes: (0..keys.num_rows())
                 .map(|r| key_hash(keys.row(r).as_ref()))
                 .collect(),
             keys,
-            old_keys: converter.convert_columns(&old_cols)?,
-            has_old: (0..batch.num_rows())
-                .map(|i| old_cols.iter().any(|c| c.is_valid(i)))
-                .collect(),
+            old_keys,
+            has_old,
             ops: batch
                 .column_by_name(OP)
                 .and_then(|c| c.as_string_opt::<i32>())
@@ -1060,27 +1067,53 @@ impl Closings {
     ) -> Result<Vec<ClosedPart>, FoldError> {
         let numbered: Vec<(usize, &Vec<(AtomicI64, AtomicI64)>)> =
             self.to.iter().enumerate().collect();
-        let parts = par_map(&numbered, threads, |&(s, to)| {
-            let mut mask = BooleanBufferBuilder::new(to.len());
-            let (mut to_lsn, mut to_ts) = (Vec::new(), Vec::new());
-            for (l, t) in to {
-                let l = l.load(Relaxed);
-                mask.append(l != i64::MIN);
-                if l != i64::MIN {
-                    to_lsn.push(l);
-                    to_ts.push(t.load(Relaxed));
+        let parts = par_map(
+            &numbered,
+            threads,
+            |&(s, to)| -> Result<Option<ClosedPart>, FoldError> {
+                let mut mask = BooleanBufferBuilder::new(to.len());
+                let (mut to_lsn, mut to_ts) = (Vec::new(), Vec::new());
+                for (l, t) in to {
+                    let l = l.load(Relaxed);
+                    mask.append(l != i64::MIN);
+                    if l != i64::MIN {
+                        to_lsn.push(l);
+                        to_ts.push(t.load(Relaxed));
+                    }
                 }
-            }
-            (!to_lsn.is_empty()).then(|| ClosedPart {
-                batch: sources[s].clone(),
-                change: s >= bases,
-                mask: BooleanArray::new(mask.finish(), None),
-                to_lsn,
-                to_ts,
-                shape: shape.clone(),
-            })
-        });
-        Ok(parts.into_iter().flatten().collect())
+                if to_lsn.is_empty() {
+                    return Ok(None);
+                }
+                let change = s >= bases;
+                let batch = if change {
+                    // Only what `build` reads: the change's other columns are freed with it.
+                    let schema = sources[s].schema();
+                    let indices: Vec<usize> = (0..shape.ncols)
+                        .chain(
+                            [OP, LSN, COMMIT_TS]
+                                .iter()
+                                .filter_map(|n| schema.index_of(n).ok()),
+                        )
+                        .collect();
+                    sources[s].project(&indices)?
+                } else {
+                    sources[s].clone()
+                };
+                Ok(Some(ClosedPart {
+                    batch,
+                    change,
+                    mask: BooleanArray::new(mask.finish(), None),
+                    to_lsn,
+                    to_ts,
+                    shape: shape.clone(),
+                }))
+            },
+        );
+        let mut out = Vec::new();
+        for part in parts {
+            out.extend(part?);
+        }
+        Ok(out)
     }
 }
 

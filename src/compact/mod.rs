@@ -6,7 +6,9 @@
 //! far compaction got: `next << 20 | files` — change-log versions before `next` are compacted,
 //! and the first `files` data files of `next` (a commit too large for one step is compacted a
 //! few files at a time). A run reads only what comes after, in steps that fit the memory
-//! budget; each step commits the history table, then the current table. A crash between the
+//! budget. A step's open versions are carried to the next step in memory while they fit (see
+//! [`Carry`]); a commit writes them and commits the history table, then the current table, at
+//! the end of the run and whenever the carried work reaches its bounds. A crash between the
 //! two is repaired by the next run before anything else: the current table is a pure function
 //! of the history table's open versions (each current file is derived from one open-history
 //! file with the same id, and its deletion vector from that file's), so it is rebuilt from them.
@@ -153,6 +155,8 @@ pub struct TableReport {
     pub from_version: Option<u64>,
     pub to_version: Option<u64>,
     pub steps: u64,
+    /// Steps that committed (the others carried their work to the next).
+    pub commits: u64,
     pub changes: u64,
     /// Current-table buckets rewritten and their bytes, of the table's total after the run
     /// (bytes rewritten include the files of new versions that patched buckets got).
@@ -941,6 +945,7 @@ pub async fn compact_table(
         )
         .await?;
         report.steps += 1;
+        report.commits += u64::from(stepped.committed);
         report.changes += stepped.changes;
         report.buckets_rewritten += stepped.buckets_rewritten;
         report.buckets_patched += stepped.buckets_patched;

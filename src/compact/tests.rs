@@ -943,3 +943,69 @@ async fn deletion_vectors_survive_checkpoints() {
     }
     assert_model(&sink, &snapshots, "past a checkpoint").await;
 }
+
+/// A run over many change-log commits, each a step of its own (a small memory budget), carries
+/// the open versions from step to step and commits only every [`super::MAX_CARRIED_STEPS`]
+/// steps and at its end (24 keys: the open versions stay small); with a budget too small for
+/// them, (nearly) every step commits. Either way the tables are the model's, as of every commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steps_carry_their_open_versions_to_the_next() {
+    use crate::lsn::Lsn;
+    use proptest::strategy::ValueTree;
+
+    let mut runner = proptest::test_runner::TestRunner::deterministic();
+    // Every key first (the open versions are never empty), then random changes.
+    let mut actions: Vec<Action> = (0..24u8)
+        .map(|k| Action::Insert {
+            k,
+            a: Some(k % 5),
+            b: i64::from(k),
+        })
+        .chain([Action::Commit])
+        .collect();
+    actions.extend(
+        proptest::collection::vec(action(), 500..600)
+            .new_tree(&mut runner)
+            .expect("actions")
+            .current()
+            .into_iter()
+            .filter(|a| !matches!(a, Action::AddColumn)),
+    );
+    let (changes, snapshots) = realize(&actions);
+    let txns = transactions(&changes);
+    assert!(txns.len() > 20, "{} transactions", txns.len());
+    for (budget, carried) in [(64 << 10, true), (256, false)] {
+        let dir = tempfile::tempdir().unwrap();
+        let (sink, mut log) = file_lake(dir.path(), &batch(&[], false).schema()).await;
+        for txn in &txns {
+            log.write(batch(txn, false)).await.unwrap();
+            log.commit(Lsn(txn[0].lsn as u64)).await.unwrap();
+        }
+        let options = super::CompactOptions {
+            memory_budget: budget,
+            ..test_options(1 << 10, false)
+        };
+        let r = super::compact_table(&sink, &table_t(), &options)
+            .await
+            .expect("compact");
+        assert!(
+            r.steps > super::MAX_CARRIED_STEPS as u64,
+            "{} steps",
+            r.steps
+        );
+        if carried {
+            let commits = r.steps.div_ceil(super::MAX_CARRIED_STEPS as u64);
+            assert_eq!(r.commits, commits, "budget {budget}: {} steps", r.steps);
+        } else {
+            // (A step whose output is empty buckets only still fits.)
+            assert!(
+                r.commits * 10 >= r.steps * 9,
+                "budget {budget}: {} commits of {} steps",
+                r.commits,
+                r.steps
+            );
+        }
+        assert!(r.buckets_total > 1, "{} buckets", r.buckets_total);
+        assert_model(&sink, &snapshots, &format!("budget {budget}")).await;
+    }
+}
