@@ -622,9 +622,10 @@ pub(super) fn fold_in_groups(
         if unit.len() > 1 || !truncates.is_empty() {
             steps.sort_unstable_by_key(|s| s.ord);
         }
-        let open = folder.unit(&base, &steps, scratch, closed)?;
-        let batch = gather.batch(open.iter().map(|o| (&o.2, None)))?;
-        Ok::<UnitOpen, FoldError>((open.iter().map(|o| o.0).collect(), batch))
+        let (open, order) = folder.unit(&base, &steps, scratch, closed)?;
+        let sorted = || order.iter().map(|&(_, i)| &open[i as usize]);
+        let batch = gather.batch(sorted().map(|o| (&o.2, None)))?;
+        Ok::<UnitOpen, FoldError>((sorted().map(|o| o.0).collect(), batch))
     };
     let threads = threads.clamp(1, units.len().max(1));
     let mut opens: Vec<Option<UnitOpen>> = Vec::with_capacity(units.len());
@@ -804,15 +805,15 @@ impl Folder<'_, '_> {
     }
 
     /// Folds `steps` (the unit's changes and every truncate, in commit order) into the open
-    /// versions `base` of one unit's keys; returns the unit's open versions, sorted by key
-    /// hash.
+    /// versions `base` of one unit's keys; returns the unit's open versions and their order by
+    /// key hash (hash, index).
     fn unit(
         &self,
         base: &[&[RowRef]],
         steps: &[&Step],
         scratch: &mut Scratch,
         closed: &mut ClosedChunk,
-    ) -> Result<Vec<Open>, FoldError> {
+    ) -> Result<(Vec<Open>, Vec<(u64, u32)>), FoldError> {
         let state = &mut scratch.state;
         let base_rows: usize = base.iter().map(|g| g.len()).sum();
         state.clear();
@@ -946,12 +947,21 @@ impl Folder<'_, '_> {
                 }
             }
         }
-        let mut open: Vec<Open> = state
+        let open: Vec<Open> = state
             .drain()
             .map(|(k, v)| (key_hash(k.as_slice()), k, v))
             .collect();
-        open.sort_unstable_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
-        Ok(open)
+        // Sorted by (hash, index): moving 16-byte entries instead of whole versions; equal
+        // hashes fall back to the keys.
+        let mut order: Vec<(u64, u32)> = Vec::with_capacity(open.len());
+        for (i, o) in open.iter().enumerate() {
+            order.push((o.0, u32::try_from(i).map_err(|_| FoldError::TooManyRows)?));
+        }
+        order.sort_unstable_by(|a, b| {
+            a.0.cmp(&b.0)
+                .then_with(|| open[a.1 as usize].1.cmp(&open[b.1 as usize].1))
+        });
+        Ok((open, order))
     }
 }
 
