@@ -518,55 +518,99 @@ pub(super) fn fold_in_groups(
     if !order.is_sorted() {
         order.sort_unstable();
     }
-    // Each change's operation and group (truncates: `groups`), and the groups a key move joins.
-    let mut group: Vec<(u16, Op)> = Vec::with_capacity(n);
-    let mut sizes = vec![0usize; groups + 1];
-    let mut parent: Vec<usize> = (0..groups).collect();
-    for &(_, _, b, row) in &order {
-        let (view, i) = (&views[b as usize].1, row as usize);
-        let op = match view.ops.value(i) {
-            "I" | "U" => Op::Upsert,
-            "R" => Op::Restate,
-            "D" => Op::Delete,
-            "T" => Op::Truncate,
-            other => return Err(FoldError::UnknownOp(other.to_string())),
-        };
-        let g = if op == Op::Truncate {
-            groups
-        } else {
-            let g = group_of(view.hashes[i]);
-            if view.has_old[i] {
-                let old = group_of(key_hash(view.old_keys.row(i).as_ref()));
-                if old != g {
-                    let (x, y) = (super::find(&mut parent, old), super::find(&mut parent, g));
-                    parent[x] = y;
-                }
-            }
-            g
-        };
-        sizes[g] += 1;
-        group.push((g as u16, op));
-    }
-    // The steps of each group (truncates: of every group), in commit order.
-    let mut lists: Vec<Vec<Step>> = sizes.iter().map(|&k| Vec::with_capacity(k)).collect();
-    for (ord, (&(lsn, _, b, row), &(g, op))) in order.iter().zip(&group).enumerate() {
-        let (view, i) = (&views[b as usize].1, row as usize);
-        let key = view.keys.row(i);
-        lists[usize::from(g)].push(Step {
-            lsn,
-            ts: view.ts.value(i),
-            key: Key::new(if op == Op::Truncate {
-                &[]
+    // Each change's operation and group (truncates: `groups`), on every thread; then the
+    // groups key moves join.
+    let share = n.div_ceil(threads.max(1)).max(1);
+    let shares: Vec<&[(i64, i64, u32, u32)]> = order.chunks(share).collect();
+    type Classified = (Vec<(u16, Op)>, Vec<(usize, usize)>);
+    let classified = par_map(&shares, threads, |part| -> Result<Classified, FoldError> {
+        let mut group = Vec::with_capacity(part.len());
+        let mut moves = Vec::new();
+        for &(_, _, b, row) in *part {
+            let (view, i) = (&views[b as usize].1, row as usize);
+            let op = match view.ops.value(i) {
+                "I" | "U" => Op::Upsert,
+                "R" => Op::Restate,
+                "D" => Op::Delete,
+                "T" => Op::Truncate,
+                other => return Err(FoldError::UnknownOp(other.to_string())),
+            };
+            let g = if op == Op::Truncate {
+                groups
             } else {
-                key.as_ref()
-            }),
-            ord: index(ord)?,
-            b,
-            row,
-            op,
-            moved: view.has_old[i] && view.old_keys.row(i) != key,
-            unchanged: view.unchanged.is_valid(i) && view.unchanged.value_length(i) > 0,
-        });
+                let g = group_of(view.hashes[i]);
+                if view.has_old[i] {
+                    let old = group_of(key_hash(view.old_keys.row(i).as_ref()));
+                    if old != g {
+                        moves.push((old, g));
+                    }
+                }
+                g
+            };
+            group.push((g as u16, op));
+        }
+        Ok((group, moves))
+    });
+    let mut group: Vec<(u16, Op)> = Vec::with_capacity(n);
+    let mut parent: Vec<usize> = (0..groups).collect();
+    for part in classified {
+        let (part, moves) = part?;
+        group.extend(part);
+        for (old, g) in moves {
+            let (x, y) = (super::find(&mut parent, old), super::find(&mut parent, g));
+            parent[x] = y;
+        }
+    }
+    let mut sizes = vec![0usize; groups + 1];
+    for &(g, _) in &group {
+        sizes[usize::from(g)] += 1;
+    }
+    // The steps of each group (truncates: of every group), in commit order: each thread
+    // builds the lists of a range of groups (about as many steps each).
+    let mut ranges: Vec<(usize, usize)> = Vec::with_capacity(threads.max(1));
+    let mut lo = 0;
+    let mut filled = 0;
+    for (g, &k) in sizes.iter().enumerate() {
+        filled += k;
+        if filled >= share * (ranges.len() + 1) && ranges.len() + 1 < threads.max(1) {
+            ranges.push((lo, g + 1));
+            lo = g + 1;
+        }
+    }
+    ranges.push((lo, sizes.len()));
+    let built = par_map(&ranges, threads, |&(lo, hi)| -> Result<Vec<Vec<Step>>, FoldError> {
+        let mut lists: Vec<Vec<Step>> = sizes[lo..hi]
+            .iter()
+            .map(|&k| Vec::with_capacity(k))
+            .collect();
+        for (ord, (&(lsn, _, b, row), &(g, op))) in order.iter().zip(&group).enumerate() {
+            let g = usize::from(g);
+            if g < lo || g >= hi {
+                continue;
+            }
+            let (view, i) = (&views[b as usize].1, row as usize);
+            let key = view.keys.row(i);
+            lists[g - lo].push(Step {
+                lsn,
+                ts: view.ts.value(i),
+                key: Key::new(if op == Op::Truncate {
+                    &[]
+                } else {
+                    key.as_ref()
+                }),
+                ord: index(ord)?,
+                b,
+                row,
+                op,
+                moved: view.has_old[i] && view.old_keys.row(i) != key,
+                unchanged: view.unchanged.is_valid(i) && view.unchanged.value_length(i) > 0,
+            });
+        }
+        Ok(lists)
+    });
+    let mut lists: Vec<Vec<Step>> = Vec::with_capacity(groups + 1);
+    for part in built {
+        lists.extend(part?);
     }
     drop(order);
     drop(group);
