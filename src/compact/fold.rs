@@ -578,36 +578,40 @@ pub(super) fn fold_in_groups(
         }
     }
     ranges.push((lo, sizes.len()));
-    let built = par_map(&ranges, threads, |&(lo, hi)| -> Result<Vec<Vec<Step>>, FoldError> {
-        let mut lists: Vec<Vec<Step>> = sizes[lo..hi]
-            .iter()
-            .map(|&k| Vec::with_capacity(k))
-            .collect();
-        for (ord, (&(lsn, _, b, row), &(g, op))) in order.iter().zip(&group).enumerate() {
-            let g = usize::from(g);
-            if g < lo || g >= hi {
-                continue;
+    let built = par_map(
+        &ranges,
+        threads,
+        |&(lo, hi)| -> Result<Vec<Vec<Step>>, FoldError> {
+            let mut lists: Vec<Vec<Step>> = sizes[lo..hi]
+                .iter()
+                .map(|&k| Vec::with_capacity(k))
+                .collect();
+            for (ord, (&(lsn, _, b, row), &(g, op))) in order.iter().zip(&group).enumerate() {
+                let g = usize::from(g);
+                if g < lo || g >= hi {
+                    continue;
+                }
+                let (view, i) = (&views[b as usize].1, row as usize);
+                let key = view.keys.row(i);
+                lists[g - lo].push(Step {
+                    lsn,
+                    ts: view.ts.value(i),
+                    key: Key::new(if op == Op::Truncate {
+                        &[]
+                    } else {
+                        key.as_ref()
+                    }),
+                    ord: index(ord)?,
+                    b,
+                    row,
+                    op,
+                    moved: view.has_old[i] && view.old_keys.row(i) != key,
+                    unchanged: view.unchanged.is_valid(i) && view.unchanged.value_length(i) > 0,
+                });
             }
-            let (view, i) = (&views[b as usize].1, row as usize);
-            let key = view.keys.row(i);
-            lists[g - lo].push(Step {
-                lsn,
-                ts: view.ts.value(i),
-                key: Key::new(if op == Op::Truncate {
-                    &[]
-                } else {
-                    key.as_ref()
-                }),
-                ord: index(ord)?,
-                b,
-                row,
-                op,
-                moved: view.has_old[i] && view.old_keys.row(i) != key,
-                unchanged: view.unchanged.is_valid(i) && view.unchanged.value_length(i) > 0,
-            });
-        }
-        Ok(lists)
-    });
+            Ok(lists)
+        },
+    );
     let mut lists: Vec<Vec<Step>> = Vec::with_capacity(groups + 1);
     for part in built {
         lists.extend(part?);
