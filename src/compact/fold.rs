@@ -422,6 +422,9 @@ enum Op {
 /// An open version with its key and the key's hash.
 type Open = (u64, Key, Version);
 
+/// Open versions in key-hash order: (hash, index into the versions).
+type OpenOrder = Vec<(u64, u32)>;
+
 /// A unit's open versions (history schema) and their key hashes, in hash order.
 type UnitOpen = (Vec<u64>, RecordBatch);
 
@@ -861,7 +864,7 @@ impl Folder<'_, '_> {
         steps: &[&Step],
         scratch: &mut Scratch,
         closed: &mut ClosedChunk,
-    ) -> Result<(Vec<Open>, Vec<(u64, u32)>), FoldError> {
+    ) -> Result<(Vec<Open>, OpenOrder), FoldError> {
         let state = &mut scratch.state;
         let base_rows: usize = base.iter().map(|g| g.len()).sum();
         state.clear();
