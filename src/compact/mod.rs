@@ -1532,7 +1532,19 @@ async fn step(
         let rows = out.open.num_rows().max(1) as u64;
         let bytes = out.open.get_array_memory_size() as u64;
         if !write && carry.bytes() + bytes <= options.memory_budget / 2 {
-            // Carried, a slice per bucket.
+            // Carried, a slice per bucket. The unit's ranges cover every hash its rows can
+            // have; a gap would lose rows (as in `write_buckets`).
+            let covered: usize = members
+                .iter()
+                .map(|&b| {
+                    let (lo, hi) = (bucket_list[b].lo, bucket_list[b].hi);
+                    out.open_hashes.partition_point(|&h| h <= hi)
+                        - out.open_hashes.partition_point(|&h| h < lo)
+                })
+                .sum();
+            if covered != out.open.num_rows() {
+                return Err(ctx.fail("bucket ranges")(FoldError::BucketGap));
+            }
             for &b in members.iter() {
                 let (lo, hi) = (bucket_list[b].lo, bucket_list[b].hi);
                 let start = out.open_hashes.partition_point(|&h| h < lo);

@@ -1009,3 +1009,101 @@ async fn steps_carry_their_open_versions_to_the_next() {
         assert_model(&sink, &snapshots, &format!("budget {budget}")).await;
     }
 }
+
+/// A bucket whose file pair left the tables (removed by hand) leaves a gap in the hash ranges.
+/// A step that would carry rows of that range to the next fails, as a written step does,
+/// instead of dropping them (here the last step, which writes, touches no key of the gap).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gap_in_the_buckets_fails_a_carried_step() {
+    use crate::lsn::Lsn;
+
+    // Every key inserted, then updated once a round; the last round only `last` keys.
+    let rounds = |last: &[u8]| {
+        let mut actions: Vec<Action> = Vec::new();
+        for round in 0..5i64 {
+            let keys: Vec<u8> = if round == 4 {
+                last.to_vec()
+            } else {
+                (0..200).collect()
+            };
+            actions.extend(keys.into_iter().map(|k| Action::Insert {
+                k,
+                a: Some(k % 5),
+                b: round,
+            }));
+            actions.push(Action::Commit);
+        }
+        realize(&actions).0
+    };
+    let first: Vec<Change> = transactions(&rounds(&[]))[0].to_vec();
+    let dir = tempfile::tempdir().unwrap();
+    let (sink, mut log) = file_lake(dir.path(), &batch(&[], false).schema()).await;
+    log.write(batch(&first, false)).await.unwrap();
+    log.commit(Lsn(first[0].lsn as u64)).await.unwrap();
+    let r = super::compact_table(&sink, &table_t(), &test_options(2 << 10, false))
+        .await
+        .expect("compact");
+    assert!(r.buckets_total > 2, "{} buckets", r.buckets_total);
+
+    // One bucket's pair leaves both tables.
+    let (mut id, mut range) = (String::new(), (0, 0));
+    for kind in ["history", "current"] {
+        let path = sink.table_path(&[kind, "public", "t"]);
+        let mut table = deltalake::DeltaTable::new(sink.table_store(&path).0);
+        table.load().await.expect("load");
+        let snapshot = table.snapshot().expect("snapshot");
+        let files: Vec<String> = snapshot
+            .log_data()
+            .iter()
+            .map(|f| f.path().to_string())
+            .collect();
+        if kind == "history" {
+            let open = files
+                .iter()
+                .find(|f| f.starts_with("open-"))
+                .expect("an open file");
+            let (_, lo, hi, file_id) = super::parse_open(open).expect("an open file's name");
+            (id, range) = (file_id, (lo, hi));
+        }
+        let file = files.iter().find(|f| f.contains(&id)).expect("the pair");
+        let version = snapshot.version() + 1;
+        let commit = dir
+            .path()
+            .join(format!("{kind}/public/t/_delta_log/{version:020}.json"));
+        let remove = serde_json::json!({"remove": {"path": file, "deletionTimestamp": 0, "dataChange": true}});
+        std::fs::write(commit, format!("{remove}\n")).unwrap();
+    }
+    // The keys outside the gap.
+    let layout = Layout::from_changelog(&batch(&[], false).schema());
+    let keys = layout
+        .key_rows(&batch(&first, false), fold::KeyNames::Row)
+        .expect("keys");
+    let outside: Vec<u8> = (0..200u8)
+        .filter(|&k| {
+            let h = fold::key_hash(keys.row(usize::from(k)).as_ref());
+            h < range.0 || h > range.1
+        })
+        .collect();
+    assert!(
+        outside.len() < 200,
+        "some keys hash into the removed bucket"
+    );
+
+    for txn in &transactions(&rounds(&outside))[1..] {
+        log.write(batch(txn, false)).await.unwrap();
+        log.commit(Lsn(txn[0].lsn as u64)).await.unwrap();
+    }
+    // A step per commit, and room to carry every bucket.
+    let options = super::CompactOptions {
+        memory_budget: 64 << 10,
+        ..test_options(2 << 10, false)
+    };
+    let err = super::compact_table(&sink, &table_t(), &options)
+        .await
+        .expect_err("a gap in the buckets fails the step");
+    assert!(
+        crate::pipeline::error_chain(&err).contains("do not cover every row"),
+        "{}",
+        crate::pipeline::error_chain(&err)
+    );
+}
