@@ -1549,12 +1549,21 @@ async fn step(
                 let (lo, hi) = (bucket_list[b].lo, bucket_list[b].hi);
                 let start = out.open_hashes.partition_point(|&h| h < lo);
                 let end = out.open_hashes.partition_point(|&h| h <= hi);
+                let len = end - start;
+                // A unit of several buckets (joined by a key move) is copied apart: a slice
+                // would keep the whole output alive after its siblings are folded again.
+                let open = if members.len() > 1 {
+                    let rows: Vec<u32> = (0..len as u32).collect();
+                    take_indices(&out.open.slice(start, len), &rows).map_err(ctx.fail("carry"))?
+                } else {
+                    out.open.slice(start, len)
+                };
                 carry.open.insert(
                     b,
                     Carried {
                         hashes: out.open_hashes[start..end].to_vec(),
-                        open: out.open.slice(start, end - start),
-                        bytes: bytes * (end - start) as u64 / rows,
+                        open,
+                        bytes: bytes * len as u64 / rows,
                     },
                 );
             }
