@@ -419,10 +419,10 @@ enum Op {
     Truncate,
 }
 
-/// An open version with its key and the key's hash.
-type Open = (u64, Key, Version);
+/// An open version with its key.
+type Open = (Key, Version);
 
-/// Open versions in key-hash order: (hash, index into the versions).
+/// Open versions in key-hash order: (the key's hash, index into the versions).
 type OpenOrder = Vec<(u64, u32)>;
 
 /// A unit's open versions (history schema) and their key hashes, in hash order.
@@ -674,9 +674,8 @@ pub(super) fn fold_in_groups(
             steps.sort_unstable_by_key(|s| s.ord);
         }
         let (open, order) = folder.unit(&base, &steps, scratch, closed)?;
-        let sorted = || order.iter().map(|&(_, i)| &open[i as usize]);
-        let batch = gather.batch(sorted().map(|o| (&o.2, None)))?;
-        Ok::<UnitOpen, FoldError>((sorted().map(|o| o.0).collect(), batch))
+        let batch = gather.batch(order.iter().map(|&(_, i)| (&open[i as usize].1, None)))?;
+        Ok::<UnitOpen, FoldError>((order.iter().map(|&(h, _)| h).collect(), batch))
     };
     let threads = threads.clamp(1, units.len().max(1));
     let mut opens: Vec<Option<UnitOpen>> = Vec::with_capacity(units.len());
@@ -998,19 +997,17 @@ impl Folder<'_, '_> {
                 }
             }
         }
-        let open: Vec<Open> = state
-            .drain()
-            .map(|(k, v)| (key_hash(k.as_slice()), k, v))
-            .collect();
+        let open: Vec<Open> = state.drain().collect();
         // Sorted by (hash, index): moving 16-byte entries instead of whole versions; equal
         // hashes fall back to the keys.
-        let mut order: Vec<(u64, u32)> = Vec::with_capacity(open.len());
-        for (i, o) in open.iter().enumerate() {
-            order.push((o.0, u32::try_from(i).map_err(|_| FoldError::TooManyRows)?));
+        let mut order: OpenOrder = Vec::with_capacity(open.len());
+        for (i, (k, _)) in open.iter().enumerate() {
+            let i = u32::try_from(i).map_err(|_| FoldError::TooManyRows)?;
+            order.push((key_hash(k.as_slice()), i));
         }
         order.sort_unstable_by(|a, b| {
             a.0.cmp(&b.0)
-                .then_with(|| open[a.1 as usize].1.cmp(&open[b.1 as usize].1))
+                .then_with(|| open[a.1 as usize].0.cmp(&open[b.1 as usize].0))
         });
         Ok((open, order))
     }

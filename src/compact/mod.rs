@@ -1506,12 +1506,7 @@ async fn step(
         let mut out = match folded {
             Ok(out) => out,
             Err(FoldError::OutputClosed) => {
-                // The writer's own error says why.
-                let e = closed_writer
-                    .finish()
-                    .err()
-                    .unwrap_or(ClosedWriteError::Stopped);
-                return Err(ctx.fail("write closed versions")(e));
+                return Err(ctx.fail("write closed versions")(closed_writer.failure()));
             }
             Err(e) => return Err(ctx.fail("fold")(e)),
         };
@@ -1521,11 +1516,7 @@ async fn step(
             .send_parts(std::mem::take(&mut out.closed_parts))
             .is_err()
         {
-            let e = closed_writer
-                .finish()
-                .err()
-                .unwrap_or(ClosedWriteError::Stopped);
-            return Err(ctx.fail("write closed versions")(e));
+            return Err(ctx.fail("write closed versions")(closed_writer.failure()));
         }
         fold_time += fold_started.elapsed();
         report.closed += out.closed_rows as u64;
@@ -1534,22 +1525,22 @@ async fn step(
         if !write && carry.bytes() + bytes <= options.memory_budget / 2 {
             // Carried, a slice per bucket. The unit's ranges cover every hash its rows can
             // have; a gap would lose rows (as in `write_buckets`).
-            let covered: usize = members
+            let slices: Vec<(usize, usize, usize)> = members
                 .iter()
                 .map(|&b| {
                     let (lo, hi) = (bucket_list[b].lo, bucket_list[b].hi);
-                    out.open_hashes.partition_point(|&h| h <= hi)
-                        - out.open_hashes.partition_point(|&h| h < lo)
+                    let start = out.open_hashes.partition_point(|&h| h < lo);
+                    (
+                        b,
+                        start,
+                        out.open_hashes.partition_point(|&h| h <= hi) - start,
+                    )
                 })
-                .sum();
-            if covered != out.open.num_rows() {
+                .collect();
+            if slices.iter().map(|s| s.2).sum::<usize>() != out.open.num_rows() {
                 return Err(ctx.fail("bucket ranges")(FoldError::BucketGap));
             }
-            for &b in members.iter() {
-                let (lo, hi) = (bucket_list[b].lo, bucket_list[b].hi);
-                let start = out.open_hashes.partition_point(|&h| h < lo);
-                let end = out.open_hashes.partition_point(|&h| h <= hi);
-                let len = end - start;
+            for (b, start, len) in slices {
                 // A unit of several buckets (joined by a key move) is copied apart: a slice
                 // would keep the whole output alive after its siblings are folded again.
                 let open = if members.len() > 1 {
@@ -1561,7 +1552,7 @@ async fn step(
                 carry.open.insert(
                     b,
                     Carried {
-                        hashes: out.open_hashes[start..end].to_vec(),
+                        hashes: out.open_hashes[start..start + len].to_vec(),
                         open,
                         bytes: bytes * len as u64 / rows,
                     },
@@ -2211,6 +2202,11 @@ impl ClosedWriter {
             // The writer failed; its error comes out of `finish`.
             _ => Err(FoldError::OutputClosed),
         }
+    }
+
+    /// Why the writer stopped taking batches (its own error says).
+    fn failure(self) -> ClosedWriteError {
+        self.finish().err().unwrap_or(ClosedWriteError::Stopped)
     }
 
     /// Waits for the file; `None` when nothing was closed.
