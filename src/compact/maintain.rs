@@ -208,7 +208,9 @@ pub(super) async fn changelog(
         }
     }
     if let Some(retention) = options.vacuum_retention {
-        done.files_vacuumed = ctx.vacuum(log_store, retention).await?;
+        // Lite mode only: the change log's directory also holds the staged files of source
+        // transactions still open, uncommitted for as long as the transaction runs.
+        done.files_vacuumed = ctx.vacuum(log_store, retention, false).await?;
     }
     Ok(done)
 }

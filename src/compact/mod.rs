@@ -83,6 +83,11 @@ const READ_BATCH_ROWS: usize = 64 * 1024;
 /// Change-log files a step reads ahead of the one it routes (each decoded on its own thread).
 const READ_AHEAD_FILES: usize = 2;
 
+/// The least age of a file that no log entry names before vacuum takes it for an orphan
+/// (left by a crash between writing and committing) and deletes it: far longer than any
+/// compaction step takes from writing its files to committing them.
+const ORPHAN_MIN_AGE: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// Arrow bytes per byte of change-log Parquet, to size steps before reading them (measured on
 /// the bench workload: zstd Parquet of integer and short text columns expands ~4×).
 const PARQUET_EXPANSION: u64 = 4;
@@ -522,12 +527,16 @@ impl Ctx<'_> {
     }
 
     /// Deletes files `target` removed from its log more than `retention` ago (Delta vacuum,
-    /// lite mode: only files named by expired `remove` actions).
+    /// lite mode: only files named by expired `remove` actions); with `orphans`, also the
+    /// files no log entry names that were written more than `retention` ago (full mode: lists
+    /// the table's directory), as a crash between writing files and committing them leaves.
     async fn vacuum(
         &self,
         log_store: &LogStoreRef,
         retention: std::time::Duration,
+        orphans: bool,
     ) -> Result<u64, CompactError> {
+        use deltalake::operations::vacuum::VacuumMode;
         let retention = chrono::Duration::from_std(retention)
             .unwrap_or_else(|_| chrono::Duration::days(36_500));
         let mut table = DeltaTable::new(log_store.clone());
@@ -536,7 +545,11 @@ impl Ctx<'_> {
             .vacuum()
             .with_retention_period(retention)
             .with_enforce_retention_duration(false)
-            .with_mode(deltalake::operations::vacuum::VacuumMode::Lite)
+            .with_mode(if orphans {
+                VacuumMode::Full
+            } else {
+                VacuumMode::Lite
+            })
             // Never let delta-rs drop old log entries: compaction reads change logs by
             // version.
             .with_commit_properties(
@@ -961,9 +974,21 @@ pub async fn compact_table(
     }
     report.to_version = through(history.txn);
     if let Some(retention) = options.vacuum_retention {
+        // A run that committed also sweeps orphans: files a crash left written but never
+        // committed (a carried run's closed versions, a bucket). They must be older than
+        // ORPHAN_MIN_AGE too, so that another compactor's files between its write and its
+        // commit are never taken for orphans, whatever the retention.
+        let sweep = report.commits > 0;
         for target in [&history, &current] {
-            if target.version.is_some() {
-                report.files_vacuumed += ctx.vacuum(&target.log_store, retention).await?;
+            if target.version.is_none() {
+                continue;
+            }
+            if !sweep || retention < ORPHAN_MIN_AGE {
+                report.files_vacuumed += ctx.vacuum(&target.log_store, retention, false).await?;
+            }
+            if sweep {
+                let age = retention.max(ORPHAN_MIN_AGE);
+                report.files_vacuumed += ctx.vacuum(&target.log_store, age, true).await?;
             }
         }
     }

@@ -1107,3 +1107,98 @@ async fn a_gap_in_the_buckets_fails_a_carried_step() {
         crate::pipeline::error_chain(&err)
     );
 }
+
+/// Files that no log entry names (what a crash between writing and committing leaves) are
+/// deleted from the history and current tables by a run that commits, once they are older than
+/// both the retention and [`super::ORPHAN_MIN_AGE`]: not by a run that commits nothing, not
+/// while they are younger, and never from the change log (whose directory holds the staged
+/// files of open transactions). The tables, patched with deletion vectors, stay the model's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_committing_run_sweeps_old_orphans_from_the_compacted_tables() {
+    use crate::lsn::Lsn;
+
+    let options = super::CompactOptions {
+        vacuum_retention: Some(std::time::Duration::ZERO),
+        ..test_options(128 << 20, true)
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (sink, mut log) = file_lake(dir.path(), &batch(&[], false).schema()).await;
+    let mut actions: Vec<Action> = (0..64u8)
+        .map(|k| Action::Insert {
+            k,
+            a: Some(k % 5),
+            b: 0,
+        })
+        .collect();
+    for t in 0..3usize {
+        actions.push(Action::Commit);
+        actions.push(Action::Update {
+            pick: t * 37,
+            new_k: None,
+            a: Some(Some((t % 5) as u8)),
+            b: t as i64,
+        });
+    }
+    let (changes, snapshots) = realize(&actions);
+    let txns = transactions(&changes);
+    async fn compact_next(
+        sink: &crate::lake::store::Sink,
+        log: &mut crate::lake::changelog::ChangeLogTable,
+        txn: &[Change],
+        options: &super::CompactOptions,
+    ) -> super::TableReport {
+        log.write(batch(txn, false)).await.unwrap();
+        log.commit(Lsn(txn[0].lsn as u64)).await.unwrap();
+        super::compact_table(sink, &table_t(), options)
+            .await
+            .expect("compact")
+    }
+    compact_next(&sink, &mut log, txns[0], &options).await;
+    let table_dir = |kind: &str| dir.path().join(kind).join("public/t");
+    let some_data_file = |kind: &str| {
+        std::fs::read_dir(table_dir(kind))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.extension().is_some_and(|x| x == "parquet"))
+            .expect("a data file")
+    };
+    let plant = |kind: &str, name: &str, age: std::time::Duration| {
+        let path = table_dir(kind).join(name);
+        std::fs::copy(some_data_file(kind), &path).unwrap();
+        let file = std::fs::File::options().write(true).open(&path).unwrap();
+        file.set_modified(std::time::SystemTime::now() - age)
+            .unwrap();
+        path
+    };
+    let old = super::ORPHAN_MIN_AGE + std::time::Duration::from_secs(60);
+    let young = super::ORPHAN_MIN_AGE / 2;
+    let old_orphans: Vec<_> = ["history", "current"]
+        .iter()
+        .map(|kind| plant(kind, "closed-orphan.parquet", old))
+        .collect();
+    let young_orphans: Vec<_> = ["history", "current"]
+        .iter()
+        .map(|kind| plant(kind, "young-orphan.parquet", young))
+        .collect();
+    let changes_orphan = plant("changes", "staged-orphan.parquet", old);
+
+    // Nothing new to compact: nothing committed, nothing swept.
+    let idle = super::compact_table(&sink, &table_t(), &options)
+        .await
+        .expect("compact");
+    assert_eq!(idle.commits, 0);
+    assert!(old_orphans.iter().all(|p| p.exists()), "an idle run swept");
+
+    let r = compact_next(&sink, &mut log, txns[1], &options).await;
+    assert!(r.commits > 0 && r.buckets_patched > 0, "{r:?}");
+    for p in &old_orphans {
+        assert!(!p.exists(), "{} left", p.display());
+    }
+    for p in young_orphans.iter().chain([&changes_orphan]) {
+        assert!(p.exists(), "{} deleted", p.display());
+    }
+    for txn in &txns[2..] {
+        compact_next(&sink, &mut log, txn, &options).await;
+    }
+    assert_model(&sink, &snapshots, "after sweeps").await;
+}
