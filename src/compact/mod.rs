@@ -83,10 +83,15 @@ const READ_BATCH_ROWS: usize = 64 * 1024;
 /// Change-log files a step reads ahead of the one it routes (each decoded on its own thread).
 const READ_AHEAD_FILES: usize = 2;
 
-/// The least age of a file that no log entry names before vacuum takes it for an orphan
+/// The least retention with which vacuum takes a file that no log entry names for an orphan
 /// (left by a crash between writing and committing) and deletes it: far longer than any
 /// compaction step takes from writing its files to committing them.
 const ORPHAN_MIN_AGE: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// How long checkpoints keep `remove` actions: Delta's default
+/// `delta.deletedFileRetentionDuration`, which slotlake's tables keep. A replaced file whose
+/// `remove` a checkpoint dropped looks like an orphan to a full vacuum.
+const TOMBSTONE_RETENTION: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
 
 /// Arrow bytes per byte of change-log Parquet, to size steps before reading them (measured on
 /// the bench workload: zstd Parquet of integer and short text columns expands ~4×).
@@ -975,20 +980,15 @@ pub async fn compact_table(
     report.to_version = through(history.txn);
     if let Some(retention) = options.vacuum_retention {
         // A run that committed also sweeps orphans: files a crash left written but never
-        // committed (a carried run's closed versions, a bucket). They must be older than
-        // ORPHAN_MIN_AGE too, so that another compactor's files between its write and its
-        // commit are never taken for orphans, whatever the retention.
-        let sweep = report.commits > 0;
+        // committed (a carried run's closed versions, a bucket). Only with a retention of at
+        // least ORPHAN_MIN_AGE, so that another compactor's files between its write and its
+        // commit are never taken for orphans; and at most TOMBSTONE_RETENTION, past which
+        // checkpoints forget the `remove` actions that tell a replaced file from an orphan.
+        let sweep =
+            report.commits > 0 && (ORPHAN_MIN_AGE..=TOMBSTONE_RETENTION).contains(&retention);
         for target in [&history, &current] {
-            if target.version.is_none() {
-                continue;
-            }
-            if !sweep || retention < ORPHAN_MIN_AGE {
-                report.files_vacuumed += ctx.vacuum(&target.log_store, retention, false).await?;
-            }
-            if sweep {
-                let age = retention.max(ORPHAN_MIN_AGE);
-                report.files_vacuumed += ctx.vacuum(&target.log_store, age, true).await?;
+            if target.version.is_some() {
+                report.files_vacuumed += ctx.vacuum(&target.log_store, retention, sweep).await?;
             }
         }
     }

@@ -1109,38 +1109,17 @@ async fn a_gap_in_the_buckets_fails_a_carried_step() {
 }
 
 /// Files that no log entry names (what a crash between writing and committing leaves) are
-/// deleted from the history and current tables by a run that commits, once they are older than
-/// both the retention and [`super::ORPHAN_MIN_AGE`]: not by a run that commits nothing, not
-/// while they are younger, and never from the change log (whose directory holds the staged
-/// files of open transactions). The tables, patched with deletion vectors, stay the model's.
+/// deleted from the history and current tables by a run that commits, once older than the
+/// retention: not by a run that commits nothing, not while younger, not with a retention under
+/// [`super::ORPHAN_MIN_AGE`] or over [`super::TOMBSTONE_RETENTION`], and never from the change
+/// log (whose directory holds the staged files of open transactions). Every file the tables
+/// name — live, or removed within the retention — stays, though all are backdated past it;
+/// and the tables, patched with deletion vectors, stay the model's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_committing_run_sweeps_old_orphans_from_the_compacted_tables() {
     use crate::lsn::Lsn;
+    use std::time::{Duration, SystemTime};
 
-    let options = super::CompactOptions {
-        vacuum_retention: Some(std::time::Duration::ZERO),
-        ..test_options(128 << 20, true)
-    };
-    let dir = tempfile::tempdir().unwrap();
-    let (sink, mut log) = file_lake(dir.path(), &batch(&[], false).schema()).await;
-    let mut actions: Vec<Action> = (0..64u8)
-        .map(|k| Action::Insert {
-            k,
-            a: Some(k % 5),
-            b: 0,
-        })
-        .collect();
-    for t in 0..3usize {
-        actions.push(Action::Commit);
-        actions.push(Action::Update {
-            pick: t * 37,
-            new_k: None,
-            a: Some(Some((t % 5) as u8)),
-            b: t as i64,
-        });
-    }
-    let (changes, snapshots) = realize(&actions);
-    let txns = transactions(&changes);
     async fn compact_next(
         sink: &crate::lake::store::Sink,
         log: &mut crate::lake::changelog::ChangeLogTable,
@@ -1153,32 +1132,70 @@ async fn a_committing_run_sweeps_old_orphans_from_the_compacted_tables() {
             .await
             .expect("compact")
     }
+    let with_retention = |retention: Duration| super::CompactOptions {
+        vacuum_retention: Some(retention),
+        ..test_options(128 << 20, true)
+    };
+    let options = with_retention(super::ORPHAN_MIN_AGE);
+    let dir = tempfile::tempdir().unwrap();
+    let (sink, mut log) = file_lake(dir.path(), &batch(&[], false).schema()).await;
+    let mut actions: Vec<Action> = (0..64u8)
+        .map(|k| Action::Insert {
+            k,
+            a: Some(k % 5),
+            b: 0,
+        })
+        .collect();
+    for t in 0..5usize {
+        actions.push(Action::Commit);
+        for j in 0..if t == 0 { 48 } else { 1 } {
+            actions.push(Action::Update {
+                pick: t * 37 + j,
+                new_k: None,
+                a: Some(Some((t % 5) as u8)),
+                b: t as i64,
+            });
+        }
+    }
+    let (changes, snapshots) = realize(&actions);
+    let txns = transactions(&changes);
+    assert!(txns.len() >= 4, "{} transactions", txns.len());
     compact_next(&sink, &mut log, txns[0], &options).await;
     let table_dir = |kind: &str| dir.path().join(kind).join("public/t");
-    let some_data_file = |kind: &str| {
+    let files = |kind: &str| -> Vec<std::path::PathBuf> {
         std::fs::read_dir(table_dir(kind))
             .unwrap()
             .map(|e| e.unwrap().path())
-            .find(|p| p.extension().is_some_and(|x| x == "parquet"))
-            .expect("a data file")
+            .filter(|p| p.is_file())
+            .collect()
     };
-    let plant = |kind: &str, name: &str, age: std::time::Duration| {
+    let backdate = |path: &std::path::Path, age: Duration| {
+        let file = std::fs::File::options().write(true).open(path).unwrap();
+        file.set_modified(SystemTime::now() - age).unwrap();
+    };
+    let plant = |kind: &str, name: &str, age: Duration| {
         let path = table_dir(kind).join(name);
-        std::fs::copy(some_data_file(kind), &path).unwrap();
-        let file = std::fs::File::options().write(true).open(&path).unwrap();
-        file.set_modified(std::time::SystemTime::now() - age)
-            .unwrap();
+        std::fs::copy(&files(kind)[0], &path).unwrap();
+        backdate(&path, age);
         path
     };
-    let old = super::ORPHAN_MIN_AGE + std::time::Duration::from_secs(60);
-    let young = super::ORPHAN_MIN_AGE / 2;
+    let old = super::ORPHAN_MIN_AGE * 2;
+    // The tables' own files, all older than the retention from here on.
+    let named: Vec<_> = ["history", "current"]
+        .iter()
+        .flat_map(|k| files(k))
+        .collect();
+    assert!(named.len() >= 2, "{named:?}");
+    for path in &named {
+        backdate(path, old);
+    }
     let old_orphans: Vec<_> = ["history", "current"]
         .iter()
         .map(|kind| plant(kind, "closed-orphan.parquet", old))
         .collect();
     let young_orphans: Vec<_> = ["history", "current"]
         .iter()
-        .map(|kind| plant(kind, "young-orphan.parquet", young))
+        .map(|kind| plant(kind, "young-orphan.parquet", super::ORPHAN_MIN_AGE / 2))
         .collect();
     let changes_orphan = plant("changes", "staged-orphan.parquet", old);
 
@@ -1188,16 +1205,33 @@ async fn a_committing_run_sweeps_old_orphans_from_the_compacted_tables() {
         .expect("compact");
     assert_eq!(idle.commits, 0);
     assert!(old_orphans.iter().all(|p| p.exists()), "an idle run swept");
+    // A retention under the floor: no sweep. The transaction updates too many keys for a
+    // patch, so the bucket is rewritten: its old files (backdated) are now named only by
+    // `remove` actions within the retention.
+    let under = with_retention(super::ORPHAN_MIN_AGE - Duration::from_secs(1));
+    let r = compact_next(&sink, &mut log, txns[1], &under).await;
+    assert!(r.commits > 0 && r.buckets_rewritten > 0, "{r:?}");
+    assert!(
+        old_orphans.iter().all(|p| p.exists()),
+        "swept under the floor"
+    );
 
-    let r = compact_next(&sink, &mut log, txns[1], &options).await;
+    let r = compact_next(&sink, &mut log, txns[2], &options).await;
     assert!(r.commits > 0 && r.buckets_patched > 0, "{r:?}");
     for p in &old_orphans {
         assert!(!p.exists(), "{} left", p.display());
     }
-    for p in young_orphans.iter().chain([&changes_orphan]) {
+    for p in young_orphans.iter().chain([&changes_orphan]).chain(&named) {
         assert!(p.exists(), "{} deleted", p.display());
     }
-    for txn in &txns[2..] {
+
+    // A retention past the checkpoints' memory of removes: no sweep.
+    let long = super::TOMBSTONE_RETENTION + Duration::from_secs(24 * 3600);
+    let ancient = plant("history", "ancient-orphan.parquet", long * 2);
+    let r = compact_next(&sink, &mut log, txns[3], &with_retention(long)).await;
+    assert!(r.commits > 0, "{r:?}");
+    assert!(ancient.exists(), "swept past the tombstone retention");
+    for txn in &txns[4..] {
         compact_next(&sink, &mut log, txn, &options).await;
     }
     assert_model(&sink, &snapshots, "after sweeps").await;
