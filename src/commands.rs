@@ -494,6 +494,7 @@ fn compact_options(t: &crate::cli::CompactTuning) -> crate::compact::CompactOpti
         changes_retention: t.changes_retention.0,
         fold_threads: crate::compact::all_cores(),
         deletion_vectors: t.deletion_vectors,
+        orphan_sweep_versions: crate::compact::ORPHAN_SWEEP_VERSIONS,
     }
 }
 

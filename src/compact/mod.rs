@@ -136,6 +136,10 @@ pub struct CompactOptions {
     /// versions and its old versions marked deleted, instead of being rewritten (see the
     /// module docs). A table that has them keeps them.
     pub deletion_vectors: bool,
+    /// A committing run sweeps orphans (see [`compact_table`]) when its commits take the
+    /// history table's version past a multiple of this: each sweep lists the tables'
+    /// directories, which grow with every commit.
+    pub orphan_sweep_versions: u64,
 }
 
 /// One fold thread per core.
@@ -153,9 +157,13 @@ impl Default for CompactOptions {
             changes_retention: None,
             fold_threads: all_cores(),
             deletion_vectors: false,
+            orphan_sweep_versions: ORPHAN_SWEEP_VERSIONS,
         }
     }
 }
+
+/// Default of [`CompactOptions::orphan_sweep_versions`]: as often as checkpoints.
+pub const ORPHAN_SWEEP_VERSIONS: u64 = CHECKPOINT_INTERVAL;
 
 /// What one table's compaction did.
 #[derive(Debug, Default, Clone)]
@@ -863,6 +871,8 @@ pub async fn compact_table(
     // make what we read of history newer than what we read of current, never older.
     let mut current = ctx.load("current").await?;
     let mut history = ctx.load("history").await?;
+    let sweep_period = |v: Option<u64>| v.map(|v| v / options.orphan_sweep_versions.max(1));
+    let period_before = sweep_period(history.version);
     // A target created now (the first run, or after one was deleted) gets deletion vectors
     // when the other one has them: a repair copies the history table's vectors.
     let ctx = Ctx {
@@ -979,13 +989,15 @@ pub async fn compact_table(
     }
     report.to_version = through(history.txn);
     if let Some(retention) = options.vacuum_retention {
-        // A run that committed also sweeps orphans: files a crash left written but never
-        // committed (a carried run's closed versions, a bucket). Only with a retention of at
-        // least ORPHAN_MIN_AGE, so that another compactor's files between its write and its
-        // commit are never taken for orphans; and at most TOMBSTONE_RETENTION, past which
-        // checkpoints forget the `remove` actions that tell a replaced file from an orphan.
-        let sweep =
-            report.commits > 0 && (ORPHAN_MIN_AGE..=TOMBSTONE_RETENTION).contains(&retention);
+        // A run that committed past a multiple of `orphan_sweep_versions` also sweeps
+        // orphans: files a crash left written but never committed (a carried run's closed
+        // versions, a bucket). Only with a retention of at least ORPHAN_MIN_AGE, so that
+        // another compactor's files between its write and its commit are never taken for
+        // orphans; and at most TOMBSTONE_RETENTION, past which checkpoints forget the
+        // `remove` actions that tell a replaced file from an orphan.
+        let sweep = report.commits > 0
+            && sweep_period(history.version) != period_before
+            && (ORPHAN_MIN_AGE..=TOMBSTONE_RETENTION).contains(&retention);
         for target in [&history, &current] {
             if target.version.is_some() {
                 report.files_vacuumed += ctx.vacuum(&target.log_store, retention, sweep).await?;

@@ -705,6 +705,7 @@ fn test_options(bucket_bytes: u64, deletion_vectors: bool) -> super::CompactOpti
         changes_retention: None,
         fold_threads: 2,
         deletion_vectors,
+        orphan_sweep_versions: 1,
     }
 }
 
@@ -1109,8 +1110,9 @@ async fn a_gap_in_the_buckets_fails_a_carried_step() {
 }
 
 /// Files that no log entry names (what a crash between writing and committing leaves) are
-/// deleted from the history and current tables by a run that commits, once older than the
-/// retention: not by a run that commits nothing, not while younger, not with a retention under
+/// deleted from the history and current tables by a run that commits (past a multiple of the
+/// sweep interval), once older than the retention: not by a run that commits nothing or
+/// between intervals, not while younger, not with a retention under
 /// [`super::ORPHAN_MIN_AGE`] or over [`super::TOMBSTONE_RETENTION`], and never from the change
 /// log (whose directory holds the staged files of open transactions). Every file the tables
 /// name — live, or removed within the retention — stays, though all are backdated past it;
@@ -1159,7 +1161,7 @@ async fn a_committing_run_sweeps_old_orphans_from_the_compacted_tables() {
     }
     let (changes, snapshots) = realize(&actions);
     let txns = transactions(&changes);
-    assert!(txns.len() >= 4, "{} transactions", txns.len());
+    assert!(txns.len() >= 5, "{} transactions", txns.len());
     compact_next(&sink, &mut log, txns[0], &options).await;
     let table_dir = |kind: &str| dir.path().join(kind).join("public/t");
     let files = |kind: &str| -> Vec<std::path::PathBuf> {
@@ -1216,7 +1218,20 @@ async fn a_committing_run_sweeps_old_orphans_from_the_compacted_tables() {
         "swept under the floor"
     );
 
-    let r = compact_next(&sink, &mut log, txns[2], &options).await;
+    // A commit that does not take the history table past a multiple of the sweep interval:
+    // no sweep.
+    let rarely = super::CompactOptions {
+        orphan_sweep_versions: 1000,
+        ..with_retention(super::ORPHAN_MIN_AGE)
+    };
+    let r = compact_next(&sink, &mut log, txns[2], &rarely).await;
+    assert!(r.commits > 0, "{r:?}");
+    assert!(
+        old_orphans.iter().all(|p| p.exists()),
+        "swept between intervals"
+    );
+
+    let r = compact_next(&sink, &mut log, txns[3], &options).await;
     assert!(r.commits > 0 && r.buckets_patched > 0, "{r:?}");
     for p in &old_orphans {
         assert!(!p.exists(), "{} left", p.display());
@@ -1228,10 +1243,10 @@ async fn a_committing_run_sweeps_old_orphans_from_the_compacted_tables() {
     // A retention past the checkpoints' memory of removes: no sweep.
     let long = super::TOMBSTONE_RETENTION + Duration::from_secs(24 * 3600);
     let ancient = plant("history", "ancient-orphan.parquet", long * 2);
-    let r = compact_next(&sink, &mut log, txns[3], &with_retention(long)).await;
+    let r = compact_next(&sink, &mut log, txns[4], &with_retention(long)).await;
     assert!(r.commits > 0, "{r:?}");
     assert!(ancient.exists(), "swept past the tombstone retention");
-    for txn in &txns[4..] {
+    for txn in &txns[5..] {
         compact_next(&sink, &mut log, txn, &options).await;
     }
     assert_model(&sink, &snapshots, "after sweeps").await;
