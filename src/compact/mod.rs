@@ -1560,24 +1560,13 @@ async fn step(
         let rows = out.open.num_rows().max(1) as u64;
         let bytes = out.open.get_array_memory_size() as u64;
         if !write && carry.bytes() + bytes <= options.memory_budget / 2 {
-            // Carried, a slice per bucket. The unit's ranges cover every hash its rows can
-            // have; a gap would lose rows (as in `write_buckets`).
-            let slices: Vec<(usize, usize, usize)> = members
+            // Carried, a slice per bucket (never split: one piece per range, in order).
+            let ranges: Vec<(u64, u64)> = members
                 .iter()
-                .map(|&b| {
-                    let (lo, hi) = (bucket_list[b].lo, bucket_list[b].hi);
-                    let start = out.open_hashes.partition_point(|&h| h < lo);
-                    (
-                        b,
-                        start,
-                        out.open_hashes.partition_point(|&h| h <= hi) - start,
-                    )
-                })
+                .map(|&b| (bucket_list[b].lo, bucket_list[b].hi))
                 .collect();
-            if slices.iter().map(|s| s.2).sum::<usize>() != out.open.num_rows() {
-                return Err(ctx.fail("bucket ranges")(FoldError::BucketGap));
-            }
-            for (b, start, len) in slices {
+            let slices = pieces(ctx, &ranges, (&out.open_hashes, &out.open), u64::MAX)?;
+            for (&b, (_, _, start, len)) in members.iter().zip(slices) {
                 // A unit of several buckets (joined by a key move) is copied apart: a slice
                 // would keep the whole output alive after its siblings are folded again.
                 let open = if members.len() > 1 {
@@ -1748,14 +1737,7 @@ async fn write_buckets(
     bucket_bytes: u64,
 ) -> Result<Vec<(u64, Add, Add)>, CompactError> {
     let max_bytes = if patch { u64::MAX } else { bucket_bytes };
-    let mut pieces = Vec::new();
-    for &(lo, hi) in ranges {
-        split((hashes, open), lo, hi, max_bytes, &mut pieces);
-    }
-    // The ranges cover every hash the rows can have; a gap would lose rows.
-    if pieces.iter().map(|p| p.3).sum::<usize>() != open.num_rows() {
-        return Err(ctx.fail("bucket ranges")(FoldError::BucketGap));
-    }
+    let pieces = pieces(ctx, ranges, (hashes, open), max_bytes)?;
     let mut written = Vec::with_capacity(pieces.len());
     for (lo, hi, start, len) in pieces {
         if len == 0 && patch {
@@ -1933,6 +1915,25 @@ fn patch_plan(
         hits.push(file_hits);
     }
     Ok(Some(PatchPlan { base, hits }))
+}
+
+/// The pieces `(lo, hi, start, len)` of `open` (in `hashes` order) that each of `ranges`
+/// holds, those above `max_bytes` split in halves (see [`split`]). The ranges must cover every
+/// hash the rows have: a gap would lose rows.
+fn pieces(
+    ctx: &Ctx<'_>,
+    ranges: &[(u64, u64)],
+    (hashes, open): (&[u64], &RecordBatch),
+    max_bytes: u64,
+) -> Result<Vec<(u64, u64, usize, usize)>, CompactError> {
+    let mut pieces = Vec::with_capacity(ranges.len());
+    for &(lo, hi) in ranges {
+        split((hashes, open), lo, hi, max_bytes, &mut pieces);
+    }
+    if pieces.iter().map(|p| p.3).sum::<usize>() != open.num_rows() {
+        return Err(ctx.fail("bucket ranges")(FoldError::BucketGap));
+    }
+    Ok(pieces)
 }
 
 /// Rows of `open` (sorted by key hash, `hashes`) in [lo, hi] as (lo, hi, start, len) pieces, halving the range while a

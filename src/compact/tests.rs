@@ -36,6 +36,18 @@ enum Action {
     Commit,
 }
 
+/// Inserts of `keys`, each with `a` = its key mod 5 and `b` = `b(key)`.
+fn inserts(
+    keys: impl IntoIterator<Item = u8>,
+    b: impl Fn(u8) -> i64,
+) -> impl Iterator<Item = Action> {
+    keys.into_iter().map(move |k| Action::Insert {
+        k,
+        a: Some(k % 5),
+        b: b(k),
+    })
+}
+
 fn action() -> impl Strategy<Value = Action> {
     prop_oneof![
         4 => (0u8..24, proptest::option::of(0u8..5), any::<i64>()).prop_map(|(k, a, b)| Action::Insert { k, a, b }),
@@ -749,13 +761,7 @@ async fn compaction_with_deletion_vectors_matches_the_model() {
     let (mut patched, mut rewritten, mut repaired) = (0u64, 0u64, 0u64);
     let mut patched_after_switch = 0u64;
     for case in 0..12 {
-        let mut actions: Vec<Action> = (0..200u8)
-            .map(|k| Action::Insert {
-                k,
-                a: Some(k % 5),
-                b: i64::from(k),
-            })
-            .collect();
+        let mut actions: Vec<Action> = inserts(0..200u8, i64::from).collect();
         actions.push(Action::Commit);
         let random = proptest::collection::vec(action(), 100..300)
             .new_tree(&mut runner)
@@ -906,13 +912,7 @@ async fn deletion_vectors_survive_checkpoints() {
     let (sink, mut log) = file_lake(dir.path(), &batch(&[], false).schema()).await;
     // 256 keys, then 60 transactions of 3 updates each (2 of them TOAST-unchanged), each
     // compacted on its own: 61 commits in each target.
-    let mut actions: Vec<Action> = (0..=255u8)
-        .map(|k| Action::Insert {
-            k,
-            a: Some(k % 5),
-            b: 0,
-        })
-        .collect();
+    let mut actions: Vec<Action> = inserts(0..=255u8, |_| 0).collect();
     for t in 0..60usize {
         actions.push(Action::Commit);
         for j in 0..3usize {
@@ -956,12 +956,7 @@ async fn steps_carry_their_open_versions_to_the_next() {
 
     let mut runner = proptest::test_runner::TestRunner::deterministic();
     // Every key first (the open versions are never empty), then random changes.
-    let mut actions: Vec<Action> = (0..24u8)
-        .map(|k| Action::Insert {
-            k,
-            a: Some(k % 5),
-            b: i64::from(k),
-        })
+    let mut actions: Vec<Action> = inserts(0..24u8, i64::from)
         .chain([Action::Commit])
         .collect();
     actions.extend(
@@ -1027,11 +1022,7 @@ async fn a_gap_in_the_buckets_fails_a_carried_step() {
             } else {
                 (0..200).collect()
             };
-            actions.extend(keys.into_iter().map(|k| Action::Insert {
-                k,
-                a: Some(k % 5),
-                b: round,
-            }));
+            actions.extend(inserts(keys, |_| round));
             actions.push(Action::Commit);
         }
         realize(&actions).0
@@ -1141,13 +1132,7 @@ async fn a_committing_run_sweeps_old_orphans_from_the_compacted_tables() {
     let options = with_retention(super::ORPHAN_MIN_AGE);
     let dir = tempfile::tempdir().unwrap();
     let (sink, mut log) = file_lake(dir.path(), &batch(&[], false).schema()).await;
-    let mut actions: Vec<Action> = (0..64u8)
-        .map(|k| Action::Insert {
-            k,
-            a: Some(k % 5),
-            b: 0,
-        })
-        .collect();
+    let mut actions: Vec<Action> = inserts(0..64u8, |_| 0).collect();
     for t in 0..5usize {
         actions.push(Action::Commit);
         for j in 0..if t == 0 { 48 } else { 1 } {
