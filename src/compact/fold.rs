@@ -5,7 +5,10 @@
 //! deleted; its later re-insert closes it). A version does not copy its values: it points at a
 //! row of a source batch (the open versions read back from the history table, or the changes),
 //! with per-column overrides for TOAST columns that Postgres did not send and that keep the
-//! previous version's value. Output columns are gathered with one `interleave` per column.
+//! previous version's value. Output columns are gathered with one `interleave` per column,
+//! except for versions that are an input row as it stands, when their order does not matter
+//! (closed versions, and open ones carried to the next fold): those are filtered out of their
+//! input batch.
 //!
 //! | change                    | effect on the key's open version                               |
 //! |---------------------------|----------------------------------------------------------------|
@@ -25,6 +28,7 @@ use std::sync::Arc;
 use deltalake::arrow::array::BooleanBufferBuilder;
 use deltalake::arrow::array::{
     Array, ArrayRef, AsArray, BooleanArray, Int64Array, RecordBatch, TimestampMicrosecondArray,
+    UInt32Array,
 };
 use deltalake::arrow::compute::{interleave, nullif, FilterBuilder};
 use deltalake::arrow::datatypes::{
@@ -341,12 +345,24 @@ struct Closed {
     to_ts: i64,
 }
 
+/// The order a fold puts its open versions in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenRows {
+    /// By key hash (then key bytes): what bucket files are cut from.
+    ByHash,
+    /// Any order: versions carried to the next fold, which only hashes them into its groups.
+    /// The versions that are rows of the fold's input as they stand (most of them) are then
+    /// copied out of each input batch with a filter, in input order, instead of gathered key
+    /// by key from all over the inputs (a cache miss per version and column).
+    Any,
+}
+
 /// What a fold produces.
 pub struct FoldOutput {
-    /// The open versions (history schema), sorted by key hash.
+    /// The open versions (history schema), in the order asked for.
     pub open: RecordBatch,
-    /// The key hash of each row of `open`.
-    pub open_hashes: Vec<u64>,
+    /// The key hash of each row of `open` ([`OpenRows::ByHash`]; `None` for `Any`).
+    pub open_hashes: Option<Vec<u64>>,
     /// Versions closed by this fold: those handed to `on_closed` in chunks as they were
     /// produced, and those of `closed_parts`.
     pub closed_rows: usize,
@@ -384,6 +400,9 @@ pub fn current_rows(layout: &Layout, open: &RecordBatch) -> Result<RecordBatch, 
 /// group's state (about 100 bytes a key) then stays in the processor's caches, where one state
 /// of every key of a large bucket misses them on almost every lookup.
 const GROUP_KEYS: usize = 8 * 1024;
+
+/// Rows of open versions keyed at a time (one thread's share of the work).
+const BASE_SLICE_ROWS: usize = 64 * 1024;
 
 /// Groups a fold splits its keys into, at most. Group numbers, and `MAX_GROUPS` for
 /// truncates, are stored as `u16`.
@@ -447,8 +466,9 @@ pub fn fold(
     changes: Vec<RecordBatch>,
     on_closed: &mut (dyn FnMut(RecordBatch) -> Result<(), FoldError> + Send),
     threads: usize,
+    rows: OpenRows,
 ) -> Result<FoldOutput, FoldError> {
-    fold_in_groups(layout, base, changes, on_closed, threads, GROUP_KEYS)
+    fold_in_groups(layout, base, changes, on_closed, threads, rows, GROUP_KEYS)
 }
 
 /// [`fold`] with groups of about `group_keys` rows (tests use tiny groups).
@@ -458,6 +478,7 @@ pub(super) fn fold_in_groups(
     changes: Vec<RecordBatch>,
     on_closed: &mut (dyn FnMut(RecordBatch) -> Result<(), FoldError> + Send),
     threads: usize,
+    rows: OpenRows,
     group_keys: usize,
 ) -> Result<FoldOutput, FoldError> {
     let ncols = layout.source.fields().len();
@@ -472,35 +493,51 @@ pub(super) fn fold_in_groups(
     let groups = 1usize << bits;
     let group_of = |h: u64| h.checked_shr(64 - bits).unwrap_or(0) as usize;
     let mut sources: Vec<&RecordBatch> = Vec::with_capacity(base.len() + changes.len() + 1);
-    // Keys encoded and hashed batch by batch on every thread.
-    let base_views = par_map(base, threads, |batch| {
-        let keys = converter.convert_columns(&layout.key_columns(batch, KeyNames::Row)?)?;
-        let hashes = (0..keys.num_rows())
-            .map(|r| key_hash(keys.row(r).as_ref()))
-            .collect::<Vec<u64>>();
-        Ok::<_, FoldError>((
-            BaseView {
-                src: 0,
-                keys,
-                from_lsn: int64(batch, VALID_FROM_LSN)?,
-                from_ts: timestamps(batch, VALID_FROM)?,
-                deleted: bools(batch, DELETED)?,
-            },
-            hashes,
-        ))
-    });
-    let mut bases = Vec::with_capacity(base.len());
-    let mut base_groups: Vec<Vec<RowRef>> = vec![Vec::new(); groups];
-    for (batch, view) in base.iter().zip(base_views) {
-        let (mut view, hashes) = view?;
-        view.src = index(sources.len())?;
-        sources.push(batch);
-        let b = index(bases.len())?;
-        for (row, &h) in hashes.iter().enumerate() {
-            base_groups[group_of(h)].push((b, index(row)?));
+    sources.extend(base);
+    // The open versions, as the state entries a unit starts from, split into groups: a slice
+    // of the base at a time on every thread, read in row order (the order of the base need not
+    // follow the groups, see `OpenRows::Any`), each group's entries then read in a row by its
+    // unit.
+    let mut slices: Vec<(u32, usize, RecordBatch)> = Vec::new();
+    for (b, batch) in base.iter().enumerate() {
+        for offset in (0..batch.num_rows()).step_by(BASE_SLICE_ROWS) {
+            let len = BASE_SLICE_ROWS.min(batch.num_rows() - offset);
+            slices.push((index(b)?, offset, batch.slice(offset, len)));
         }
-        bases.push(view);
     }
+    let base_groups = par_map(&slices, threads, |(b, offset, batch)| {
+        let keys = converter.convert_columns(&layout.key_columns(batch, KeyNames::Row)?)?;
+        let groups_of: Vec<usize> = (0..keys.num_rows())
+            .map(|r| group_of(key_hash(keys.row(r).as_ref())))
+            .collect();
+        let mut sizes = vec![0usize; groups];
+        for &g in &groups_of {
+            sizes[g] += 1;
+        }
+        let mut lists: Vec<Vec<Open>> = sizes.iter().map(|&k| Vec::with_capacity(k)).collect();
+        let (from_lsn, from_ts) = (
+            int64(batch, VALID_FROM_LSN)?,
+            timestamps(batch, VALID_FROM)?,
+        );
+        let deleted = bools(batch, DELETED)?;
+        for (r, &g) in groups_of.iter().enumerate() {
+            lists[g].push((
+                Key::new(keys.row(r).as_ref()),
+                Version {
+                    src: (*b, index(offset + r)?),
+                    overrides: None,
+                    from_lsn: from_lsn.value(r),
+                    from_ts: from_ts.value(r),
+                    deleted: deleted.value(r),
+                    own: true,
+                },
+            ));
+        }
+        Ok::<_, FoldError>(lists)
+    })
+    .into_iter()
+    .collect::<Result<Vec<Vec<Vec<Open>>>, FoldError>>()?;
+    drop(slices);
     let change_views = par_map(&changes, threads, |batch| {
         ChangeView::new(layout, &converter, batch)
     });
@@ -518,9 +555,11 @@ pub(super) fn fold_in_groups(
             order.push((view.lsn.value(row), view.seq.value(row), b, index(row)?));
         }
     }
-    if !order.is_sorted() {
-        order.sort_unstable();
-    }
+    // Change logs come in commit order but for the odd file or row group (a merged file, a
+    // writer that interleaved its output): the stable sort merges the sorted runs it finds,
+    // where the unstable one re-sorted a nearly sorted step from scratch (4.5 % of a
+    // compaction's CPU, on the thread every other waits for).
+    order.sort();
     // Each change's operation and group (truncates: `groups`), on every thread; then the
     // groups key moves join.
     let share = n.div_ceil(threads.max(1)).max(1);
@@ -656,7 +695,6 @@ pub(super) fn fold_in_groups(
     };
     let closings = Closings::new(&sources);
     let folder = Folder {
-        bases: &bases,
         views: &views,
         gather: &gather,
         col_index: &col_index,
@@ -664,7 +702,10 @@ pub(super) fn fold_in_groups(
         on_closed: std::sync::Mutex::new(on_closed),
     };
     let work = |unit: &[usize], scratch: &mut Scratch, closed: &mut ClosedChunk| {
-        let base: Vec<&[RowRef]> = unit.iter().map(|&g| base_groups[g].as_slice()).collect();
+        let base: Vec<&[Open]> = unit
+            .iter()
+            .flat_map(|&g| base_groups.iter().map(move |lists| lists[g].as_slice()))
+            .collect();
         let mut steps: Vec<&Step> = unit
             .iter()
             .flat_map(|&g| lists[g].iter())
@@ -673,7 +714,31 @@ pub(super) fn fold_in_groups(
         if unit.len() > 1 || !truncates.is_empty() {
             steps.sort_unstable_by_key(|s| s.ord);
         }
-        let (open, order) = folder.unit(&base, &steps, scratch, closed)?;
+        let open = folder.unit(&base, &steps, scratch, closed)?;
+        if rows == OpenRows::Any {
+            // Rows of the input as they stand are filtered out of it afterwards; the others
+            // (TOAST values carried, tombstones of truncates and key moves) gathered here.
+            let mut others = Vec::new();
+            for (_, v) in &open {
+                if v.own {
+                    closings.keep_open(v.src);
+                } else {
+                    others.push((v, None));
+                }
+            }
+            return Ok::<UnitOpen, FoldError>((Vec::new(), gather.batch(others.into_iter())?));
+        }
+        // Sorted by (hash, index): moving 16-byte entries instead of whole versions; equal
+        // hashes fall back to the keys.
+        let mut order: OpenOrder = Vec::with_capacity(open.len());
+        for (i, (k, _)) in open.iter().enumerate() {
+            let i = u32::try_from(i).map_err(|_| FoldError::TooManyRows)?;
+            order.push((key_hash(k.as_slice()), i));
+        }
+        order.sort_unstable_by(|a, b| {
+            a.0.cmp(&b.0)
+                .then_with(|| open[a.1 as usize].0.cmp(&open[b.1 as usize].0))
+        });
         let batch = gather.batch(order.iter().map(|&(_, i)| (&open[i as usize].1, None)))?;
         Ok::<UnitOpen, FoldError>((order.iter().map(|&(h, _)| h).collect(), batch))
     };
@@ -738,38 +803,53 @@ pub(super) fn fold_in_groups(
     let closed_parts = closings.parts(&sources, base.len(), &shape, threads)?;
     closed_rows += closed_parts.iter().map(ClosedPart::rows).sum::<usize>();
 
-    // Open versions by key hash (then key bytes, for a deterministic order). Each unit's are
-    // sorted and a group is a range of hashes: the output is each group's slice of its unit's
-    // versions, in group order, copied a column at a time (each unit's column dropped once
-    // copied, so the versions are not held twice).
     let mut parts: Vec<UnitOpen> = Vec::with_capacity(units.len());
     for (u, open) in opens.into_iter().enumerate() {
         parts.push(open.ok_or(FoldError::UnitLost(u))?);
     }
-    let mut pieces: Vec<(usize, usize, usize)> = Vec::new();
-    for g in 0..groups {
-        let u = unit_of[super::find(&mut parent, g)];
-        let hashes = &parts[u].0;
-        let start = hashes.partition_point(|&h| group_of(h) < g);
-        let end = hashes.partition_point(|&h| group_of(h) <= g);
-        if end > start {
-            pieces.push((u, start, end - start));
+    // The output: pieces (batch, start, len) of `batches`, copied a column at a time (each
+    // batch's column dropped once copied, so the versions are not held twice).
+    let (batches, pieces, open_hashes) = match rows {
+        OpenRows::Any => {
+            // The rows of the input kept as they stand, then the units' gathered versions.
+            let mut batches = closings.open_rows(&sources, base.len(), &shape, threads)?;
+            batches.extend(parts.into_iter().map(|(_, batch)| batch));
+            let pieces: Vec<(usize, usize, usize)> = (0..batches.len())
+                .map(|b| (b, 0, batches[b].num_rows()))
+                .collect();
+            (batches, pieces, None)
         }
-    }
-    let open_hashes: Vec<u64> = pieces
-        .iter()
-        .flat_map(|&(u, start, len)| parts[u].0[start..start + len].iter().copied())
-        .collect();
+        OpenRows::ByHash => {
+            // By key hash (then key bytes, for a deterministic order). Each unit's versions
+            // are sorted and a group is a range of hashes: the output is each group's slice of
+            // its unit's versions, in group order.
+            let mut pieces: Vec<(usize, usize, usize)> = Vec::new();
+            for g in 0..groups {
+                let u = unit_of[super::find(&mut parent, g)];
+                let hashes = &parts[u].0;
+                let start = hashes.partition_point(|&h| group_of(h) < g);
+                let end = hashes.partition_point(|&h| group_of(h) <= g);
+                if end > start {
+                    pieces.push((u, start, end - start));
+                }
+            }
+            let open_hashes: Vec<u64> = pieces
+                .iter()
+                .flat_map(|&(u, start, len)| parts[u].0[start..start + len].iter().copied())
+                .collect();
+            let batches = parts.into_iter().map(|(_, batch)| batch).collect();
+            (batches, pieces, Some(open_hashes))
+        }
+    };
     let schema = layout.history_schema();
-    let mut unit_columns: Vec<Vec<ArrayRef>> = parts
-        .into_iter()
-        .map(|(_, batch)| batch.columns().to_vec())
-        .collect();
+    let mut batch_columns: Vec<Vec<ArrayRef>> =
+        batches.iter().map(|b| b.columns().to_vec()).collect();
+    drop(batches);
     let mut columns = Vec::with_capacity(schema.fields().len());
     for (c, field) in schema.fields().iter().enumerate() {
         let slices: Vec<ArrayRef> = pieces
             .iter()
-            .map(|&(u, start, len)| unit_columns[u][c].slice(start, len))
+            .map(|&(b, start, len)| batch_columns[b][c].slice(start, len))
             .collect();
         let refs: Vec<&dyn Array> = slices.iter().map(|a| a.as_ref()).collect();
         columns.push(if refs.is_empty() {
@@ -777,7 +857,7 @@ pub(super) fn fold_in_groups(
         } else {
             deltalake::arrow::compute::concat(&refs)?
         });
-        for cols in &mut unit_columns {
+        for cols in &mut batch_columns {
             cols[c] = deltalake::arrow::array::new_empty_array(field.data_type());
         }
     }
@@ -791,13 +871,22 @@ pub(super) fn fold_in_groups(
     })
 }
 
-/// The columns of one base batch (open versions) the fold reads.
-struct BaseView<'a> {
-    src: u32,
-    keys: Rows,
-    from_lsn: &'a Int64Array,
-    from_ts: &'a TimestampMicrosecondArray,
-    deleted: &'a BooleanArray,
+/// `open` (open versions in any order, see [`OpenRows::Any`]) by key hash, then key bytes
+/// (the order [`OpenRows::ByHash`] gives), with the hashes.
+pub fn by_hash(layout: &Layout, open: &RecordBatch) -> Result<(Vec<u64>, RecordBatch), FoldError> {
+    let keys = layout.key_rows(open, KeyNames::Row)?;
+    let mut order: Vec<(u64, u32)> = Vec::with_capacity(keys.num_rows());
+    for r in 0..keys.num_rows() {
+        let i = u32::try_from(r).map_err(|_| FoldError::TooManyRows)?;
+        order.push((key_hash(keys.row(r).as_ref()), i));
+    }
+    order.sort_unstable_by(|a, b| {
+        a.0.cmp(&b.0)
+            .then_with(|| keys.row(a.1 as usize).cmp(&keys.row(b.1 as usize)))
+    });
+    let indices = UInt32Array::from_iter_values(order.iter().map(|&(_, i)| i));
+    let sorted = deltalake::arrow::compute::take_record_batch(open, &indices)?;
+    Ok((order.into_iter().map(|(h, _)| h).collect(), sorted))
 }
 
 /// The buffers of one worker, kept from unit to unit: allocating them anew for every unit
@@ -817,7 +906,6 @@ struct ClosedChunk {
 
 /// What the units of one fold share.
 struct Folder<'a, 'f> {
-    bases: &'a [BaseView<'a>],
     views: &'a [(u32, ChangeView<'a>)],
     gather: &'a Gather<'a>,
     col_index: &'a HashMap<&'a str, u32>,
@@ -855,33 +943,20 @@ impl Folder<'_, '_> {
     }
 
     /// Folds `steps` (the unit's changes and every truncate, in commit order) into the open
-    /// versions `base` of one unit's keys; returns the unit's open versions and their order by
-    /// key hash (hash, index).
+    /// versions `base` of one unit's keys; returns the unit's open versions.
     fn unit(
         &self,
-        base: &[&[RowRef]],
+        base: &[&[Open]],
         steps: &[&Step],
         scratch: &mut Scratch,
         closed: &mut ClosedChunk,
-    ) -> Result<(Vec<Open>, OpenOrder), FoldError> {
+    ) -> Result<Vec<Open>, FoldError> {
         let state = &mut scratch.state;
         let base_rows: usize = base.iter().map(|g| g.len()).sum();
         state.clear();
         state.reserve(base_rows + base_rows / 4);
-        for &(b, row) in base.iter().flat_map(|g| g.iter()) {
-            let view = &self.bases[b as usize];
-            let i = row as usize;
-            state.insert(
-                Key::new(view.keys.row(i).as_ref()),
-                Version {
-                    src: (view.src, row),
-                    overrides: None,
-                    from_lsn: view.from_lsn.value(i),
-                    from_ts: view.from_ts.value(i),
-                    deleted: view.deleted.value(i),
-                    own: true,
-                },
-            );
+        for (key, version) in base.iter().flat_map(|g| g.iter()) {
+            state.insert(key.clone(), version.clone());
         }
         for step in steps {
             if closed.versions.len() >= CLOSED_CHUNK {
@@ -997,19 +1072,7 @@ impl Folder<'_, '_> {
                 }
             }
         }
-        let open: Vec<Open> = state.drain().collect();
-        // Sorted by (hash, index): moving 16-byte entries instead of whole versions; equal
-        // hashes fall back to the keys.
-        let mut order: OpenOrder = Vec::with_capacity(open.len());
-        for (i, (k, _)) in open.iter().enumerate() {
-            let i = u32::try_from(i).map_err(|_| FoldError::TooManyRows)?;
-            order.push((key_hash(k.as_slice()), i));
-        }
-        order.sort_unstable_by(|a, b| {
-            a.0.cmp(&b.0)
-                .then_with(|| open[a.1 as usize].0.cmp(&open[b.1 as usize].0))
-        });
-        Ok((open, order))
+        Ok(state.drain().collect())
     }
 }
 
@@ -1090,11 +1153,16 @@ fn par_map<'a, T: Sync, R: Send>(
 }
 
 /// For each row of each source batch (open versions, then changes), where its own version
-/// (see [`Version::own`]) was closed: (`_valid_to_lsn`, `_valid_to`), `i64::MIN` while open.
+/// (see [`Version::own`]) was closed: (`_valid_to_lsn`, `_valid_to`); `i64::MIN` while open,
+/// [`KEPT_OPEN`] once the fold ended with it open and asked to keep it.
 /// A row belongs to one unit, so one worker writes it; atomics make that safe to share.
 struct Closings {
     to: Vec<Vec<(AtomicI64, AtomicI64)>>,
 }
+
+/// [`Closings`]' mark of a row whose own version is open at the end of the fold (no LSN is
+/// that high: Postgres LSNs are below 2^63).
+const KEPT_OPEN: i64 = i64::MAX;
 
 impl Closings {
     fn new(sources: &[&RecordBatch]) -> Closings {
@@ -1114,6 +1182,51 @@ impl Closings {
         }
     }
 
+    /// Marks a row whose own version stays open (see [`OpenRows::Any`]).
+    fn keep_open(&self, (s, row): RowRef) {
+        if let Some((l, _)) = self.to.get(s as usize).and_then(|b| b.get(row as usize)) {
+            l.store(KEPT_OPEN, Relaxed);
+        }
+    }
+
+    /// `f` of each source batch's marks (by source index) on every thread; the `Some`s, in
+    /// source order.
+    fn per_source<R: Send>(
+        &self,
+        threads: usize,
+        f: impl Fn(usize, &[(AtomicI64, AtomicI64)]) -> Result<Option<R>, FoldError> + Sync,
+    ) -> Result<Vec<R>, FoldError> {
+        let numbered: Vec<(usize, &Vec<(AtomicI64, AtomicI64)>)> =
+            self.to.iter().enumerate().collect();
+        let mut out = Vec::new();
+        for r in par_map(&numbered, threads, |&(s, to)| f(s, to)) {
+            out.extend(r?);
+        }
+        Ok(out)
+    }
+
+    /// The history rows of the rows marked [`Closings::keep_open`], by source batch (the first
+    /// `bases` are open versions, the others changes).
+    fn open_rows(
+        &self,
+        sources: &[&RecordBatch],
+        bases: usize,
+        shape: &PartShape,
+        threads: usize,
+    ) -> Result<Vec<RecordBatch>, FoldError> {
+        self.per_source(threads, |s, to| {
+            let mut mask = BooleanBufferBuilder::new(to.len());
+            for (l, _) in to {
+                mask.append(l.load(Relaxed) == KEPT_OPEN);
+            }
+            let mask = BooleanArray::new(mask.finish(), None);
+            if mask.true_count() == 0 {
+                return Ok(None);
+            }
+            own_rows(shape, sources[s], s >= bases, &mask, None).map(Some)
+        })
+    }
+
     /// The closed rows of each source batch that has any (the first `bases` are open
     /// versions, the others changes).
     fn parts(
@@ -1123,55 +1236,45 @@ impl Closings {
         shape: &Arc<PartShape>,
         threads: usize,
     ) -> Result<Vec<ClosedPart>, FoldError> {
-        let numbered: Vec<(usize, &Vec<(AtomicI64, AtomicI64)>)> =
-            self.to.iter().enumerate().collect();
-        let parts = par_map(
-            &numbered,
-            threads,
-            |&(s, to)| -> Result<Option<ClosedPart>, FoldError> {
-                let mut mask = BooleanBufferBuilder::new(to.len());
-                let (mut to_lsn, mut to_ts) = (Vec::new(), Vec::new());
-                for (l, t) in to {
-                    let l = l.load(Relaxed);
-                    mask.append(l != i64::MIN);
-                    if l != i64::MIN {
-                        to_lsn.push(l);
-                        to_ts.push(t.load(Relaxed));
-                    }
+        self.per_source(threads, |s, to| {
+            let mut mask = BooleanBufferBuilder::new(to.len());
+            let (mut to_lsn, mut to_ts) = (Vec::new(), Vec::new());
+            for (l, t) in to {
+                let l = l.load(Relaxed);
+                let closed = l != i64::MIN && l != KEPT_OPEN;
+                mask.append(closed);
+                if closed {
+                    to_lsn.push(l);
+                    to_ts.push(t.load(Relaxed));
                 }
-                if to_lsn.is_empty() {
-                    return Ok(None);
-                }
-                let change = s >= bases;
-                let batch = if change {
-                    // Only what `build` reads: the change's other columns are freed with it.
-                    let schema = sources[s].schema();
-                    let indices: Vec<usize> = (0..shape.ncols)
-                        .chain(
-                            [OP, LSN, COMMIT_TS]
-                                .iter()
-                                .filter_map(|n| schema.index_of(n).ok()),
-                        )
-                        .collect();
-                    sources[s].project(&indices)?
-                } else {
-                    sources[s].clone()
-                };
-                Ok(Some(ClosedPart {
-                    batch,
-                    change,
-                    mask: BooleanArray::new(mask.finish(), None),
-                    to_lsn,
-                    to_ts,
-                    shape: shape.clone(),
-                }))
-            },
-        );
-        let mut out = Vec::new();
-        for part in parts {
-            out.extend(part?);
-        }
-        Ok(out)
+            }
+            if to_lsn.is_empty() {
+                return Ok(None);
+            }
+            let change = s >= bases;
+            let batch = if change {
+                // Only what `build` reads: the change's other columns are freed with it.
+                let schema = sources[s].schema();
+                let indices: Vec<usize> = (0..shape.ncols)
+                    .chain(
+                        [OP, LSN, COMMIT_TS]
+                            .iter()
+                            .filter_map(|n| schema.index_of(n).ok()),
+                    )
+                    .collect();
+                sources[s].project(&indices)?
+            } else {
+                sources[s].clone()
+            };
+            Ok(Some(ClosedPart {
+                batch,
+                change,
+                mask: BooleanArray::new(mask.finish(), None),
+                to_lsn,
+                to_ts,
+                shape: shape.clone(),
+            }))
+        })
     }
 }
 
@@ -1200,63 +1303,89 @@ impl ClosedPart {
 
     /// The history rows of the closed versions.
     pub fn build(self) -> Result<RecordBatch, FoldError> {
-        let filter = FilterBuilder::new(&self.mask).optimize().build();
-        let ts = |a: &TimestampMicrosecondArray| -> Result<ArrayRef, FoldError> {
-            let kept = filter.filter(a)?;
-            Ok(Arc::new(
-                kept.as_primitive::<TimestampMicrosecondType>()
-                    .clone()
-                    .with_timezone(UTC),
-            ))
-        };
-        let (from_lsn, from_ts, deleted) = if self.change {
-            let ops = filter.filter(
-                self.batch
-                    .column_by_name(OP)
-                    .ok_or_else(|| FoldError::MissingColumn(OP.into()))?,
-            )?;
-            let ops = ops
-                .as_string_opt::<i32>()
-                .ok_or_else(|| FoldError::MissingColumn(OP.into()))?;
-            let deleted: BooleanArray = ops.iter().map(|o| Some(o == Some("D"))).collect();
-            (
-                filter.filter(int64(&self.batch, LSN)?)?,
-                ts(timestamps(&self.batch, COMMIT_TS)?)?,
-                deleted,
-            )
-        } else {
-            (
-                filter.filter(int64(&self.batch, VALID_FROM_LSN)?)?,
-                ts(timestamps(&self.batch, VALID_FROM)?)?,
-                filter
-                    .filter(bools(&self.batch, DELETED)?)?
-                    .as_boolean()
-                    .clone(),
-            )
-        };
-        // A delete's row may carry every column (REPLICA IDENTITY FULL); its tombstone keeps
-        // only the key.
-        let null_out = self.change && deleted.true_count() > 0;
-        let mut cols: Vec<ArrayRef> = Vec::with_capacity(self.shape.schema.fields().len());
-        for c in 0..self.shape.ncols {
-            let kept = filter.filter(self.batch.column(c))?;
-            cols.push(if null_out && !self.shape.key.contains(&c) {
-                nullif(&kept, &deleted)?
-            } else {
-                kept
-            });
-        }
-        let n = self.to_lsn.len();
-        cols.push(from_lsn);
-        cols.push(Arc::new(Int64Array::from(self.to_lsn)));
-        cols.push(from_ts);
-        cols.push(Arc::new(
-            TimestampMicrosecondArray::from(self.to_ts).with_timezone(UTC),
-        ));
-        cols.push(Arc::new(BooleanArray::from(vec![false; n])));
-        cols.push(Arc::new(deleted));
-        Ok(RecordBatch::try_new(self.shape.schema.clone(), cols)?)
+        own_rows(
+            &self.shape,
+            &self.batch,
+            self.change,
+            &self.mask,
+            Some((self.to_lsn, self.to_ts)),
+        )
     }
+}
+
+/// The history rows of the rows of `batch` (a change batch when `change`, else open versions)
+/// that `mask` selects, as their own versions: closed at `to` (`_valid_to_lsn`, `_valid_to`
+/// per selected row), or open (`None`).
+fn own_rows(
+    shape: &PartShape,
+    batch: &RecordBatch,
+    change: bool,
+    mask: &BooleanArray,
+    to: Option<(Vec<i64>, Vec<i64>)>,
+) -> Result<RecordBatch, FoldError> {
+    let filter = FilterBuilder::new(mask).optimize().build();
+    let ts = |a: &TimestampMicrosecondArray| -> Result<ArrayRef, FoldError> {
+        let kept = filter.filter(a)?;
+        Ok(Arc::new(
+            kept.as_primitive::<TimestampMicrosecondType>()
+                .clone()
+                .with_timezone(UTC),
+        ))
+    };
+    let (from_lsn, from_ts, deleted) = if change {
+        let ops = filter.filter(
+            batch
+                .column_by_name(OP)
+                .ok_or_else(|| FoldError::MissingColumn(OP.into()))?,
+        )?;
+        let ops = ops
+            .as_string_opt::<i32>()
+            .ok_or_else(|| FoldError::MissingColumn(OP.into()))?;
+        let deleted: BooleanArray = ops.iter().map(|o| Some(o == Some("D"))).collect();
+        (
+            filter.filter(int64(batch, LSN)?)?,
+            ts(timestamps(batch, COMMIT_TS)?)?,
+            deleted,
+        )
+    } else {
+        (
+            filter.filter(int64(batch, VALID_FROM_LSN)?)?,
+            ts(timestamps(batch, VALID_FROM)?)?,
+            filter.filter(bools(batch, DELETED)?)?.as_boolean().clone(),
+        )
+    };
+    // A delete's row may carry every column (REPLICA IDENTITY FULL); its tombstone keeps
+    // only the key.
+    let null_out = change && deleted.true_count() > 0;
+    let mut cols: Vec<ArrayRef> = Vec::with_capacity(shape.schema.fields().len());
+    for c in 0..shape.ncols {
+        let kept = filter.filter(batch.column(c))?;
+        cols.push(if null_out && !shape.key.contains(&c) {
+            nullif(&kept, &deleted)?
+        } else {
+            kept
+        });
+    }
+    let n = filter.count();
+    let open = to.is_none();
+    cols.push(from_lsn);
+    match to {
+        Some((to_lsn, to_ts)) => {
+            cols.push(Arc::new(Int64Array::from(to_lsn)));
+            cols.push(from_ts);
+            cols.push(Arc::new(
+                TimestampMicrosecondArray::from(to_ts).with_timezone(UTC),
+            ));
+        }
+        None => {
+            cols.push(deltalake::arrow::array::new_null_array(&DataType::Int64, n));
+            cols.push(from_ts);
+            cols.push(deltalake::arrow::array::new_null_array(&ts_type(), n));
+        }
+    }
+    cols.push(Arc::new(BooleanArray::from(vec![open; n])));
+    cols.push(Arc::new(deleted));
+    Ok(RecordBatch::try_new(shape.schema.clone(), cols)?)
 }
 
 struct Gather<'a> {

@@ -70,7 +70,7 @@ use crate::batch::rows::{COMMIT_TS, LSN, OLD_PREFIX, OP, SEQ, UNCHANGED};
 use crate::lake::changelog::writer_properties;
 use crate::lake::store::{has_delta_log, Sink};
 use crate::replication::sql::TableName;
-use fold::{FoldError, KeyNames, Layout};
+use fold::{FoldError, KeyNames, Layout, OpenRows};
 
 /// The `txn` app id compaction records in the current and history tables.
 pub const APP_ID: &str = "slotlake-compact";
@@ -1533,12 +1533,20 @@ async fn step(
                 base
             }
         };
+        // A step that may end without a commit keeps its versions in any order (the next
+        // fold re-groups them anyway); sorted by hash only if they are written after all.
+        let order = if write {
+            OpenRows::ByHash
+        } else {
+            OpenRows::Any
+        };
         let folded = fold::fold(
             layout,
             &base,
             unit_changes,
             &mut |batch| closed_writer.send(batch),
             options.fold_threads,
+            order,
         );
         let mut out = match folded {
             Ok(out) => out,
@@ -1557,30 +1565,38 @@ async fn step(
         }
         fold_time += fold_started.elapsed();
         report.closed += out.closed_rows as u64;
-        let rows = out.open.num_rows().max(1) as u64;
+        let rows_out = out.open.num_rows().max(1) as u64;
         let bytes = out.open.get_array_memory_size() as u64;
         if !write && carry.bytes() + bytes <= options.memory_budget / 2 {
+            if let [b] = members[..] {
+                carry.open.insert(
+                    b,
+                    Carried {
+                        hashes: out.open_hashes,
+                        open: out.open,
+                        bytes,
+                    },
+                );
+                continue;
+            }
             // Carried, a slice per bucket (never split: one piece per range, in order).
             let ranges: Vec<(u64, u64)> = members
                 .iter()
                 .map(|&b| (bucket_list[b].lo, bucket_list[b].hi))
                 .collect();
-            let slices = pieces(ctx, &ranges, (&out.open_hashes, &out.open), u64::MAX)?;
+            let (hashes, open) = hash_ordered(ctx, layout, out.open_hashes, out.open)?;
+            let slices = pieces(ctx, &ranges, (&hashes, &open), u64::MAX)?;
             for (&b, (_, _, start, len)) in members.iter().zip(slices) {
-                // A unit of several buckets (joined by a key move) is copied apart: a slice
-                // would keep the whole output alive after its siblings are folded again.
-                let open = if members.len() > 1 {
-                    let rows: Vec<u32> = (0..len as u32).collect();
-                    take_indices(&out.open.slice(start, len), &rows).map_err(ctx.fail("carry"))?
-                } else {
-                    out.open.slice(start, len)
-                };
+                // Each bucket is copied apart: a slice would keep the whole output alive
+                // after its siblings are folded again.
+                let rows: Vec<u32> = (0..len as u32).collect();
                 carry.open.insert(
                     b,
                     Carried {
-                        hashes: out.open_hashes[start..start + len].to_vec(),
-                        open,
-                        bytes: bytes * len as u64 / rows,
+                        hashes: Some(hashes[start..start + len].to_vec()),
+                        open: take_indices(&open.slice(start, len), &rows)
+                            .map_err(ctx.fail("carry"))?,
+                        bytes: bytes * len as u64 / rows_out,
                     },
                 );
             }
@@ -1599,13 +1615,14 @@ async fn step(
                 .map(|&b| (bucket_list[b].lo, bucket_list[b].hi))
                 .collect()
         };
+        let (hashes, open) = hash_ordered(ctx, layout, out.open_hashes, out.open)?;
         let written = write_buckets(
             ctx,
             layout,
             &sig,
             (history, current),
             &ranges,
-            (&out.open_hashes, &out.open),
+            (&hashes, &open),
             patch.is_some(),
             options.bucket_bytes,
         )
@@ -1672,13 +1689,14 @@ async fn step(
     let write_started = std::time::Instant::now();
     for (b, c) in std::mem::take(&mut carry.open) {
         let range = [(bucket_list[b].lo, bucket_list[b].hi)];
+        let (hashes, open) = hash_ordered(ctx, layout, c.hashes, c.open)?;
         let written = write_buckets(
             ctx,
             layout,
             &sig,
             (history, current),
             &range,
-            (&c.hashes, &c.open),
+            (&hashes, &open),
             false,
             options.bucket_bytes,
         )
@@ -1719,6 +1737,20 @@ async fn step(
         "compaction step"
     );
     Ok(report)
+}
+
+/// Open versions in hash order, with their hashes: as they are when `hashes` says they are in
+/// that order, else sorted (see [`fold::OpenRows`]).
+fn hash_ordered(
+    ctx: &Ctx<'_>,
+    layout: &Layout,
+    hashes: Option<Vec<u64>>,
+    open: RecordBatch,
+) -> Result<(Vec<u64>, RecordBatch), CompactError> {
+    match hashes {
+        Some(hashes) => Ok((hashes, open)),
+        None => fold::by_hash(layout, &open).map_err(ctx.fail("sort open versions")),
+    }
 }
 
 /// Writes open versions (sorted by key hash) as bucket file pairs: one per range of `ranges`
@@ -1780,7 +1812,8 @@ struct Carry {
 
 /// A bucket's open versions, carried.
 struct Carried {
-    hashes: Vec<u64>,
+    /// Their key hashes when `open` is in hash order (else any order).
+    hashes: Option<Vec<u64>>,
     open: RecordBatch,
     /// Its share of the memory of the fold output it is a slice of.
     bytes: u64,

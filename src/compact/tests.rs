@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use deltalake::arrow::array::{Array, AsArray, RecordBatch};
-use deltalake::arrow::datatypes::{Int64Type, TimestampMicrosecondType};
+use deltalake::arrow::datatypes::{Int64Type, SchemaRef, TimestampMicrosecondType};
 use proptest::prelude::*;
 
 use super::conform;
@@ -234,6 +234,27 @@ fn batch(changes: &[Change], reverse: bool) -> RecordBatch {
     b.finish().expect("batch")
 }
 
+/// Every row of `batches` (conformed to `schema`), as text, sorted.
+fn sorted_rows(batches: &[RecordBatch], schema: &SchemaRef) -> Vec<String> {
+    let mut rows = Vec::new();
+    for b in batches {
+        use deltalake::arrow::util::display::{ArrayFormatter, FormatOptions};
+        let b = conform(b, schema).expect("conform");
+        let options = FormatOptions::default();
+        let columns: Vec<ArrayFormatter> = b
+            .columns()
+            .iter()
+            .map(|c| ArrayFormatter::try_new(c.as_ref(), &options).expect("formatter"))
+            .collect();
+        for r in 0..b.num_rows() {
+            let values: Vec<String> = columns.iter().map(|c| c.value(r).to_string()).collect();
+            rows.push(values.join("|"));
+        }
+    }
+    rows.sort();
+    rows
+}
+
 /// Runs the fold over `changes` cut at `cuts`; returns the final open versions and every
 /// version (open and closed) with its layout applied.
 fn compact(changes: &[Change], cuts: &[usize], reverse: bool) -> (RecordBatch, Vec<RecordBatch>) {
@@ -272,31 +293,56 @@ fn compact_in_groups(
             .into_iter()
             .map(|c: RecordBatch| conform(&c, &history).expect("conform closed"))
             .collect();
-        let mut chunks = Vec::new();
-        let out = fold::fold_in_groups(
-            &layout,
-            &base,
-            vec![b],
-            &mut |c| {
-                chunks.push(c);
-                Ok(())
-            },
-            2,
-            group_keys,
-        )
-        .expect("fold");
-        let mut out = out;
-        for part in std::mem::take(&mut out.closed_parts) {
-            chunks.push(part.build().expect("build closed versions"));
-        }
-        assert_eq!(
-            chunks.iter().map(|c| c.num_rows()).sum::<usize>(),
-            out.closed_rows
-        );
+        // Both orders of open versions; a window before the last hands on the `Any` one (as
+        // a step that carries does), the last the hash-ordered one (as a step that writes).
+        let run = |rows: fold::OpenRows| {
+            let mut chunks = Vec::new();
+            let mut out = fold::fold_in_groups(
+                &layout,
+                &base,
+                vec![b.clone()],
+                &mut |c| {
+                    chunks.push(c);
+                    Ok(())
+                },
+                2,
+                rows,
+                group_keys,
+            )
+            .expect("fold");
+            for part in std::mem::take(&mut out.closed_parts) {
+                chunks.push(part.build().expect("build closed versions"));
+            }
+            assert_eq!(
+                chunks.iter().map(|c| c.num_rows()).sum::<usize>(),
+                out.closed_rows
+            );
+            (out, chunks)
+        };
+        let (sorted, sorted_chunks) = run(fold::OpenRows::ByHash);
+        let (any, any_chunks) = run(fold::OpenRows::Any);
+        let hashes = sorted
+            .open_hashes
+            .clone()
+            .expect("hashes of a hash-ordered fold");
         assert!(
-            out.open_hashes.windows(2).all(|w| w[0] <= w[1]),
+            hashes.windows(2).all(|w| w[0] <= w[1]),
             "open rows sorted by hash"
         );
+        assert!(any.open_hashes.is_none());
+        let (any_hashes, any_sorted) = fold::by_hash(&layout, &any.open).expect("by hash");
+        assert_eq!(any_hashes, hashes, "same open keys in both orders");
+        assert_eq!(any_sorted, sorted.open, "same open versions in both orders");
+        assert_eq!(
+            sorted_rows(&any_chunks, &history),
+            sorted_rows(&sorted_chunks, &history),
+            "same closed versions in both orders"
+        );
+        let (out, chunks) = if w[1] == changes.len() {
+            (sorted, sorted_chunks)
+        } else {
+            (any, any_chunks)
+        };
         closed.extend(chunks);
         open = Some(out.open);
     }
