@@ -401,8 +401,12 @@ pub fn current_rows(layout: &Layout, open: &RecordBatch) -> Result<RecordBatch, 
 /// of every key of a large bucket misses them on almost every lookup.
 const GROUP_KEYS: usize = 8 * 1024;
 
-/// Rows of open versions keyed at a time (one thread's share of the work).
+/// Rows of open versions keyed at a time (one thread's share of the work). Tests use tiny
+/// slices, so that their bases span several.
+#[cfg(not(test))]
 const BASE_SLICE_ROWS: usize = 64 * 1024;
+#[cfg(test)]
+const BASE_SLICE_ROWS: usize = 7;
 
 /// Groups a fold splits its keys into, at most. Group numbers, and `MAX_GROUPS` for
 /// truncates, are stored as `u16`.
@@ -1176,6 +1180,10 @@ impl Closings {
     }
 
     fn close(&self, (s, row): RowRef, lsn: i64, ts: i64) {
+        debug_assert!(
+            lsn != KEPT_OPEN && lsn != i64::MIN,
+            "an LSN taken for a mark"
+        );
         if let Some((l, t)) = self.to.get(s as usize).and_then(|b| b.get(row as usize)) {
             l.store(lsn, Relaxed);
             t.store(ts, Relaxed);

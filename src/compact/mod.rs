@@ -1332,6 +1332,18 @@ async fn step(
             signature: sig.clone(),
         });
     }
+    // The ranges tile the hash space (a rewrite keeps a file for a bucket it empties, a split
+    // writes both halves): a hole means a bucket's files left the tables, and the rows of its
+    // range would be routed to a neighbour. Checked before anything is folded, as a carried
+    // step's versions are not checked against their ranges until they are written.
+    let whole = bucket_list.first().is_some_and(|b| b.lo == 0)
+        && bucket_list.last().is_some_and(|b| b.hi == u64::MAX)
+        && bucket_list
+            .windows(2)
+            .all(|w| w[0].hi.checked_add(1) == Some(w[1].lo));
+    if !rebucket && !whole {
+        return Err(ctx.fail("bucket ranges")(FoldError::BucketGap));
+    }
     let nb = bucket_list.len();
     let started = std::time::Instant::now();
     let (mut fold_time, mut write_time) = (std::time::Duration::ZERO, std::time::Duration::ZERO);

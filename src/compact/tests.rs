@@ -1053,8 +1053,10 @@ async fn steps_carry_their_open_versions_to_the_next() {
 }
 
 /// A bucket whose file pair left the tables (removed by hand) leaves a gap in the hash ranges.
-/// A step that would carry rows of that range to the next fails, as a written step does,
-/// instead of dropping them (here the last step, which writes, touches no key of the gap).
+/// The next run fails (its first step checks that the ranges tile the hash space, and every
+/// write checks its rows against their ranges) instead of carrying rows of that range under
+/// a neighbour's or dropping them (here the last step, which writes, touches no key of the
+/// gap).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gap_in_the_buckets_fails_a_carried_step() {
     use crate::lsn::Lsn;
