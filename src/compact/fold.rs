@@ -303,11 +303,16 @@ impl std::borrow::Borrow<[u8]> for Key {
 /// Closed versions are handed over in chunks of this many rows.
 const CLOSED_CHUNK: usize = 128 * 1024;
 
+/// A version's TOAST columns carried from earlier versions, behind one thin pointer: rare, and
+/// a version (a state entry with its key) then fits a cache line.
+#[derive(Debug, Clone)]
+struct Overrides(Box<[(u32, RowRef)]>);
+
 #[derive(Debug, Clone)]
 struct Version {
     src: RowRef,
     /// TOAST columns carried from an earlier version: (column index, where the value is).
-    overrides: Option<Box<[(u32, RowRef)]>>,
+    overrides: Option<Box<Overrides>>,
     from_lsn: i64,
     from_ts: i64,
     deleted: bool,
@@ -316,6 +321,8 @@ struct Version {
     /// Closing it only marks the row (see [`Closings`]); other versions are gathered.
     own: bool,
 }
+
+const _: () = assert!(std::mem::size_of::<(Key, Version)>() <= 64);
 
 impl Version {
     /// Ends this (live) version at (`lsn`, `ts`): it becomes a tombstone of the same key from
@@ -334,7 +341,7 @@ impl Version {
     fn value_ref(&self, col: u32) -> RowRef {
         self.overrides
             .as_ref()
-            .and_then(|o| o.iter().find(|(c, _)| *c == col).map(|(_, r)| *r))
+            .and_then(|o| o.0.iter().find(|(c, _)| *c == col).map(|(_, r)| *r))
             .unwrap_or(self.src)
     }
 }
@@ -1004,7 +1011,8 @@ impl Folder<'_, '_> {
                     let next = |overrides: Vec<(u32, RowRef)>| Version {
                         src: (*src, row),
                         own: overrides.is_empty(),
-                        overrides: (!overrides.is_empty()).then(|| overrides.into()),
+                        overrides: (!overrides.is_empty())
+                            .then(|| Box::new(Overrides(overrides.into()))),
                         from_lsn: l,
                         from_ts: t,
                         deleted: false,
