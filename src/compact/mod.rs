@@ -1545,9 +1545,10 @@ async fn step(
                 base
             }
         };
-        // A step that may end without a commit keeps its versions in any order (the next
-        // fold re-groups them anyway); sorted by hash only if they are written after all.
-        let order = if write {
+        // A unit of one bucket that may end the step without a commit keeps its versions in
+        // any order (the next fold re-groups them anyway; sorted by hash only if they are
+        // written after all). A unit of several buckets is cut into them by hash either way.
+        let order = if write || members.len() > 1 {
             OpenRows::ByHash
         } else {
             OpenRows::Any
@@ -1591,7 +1592,8 @@ async fn step(
                 );
                 continue;
             }
-            // Carried, a slice per bucket (never split: one piece per range, in order).
+            // Carried, a slice per bucket (never split: one piece per range, in order); the
+            // fold gave them in hash order.
             let ranges: Vec<(u64, u64)> = members
                 .iter()
                 .map(|&b| (bucket_list[b].lo, bucket_list[b].hi))
