@@ -32,7 +32,7 @@ use deltalake::arrow::array::{
 };
 use deltalake::arrow::compute::{interleave, nullif, FilterBuilder};
 use deltalake::arrow::datatypes::{
-    DataType, Field, Int64Type, Schema, SchemaRef, TimeUnit, TimestampMicrosecondType,
+    DataType, Field, FieldRef, Int64Type, Schema, SchemaRef, TimeUnit, TimestampMicrosecondType,
 };
 use deltalake::arrow::error::ArrowError;
 use deltalake::arrow::row::{RowConverter, Rows, SortField};
@@ -558,8 +558,10 @@ pub(super) fn fold_in_groups(
         sources.push(batch);
         views.push((src, view?));
     }
-    // Commit order; (_lsn, _seq) is unique, so the order never depends on file order.
-    let mut order: Vec<(i64, i64, u32, u32)> = Vec::with_capacity(n);
+    // Commit order: (_lsn, _seq, change batch, row). (_lsn, _seq) is unique, so the order
+    // never depends on file order.
+    type Change = (i64, i64, u32, u32);
+    let mut order: Vec<Change> = Vec::with_capacity(n);
     for (b, (_, view)) in views.iter().enumerate() {
         let b = index(b)?;
         for row in 0..view.lsn.len() {
@@ -571,82 +573,53 @@ pub(super) fn fold_in_groups(
     // where the unstable one re-sorted a nearly sorted step from scratch (4.5 % of a
     // compaction's CPU, on the thread every other waits for).
     order.sort();
-    // Each change's operation and group (truncates: `groups`), on every thread; then the
-    // groups key moves join.
+    // The steps of each group (truncates: `groups`), in commit order: each thread takes a
+    // share of the commit order and files its changes by group, so a group's steps are its
+    // lists in the shares' order. Then the groups key moves join.
     let share = n.div_ceil(threads.max(1)).max(1);
-    let shares: Vec<&[(i64, i64, u32, u32)]> = order.chunks(share).collect();
-    type Classified = (Vec<(u16, Op)>, Vec<(usize, usize)>);
-    let classified = par_map(&shares, threads, |part| -> Result<Classified, FoldError> {
-        let mut group = Vec::with_capacity(part.len());
-        let mut moves = Vec::new();
-        for &(_, _, b, row) in *part {
-            let (view, i) = (&views[b as usize].1, row as usize);
-            let op = match view.ops.value(i) {
-                "I" | "U" => Op::Upsert,
-                "R" => Op::Restate,
-                "D" => Op::Delete,
-                "T" => Op::Truncate,
-                other => return Err(FoldError::UnknownOp(other.to_string())),
-            };
-            let g = if op == Op::Truncate {
-                groups
-            } else {
-                let g = group_of(view.hashes[i]);
-                if view.has_old[i] {
-                    let old = group_of(key_hash(view.old_keys.row(i).as_ref()));
-                    if old != g {
-                        moves.push((old, g));
-                    }
-                }
-                g
-            };
-            group.push((g as u16, op));
-        }
-        Ok((group, moves))
-    });
-    let mut group: Vec<(u16, Op)> = Vec::with_capacity(n);
-    let mut parent: Vec<usize> = (0..groups).collect();
-    for part in classified {
-        let (part, moves) = part?;
-        group.extend(part);
-        for (old, g) in moves {
-            let (x, y) = (super::find(&mut parent, old), super::find(&mut parent, g));
-            parent[x] = y;
-        }
-    }
-    let mut sizes = vec![0usize; groups + 1];
-    for &(g, _) in &group {
-        sizes[usize::from(g)] += 1;
-    }
-    // The steps of each group (truncates: of every group), in commit order: each thread
-    // builds the lists of a range of groups (about as many steps each).
-    let mut ranges: Vec<(usize, usize)> = Vec::with_capacity(threads.max(1));
-    let mut lo = 0;
-    let mut filled = 0;
-    for (g, &k) in sizes.iter().enumerate() {
-        filled += k;
-        if filled >= share * (ranges.len() + 1) && ranges.len() + 1 < threads.max(1) {
-            ranges.push((lo, g + 1));
-            lo = g + 1;
-        }
-    }
-    ranges.push((lo, sizes.len()));
-    let built = par_map(
-        &ranges,
+    let shares: Vec<(usize, &[Change])> = order
+        .chunks(share)
+        .enumerate()
+        .map(|(t, part)| (t * share, part))
+        .collect();
+    type Filed = (Vec<Vec<Step>>, Vec<(usize, usize)>);
+    let filed = par_map(
+        &shares,
         threads,
-        |&(lo, hi)| -> Result<Vec<Vec<Step>>, FoldError> {
-            let mut lists: Vec<Vec<Step>> = sizes[lo..hi]
-                .iter()
-                .map(|&k| Vec::with_capacity(k))
-                .collect();
-            for (ord, (&(lsn, _, b, row), &(g, op))) in order.iter().zip(&group).enumerate() {
+        |&(first, part)| -> Result<Filed, FoldError> {
+            let mut group = Vec::with_capacity(part.len());
+            let mut sizes = vec![0usize; groups + 1];
+            let mut moves = Vec::new();
+            for &(_, _, b, row) in part {
+                let (view, i) = (&views[b as usize].1, row as usize);
+                let op = match view.ops.value(i) {
+                    "I" | "U" => Op::Upsert,
+                    "R" => Op::Restate,
+                    "D" => Op::Delete,
+                    "T" => Op::Truncate,
+                    other => return Err(FoldError::UnknownOp(other.to_string())),
+                };
+                let g = if op == Op::Truncate {
+                    groups
+                } else {
+                    let g = group_of(view.hashes[i]);
+                    if view.has_old[i] {
+                        let old = group_of(key_hash(view.old_keys.row(i).as_ref()));
+                        if old != g {
+                            moves.push((old, g));
+                        }
+                    }
+                    g
+                };
+                sizes[g] += 1;
+                group.push((g as u16, op));
+            }
+            let mut lists: Vec<Vec<Step>> = sizes.iter().map(|&k| Vec::with_capacity(k)).collect();
+            for (j, (&(lsn, _, b, row), &(g, op))) in part.iter().zip(&group).enumerate() {
                 let g = usize::from(g);
-                if g < lo || g >= hi {
-                    continue;
-                }
                 let (view, i) = (&views[b as usize].1, row as usize);
                 let key = view.keys.row(i);
-                lists[g - lo].push(Step {
+                lists[g].push(Step {
                     lsn,
                     ts: view.ts.value(i),
                     key: Key::new(if op == Op::Truncate {
@@ -654,7 +627,7 @@ pub(super) fn fold_in_groups(
                     } else {
                         key.as_ref()
                     }),
-                    ord: index(ord)?,
+                    ord: index(first + j)?,
                     b,
                     row,
                     op,
@@ -662,16 +635,24 @@ pub(super) fn fold_in_groups(
                     unchanged: view.unchanged.is_valid(i) && view.unchanged.value_length(i) > 0,
                 });
             }
-            Ok(lists)
+            Ok((lists, moves))
         },
     );
-    let mut lists: Vec<Vec<Step>> = Vec::with_capacity(groups + 1);
-    for part in built {
-        lists.extend(part?);
-    }
+    drop(shares);
     drop(order);
-    drop(group);
-    let truncates = lists.pop().unwrap_or_default();
+    let mut parent: Vec<usize> = (0..groups).collect();
+    let mut lists: Vec<Vec<Vec<Step>>> = Vec::with_capacity(filed.len());
+    for part in filed {
+        let (part, moves) = part?;
+        lists.push(part);
+        for (old, g) in moves {
+            let (x, y) = (super::find(&mut parent, old), super::find(&mut parent, g));
+            parent[x] = y;
+        }
+    }
+    // A group's steps (`groups`: the truncates, which every group applies), in commit order.
+    let steps_of = |g: usize| lists.iter().flat_map(move |share| share[g].iter());
+    let truncates = lists.iter().any(|share| !share[groups].is_empty());
     // Units: groups joined by key moves, in the order of their first group.
     let mut unit_of = vec![usize::MAX; groups];
     let mut units: Vec<Vec<usize>> = Vec::new();
@@ -719,10 +700,10 @@ pub(super) fn fold_in_groups(
             .collect();
         let mut steps: Vec<&Step> = unit
             .iter()
-            .flat_map(|&g| lists[g].iter())
-            .chain(&truncates)
+            .flat_map(|&g| steps_of(g))
+            .chain(steps_of(groups))
             .collect();
-        if unit.len() > 1 || !truncates.is_empty() {
+        if unit.len() > 1 || truncates {
             steps.sort_unstable_by_key(|s| s.ord);
         }
         let open = folder.unit(&base, &steps, scratch, closed)?;
@@ -856,20 +837,29 @@ pub(super) fn fold_in_groups(
     let mut batch_columns: Vec<Vec<ArrayRef>> =
         batches.iter().map(|b| b.columns().to_vec()).collect();
     drop(batches);
-    let mut columns = Vec::with_capacity(schema.fields().len());
-    for (c, field) in schema.fields().iter().enumerate() {
-        let slices: Vec<ArrayRef> = pieces
-            .iter()
-            .map(|&(b, start, len)| batch_columns[b][c].slice(start, len))
-            .collect();
-        let refs: Vec<&dyn Array> = slices.iter().map(|a| a.as_ref()).collect();
-        columns.push(if refs.is_empty() {
-            deltalake::arrow::array::new_empty_array(field.data_type())
-        } else {
-            deltalake::arrow::compute::concat(&refs)?
+    // A column per thread at a time; each batch's columns dropped once copied.
+    let fields: Vec<(usize, &FieldRef)> = schema.fields().iter().enumerate().collect();
+    let mut columns = Vec::with_capacity(fields.len());
+    for round in fields.chunks(threads.max(1)) {
+        let copied = par_map(round, threads, |&(c, field)| {
+            let slices: Vec<ArrayRef> = pieces
+                .iter()
+                .map(|&(b, start, len)| batch_columns[b][c].slice(start, len))
+                .collect();
+            let refs: Vec<&dyn Array> = slices.iter().map(|a| a.as_ref()).collect();
+            if refs.is_empty() {
+                Ok(deltalake::arrow::array::new_empty_array(field.data_type()))
+            } else {
+                deltalake::arrow::compute::concat(&refs)
+            }
         });
-        for cols in &mut batch_columns {
-            cols[c] = deltalake::arrow::array::new_empty_array(field.data_type());
+        for column in copied {
+            columns.push(column?);
+        }
+        for &(c, field) in round {
+            for cols in &mut batch_columns {
+                cols[c] = deltalake::arrow::array::new_empty_array(field.data_type());
+            }
         }
     }
     let open_batch = RecordBatch::try_new(schema, columns)?;
@@ -1141,7 +1131,7 @@ impl<'a> ChangeView<'a> {
     }
 }
 
-/// `f` of every item, in order, on up to `threads` threads (contiguous shares).
+/// `f` of every item, results in the items' order, on up to `threads` threads.
 fn par_map<'a, T: Sync, R: Send>(
     items: &'a [T],
     threads: usize,
@@ -1151,17 +1141,31 @@ fn par_map<'a, T: Sync, R: Send>(
     if threads == 1 {
         return items.iter().map(f).collect();
     }
-    let share = items.len().div_ceil(threads);
-    std::thread::scope(|s| {
-        let handles: Vec<_> = items
-            .chunks(share)
-            .map(|chunk| s.spawn(|| chunk.iter().map(&f).collect::<Vec<R>>()))
+    // Items taken one at a time, in order, by whichever thread is free: items differ in size
+    // (a carried base is one batch as large as a step's changes), and fixed shares left one
+    // thread idle while the other finished the large one.
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut done: Vec<(usize, R)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut done = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Relaxed);
+                        let Some(item) = items.get(i) else { break };
+                        done.push((i, f(item)));
+                    }
+                    done
+                })
+            })
             .collect();
         handles
             .into_iter()
             .flat_map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
             .collect()
-    })
+    });
+    done.sort_unstable_by_key(|&(i, _)| i);
+    done.into_iter().map(|(_, r)| r).collect()
 }
 
 /// For each row of each source batch (open versions, then changes), where its own version
