@@ -57,9 +57,12 @@ use crate::types::ValueError;
 /// Rows a table buffers in Arrow builders before handing them to its Parquet writer.
 const BATCH_ROWS: usize = 8192;
 /// Changes between two measurements of the buffered bytes (a full measurement walks every
-/// column builder of every table, too slow to do per change).
+/// column builder of every table, too slow to do per change). In between, each change adds
+/// the bytes of its values to the estimate, so that wide rows (a thousand 1 MB documents)
+/// cannot pile up far past the budget before the next measurement.
 const MEASURE_EVERY: usize = 1024;
-/// Events of a committed streamed transaction handled between two memory checks.
+/// Events of a committed streamed transaction handled between two memory checks; and at most
+/// values of an eighth of `--memory-budget` (the slice is held while it is handled).
 const REPLAY_SLICE: usize = 4096;
 /// Messages taken from the read buffer in a row before the stream loop looks at its timers,
 /// the flight and the shutdown signal again.
@@ -781,7 +784,11 @@ impl Pipeline {
                         // A committed streamed transaction, handed out slice by slice: memory
                         // stays bounded and the server keeps hearing from us.
                         assembler
-                            .drain_replay(&mut events, REPLAY_SLICE)
+                            .drain_replay(
+                                &mut events,
+                                REPLAY_SLICE,
+                                (self.opts.memory_budget / 8) as usize,
+                            )
                             .map_err(|source| RunError::Txn {
                                 lsn: wal_start,
                                 source,
@@ -905,9 +912,10 @@ impl Pipeline {
         self.buffered
     }
 
-    /// The buffered bytes, measured again every [`MEASURE_EVERY`] changes.
+    /// The buffered bytes, measured again every [`MEASURE_EVERY`] changes, and whenever the
+    /// estimate (the last measurement plus the bytes of the values since) passes the budget.
     fn buffered_estimate(&mut self) -> usize {
-        if self.since_measure >= MEASURE_EVERY {
+        if self.since_measure >= MEASURE_EVERY || self.buffered as u64 > self.opts.memory_budget {
             self.measure()
         } else {
             self.buffered
@@ -1023,6 +1031,7 @@ impl Pipeline {
                 self.op_changes[change.op as usize].inc();
                 self.summary.changes += 1;
                 self.since_measure += 1;
+                self.buffered += change.value_bytes();
                 if state.pending_lsn.is_none() {
                     state.first_pending = Some(lsn);
                 }

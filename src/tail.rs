@@ -238,7 +238,7 @@ pub async fn run<W: Write>(
                             break;
                         }
                         assembler
-                            .drain_replay(&mut events, 4096)
+                            .drain_replay(&mut events, 4096, 64 << 20)
                             .map_err(|source| TailError::Txn { lsn: wal_start, source })?;
                     }
                 }

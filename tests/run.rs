@@ -943,6 +943,75 @@ async fn source_columns_named_like_metadata_columns_are_kept_apart() {
     assert_eq!(update["_old_id__source"], 7);
 }
 
+/// Rows of 1 MiB: `--memory-budget` bounds what a run holds however wide the rows, in one
+/// big (streamed, spilled, replayed) transaction and over many small ones. The budget used
+/// to be checked against a measurement taken every 1,024 changes, and a replayed
+/// transaction was handled 4,096 changes at a time: a 16 MiB budget held hundreds of MiB.
+#[tokio::test(flavor = "multi_thread")]
+async fn wide_rows_stay_within_the_memory_budget() {
+    let cluster = Cluster::shared();
+    let db = cluster.create_db("wide_rows").await;
+    setup(&db, 0).await;
+    db.exec("CREATE TABLE wide (id int PRIMARY KEY, doc text); ALTER TABLE wide ALTER doc SET STORAGE EXTERNAL")
+        .await;
+    let row = |i: i64| format!("({i}, repeat(md5('{i}'), 32768))");
+    let rows: Vec<String> = (1..=100).map(row).collect();
+    db.exec(&format!("INSERT INTO wide VALUES {}", rows.join(",")))
+        .await;
+    for i in 101..=200 {
+        db.exec(&format!("INSERT INTO wide VALUES {}", row(i)))
+            .await;
+    }
+    let stop = db.wal_insert_lsn().await.to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let root = format!("file://{}", dir.path().join("lake").display());
+    let log = dir.path().join("run.log");
+    let logf = std::fs::File::create(&log).unwrap();
+    let url = db.url();
+    let slot = lake_slot(&db);
+    // A flush interval past the run's length: only the budget bounds what is buffered.
+    #[rustfmt::skip]
+    let args = [
+        "run", "--source", &url, "--slot", &slot, "--publication", "pub", "--sink", &root,
+        "--memory-budget", "16MiB", "--flush-interval", "1h", "--metrics-addr", "127.0.0.1:0",
+        "--stop-at", &stop,
+    ];
+    // Reaped with `wait4` below, for its peak RSS.
+    #[allow(clippy::zombie_processes)]
+    let child = std::process::Command::new(slotlake_bin())
+        .args(args)
+        .env("SLOTLAKE_LOG_LEVEL", "info")
+        .stdout(Stdio::null())
+        .stderr(logf)
+        .spawn()
+        .unwrap();
+    let pid = child.id() as libc::pid_t;
+    let (status, rusage) = tokio::task::spawn_blocking(move || {
+        let mut status = 0;
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        let reaped = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+        assert_eq!(reaped, pid, "wait4");
+        (status, usage)
+    })
+    .await
+    .unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "run exits 0 at --stop-at\n{text}"
+    );
+    let peak_mib = rusage.ru_maxrss / 1024;
+    assert!(
+        peak_mib < 150,
+        "peak RSS {peak_mib} MiB with a 16 MiB budget and 200 MiB of rows\n{text}"
+    );
+    assert_eq!(
+        delta_count(&format!("{root}/changes/public/wide"), None),
+        200,
+        "{text}"
+    );
+}
+
 /// `--stop-at`: run streams until the stream passes the LSN, then commits, confirms and exits
 /// 0 by itself, with every transaction that committed before the LSN in the lake.
 #[tokio::test]

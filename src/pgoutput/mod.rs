@@ -119,6 +119,19 @@ pub struct TupleData {
     pub columns: Vec<TupleColumn>,
 }
 
+impl TupleData {
+    /// Bytes of the values sent (text or binary forms).
+    pub fn value_bytes(&self) -> usize {
+        self.columns
+            .iter()
+            .map(|c| match c {
+                TupleColumn::Text(b) | TupleColumn::Binary(b) => b.len(),
+                TupleColumn::Null | TupleColumn::UnchangedToast => 0,
+            })
+            .sum()
+    }
+}
+
 /// The old row carried by an Update or Delete.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OldTuple {

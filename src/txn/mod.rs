@@ -61,6 +61,14 @@ pub struct Change {
     pub old: Option<OldTuple>,
 }
 
+impl Change {
+    /// Bytes of the values it carries (new row and old key or row), as sent.
+    pub fn value_bytes(&self) -> usize {
+        self.new.as_ref().map_or(0, TupleData::value_bytes)
+            + self.old.as_ref().map_or(0, |o| o.tuple().value_bytes())
+    }
+}
+
 /// Commit-order position of a change: the identity that survives replays.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Position {
@@ -290,18 +298,24 @@ impl Assembler {
         out: &mut Vec<Event>,
     ) -> Result<(), TxnError> {
         self.handle(msg, out)?;
-        while self.drain_replay(out, usize::MAX)? {}
+        while self.drain_replay(out, usize::MAX, usize::MAX)? {}
         Ok(())
     }
 
     /// Hands out up to `max` events of the committed streamed transaction being replayed, in
-    /// order, ending with its Commit. Returns whether more remain.
-    pub fn drain_replay(&mut self, out: &mut Vec<Event>, max: usize) -> Result<bool, TxnError> {
+    /// order, ending with its Commit, and no more once their values reach `max_bytes`.
+    /// Returns whether more remain.
+    pub fn drain_replay(
+        &mut self,
+        out: &mut Vec<Event>,
+        max: usize,
+        max_bytes: usize,
+    ) -> Result<bool, TxnError> {
         let Some(replay) = self.replay.as_mut() else {
             return Ok(false);
         };
-        let mut emitted = 0;
-        while emitted < max {
+        let (mut emitted, mut bytes) = (0, 0);
+        while emitted < max && bytes < max_bytes {
             let next = match replay.spilled.as_mut() {
                 Some(reader) => match reader.next()? {
                     Some(h) => Some(h),
@@ -327,6 +341,7 @@ impl Assembler {
             emitted += 1;
             match held {
                 Held::Change { change, .. } => {
+                    bytes += change.value_bytes();
                     out.push(Event::Change {
                         txn: replay.info,
                         position: Position {
@@ -951,7 +966,7 @@ mod tests {
         let mut out = Vec::new();
         for msg in messages {
             a.handle(msg.clone(), &mut out).unwrap();
-            while a.drain_replay(&mut out, slice).unwrap() {}
+            while a.drain_replay(&mut out, slice, usize::MAX).unwrap() {}
         }
         assert!(a.is_idle());
         out
@@ -1035,8 +1050,8 @@ mod tests {
             a.handle(PgOutputMessage::StreamStop, &mut out),
             Err(TxnError::ReplayPending)
         );
-        assert!(a.drain_replay(&mut out, 60).unwrap());
-        assert!(!a.drain_replay(&mut out, 60).unwrap());
+        assert!(a.drain_replay(&mut out, 60, usize::MAX).unwrap());
+        assert!(!a.drain_replay(&mut out, 60, usize::MAX).unwrap());
         assert_eq!(values(&out).len(), 100);
         assert!(a.is_idle());
     }

@@ -626,6 +626,14 @@ pub fn read_delta(uri: &str, s3_endpoint: Option<&str>) -> Vec<serde_json::Value
         .collect()
 }
 
+/// The number of rows of a Delta table's current version, per Python `deltalake`.
+pub fn delta_count(uri: &str, s3_endpoint: Option<&str>) -> usize {
+    let out = delta_reader(uri, s3_endpoint, &["--count"]);
+    out.trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("a row count from the reader, not {out:?}"))
+}
+
 /// The data files (URIs) of a Delta table's current version, per Python `deltalake`.
 pub fn delta_files(uri: &str, s3_endpoint: Option<&str>) -> Vec<String> {
     delta_reader(uri, s3_endpoint, &["--files"])
