@@ -315,7 +315,8 @@ impl Assembler {
             return Ok(false);
         };
         let (mut emitted, mut bytes) = (0, 0);
-        while emitted < max && bytes < max_bytes {
+        // At least one event per call, whatever the limits: a replay always moves on.
+        while emitted == 0 || (emitted < max && bytes < max_bytes) {
             let next = match replay.spilled.as_mut() {
                 Some(reader) => match reader.next()? {
                     Some(h) => Some(h),
@@ -966,7 +967,13 @@ mod tests {
         let mut out = Vec::new();
         for msg in messages {
             a.handle(msg.clone(), &mut out).unwrap();
-            while a.drain_replay(&mut out, slice, usize::MAX).unwrap() {}
+            // Odd slices also cap the slice's value bytes (0: one change per call).
+            let bytes = if slice % 2 == 1 {
+                slice / 2
+            } else {
+                usize::MAX
+            };
+            while a.drain_replay(&mut out, slice, bytes).unwrap() {}
         }
         assert!(a.is_idle());
         out
@@ -1014,6 +1021,48 @@ mod tests {
                 ));
             }
         }
+    }
+
+    #[test]
+    fn a_replay_slice_ends_once_its_values_reach_the_byte_cap() {
+        let mut a = Assembler::new();
+        let mut out = Vec::new();
+        a.handle(rel(1), &mut out).unwrap();
+        a.handle(stream_start(10), &mut out).unwrap();
+        for _ in 0..10 {
+            a.handle(ins(Some(10), 1, "0123456789"), &mut out).unwrap();
+        }
+        a.handle(PgOutputMessage::StreamStop, &mut out).unwrap();
+        a.handle(
+            PgOutputMessage::StreamCommit(StreamCommit {
+                xid: 10,
+                flags: 0,
+                commit_lsn: Lsn(9),
+                end_lsn: Lsn(10),
+                commit_ts: PgTimestamp(0),
+            }),
+            &mut out,
+        )
+        .unwrap();
+        let changes = |out: &[Event]| {
+            out.iter()
+                .filter(|e| matches!(e, Event::Change { .. }))
+                .count()
+        };
+        let before = changes(&out);
+        // 10 bytes a change: a slice ends with the change that brings it to 25 bytes or more.
+        assert!(a.drain_replay(&mut out, usize::MAX, 25).unwrap());
+        assert_eq!(changes(&out) - before, 3);
+        // A cap of nothing still hands out a change per call.
+        assert!(a.drain_replay(&mut out, usize::MAX, 0).unwrap());
+        assert_eq!(changes(&out) - before, 4);
+        while a.drain_replay(&mut out, usize::MAX, 25).unwrap() {}
+        assert_eq!(changes(&out) - before, 10);
+        assert!(matches!(
+            out.last(),
+            Some(Event::Commit { changes: 10, .. })
+        ));
+        assert!(a.is_idle());
     }
 
     #[test]
