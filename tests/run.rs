@@ -986,15 +986,21 @@ async fn wide_rows_stay_within_the_memory_budget() {
         .spawn()
         .unwrap();
     let pid = child.id() as libc::pid_t;
-    let (status, rusage) = tokio::task::spawn_blocking(move || {
+    let reaped = tokio::task::spawn_blocking(move || {
         let mut status = 0;
         let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
         let reaped = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
         assert_eq!(reaped, pid, "wait4");
         (status, usage)
-    })
-    .await
-    .unwrap();
+    });
+    let Ok(reaped) = tokio::time::timeout(Duration::from_secs(180), reaped).await else {
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        panic!(
+            "run did not stop at --stop-at within 180 s\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    };
+    let (status, rusage) = reaped.unwrap();
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(
         libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,

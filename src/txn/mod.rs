@@ -353,10 +353,13 @@ impl Assembler {
                     });
                     replay.seq += 1;
                 }
-                Held::Message { message, .. } => out.push(Event::Message {
-                    txn: Some(replay.info),
-                    message,
-                }),
+                Held::Message { message, .. } => {
+                    bytes += message.content.len();
+                    out.push(Event::Message {
+                        txn: Some(replay.info),
+                        message,
+                    })
+                }
             }
         }
         Ok(true)
