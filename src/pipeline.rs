@@ -1235,7 +1235,7 @@ impl Pipeline {
         self.land(stream).await?;
         let budget = self.opts.memory_budget as usize;
         let mut by_size: Vec<&mut TableState> = self.tables.values_mut().collect();
-        by_size.sort_by_key(|t| std::cmp::Reverse(t.memory_bytes()));
+        by_size.sort_by_cached_key(|t| std::cmp::Reverse(t.memory_bytes()));
         let mut total: usize = by_size.iter().map(|t| t.memory_bytes()).sum();
         for t in by_size {
             if total <= budget / 2 {
