@@ -944,7 +944,8 @@ async fn source_columns_named_like_metadata_columns_are_kept_apart() {
 }
 
 /// Rows of 1 MiB: `--memory-budget` bounds what a run holds however wide the rows, in one
-/// big (streamed, spilled, replayed) transaction and over many small ones. The budget used
+/// big (streamed, spilled, replayed) transaction and over many small ones; compaction sizes
+/// its steps by the rows' Arrow size, not their (tiny) Parquet size. The budget used
 /// to be checked against a measurement taken every 1,024 changes, and a replayed
 /// transaction was handled 4,096 changes at a time: a 16 MiB budget held hundreds of MiB.
 #[tokio::test(flavor = "multi_thread")]
@@ -1015,6 +1016,32 @@ async fn wide_rows_stay_within_the_memory_budget() {
         delta_count(&format!("{root}/changes/public/wide"), None),
         200,
         "{text}"
+    );
+    // Compaction plans its steps by the Arrow size the change log's writer recorded: the
+    // 200 MiB of repeated text are ~100 KB of Parquet, which at 4x would be one step.
+    let (code, out, err) = run_slotlake(
+        &[
+            "compact",
+            "--sink",
+            &root,
+            "--compact-memory",
+            "64MiB",
+            "--format",
+            "json",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    let report: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    assert!(
+        report["steps"].as_u64().unwrap() >= 4,
+        "steps of at most 32 MiB of rows: {out}"
+    );
+    assert_eq!(
+        delta_count(&format!("{root}/current/public/wide"), None),
+        200,
+        "{out}"
     );
 }
 

@@ -94,7 +94,8 @@ const ORPHAN_MIN_AGE: std::time::Duration = std::time::Duration::from_secs(3600)
 const TOMBSTONE_RETENTION: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
 
 /// Arrow bytes per byte of change-log Parquet, to size steps before reading them (measured on
-/// the bench workload: zstd Parquet of integer and short text columns expands ~4×).
+/// the bench workload: zstd Parquet of integer and short text columns expands ~4×), unless
+/// the file's writer recorded more ([`crate::lake::changelog::ARROW_BYTES_TAG`]).
 const PARQUET_EXPANSION: u64 = 4;
 
 #[derive(Debug, thiserror::Error)]
@@ -931,27 +932,27 @@ pub async fn compact_table(
             if v == next {
                 adds.drain(..skip.min(adds.len()));
             }
-            let size: u64 = adds.iter().map(|a| a.1.max(0) as u64).sum();
-            if v > next && estimate + size * PARQUET_EXPANSION > budget {
+            let wanted: u64 = adds.iter().map(|a| a.2).sum();
+            if v > next && estimate + wanted > budget {
                 break;
             }
-            if v == next && size * PARQUET_EXPANSION > budget && adds.len() > 1 {
+            let file = |(path, size, _): (String, i64, u64)| (path, size);
+            if v == next && wanted > budget && adds.len() > 1 {
                 let mut taken = 0;
                 for a in &adds {
-                    let bytes = a.1.max(0) as u64 * PARQUET_EXPANSION;
-                    if taken > 0 && estimate + bytes > budget {
+                    if taken > 0 && estimate + a.2 > budget {
                         break;
                     }
-                    estimate += bytes;
+                    estimate += a.2;
                     taken += 1;
                 }
                 let whole = taken == adds.len();
-                files.extend(adds.into_iter().take(taken));
+                files.extend(adds.into_iter().take(taken).map(file));
                 end = if whole { (v + 1, 0) } else { (v, skip + taken) };
                 break;
             }
-            estimate += size * PARQUET_EXPANSION;
-            files.extend(adds);
+            estimate += wanted;
+            files.extend(adds.into_iter().map(file));
             end = (v + 1, 0);
             v += 1;
         }
@@ -1089,6 +1090,8 @@ struct CommitAdd {
     path: String,
     size: i64,
     data_change: bool,
+    /// The Arrow size its writer recorded ([`crate::lake::changelog::ARROW_BYTES_TAG`]).
+    arrow_bytes: Option<u64>,
 }
 
 /// Every data file a change-log commit adds.
@@ -1105,6 +1108,11 @@ fn commit_actions(bytes: &[u8]) -> Result<Vec<CommitAdd>, serde_json::Error> {
                     path: path.to_string(),
                     size: add.get("size").and_then(|s| s.as_i64()).unwrap_or(0),
                     data_change: add.get("dataChange").and_then(|d| d.as_bool()) != Some(false),
+                    arrow_bytes: add
+                        .get("tags")
+                        .and_then(|t| t.get(crate::lake::changelog::ARROW_BYTES_TAG))
+                        .and_then(|b| b.as_str())
+                        .and_then(|b| b.parse().ok()),
                 });
             }
         }
@@ -1112,13 +1120,19 @@ fn commit_actions(bytes: &[u8]) -> Result<Vec<CommitAdd>, serde_json::Error> {
     Ok(adds)
 }
 
-/// Data files a change-log commit adds (path, size), skipping rewrites (`dataChange: false`:
-/// change-log optimize, whose rows were compacted from the files it replaced).
-fn commit_adds(bytes: &[u8]) -> Result<Vec<(String, i64)>, serde_json::Error> {
+/// Data files a change-log commit adds (path, size, estimated Arrow size), skipping rewrites
+/// (`dataChange: false`: change-log optimize, whose rows were compacted from the files it
+/// replaced). The estimate is [`PARQUET_EXPANSION`] times the size, or the Arrow size the
+/// writer recorded when that is more.
+fn commit_adds(bytes: &[u8]) -> Result<Vec<(String, i64, u64)>, serde_json::Error> {
     Ok(commit_actions(bytes)?
         .into_iter()
         .filter(|a| a.data_change)
-        .map(|a| (a.path, a.size))
+        .map(|a| {
+            let estimate = (a.size.max(0) as u64).saturating_mul(PARQUET_EXPANSION);
+            let estimate = estimate.max(a.arrow_bytes.unwrap_or(0));
+            (a.path, a.size, estimate)
+        })
         .collect())
 }
 

@@ -173,6 +173,25 @@ fn delta_packs(ty: &DataType) -> bool {
     }
 }
 
+/// Tag of a change-log file's `add` action: the Arrow size (bytes, without spare capacity) of
+/// the rows written to it, what compaction plans its memory by (a Parquet size says little of it when values compress
+/// very well: 1 MiB rows of repeated text shrink a thousandfold).
+pub const ARROW_BYTES_TAG: &str = "slotlake.arrowBytes";
+
+/// `adds` tagged with [`ARROW_BYTES_TAG`]: `arrow_bytes` of rows shared out by file size.
+fn tag_arrow_bytes(mut adds: Vec<Add>, arrow_bytes: usize) -> Vec<Add> {
+    let total: u128 = adds.iter().map(|a| a.size.max(0) as u128).sum();
+    for add in &mut adds {
+        let share = (arrow_bytes as u128 * add.size.max(0) as u128)
+            .checked_div(total)
+            .unwrap_or(0);
+        add.tags
+            .get_or_insert_with(HashMap::new)
+            .insert(ARROW_BYTES_TAG.to_string(), Some(share.to_string()));
+    }
+    adds
+}
+
 /// The Delta `txn` app id for a slot: one per (source database, slot).
 pub fn app_id(slot: &str) -> String {
     format!("slotlake-{slot}")
@@ -214,6 +233,9 @@ pub struct ChangeLogTable {
     /// group (not in its `buffer_len`) is estimated from them.
     rows_since_stage: usize,
     arrow_bytes_since_stage: usize,
+    /// The bytes those rows' values take (no spare capacity): what reading the files back
+    /// decodes, recorded in their `add` actions ([`ARROW_BYTES_TAG`]).
+    value_bytes_since_stage: usize,
     /// A data-file write failed: the writer must not be used again (its files are aborted).
     failed: bool,
     /// Memory an open file's column writers hold beyond the data (delta-packed columns).
@@ -321,6 +343,7 @@ impl ChangeLogTable {
             checkpoint: None,
             rows_since_stage: 0,
             arrow_bytes_since_stage: 0,
+            value_bytes_since_stage: 0,
             failed: false,
             open_file_bytes: 0,
             bulk: false,
@@ -369,6 +392,11 @@ impl ChangeLogTable {
         }
         self.rows_since_stage += batch.num_rows();
         self.arrow_bytes_since_stage += batch.get_array_memory_size();
+        self.value_bytes_since_stage += batch
+            .columns()
+            .iter()
+            .map(|c| c.to_data().get_slice_memory_size().unwrap_or(0))
+            .sum::<usize>();
         let lowest = batch
             .column_by_name(crate::batch::rows::LSN)
             .and_then(|c| {
@@ -434,9 +462,11 @@ impl ChangeLogTable {
             source: Box::new(source),
         })?;
         // The flushed writer keeps its (possibly widened) schema for the next files.
-        self.staged.extend(adds);
+        self.staged
+            .extend(tag_arrow_bytes(adds, self.value_bytes_since_stage));
         self.rows_since_stage = 0;
         self.arrow_bytes_since_stage = 0;
+        self.value_bytes_since_stage = 0;
         Ok(())
     }
 
