@@ -602,24 +602,10 @@ async fn a_commit_larger_than_the_memory_budget_is_compacted_in_parts() {
     let reference_root = format!("file://{}", reference.display());
     let (code, out, err) = run_slotlake(&["compact", "--sink", &reference_root], &[]).await;
     assert_eq!(code, 0, "{out}\n{err}");
-    let (code, out, err) = run_slotlake(
-        &[
-            "compact",
-            "--sink",
-            &root,
-            "--compact-memory",
-            "1MiB",
-            "--format",
-            "json",
-        ],
-        &[],
-    )
-    .await;
-    assert_eq!(code, 0, "{out}\n{err}");
-    let report: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    let report = compact_report(&root, "public.big", &["--compact-memory", "1MiB"]).await;
     assert!(
         report["steps"].as_u64().unwrap() > 2,
-        "the load's commit is taken in parts: {out}"
+        "the load's commit is taken in parts: {report}"
     );
     for kind in ["current", "history"] {
         let got = read_delta(&format!("{root}/{kind}/public/big"), None);
@@ -644,18 +630,6 @@ fn parquet_on_disk(dir: &Path) -> usize {
                 .ends_with(".parquet")
         })
         .count()
-}
-
-/// `slotlake compact --format json` with `extra` flags: the report line of `table`.
-async fn compact_report(root: &str, table: &str, extra: &[&str]) -> serde_json::Value {
-    let mut args = vec!["compact", "--sink", root, "--format", "json"];
-    args.extend_from_slice(extra);
-    let (code, out, err) = run_slotlake(&args, &[]).await;
-    assert_eq!(code, 0, "compact\n{out}\n{err}");
-    out.lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .find(|r| r["table"] == table)
-        .unwrap_or_else(|| panic!("no report of {table}: {out}"))
 }
 
 /// (inserts, updates) in a change log, after checking that no (`_lsn`, `_seq`) repeats.

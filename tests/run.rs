@@ -1019,29 +1019,15 @@ async fn wide_rows_stay_within_the_memory_budget() {
     );
     // Compaction plans its steps by the Arrow size the change log's writer recorded: the
     // 200 MiB of repeated text are ~100 KB of Parquet, which at 4x would be one step.
-    let (code, out, err) = run_slotlake(
-        &[
-            "compact",
-            "--sink",
-            &root,
-            "--compact-memory",
-            "64MiB",
-            "--format",
-            "json",
-        ],
-        &[],
-    )
-    .await;
-    assert_eq!(code, 0, "{out}\n{err}");
-    let report: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    let report = compact_report(&root, "public.wide", &["--compact-memory", "64MiB"]).await;
     assert!(
         report["steps"].as_u64().unwrap() >= 4,
-        "steps of at most 32 MiB of rows: {out}"
+        "steps of at most 32 MiB of rows: {report}"
     );
     assert_eq!(
         delta_count(&format!("{root}/current/public/wide"), None),
         200,
-        "{out}"
+        "{report}"
     );
 }
 

@@ -626,6 +626,18 @@ pub fn read_delta(uri: &str, s3_endpoint: Option<&str>) -> Vec<serde_json::Value
         .collect()
 }
 
+/// `slotlake compact --format json` with `extra` flags: the report line of `table`.
+pub async fn compact_report(root: &str, table: &str, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec!["compact", "--sink", root, "--format", "json"];
+    args.extend_from_slice(extra);
+    let (code, out, err) = run_slotlake(&args, &[]).await;
+    assert_eq!(code, 0, "compact\n{out}\n{err}");
+    out.lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|r| r["table"] == table)
+        .unwrap_or_else(|| panic!("no report of {table}: {out}"))
+}
+
 /// The number of rows of a Delta table's current version, per Python `deltalake`.
 pub fn delta_count(uri: &str, s3_endpoint: Option<&str>) -> usize {
     let out = delta_reader(uri, s3_endpoint, &["--count"]);
