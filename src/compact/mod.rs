@@ -1130,7 +1130,9 @@ fn commit_adds(bytes: &[u8]) -> Result<Vec<(String, i64, u64)>, serde_json::Erro
         .filter(|a| a.data_change)
         .map(|a| {
             let estimate = (a.size.max(0) as u64).saturating_mul(PARQUET_EXPANSION);
-            let estimate = estimate.max(a.arrow_bytes.unwrap_or(0));
+            // (Capped at 1 TiB a file, so that sums cannot overflow whatever a writer put
+            // in its tags.)
+            let estimate = estimate.max(a.arrow_bytes.unwrap_or(0)).min(1 << 40);
             (a.path, a.size, estimate)
         })
         .collect())

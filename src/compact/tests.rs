@@ -1284,3 +1284,41 @@ async fn a_committing_run_sweeps_old_orphans_from_the_compacted_tables() {
     }
     assert_model(&sink, &snapshots, "after sweeps").await;
 }
+
+/// A change-log file is planned at 4× its size, or at the Arrow size its writer recorded when
+/// that is more; a tag that is not a number is ignored, and none can overflow the sums.
+#[test]
+fn change_log_files_are_planned_by_their_recorded_arrow_size() {
+    let tag = crate::lake::changelog::ARROW_BYTES_TAG;
+    let add = |path: &str, size: i64, tags: serde_json::Value| {
+        serde_json::json!({"add": {"path": path, "size": size, "dataChange": true, "tags": tags}})
+            .to_string()
+    };
+    let commit = [
+        add("small-tag", 100, serde_json::json!({ tag: "10" })),
+        add("large-tag", 100, serde_json::json!({ tag: "1000000" })),
+        add("no-tags", 100, serde_json::Value::Null),
+        add("not-a-number", 100, serde_json::json!({ tag: "lots" })),
+        add(
+            "huge",
+            100,
+            serde_json::json!({ tag: u64::MAX.to_string() }),
+        ),
+        serde_json::json!({"add": {"path": "rewrite", "size": 5, "dataChange": false}}).to_string(),
+    ]
+    .join("\n");
+    let planned: Vec<(String, u64)> = super::commit_adds(commit.as_bytes())
+        .unwrap()
+        .into_iter()
+        .map(|(path, _, estimate)| (path, estimate))
+        .collect();
+    let want = [
+        ("small-tag", 400),
+        ("large-tag", 1_000_000),
+        ("no-tags", 400),
+        ("not-a-number", 400),
+        ("huge", 1 << 40),
+    ];
+    let want: Vec<(String, u64)> = want.iter().map(|&(p, e)| (p.to_string(), e)).collect();
+    assert_eq!(planned, want);
+}
