@@ -772,17 +772,7 @@ mod tests {
         .unwrap();
         assert_eq!(a.held_changes(), 2);
         assert!(!a.is_idle());
-        a.handle_all(
-            PgOutputMessage::StreamCommit(StreamCommit {
-                xid: 10,
-                flags: 0,
-                commit_lsn: Lsn(200),
-                end_lsn: Lsn(210),
-                commit_ts: PgTimestamp(0),
-            }),
-            &mut out,
-        )
-        .unwrap();
+        a.handle_all(stream_commit(10, 200, 210), &mut out).unwrap();
         assert!(a.is_idle());
         assert_eq!(
             values(&out),
@@ -883,18 +873,19 @@ mod tests {
         );
         let mut b = Assembler::new();
         assert_eq!(
-            b.handle_all(
-                PgOutputMessage::StreamCommit(StreamCommit {
-                    xid: 3,
-                    flags: 0,
-                    commit_lsn: Lsn(1),
-                    end_lsn: Lsn(2),
-                    commit_ts: PgTimestamp(0)
-                }),
-                &mut out
-            ),
+            b.handle_all(stream_commit(3, 1, 2), &mut out),
             Err(TxnError::UnknownStream(3))
         );
+    }
+
+    fn stream_commit(xid: u32, commit_lsn: u64, end_lsn: u64) -> PgOutputMessage {
+        PgOutputMessage::StreamCommit(StreamCommit {
+            xid,
+            flags: 0,
+            commit_lsn: Lsn(commit_lsn),
+            end_lsn: Lsn(end_lsn),
+            commit_ts: PgTimestamp(0),
+        })
     }
 
     fn stream_start(xid: u32) -> PgOutputMessage {
@@ -956,13 +947,7 @@ mod tests {
             xid: 30,
             subxid: 30,
         }));
-        m.push(PgOutputMessage::StreamCommit(StreamCommit {
-            xid: 10,
-            flags: 0,
-            commit_lsn: Lsn(500),
-            end_lsn: Lsn(510),
-            commit_ts: PgTimestamp(0),
-        }));
+        m.push(stream_commit(10, 500, 510));
         m
     }
 
@@ -1036,17 +1021,7 @@ mod tests {
             a.handle(ins(Some(10), 1, "0123456789"), &mut out).unwrap();
         }
         a.handle(PgOutputMessage::StreamStop, &mut out).unwrap();
-        a.handle(
-            PgOutputMessage::StreamCommit(StreamCommit {
-                xid: 10,
-                flags: 0,
-                commit_lsn: Lsn(9),
-                end_lsn: Lsn(10),
-                commit_ts: PgTimestamp(0),
-            }),
-            &mut out,
-        )
-        .unwrap();
+        a.handle(stream_commit(10, 9, 10), &mut out).unwrap();
         let changes = |out: &[Event]| {
             out.iter()
                 .filter(|e| matches!(e, Event::Change { .. }))
@@ -1086,17 +1061,7 @@ mod tests {
         assert!(a.spilled_bytes() > 1_000);
         a.handle(PgOutputMessage::StreamStop, &mut out).unwrap();
         // Nothing else may be handled while the committed stream is handed out.
-        a.handle(
-            PgOutputMessage::StreamCommit(StreamCommit {
-                xid: 10,
-                flags: 0,
-                commit_lsn: Lsn(9),
-                end_lsn: Lsn(10),
-                commit_ts: PgTimestamp(0),
-            }),
-            &mut out,
-        )
-        .unwrap();
+        a.handle(stream_commit(10, 9, 10), &mut out).unwrap();
         assert!(a.in_transaction());
         assert_eq!(
             a.handle(PgOutputMessage::StreamStop, &mut out),
