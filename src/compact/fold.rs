@@ -1258,7 +1258,13 @@ impl Closings {
     ) -> Result<Vec<ClosedPart>, FoldError> {
         self.per_source(threads, |s, to| {
             let mut mask = BooleanBufferBuilder::new(to.len());
-            let (mut to_lsn, mut to_ts) = (Vec::new(), Vec::new());
+            // Counted first: grown a push at a time, the two vectors were copied over and
+            // over (0.4 % of a compaction's instructions).
+            let n = to
+                .iter()
+                .filter(|(l, _)| ![i64::MIN, KEPT_OPEN].contains(&l.load(Relaxed)))
+                .count();
+            let (mut to_lsn, mut to_ts) = (Vec::with_capacity(n), Vec::with_capacity(n));
             for (l, t) in to {
                 let l = l.load(Relaxed);
                 let closed = l != i64::MIN && l != KEPT_OPEN;

@@ -390,6 +390,22 @@ impl ChangeLogTable {
         if self.failed {
             return Err(LakeError::WriterFailed { table });
         }
+        // A column the writer lacks makes it seal its open file and start a wider one. The
+        // files are staged first, so that the Arrow bytes a stage records are shared out over
+        // files of one schema: narrow rows and wide, very compressible ones (a large text
+        // column added) would otherwise split them by Parquet size, and the wide file, whose
+        // size says least of its rows, would get the smallest share.
+        if self.writer.buffered_record_batch_count() > 0 {
+            let current = self.writer.arrow_schema();
+            let widens = batch
+                .schema()
+                .fields()
+                .iter()
+                .any(|f| current.field_with_name(f.name()).is_err());
+            if widens {
+                self.stage().await?;
+            }
+        }
         self.rows_since_stage += batch.num_rows();
         self.arrow_bytes_since_stage += batch.get_array_memory_size();
         self.value_bytes_since_stage += batch
@@ -810,6 +826,75 @@ mod tests {
 
     fn batch(schema: &SchemaRef, v: i64) -> RecordBatch {
         RecordBatch::try_new(schema.clone(), vec![Arc::new(Int64Array::from(vec![v]))]).unwrap()
+    }
+
+    /// A column added mid-flush (a large, very compressible text column) does not leave the
+    /// wide rows' file tagged with a share of the flush's Arrow bytes by Parquet size: each
+    /// file of the commit records the bytes of its own rows.
+    #[tokio::test]
+    async fn a_widening_write_tags_each_file_with_its_own_rows_bytes() {
+        use deltalake::arrow::array::StringArray;
+        let sink = Sink::open("memory://", &Default::default()).unwrap();
+        let name = TableName::parse("public.t").unwrap();
+        let narrow = Arc::new(Schema::new(vec![Field::new(LSN, DataType::Int64, true)]));
+        let mut t = ChangeLogTable::open(&sink, &name, "slotlake-s", &narrow, 1 << 30)
+            .await
+            .unwrap();
+        // 20,000 distinct integers: a file of about their Arrow size.
+        let rows = 20_000;
+        let lsns = Int64Array::from_iter_values((0..rows).map(|i| i * 7919 % 1_000_003));
+        t.write(RecordBatch::try_new(narrow.clone(), vec![Arc::new(lsns)]).unwrap())
+            .await
+            .unwrap();
+        // 100 rows of 64 KiB of one letter: 6.4 MB of Arrow, a few KB of Parquet.
+        let wide = Arc::new(Schema::new(vec![
+            Field::new(LSN, DataType::Int64, true),
+            Field::new("doc", DataType::Utf8, true),
+        ]));
+        let doc = "x".repeat(64 * 1024);
+        let wide_rows = RecordBatch::try_new(
+            wide.clone(),
+            vec![
+                Arc::new(Int64Array::from_iter_values(0..100)),
+                Arc::new(StringArray::from_iter_values(
+                    (0..100).map(|_| doc.as_str()),
+                )),
+            ],
+        )
+        .unwrap();
+        t.write(wide_rows).await.unwrap();
+        let (files, _) = t.commit(Lsn(10)).await.unwrap();
+        assert_eq!(files, 2);
+
+        let entry = t
+            .log_store
+            .read_commit_entry(t.version())
+            .await
+            .unwrap()
+            .unwrap();
+        let mut tags: Vec<(u64, u64)> = Vec::new();
+        for line in std::str::from_utf8(&entry).unwrap().lines() {
+            let action: serde_json::Value = serde_json::from_str(line).unwrap();
+            if let Some(add) = action.get("add") {
+                let rows =
+                    serde_json::from_str::<serde_json::Value>(add["stats"].as_str().unwrap())
+                        .unwrap()["numRecords"]
+                        .as_u64()
+                        .unwrap();
+                let bytes = add["tags"][ARROW_BYTES_TAG]
+                    .as_str()
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                tags.push((rows, bytes));
+            }
+        }
+        tags.sort_unstable();
+        let [(100, wide_bytes), (20_000, narrow_bytes)] = tags[..] else {
+            panic!("expected a file of 100 rows and one of 20,000: {tags:?}");
+        };
+        assert!(wide_bytes >= 100 * 64 * 1024, "{tags:?}");
+        assert!((160_000..200_000).contains(&narrow_bytes), "{tags:?}");
     }
 
     /// Integers and timestamps (metadata or not) are delta-packed from the start, text keeps
