@@ -313,7 +313,7 @@ run_scenario() {
     conn=$(pg_conninfo unix)
     server_version=$(pg_value "SHOW server_version")
 
-    say "creating $tables table(s), a marker table, publication bench, $((2 + warmup)) slots"
+    say "creating $tables table(s), a marker table, publication bench, $((2 * rounds + warmup)) slots"
     {
         for ((i = 0; i < tables; i++)); do
             printf 'CREATE TABLE t%04d (id bigint PRIMARY KEY, a int, b text, c numeric(12,2), d timestamptz, e boolean);\n' "$i"
@@ -433,9 +433,9 @@ function median(k,    i, j, t, v) {
     return nr[k] % 2 ? v[(nr[k] + 1) / 2] : (v[nr[k] / 2] + v[nr[k] / 2 + 1]) / 2
 }
 function shown(k,    i, all) {
-    if (nr[k] == 1) return rs[k, 1]
+    if (nr[k] == 1) return rs[k, 1] "x"
     for (i = 1; i <= nr[k]; i++) all = all (i > 1 ? ", " : "") rs[k, i]
-    return sprintf("%.2f, the median of %d rounds (%s)", median(k), nr[k], all)
+    return sprintf("%.2fx, the median of %d rounds (%s)", median(k), nr[k], all)
 }
 {
     sc[NR] = $1; tool[NR] = $2; n[NR] = $3; w[NR] = $4; rss[NR] = $5; files[NR] = $6; cpu[NR] = $7; rd[NR] = $8
@@ -458,7 +458,7 @@ END {
     print ""
     missed = 0
     if ("a" in nr) { ok = median("a") >= 0.8; missed += !ok; printf "goal a: slotlake >= 0.8x pg_recvlogical to file:// with 100 tables: %s (%s)\n", shown("a"), ok ? "met" : "MISSED" }
-    if ("b" in nr) printf "       s3:// (moto on loopback), no goal: %sx\n", shown("b")
+    if ("b" in nr) printf "       s3:// (moto on loopback), no goal: %s\n", shown("b")
     if ("c" in m) { ok = rss_ok(m["c"], 512, 0); missed += !ok; printf "goal c: peak RSS <= 512 MiB with 5000 tables: %s MiB (%s)\n", m["c"], ok ? "met" : "MISSED" }
     if ("d" in m) { ok = rss_ok(m["d"], 256, 1); missed += !ok; printf "goal d: peak RSS < 256 MiB, one big transaction, --memory-budget 128MiB: %s MiB (%s)\n", m["d"], ok ? "met" : "MISSED" }
     if (quick) print "(--quick: the goals are for the full sizes)"
