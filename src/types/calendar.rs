@@ -57,6 +57,23 @@ pub fn days_in_month(year: i64, month: u32) -> u32 {
 /// Meant for valid dates (month 1..=12, day 1..=`days_in_month`); other fields are not rejected
 /// but give an unspecified day. Results beyond `i64` saturate; it never panics.
 pub fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
+    if year.unsigned_abs() < 1 << 40 && month <= 12 && day <= 31 {
+        // In 64 bits: no step can overflow for such years, and 128-bit divisions (library
+        // calls) were two fifths of parsing a timestamp's text.
+        let (m, d) = (i64::from(month), i64::from(day));
+        let y = year - i64::from(month <= 2);
+        let era = y.div_euclid(400);
+        let yoe = y - era * 400;
+        let mp = if m > 2 { m - 3 } else { m + 9 };
+        let doy = (153 * mp + 2) / 5 + d - 1;
+        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+        return era * 146_097 + doe - 719_468;
+    }
+    days_from_civil_wide(year, month, day)
+}
+
+/// [`days_from_civil`] in 128 bits, for any fields.
+fn days_from_civil_wide(year: i64, month: u32, day: u32) -> i64 {
     let (m, d) = (i128::from(month), i128::from(day));
     // Count years from March so the leap day is the last day of the year.
     let y = i128::from(year) - i128::from(month <= 2);
@@ -405,6 +422,15 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn the_64_bit_day_count_is_the_128_bit_one(
+            year in -(1i64 << 40) + 1..(1i64 << 40),
+            month in 0u32..=12,
+            day in 0u32..=31,
+        ) {
+            prop_assert_eq!(days_from_civil(year, month, day), days_from_civil_wide(year, month, day));
+        }
+
         #[test]
         fn civil_round_trips(year in -5_000_000i64..=6_000_000, month in 1u32..=12, day in 1u32..=31) {
             let day = day.min(days_in_month(year, month));

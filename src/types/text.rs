@@ -102,7 +102,7 @@ pub(crate) mod direct {
 }
 
 /// Why a scalar was rejected, before the type name is attached.
-#[derive(Debug)]
+#[derive(Debug, PartialEq)]
 enum Fail {
     Invalid(&'static str),
     OutOfRange(&'static str),
@@ -516,6 +516,11 @@ fn time_of_day(cur: &mut Cursor<'_>) -> Parsed<i64> {
     } else {
         (0, 0)
     };
+    time_micros([hour, minute, second], fraction)
+}
+
+/// µs since midnight of validated `[hour, minute, second]` and a fraction in µs.
+fn time_micros([hour, minute, second]: [i64; 3], fraction: i64) -> Parsed<i64> {
     if hour > 24 || minute > 59 || second > 60 {
         return Err(Fail::OutOfRange("time field out of range"));
     }
@@ -552,18 +557,61 @@ fn utc_offset(cur: &mut Cursor<'_>) -> Parsed<i32> {
     Ok(sign * (hours * 3600 + minutes * 60 + seconds) as i32)
 }
 
+/// The fields of `YYYY-MM-DD HH:MM:SS` (or `…T…`) at the start of a timestamp — how Postgres
+/// prints every timestamp of the years 1000–9999 — read at fixed offsets: the general
+/// cursor's digit runs cost three times as much, and a timestamp is in most rows. `None` for
+/// any other shape, which the cursor then reads (to the same result: both accept this shape
+/// alike, see the `iso_fields_read_timestamps_as_the_cursor_does` proptest).
+fn iso_fields(raw: &[u8]) -> Option<(DateFields, [i64; 3])> {
+    let head = raw.get(..19)?;
+    // A seventh digit run would be part of the seconds to the cursor (and rejected).
+    if raw.get(19).is_some_and(u8::is_ascii_digit) {
+        return None;
+    }
+    let seps = [(4, b'-'), (7, b'-'), (13, b':'), (16, b':')];
+    if seps.iter().any(|&(i, c)| head[i] != c) || !matches!(head[10], b' ' | b'T') {
+        return None;
+    }
+    let num = |from: usize, to: usize| -> Option<i64> {
+        head[from..to].iter().try_fold(0i64, |acc, &c| {
+            c.is_ascii_digit().then(|| acc * 10 + i64::from(c - b'0'))
+        })
+    };
+    let fields = DateFields {
+        year: num(0, 4)?,
+        month: num(5, 7)? as u32,
+        day: num(8, 10)? as u32,
+    };
+    Some((fields, [num(11, 13)?, num(14, 16)?, num(17, 19)?]))
+}
+
 fn parse_timestamp(raw: &[u8], with_tz: bool) -> Parsed<Infinite<i64>> {
+    parse_timestamp_with(raw, with_tz, true)
+}
+
+/// [`parse_timestamp`]; `fixed`: try [`iso_fields`] first.
+fn parse_timestamp_with(raw: &[u8], with_tz: bool, fixed: bool) -> Parsed<Infinite<i64>> {
     match infinity(raw) {
         Some(Infinite::PosInfinity) => return Ok(Infinite::PosInfinity),
         Some(_) => return Ok(Infinite::NegInfinity),
         None => {}
     }
-    let mut cur = Cursor::new(raw);
-    let fields = date_fields(&mut cur)?;
-    if !(cur.eat(b' ') || cur.eat(b'T')) {
-        return Err(Fail::Invalid("expected a time after the date"));
-    }
-    let time = time_of_day(&mut cur)?;
+    let (mut cur, fields, time) = match iso_fields(raw).filter(|_| fixed) {
+        Some((fields, hms)) => {
+            let mut cur = Cursor::new(&raw[19..]);
+            let time = time_micros(hms, cur.fraction()?)?;
+            (cur, fields, time)
+        }
+        None => {
+            let mut cur = Cursor::new(raw);
+            let fields = date_fields(&mut cur)?;
+            if !(cur.eat(b' ') || cur.eat(b'T')) {
+                return Err(Fail::Invalid("expected a time after the date"));
+            }
+            let time = time_of_day(&mut cur)?;
+            (cur, fields, time)
+        }
+    };
     let offset = match cur.peek() {
         Some(b'+' | b'-') if with_tz => utc_offset(&mut cur)?,
         Some(b'+' | b'-') => return Err(Fail::Invalid("unexpected UTC offset")),
@@ -1718,6 +1766,33 @@ mod tests {
         fn dates_round_trip(days in prop_oneof![MIN_DATE_DAYS..=BC_END_DAYS, MIN_DATE_DAYS..=MAX_DATE_DAYS]) {
             let text = format_date(Infinite::Finite(days));
             prop_assert_eq!(ok(&PgType::Date, &text), Value::Date(Infinite::Finite(days)));
+        }
+
+        /// The fixed-offset reading of `YYYY-MM-DD HH:MM:SS` gives what the cursor gives, for
+        /// text of that shape (valid or not: any digits, either separator, fractions,
+        /// offsets, eras) and for near misses.
+        #[test]
+        fn iso_fields_read_timestamps_as_the_cursor_does(
+            (year, month, day, hour, minute, second) in (0..=9999u32, 0..=13u32, 0..=32u32, 0..=25u32, 0..=60u32, 0..=61u32),
+            sep in prop_oneof![Just(' '), Just('T')],
+            tail in "(\\.[0-9]{0,8})?([+-][0-9]{1,2}(:[0-9]{2})?)?( BC)?",
+            // A near miss: one character of the text replaced.
+            miss in proptest::option::of((prop_oneof![0..30usize, Just(19), Just(10)], prop_oneof![Just('0'), Just('9'), Just(' '), Just(':'), Just('-'), Just('x')])),
+            with_tz in any::<bool>(),
+        ) {
+            let mut raw: Vec<u8> = format!(
+                "{year:04}-{month:02}-{day:02}{sep}{hour:02}:{minute:02}:{second:02}{tail}"
+            )
+            .into_bytes();
+            if let Some((at, c)) = miss {
+                if let Some(b) = raw.get_mut(at) {
+                    *b = c as u8;
+                }
+            }
+            prop_assert_eq!(
+                parse_timestamp_with(&raw, with_tz, true),
+                parse_timestamp_with(&raw, with_tz, false)
+            );
         }
 
         #[test]
