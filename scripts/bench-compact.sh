@@ -62,10 +62,13 @@ echo "== generating $CHANGES changes over $KEYS keys (delta-rs + DuckDB)" >&2
 "$py" "$helper" generate "$changes" --keys "$KEYS" --changes "$CHANGES" --commits 10
 du -sh "$changes" >&2
 
-# The change log as generated, for the rounds after the first (hard links: nothing writes a
-# data file in place).
-pristine="$dir/pristine-changes"
-((ROUNDS == 1)) || cp -al "$changes" "$pristine"
+# The change log as generated, for DuckDB and the rounds after the first (hard links: nothing
+# writes a data file in place); with one round, the change log itself.
+pristine=$changes
+if ((ROUNDS > 1)); then
+  pristine="$dir/pristine-changes"
+  cp -al "$changes" "$pristine"
+fi
 
 run_slotlake() {
   echo "== slotlake compact (round $1 of $ROUNDS)" >&2
@@ -86,13 +89,11 @@ run_slotlake() {
 run_duckdb() {
   echo "== DuckDB, same files, same machine (round $1 of $ROUNDS)" >&2
   /usr/bin/time -f '%e %M' -o "$dir/duck.time" \
-    "$py" "$helper" duckdb "${pristine_or_changes}" "$dir/duck.parquet" > "$dir/duck.out"
+    "$py" "$helper" duckdb "$pristine" "$dir/duck.parquet" > "$dir/duck.out"
   read -r d_query_secs d_rows < "$dir/duck.out"
   echo "$(cat "$dir/duck.time") $d_query_secs $d_rows" >> "$dir/duck.rounds"
 }
 
-pristine_or_changes=$changes
-((ROUNDS == 1)) || pristine_or_changes=$pristine
 : > "$dir/slotlake.rounds"
 : > "$dir/duck.rounds"
 for ((round = 1; round <= ROUNDS; round++)); do

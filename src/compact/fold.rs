@@ -1260,14 +1260,15 @@ impl Closings {
             let mut mask = BooleanBufferBuilder::new(to.len());
             // Counted first: grown a push at a time, the two vectors were copied over and
             // over (0.4 % of a compaction's instructions).
+            let closed_at = |l: i64| l != i64::MIN && l != KEPT_OPEN;
             let n = to
                 .iter()
-                .filter(|(l, _)| ![i64::MIN, KEPT_OPEN].contains(&l.load(Relaxed)))
+                .filter(|(l, _)| closed_at(l.load(Relaxed)))
                 .count();
             let (mut to_lsn, mut to_ts) = (Vec::with_capacity(n), Vec::with_capacity(n));
             for (l, t) in to {
                 let l = l.load(Relaxed);
-                let closed = l != i64::MIN && l != KEPT_OPEN;
+                let closed = closed_at(l);
                 mask.append(closed);
                 if closed {
                     to_lsn.push(l);

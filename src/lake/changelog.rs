@@ -174,8 +174,8 @@ fn delta_packs(ty: &DataType) -> bool {
 }
 
 /// Tag of a change-log file's `add` action: the Arrow size (bytes, without spare capacity) of
-/// the rows written to it, what compaction plans its memory by (a Parquet size says little of it when values compress
-/// very well: 1 MiB rows of repeated text shrink a thousandfold).
+/// the rows written to it, what compaction plans its memory by (a Parquet size says little of
+/// it when values compress very well: 1 MiB rows of repeated text shrink a thousandfold).
 pub const ARROW_BYTES_TAG: &str = "slotlake.arrowBytes";
 
 /// `adds` tagged with [`ARROW_BYTES_TAG`]: `arrow_bytes` of rows shared out by file size.
