@@ -219,6 +219,9 @@ pub struct RunSummary {
 struct RelationLayout {
     table: TableName,
     specs: Vec<ColumnSpec>,
+    /// The table's index in [`Pipeline::tables`], once it is there: a change then finds its
+    /// table without hashing the name.
+    slot: std::sync::OnceLock<usize>,
 }
 
 /// A change log being opened in the background, open, or lent to the [`Flight`] committing
@@ -418,7 +421,7 @@ pub async fn run(
         catalog: TypeCatalog::new(),
         catalog_conn: None,
         layouts: HashMap::default(),
-        tables: HashMap::default(),
+        tables: indexmap::IndexMap::default(),
         summary: RunSummary::default(),
         received: Lsn::INVALID,
         last_end: None,
@@ -611,7 +614,9 @@ struct Pipeline {
     catalog: TypeCatalog,
     catalog_conn: Option<PgConnection>,
     layouts: HashMap<(u32, u32), Arc<RelationLayout>, foldhash::fast::RandomState>,
-    tables: HashMap<TableName, TableState, foldhash::fast::RandomState>,
+    /// Every table seen, in the order first seen. Never removed from, so an index stays valid
+    /// ([`RelationLayout::slot`]).
+    tables: indexmap::IndexMap<TableName, TableState, foldhash::fast::RandomState>,
     summary: RunSummary,
     received: Lsn,
     /// End LSN of the last complete transaction processed.
@@ -922,11 +927,15 @@ impl Pipeline {
         }
     }
 
+    /// Whether to flush now: buffered data over the memory budget, or the oldest uncommitted
+    /// change `--flush-interval` old and no flush in the air. An old change does not make the
+    /// stream wait for a flight still committing: it goes with the next one, started once
+    /// that flight lands.
     fn flush_due(&mut self) -> bool {
         match self.oldest_pending {
             None => false,
             Some(t) => {
-                t.elapsed() >= self.opts.flush_interval
+                (t.elapsed() >= self.opts.flush_interval && self.flight.is_none())
                     || self.buffered_estimate() as u64 > self.opts.memory_budget
             }
         }
@@ -948,8 +957,8 @@ impl Pipeline {
             } => {
                 let layout = self.layout(&change.relation, stream).await?;
                 let key = (change.relation.relation.id, change.relation.version);
-                self.ensure_table(&layout, key).await?;
-                let Some(mut state) = self.tables.get_mut(&layout.table) else {
+                let slot = self.ensure_table(&layout, key).await?;
+                let Some((_, mut state)) = self.tables.get_index_mut(slot) else {
                     return Ok(());
                 };
                 if state.is_lent() && state.layout_key != key {
@@ -1164,68 +1173,79 @@ impl Pipeline {
                 }
             })
             .collect();
-        let layout = Arc::new(RelationLayout { table, specs });
+        let layout = Arc::new(RelationLayout {
+            table,
+            specs,
+            slot: std::sync::OnceLock::new(),
+        });
         self.layouts.insert(key, layout.clone());
         Ok(layout)
     }
 
+    /// The index of the layout's table in [`Self::tables`], which starts opening its change
+    /// log the first time.
     async fn ensure_table(
         &mut self,
         layout: &RelationLayout,
         key: (u32, u32),
-    ) -> Result<(), RunError> {
-        if !self.tables.contains_key(&layout.table) {
-            let builder = ChangeBatchBuilder::new(layout.specs.clone());
-            let (sink, table, app_id, schema, metrics) = (
-                self.sink.clone(),
-                layout.table.clone(),
-                self.app_id.clone(),
-                builder.schema(),
-                self.metrics.clone(),
-            );
-            let target_file_size = self.opts.target_file_size;
-            let opens = self.opens.clone();
-            let open = tokio::spawn(async move {
-                let _permit = opens.acquire_owned().await;
-                // The sink may be down: retry, but not for longer than the server waits for
-                // our status updates (wal_sender_timeout, 60 s by default); then fail and
-                // restart.
-                let deadline = Instant::now() + OPEN_RETRY_LIMIT;
-                let mut backoff = Duration::from_millis(200);
-                loop {
-                    let opened =
-                        ChangeLogTable::open(&sink, &table, &app_id, &schema, target_file_size)
-                            .await;
-                    match opened {
-                        Ok(log) => return Ok(log),
-                        Err(e) if Instant::now() + backoff < deadline => {
-                            metrics.retries.with_label_values(&["open"]).inc();
-                            tracing::warn!(table = %table, error = %error_chain(&e), retry_in = ?backoff, "cannot open the change log; retrying");
-                            tokio::time::sleep(jitter(backoff)).await;
-                            backoff = (backoff * 2).min(Duration::from_secs(5));
-                        }
-                        Err(e) => return Err(e),
-                    }
-                }
-            });
-            self.tables.insert(
-                layout.table.clone(),
-                TableState {
-                    name: layout.table.clone(),
-                    log: LogSlot::Opening(open),
-                    builder,
-                    layout_key: key,
-                    pending_lsn: None,
-                    filter_at_or_below: None,
-                    filtered: 0,
-                    first_pending: None,
-                    floor: self.handed.floors.get(&layout.table).copied(),
-                    held: self.handed.held.contains(&layout.table),
-                },
-            );
-            self.metrics.tables_active.set(self.tables.len() as i64);
+    ) -> Result<usize, RunError> {
+        if let Some(&slot) = layout.slot.get() {
+            return Ok(slot);
         }
-        Ok(())
+        if let Some(slot) = self.tables.get_index_of(&layout.table) {
+            let _ = layout.slot.set(slot);
+            return Ok(slot);
+        }
+        let builder = ChangeBatchBuilder::new(layout.specs.clone());
+        let (sink, table, app_id, schema, metrics) = (
+            self.sink.clone(),
+            layout.table.clone(),
+            self.app_id.clone(),
+            builder.schema(),
+            self.metrics.clone(),
+        );
+        let target_file_size = self.opts.target_file_size;
+        let opens = self.opens.clone();
+        let open = tokio::spawn(async move {
+            let _permit = opens.acquire_owned().await;
+            // The sink may be down: retry, but not for longer than the server waits for
+            // our status updates (wal_sender_timeout, 60 s by default); then fail and
+            // restart.
+            let deadline = Instant::now() + OPEN_RETRY_LIMIT;
+            let mut backoff = Duration::from_millis(200);
+            loop {
+                let opened =
+                    ChangeLogTable::open(&sink, &table, &app_id, &schema, target_file_size).await;
+                match opened {
+                    Ok(log) => return Ok(log),
+                    Err(e) if Instant::now() + backoff < deadline => {
+                        metrics.retries.with_label_values(&["open"]).inc();
+                        tracing::warn!(table = %table, error = %error_chain(&e), retry_in = ?backoff, "cannot open the change log; retrying");
+                        tokio::time::sleep(jitter(backoff)).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        });
+        let (slot, _) = self.tables.insert_full(
+            layout.table.clone(),
+            TableState {
+                name: layout.table.clone(),
+                log: LogSlot::Opening(open),
+                builder,
+                layout_key: key,
+                pending_lsn: None,
+                filter_at_or_below: None,
+                filtered: 0,
+                first_pending: None,
+                floor: self.handed.floors.get(&layout.table).copied(),
+                held: self.handed.held.contains(&layout.table),
+            },
+        );
+        let _ = layout.slot.set(slot);
+        self.metrics.tables_active.set(self.tables.len() as i64);
+        Ok(slot)
     }
 
     /// Memory above the budget in the middle of a transaction: hand rows to the writers and

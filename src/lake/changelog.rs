@@ -34,9 +34,10 @@ use deltalake::{DeltaTable, DeltaTableError};
 use uuid::Uuid;
 
 use super::store::Sink;
-use crate::batch::rows::{COMMIT_TS, LSN, OP, SEQ, XID};
+use crate::batch::rows::{COMMIT_TS, LSN, OP, SEQ, SPECIAL, UNCHANGED, XID};
 use crate::lsn::Lsn;
 use crate::replication::sql::TableName;
+use crate::types::arrow::LIST_ELEMENT;
 
 /// Rows per Parquet row group of streamed change logs: bounds the writer's in-memory encoding
 /// buffer per table, with thousands of tables open at once.
@@ -101,8 +102,21 @@ fn base_properties() -> WriterPropertiesBuilder {
 /// like [`writer_properties`]: each `DELTA_BINARY_PACKED` column writer holds a 1 MiB buffer
 /// for as long as its file is open, and thousands of tables stream at once (`bench-ingest.sh`
 /// scenario c, 5,000 tables: peak RSS 367 MiB with it, 202 MiB without).
+///
+/// The metadata columns that are dictionary-encoded runs (`_op`, `_lsn`, `_xid`, `_commit_ts`:
+/// one value per transaction or a few per file) and the TOAST/special lists (almost always
+/// empty) are not compressed: zstd gains next to nothing on their pages, and parquet creates a
+/// compression and a decompression context for every compressed column chunk it writes.
 pub fn stream_writer_properties() -> WriterProperties {
-    base_properties().build()
+    let mut builder = base_properties();
+    for column in [OP, LSN, XID, COMMIT_TS] {
+        builder = builder.set_column_compression(column.into(), Compression::UNCOMPRESSED);
+    }
+    for list in [UNCHANGED, SPECIAL] {
+        let leaf = ColumnPath::new(vec![list.into(), "list".into(), LIST_ELEMENT.into()]);
+        builder = builder.set_column_compression(leaf, Compression::UNCOMPRESSED);
+    }
+    builder.build()
 }
 
 /// Parquet settings for files written a few at a time — initial loads, current and history
@@ -974,6 +988,77 @@ mod tests {
             deltalake::arrow::compute::concat_batches(&schema, &read).unwrap(),
             batch
         );
+    }
+
+    /// Streamed change logs compress the source columns and `_seq` with zstd, and leave the
+    /// metadata columns that are runs of one value per transaction, and the TOAST and special
+    /// lists, uncompressed (a list's settings must name its leaf, `<name>.list.element`).
+    #[test]
+    fn streamed_change_logs_leave_run_like_metadata_uncompressed() {
+        use crate::batch::rows::{changelog_schema, ColumnSpec};
+        use crate::types::PgType;
+        use deltalake::arrow::array::TimestampMicrosecondArray;
+        use deltalake::arrow::array::{new_null_array, ArrayRef, StringArray};
+        use deltalake::parquet::arrow::ArrowWriter;
+        use deltalake::parquet::file::reader::{FileReader, SerializedFileReader};
+        let specs =
+            [("id", PgType::Int8, true), ("b", PgType::Text, false)].map(|(name, ty, is_key)| {
+                ColumnSpec {
+                    name: name.into(),
+                    ty,
+                    is_key,
+                }
+            });
+        let schema = changelog_schema(&specs);
+        let rows = 1000;
+        let columns: Vec<ArrayRef> = schema
+            .fields()
+            .iter()
+            .map(|f| -> ArrayRef {
+                match f.data_type() {
+                    DataType::Int64 => Arc::new(Int64Array::from_iter_values(0..rows)),
+                    DataType::Utf8 => Arc::new(StringArray::from_iter_values(
+                        (0..rows).map(|i| format!("v{}", i % 7)),
+                    )),
+                    DataType::Timestamp(_, tz) => Arc::new(
+                        TimestampMicrosecondArray::from_iter_values(0..rows)
+                            .with_timezone_opt(tz.clone()),
+                    ),
+                    other => new_null_array(other, rows as usize),
+                }
+            })
+            .collect();
+        let batch = RecordBatch::try_new(schema.clone(), columns).unwrap();
+        let mut file = Vec::new();
+        let mut writer =
+            ArrowWriter::try_new(&mut file, schema, Some(stream_writer_properties())).unwrap();
+        writer.write(&batch).unwrap();
+        writer.close().unwrap();
+        let reader = SerializedFileReader::new(bytes::Bytes::from(file)).unwrap();
+        let group = reader.metadata().row_group(0);
+        let compression: HashMap<String, Compression> = group
+            .columns()
+            .iter()
+            .map(|c| (c.column_path().string(), c.compression()))
+            .collect();
+        let zstd = Compression::ZSTD(ZstdLevel::default());
+        for column in ["id", "b", SEQ, "_old_id"] {
+            assert_eq!(compression[column], zstd, "{column}: {compression:?}");
+        }
+        for column in [
+            OP,
+            LSN,
+            XID,
+            COMMIT_TS,
+            "_unchanged.list.element",
+            "_special.list.element",
+        ] {
+            assert_eq!(
+                compression[column],
+                Compression::UNCOMPRESSED,
+                "{column}: {compression:?}"
+            );
+        }
     }
 
     /// At most 16 columns of a file are delta-packed, the metadata columns first.
