@@ -16,8 +16,8 @@
 //! anything after it) is confirmed.
 //!
 //! Flush policy (why thousands of tables do not mean thousands of tiny files per second): a
-//! flush happens when the oldest uncommitted change is `--flush-interval` old, or when buffered
-//! data exceeds `--memory-budget`. Each flush writes at most one file per active table (more
+//! flush happens when the oldest uncommitted change is `--flush-interval` old (and the last
+//! flush has landed, or is failing), or when buffered data exceeds `--memory-budget`. Each flush writes at most one file per active table (more
 //! only when a table passes `--target-file-size`), so the file rate is bounded by
 //! `active tables / flush interval`. Between flushes, when memory passes the budget in the
 //! middle of a transaction, the largest tables' open files are closed and kept staged
@@ -729,6 +729,10 @@ impl Pipeline {
                     }
                     landed = flight_landing(&mut self.flight) => {
                         self.landed(landed)?;
+                        // A flush that came due while this one was in the air starts now.
+                        if !assembler.in_transaction() && self.flush_due() {
+                            self.flush_in_background(&mut stream).await?;
+                        }
                         self.send_status(&mut stream).await?;
                         continue;
                     }
@@ -927,15 +931,19 @@ impl Pipeline {
         }
     }
 
-    /// Whether to flush now: buffered data over the memory budget, or the oldest uncommitted
-    /// change `--flush-interval` old and no flush in the air. An old change does not make the
-    /// stream wait for a flight still committing: it goes with the next one, started once
-    /// that flight lands.
+    /// Whether to flush now (waiting first for the flush in the air, if any): buffered data
+    /// over the memory budget, or the oldest uncommitted change `--flush-interval` old and no
+    /// flush in the air, or one whose commits are being retried. A flight that is merely slow
+    /// (a far sink, a big flush) does not stop the stream: the changes go with the next flush,
+    /// started when it lands. A failing sink does, as before, so that an outage does not go
+    /// on buffering up to the memory budget (and opening change logs it cannot open).
     fn flush_due(&mut self) -> bool {
         match self.oldest_pending {
             None => false,
             Some(t) => {
-                (t.elapsed() >= self.opts.flush_interval && self.flight.is_none())
+                let failing = |f: &Flight| f.retrying.load(Ordering::Relaxed);
+                (t.elapsed() >= self.opts.flush_interval
+                    && self.flight.as_ref().is_none_or(failing))
                     || self.buffered_estimate() as u64 > self.opts.memory_budget
             }
         }
@@ -1349,11 +1357,13 @@ impl Pipeline {
         let oldest_ts = self.oldest_pending_ts.take();
         let tables = outgoing.len();
         let cancel = Arc::new(tokio::sync::watch::Sender::new(false));
+        let retrying = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let task = tokio::spawn(commit_in_threads(
             outgoing,
             threads,
             self.metrics.clone(),
             cancel.clone(),
+            retrying.clone(),
         ));
         self.flight = Some(Flight {
             task,
@@ -1364,6 +1374,7 @@ impl Pipeline {
             oldest_ts,
             bytes,
             tables,
+            retrying,
         });
         self.measure();
         Ok(())
@@ -1517,6 +1528,8 @@ struct Flight {
     /// Memory it holds: counted as buffered until it lands.
     bytes: usize,
     tables: usize,
+    /// Set once a commit of it failed and is being retried (the sink is failing).
+    retrying: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Commits `outgoing` on `threads` flush threads (tables spread by size), each running its
@@ -1526,6 +1539,7 @@ async fn commit_in_threads(
     threads: usize,
     metrics: Arc<Metrics>,
     cancel: Arc<tokio::sync::watch::Sender<bool>>,
+    retrying: Arc<std::sync::atomic::AtomicBool>,
 ) -> Result<Vec<Outgoing>, RunError> {
     outgoing.sort_by_key(|o| {
         std::cmp::Reverse(
@@ -1547,8 +1561,9 @@ async fn commit_in_threads(
         .zip(runtimes)
         .filter(|(share, _)| !share.is_empty())
         .map(|(share, runtime)| {
-            let (metrics, cancel) = (metrics.clone(), cancel.subscribe());
-            runtime.spawn(async move { commit_share(share, &metrics, cancel).await })
+            let (metrics, cancel, retrying) =
+                (metrics.clone(), cancel.subscribe(), retrying.clone());
+            runtime.spawn(async move { commit_share(share, &metrics, cancel, &retrying).await })
         })
         .collect();
     let mut logs = Vec::new();
@@ -1595,12 +1610,13 @@ fn flush_runtime(i: usize) -> Result<&'static tokio::runtime::Runtime, RunError>
 }
 
 /// Commits every table of `share`, [`COMMIT_CONCURRENCY`] at a time, retrying with backoff
-/// while the sink fails (nothing is confirmed meanwhile). Rows lost with a failed data file
-/// end it: only a restart from the slot's confirmed position brings them back.
+/// while the sink fails (nothing is confirmed meanwhile; `retrying` is set). Rows lost with a
+/// failed data file end it: only a restart from the slot's confirmed position brings them back.
 async fn commit_share(
     mut todo: Vec<Outgoing>,
     metrics: &Metrics,
     mut cancel: tokio::sync::watch::Receiver<bool>,
+    retrying: &std::sync::atomic::AtomicBool,
 ) -> Result<Vec<Outgoing>, RunError> {
     let cancelled = || RunError::CommitTask {
         message: "cancelled".into(),
@@ -1639,6 +1655,7 @@ async fn commit_share(
             return Ok(done);
         };
         metrics.retries.with_label_values(&["commit"]).inc();
+        retrying.store(true, Ordering::Relaxed);
         tracing::warn!(error = %error_chain(&e), retry_in = ?backoff, "commit to the lake failed; nothing confirmed, retrying");
         tokio::select! {
             _ = tokio::time::sleep(jitter(backoff)) => {}
