@@ -17,11 +17,11 @@
 //!
 //! Flush policy (why thousands of tables do not mean thousands of tiny files per second): a
 //! flush happens when the oldest uncommitted change is `--flush-interval` old (and the last
-//! flush has landed, or is failing), or when buffered data exceeds `--memory-budget`. Each flush writes at most one file per active table (more
-//! only when a table passes `--target-file-size`), so the file rate is bounded by
-//! `active tables / flush interval`. Between flushes, when memory passes the budget in the
-//! middle of a transaction, the largest tables' open files are closed and kept staged
-//! (invisible) until the commit that follows.
+//! flush has landed, or is failing), or when buffered data exceeds `--memory-budget`. Each
+//! flush writes at most one file per active table (more only when a table passes
+//! `--target-file-size`), so the file rate is bounded by `active tables / flush interval`.
+//! Between flushes, when memory passes the budget in the middle of a transaction, the largest
+//! tables' open files are closed and kept staged (invisible) until the commit that follows.
 //!
 //! Backfills hand tables over without stopping the stream ([`HandOff`]): a table that joins
 //! the publication is loaded from a snapshot at point C while every other table keeps
@@ -721,8 +721,7 @@ impl Pipeline {
                         continue;
                     }
                     _ = flush_check.tick() => {
-                        if !assembler.in_transaction() && self.flush_due() {
-                            self.flush_in_background(&mut stream).await?;
+                        if self.flush_if_due(assembler.in_transaction(), &mut stream).await? {
                             self.send_status(&mut stream).await?;
                         }
                         continue;
@@ -730,9 +729,7 @@ impl Pipeline {
                     landed = flight_landing(&mut self.flight) => {
                         self.landed(landed)?;
                         // A flush that came due while this one was in the air starts now.
-                        if !assembler.in_transaction() && self.flush_due() {
-                            self.flush_in_background(&mut stream).await?;
-                        }
+                        self.flush_if_due(assembler.in_transaction(), &mut stream).await?;
                         self.send_status(&mut stream).await?;
                         continue;
                     }
@@ -817,8 +814,10 @@ impl Pipeline {
                         self.spilled_reported = spilled;
                         self.summary.spilled_bytes = spilled;
                     }
-                    if !assembler.in_transaction() && self.flush_due() {
-                        self.flush_in_background(&mut stream).await?;
+                    if self
+                        .flush_if_due(assembler.in_transaction(), &mut stream)
+                        .await?
+                    {
                         self.send_status(&mut stream).await?;
                     } else if self.buffered_estimate() as u64 > self.opts.memory_budget {
                         self.relieve_memory(&mut stream).await?;
@@ -931,6 +930,20 @@ impl Pipeline {
         }
     }
 
+    /// Starts a flush in the background if one is due and no transaction is open (flushes hold
+    /// whole transactions); whether it did.
+    async fn flush_if_due(
+        &mut self,
+        in_transaction: bool,
+        stream: &mut ReplicationStream,
+    ) -> Result<bool, RunError> {
+        if in_transaction || !self.flush_due() {
+            return Ok(false);
+        }
+        self.flush_in_background(stream).await?;
+        Ok(true)
+    }
+
     /// Whether to flush now (waiting first for the flush in the air, if any): buffered data
     /// over the memory budget, or the oldest uncommitted change `--flush-interval` old and no
     /// flush in the air, or one whose commits are being retried. A flight that is merely slow
@@ -965,17 +978,13 @@ impl Pipeline {
             } => {
                 let layout = self.layout(&change.relation, stream).await?;
                 let key = (change.relation.relation.id, change.relation.version);
+                // (An index `ensure_table` just gave: tables are never removed.)
                 let slot = self.ensure_table(&layout, key).await?;
-                let Some((_, mut state)) = self.tables.get_index_mut(slot) else {
-                    return Ok(());
-                };
+                let mut state = &mut self.tables[slot];
                 if state.is_lent() && state.layout_key != key {
                     // Its rows so far must go to its change log, which is in the air.
                     self.land(stream).await?;
-                    let Some(landed) = self.tables.get_mut(&layout.table) else {
-                        return Ok(());
-                    };
-                    state = landed;
+                    state = &mut self.tables[slot];
                 }
                 if state
                     .committed_lsn()
