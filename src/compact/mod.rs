@@ -2127,7 +2127,11 @@ pub fn spawn_background(
                 fold_threads: all_cores().saturating_sub(1).max(1),
                 ..options
             };
-            let runtime = match tokio::runtime::Builder::new_current_thread()
+            // Multi-threaded (one worker): on a current-thread runtime deltalake starts an OS
+            // thread for each Delta log read (see `main`).
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("slotlake-compact-io")
                 .enable_all()
                 .build()
             {
