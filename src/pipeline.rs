@@ -71,9 +71,9 @@ const BURST: usize = 64;
 const COMMIT_CONCURRENCY: usize = 32;
 /// Change logs opened (or created) concurrently in the background.
 const OPEN_CONCURRENCY: usize = 32;
-/// Change logs still opening before the stream waits for the oldest of them: opens run on
-/// their own thread ([`open_runtime`]), and without a bound the stream would run ahead of
-/// them, buffering the rows of thousands of tables it cannot hand to a writer yet.
+/// Change logs still opening before the stream waits for the oldest of them: opens run on a
+/// thread of their own (`ChangeLogTable::open_reading`), and without a bound the stream would
+/// run ahead of them, buffering the rows of thousands of tables it cannot hand to a writer yet.
 const MAX_OPENING: usize = 2 * OPEN_CONCURRENCY;
 /// How long opening a change log is retried while the sink fails.
 const OPEN_RETRY_LIMIT: Duration = Duration::from_secs(45);
@@ -1230,11 +1230,8 @@ impl Pipeline {
         );
         let target_file_size = self.opts.target_file_size;
         let opens = self.opens.clone();
-        let runtime = open_runtime().map_err(|message| RunError::OpenTask {
-            table: layout.table.to_string(),
-            message,
-        })?;
-        let open = runtime.spawn(async move {
+        // (The open itself runs on a thread of its own, see `ChangeLogTable::open_reading`.)
+        let open = tokio::spawn(async move {
             let _permit = opens.acquire_owned().await;
             // The sink may be down: retry, but not for longer than the server waits for
             // our status updates (wal_sender_timeout, 60 s by default); then fail and
@@ -1618,30 +1615,6 @@ async fn commit_in_threads(
 /// Flush threads: background flushes use one, shutdown and a backfill's pause all of them.
 const FLUSH_THREADS: usize = 2;
 
-/// The runtime that opens change logs (one worker thread, started on first use, kept for the
-/// process). Not the stream's runtime: opening a change log reads its Delta log about ten
-/// times, and on a current-thread runtime deltalake runs each read's engine on a new OS
-/// thread (its `TokioBackgroundExecutor`) — about 50,000 threads for 5,000 new tables — and
-/// the opens' work would take turns with the stream's on one thread.
-fn open_runtime() -> Result<&'static tokio::runtime::Runtime, String> {
-    static RUNTIME: std::sync::OnceLock<Result<tokio::runtime::Runtime, String>> =
-        std::sync::OnceLock::new();
-    RUNTIME
-        .get_or_init(|| one_worker_runtime("slotlake-open"))
-        .as_ref()
-        .map_err(|e| format!("cannot start the thread that opens change logs: {e}"))
-}
-
-/// A multi-threaded tokio runtime with one worker thread.
-fn one_worker_runtime(name: &str) -> Result<tokio::runtime::Runtime, String> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name(name)
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())
-}
-
 /// The runtime of flush thread `i` (one worker thread each, started on first use, kept for the
 /// process). Flights do not commit on the stream's runtime: a change log's writer finishes
 /// each file (encoding and compressing its last row group) in a task it spawns, and on the
@@ -1649,7 +1622,8 @@ fn one_worker_runtime(name: &str) -> Result<tokio::runtime::Runtime, String> {
 fn flush_runtime(i: usize) -> Result<&'static tokio::runtime::Runtime, RunError> {
     static RUNTIMES: [std::sync::OnceLock<Result<tokio::runtime::Runtime, String>>; FLUSH_THREADS] =
         [const { std::sync::OnceLock::new() }; FLUSH_THREADS];
-    let runtime = RUNTIMES[i % FLUSH_THREADS].get_or_init(|| one_worker_runtime("slotlake-flush"));
+    let runtime = RUNTIMES[i % FLUSH_THREADS]
+        .get_or_init(|| crate::lake::changelog::one_worker_runtime("slotlake-flush"));
     runtime.as_ref().map_err(|e| RunError::CommitTask {
         message: format!("cannot start a flush thread: {e}"),
     })

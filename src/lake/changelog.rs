@@ -62,6 +62,8 @@ pub enum LakeError {
         #[source]
         source: Box<DeltaTableError>,
     },
+    #[error("change log of {table}: opening it on its thread failed: {message}")]
+    OpenTask { table: String, message: String },
     #[error("change log of {table}: commit LSN {lsn} does not fit a Delta txn version")]
     LsnOutOfRange { table: String, lsn: Lsn },
     #[error("change log of {table}: an earlier data-file write failed, so its open files are lost; the run must restart from the slot")]
@@ -79,7 +81,7 @@ impl LakeError {
         match self {
             LakeError::WriterFailed { .. } | LakeError::Overtaken { .. } => true,
             LakeError::Delta { action, .. } => matches!(*action, "write" | "stage files"),
-            LakeError::LsnOutOfRange { .. } => false,
+            LakeError::LsnOutOfRange { .. } | LakeError::OpenTask { .. } => false,
         }
     }
 }
@@ -274,7 +276,39 @@ impl ChangeLogTable {
 
     /// [`Self::open`], also reading the `txn` version of another app id (an initial load's
     /// chunk count, see `crate::snapshot`) from the same load of the log.
+    ///
+    /// The work runs on [`open_runtime`], whatever runtime the caller is on: opening reads
+    /// the Delta log about ten times, and on a current-thread runtime (the stream's, the
+    /// CLI's) deltalake runs each read's kernel engine on a new OS thread — about 50,000
+    /// threads for 5,000 new tables. A dropped call lets the open finish (it is idempotent).
     pub async fn open_reading(
+        sink: &Sink,
+        name: &TableName,
+        app_id: &str,
+        schema: &SchemaRef,
+        target_file_size: u64,
+        other_app: Option<&str>,
+    ) -> Result<(ChangeLogTable, Option<i64>), LakeError> {
+        let failed = |message: String| LakeError::OpenTask {
+            table: name.to_string(),
+            message,
+        };
+        let (sink, owned_name, app_id, schema) = (
+            sink.clone(),
+            name.clone(),
+            app_id.to_owned(),
+            schema.clone(),
+        );
+        let other_app = other_app.map(str::to_owned);
+        let task = open_runtime().map_err(failed)?.spawn(async move {
+            let other_app = other_app.as_deref();
+            let (sink, name) = (&sink, &owned_name);
+            Self::open_here(sink, name, &app_id, &schema, target_file_size, other_app).await
+        });
+        task.await.map_err(|e| failed(e.to_string()))?
+    }
+
+    async fn open_here(
         sink: &Sink,
         name: &TableName,
         app_id: &str,
@@ -739,6 +773,27 @@ impl ChangeLogTable {
     pub fn version(&self) -> u64 {
         self.version
     }
+}
+
+/// The runtime change logs are opened on (one worker thread, `slotlake-open`, started on
+/// first use and kept for the process): see [`ChangeLogTable::open_reading`].
+fn open_runtime() -> Result<&'static tokio::runtime::Runtime, String> {
+    static RUNTIME: std::sync::OnceLock<Result<tokio::runtime::Runtime, String>> =
+        std::sync::OnceLock::new();
+    RUNTIME
+        .get_or_init(|| one_worker_runtime("slotlake-open"))
+        .as_ref()
+        .map_err(|e| format!("cannot start the thread that opens change logs: {e}"))
+}
+
+/// A multi-threaded tokio runtime with one worker thread.
+pub(crate) fn one_worker_runtime(name: &str) -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name(name)
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())
 }
 
 /// The table schema widened by the fields `batch_schema` adds, or `None` when it adds none.
