@@ -293,29 +293,28 @@ impl ChangeLogTable {
             table: name.to_string(),
             message,
         };
-        let (sink, owned_name, app_id, schema) = (
+        let task = open_runtime().map_err(failed)?.spawn(Self::open_here(
             sink.clone(),
             name.clone(),
             app_id.to_owned(),
             schema.clone(),
-        );
-        let other_app = other_app.map(str::to_owned);
-        let task = open_runtime().map_err(failed)?.spawn(async move {
-            let other_app = other_app.as_deref();
-            let (sink, name) = (&sink, &owned_name);
-            Self::open_here(sink, name, &app_id, &schema, target_file_size, other_app).await
-        });
+            target_file_size,
+            other_app.map(str::to_owned),
+        ));
         task.await.map_err(|e| failed(e.to_string()))?
     }
 
+    /// [`Self::open_reading`] on the runtime it is called on (owned arguments: spawned).
     async fn open_here(
-        sink: &Sink,
-        name: &TableName,
-        app_id: &str,
-        schema: &SchemaRef,
+        sink: Sink,
+        name: TableName,
+        app_id: String,
+        schema: SchemaRef,
         target_file_size: u64,
-        other_app: Option<&str>,
+        other_app: Option<String>,
     ) -> Result<(ChangeLogTable, Option<i64>), LakeError> {
+        let (sink, name, app_id, schema) = (&sink, &name, app_id.as_str(), &schema);
+        let other_app = other_app.as_deref();
         let err = |action: &'static str| {
             let table = name.to_string();
             move |source| LakeError::Delta {
