@@ -510,12 +510,16 @@ pub async fn compact(a: crate::cli::CompactArgs) -> Result<()> {
         let _ = stop_tx.send(true);
     });
     let mut failed = 0usize;
+    let mut memo = crate::compact::Memo::default();
     loop {
         let started = std::time::Instant::now();
-        let pass = crate::compact::compact_all(&sink, &tables, &options).await?;
+        let pass = crate::compact::compact_all_again(&sink, &tables, &options, &mut memo).await?;
         let elapsed = started.elapsed();
         for (name, result) in &pass {
             match result {
+                Ok(r) if r.unchanged && matches!(a.format, crate::cli::OutputFormat::Table) => {
+                    println!("{name}: unchanged since the last pass");
+                }
                 Ok(r) => match a.format {
                     crate::cli::OutputFormat::Json => println!(
                         "{}",
@@ -537,6 +541,7 @@ pub async fn compact(a: crate::cli::CompactArgs) -> Result<()> {
                             "changelog_files_written": r.changelog_files_written,
                             "changelog_files_expired": r.changelog_files_expired,
                             "load_in_progress": r.load_in_progress,
+                            "unchanged": r.unchanged,
                         })
                     ),
                     crate::cli::OutputFormat::Table => println!(

@@ -1322,3 +1322,115 @@ fn change_log_files_are_planned_by_their_recorded_arrow_size() {
     let want: Vec<(String, u64)> = want.iter().map(|&(p, e)| (p.to_string(), e)).collect();
     assert_eq!(planned, want);
 }
+
+/// A compactor that runs pass after pass skips a table whose change log and history table
+/// have not moved since it last compacted it, and compacts it again once either moves; a
+/// retention shorter than the recheck interval (here none) turns the skipping off. The tables
+/// end up as the model says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passes_skip_tables_whose_logs_have_not_moved() {
+    use crate::lsn::Lsn;
+    let actions: Vec<Action> = inserts(0..12u8, i64::from)
+        .chain([Action::Commit])
+        .chain(inserts(12..24u8, |k| -i64::from(k)))
+        .chain([Action::Commit])
+        .collect();
+    let (changes, snapshots) = realize(&actions);
+    let txns = transactions(&changes);
+    assert_eq!(txns.len(), 2);
+    let dir = tempfile::tempdir().unwrap();
+    let (sink, mut log) = file_lake(dir.path(), &batch(&[], false).schema()).await;
+    let options = test_options(1 << 20, false);
+    let mut memo = super::Memo::default();
+    async fn pass_with(
+        sink: &crate::lake::store::Sink,
+        options: &super::CompactOptions,
+        memo: &mut super::Memo,
+    ) -> super::TableReport {
+        let mut pass = super::compact_all_again(sink, &[table_t()], options, memo)
+            .await
+            .expect("pass");
+        assert_eq!(pass.len(), 1);
+        pass.remove(0).1.expect("compacted")
+    }
+    async fn write(log: &mut crate::lake::changelog::ChangeLogTable, txn: &[Change]) {
+        log.write(batch(txn, false)).await.unwrap();
+        log.commit(Lsn(txn[0].lsn as u64)).await.unwrap();
+    }
+    macro_rules! pass {
+        ($options:expr) => {
+            pass_with(&sink, &$options, &mut memo).await
+        };
+    }
+
+    write(&mut log, txns[0]).await;
+    let first = pass!(options);
+    assert!(!first.unchanged && first.changes == 12, "{first:?}");
+    let again = pass!(options);
+    assert!(again.unchanged && again.changes == 0, "{again:?}");
+    assert_eq!(again.to_version, first.to_version);
+    // Another process (no memo) finds nothing to do and commits nothing: still unchanged.
+    let other = pass_with(&sink, &options, &mut super::Memo::default()).await;
+    assert!(!other.unchanged && other.changes == 0, "{other:?}");
+    assert!(pass!(options).unchanged);
+
+    // New changes move the change log.
+    write(&mut log, txns[1]).await;
+    let second = pass!(options);
+    assert!(!second.unchanged && second.changes == 12, "{second:?}");
+    assert!(pass!(options).unchanged);
+
+    // A retention of zero: every pass is a full one.
+    let no_wait = super::CompactOptions {
+        vacuum_retention: Some(std::time::Duration::ZERO),
+        ..options.clone()
+    };
+    assert!(!pass!(no_wait).unchanged);
+    assert_model(&sink, &snapshots, "after skipped passes").await;
+}
+
+/// The latest version of a Delta log, listed from a known one: `None` without a log, or when
+/// the known version's commit is not there (the log was replaced).
+#[tokio::test]
+async fn latest_log_version_lists_from_a_known_version() {
+    use object_store::{memory::InMemory, path::Path, ObjectStoreExt, PutPayload};
+    let store = InMemory::new();
+    let table = Path::from("changes/public/t");
+    assert_eq!(
+        super::latest_log_version(&store, &table, None)
+            .await
+            .unwrap(),
+        None
+    );
+    for v in [0u64, 1, 2, 10] {
+        let commit = table
+            .clone()
+            .join("_delta_log")
+            .join(format!("{v:020}.json"));
+        store
+            .put(&commit, PutPayload::from_static(b"{}"))
+            .await
+            .unwrap();
+    }
+    let checkpoint = table
+        .clone()
+        .join("_delta_log")
+        .join(format!("{:020}.checkpoint.parquet", 10));
+    store
+        .put(&checkpoint, PutPayload::from_static(b""))
+        .await
+        .unwrap();
+    let last = table.clone().join("_delta_log").join("_last_checkpoint");
+    store
+        .put(&last, PutPayload::from_static(b"{}"))
+        .await
+        .unwrap();
+    let latest = |from| super::latest_log_version(&store, &table, from);
+    assert_eq!(latest(None).await.unwrap(), Some(10));
+    assert_eq!(latest(Some(2)).await.unwrap(), Some(10));
+    assert_eq!(latest(Some(10)).await.unwrap(), Some(10));
+    assert_eq!(latest(Some(0)).await.unwrap(), Some(10));
+    // Version 5 was never written: not this log.
+    assert_eq!(latest(Some(5)).await.unwrap(), None);
+    assert_eq!(latest(Some(11)).await.unwrap(), None);
+}
