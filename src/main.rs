@@ -31,7 +31,7 @@ fn main() -> ExitCode {
     // One thread runs the command and polls the sockets itself; file and object-store I/O go
     // to tokio's blocking pool. A multi-threaded runtime cost `slotlake run` a cross-thread
     // wakeup per socket read: 4.7 s instead of 3.0 s of system CPU per million changes.
-    // `compact` and `verify` read Delta logs, table after table, and no socket: they get a
+    // `compact` and `verify` read Delta logs, table after table: they get a
     // multi-threaded runtime (one worker), because on a current-thread runtime deltalake runs
     // each log read's kernel engine on a new OS thread (`strace -f -c`: 215 threads started
     // by one table's first compaction, 109 by a pass with nothing to do; 5,000 tables, half

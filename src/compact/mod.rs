@@ -199,6 +199,8 @@ pub struct TableReport {
     /// Skipped: neither the change log nor the history table had a new version since this
     /// process last compacted the table (see [`Memo`]).
     pub unchanged: bool,
+    /// Change-log maintenance failed (logged; the next full pass tries again).
+    pub maintenance_failed: bool,
 }
 
 /// Longest an unchanged table goes without a full compaction in a process that compacts pass
@@ -214,7 +216,9 @@ const IDLE_RECHECK: std::time::Duration = std::time::Duration::from_secs(3600);
 /// change a compaction's outcome moves one of the two logs: new changes or change-log
 /// maintenance the change log, another compactor's commit the history table (and a crash
 /// between its history and current commits, which the next full run repairs, leaves the
-/// history table moved).
+/// history table moved). The versions are listed before each full compaction, so changes
+/// committed while it runs make the next pass a full one. The current table is not watched: a
+/// current table deleted by hand is rebuilt by the next full pass (within the recheck).
 #[derive(Debug, Default)]
 pub struct Memo {
     tables: HashMap<TableName, Seen>,
@@ -1105,11 +1109,14 @@ pub async fn compact_table(
             report.changelog_files_expired = maintained.files_expired;
             report.files_vacuumed += maintained.files_vacuumed;
         }
-        Err(e) => tracing::warn!(
-            table = %ctx.table,
-            error = %crate::pipeline::error_chain(&e),
-            "change-log maintenance failed; the next compaction tries again"
-        ),
+        Err(e) => {
+            report.maintenance_failed = true;
+            tracing::warn!(
+                table = %ctx.table,
+                error = %crate::pipeline::error_chain(&e),
+                "change-log maintenance failed; the next compaction tries again"
+            )
+        }
     }
     report.buckets_total = buckets(&history, &current).len() as u64;
     report.current_bytes_total = current.files.values().map(|f| f.size.max(0) as u64).sum();
@@ -2188,6 +2195,9 @@ pub async fn compact_all_again(
                 continue;
             }
         }
+        // Listed before the run: changes committed while it folds must make the next pass a
+        // full one (the run's own commits do too, once).
+        let before = log_versions(sink, &name, known).await;
         let mut result = compact_table(sink, &name, options).await;
         // A lost race (another compactor: `run`'s background one and `compact` or `verify`)
         // is retried against the new state, a few times, after a short random pause.
@@ -2217,8 +2227,7 @@ pub async fn compact_all_again(
             }
         }
         match &result {
-            // Versions listed after the run: its own commits are in them.
-            Ok(r) if !r.load_in_progress => match log_versions(sink, &name, None).await {
+            Ok(r) if !r.load_in_progress && !r.maintenance_failed => match before {
                 Ok((changes, history)) => {
                     let report = TableReport {
                         table: r.table.clone(),
