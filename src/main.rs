@@ -36,14 +36,15 @@ fn main() -> ExitCode {
     // each log read's kernel engine on a new OS thread (`strace -f -c`: 215 threads started
     // by one table's first compaction, 109 by a pass with nothing to do; 5,000 tables, half
     // a million a pass).
-    let mut builder = if matches!(cli.command, Command::Compact(_) | Command::Verify(_)) {
-        let mut b = tokio::runtime::Builder::new_multi_thread();
-        b.worker_threads(1);
-        b
+    let runtime = if matches!(cli.command, Command::Compact(_) | Command::Verify(_)) {
+        slotlake::lake::changelog::one_worker_runtime("slotlake-worker")
     } else {
         tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())
     };
-    let runtime = match builder.enable_all().build() {
+    let runtime = match runtime {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

@@ -2182,22 +2182,15 @@ pub async fn compact_all_again(
     for name in tables {
         let started = std::time::Instant::now();
         let known = memo.tables.get(&name).filter(|s| s.at.elapsed() < recheck);
-        if let Some(seen) = known {
-            // A failed listing only costs the skip.
-            if log_versions(sink, &name, Some(seen)).await.ok()
-                == Some((seen.changes, seen.history))
-            {
-                let report = TableReport {
-                    unchanged: true,
-                    ..seen.report.clone()
-                };
-                out.push((name, Ok(report)));
+        // Listed before any run: changes committed while it folds make the next pass a full
+        // one (the run's own commits do too, once). A failed listing only costs the skip.
+        let before = log_versions(sink, &name, known).await;
+        if let (Some(seen), Ok(versions)) = (known, &before) {
+            if *versions == (seen.changes, seen.history) {
+                out.push((name, Ok(seen.report.clone())));
                 continue;
             }
         }
-        // Listed before the run: changes committed while it folds must make the next pass a
-        // full one (the run's own commits do too, once).
-        let before = log_versions(sink, &name, known).await;
         let mut result = compact_table(sink, &name, options).await;
         // A lost race (another compactor: `run`'s background one and `compact` or `verify`)
         // is retried against the new state, a few times, after a short random pause.
@@ -2226,32 +2219,27 @@ pub async fn compact_all_again(
                 tracing::warn!(table = %name, error = %crate::pipeline::error_chain(e), "compaction failed")
             }
         }
-        match &result {
-            Ok(r) if !r.load_in_progress && !r.maintenance_failed => match before {
-                Ok((changes, history)) => {
-                    let report = TableReport {
-                        table: r.table.clone(),
-                        from_version: r.to_version,
-                        to_version: r.to_version,
-                        buckets_total: r.buckets_total,
-                        current_bytes_total: r.current_bytes_total,
-                        ..Default::default()
-                    };
-                    let at = started;
-                    memo.tables.insert(
-                        name.clone(),
-                        Seen {
-                            changes,
-                            history,
-                            at,
-                            report,
-                        },
-                    );
-                }
-                Err(_) => {
-                    memo.tables.remove(&name);
-                }
-            },
+        match (&result, before) {
+            (Ok(r), Ok((changes, history))) if !r.load_in_progress && !r.maintenance_failed => {
+                // What a skipped pass reports.
+                let report = TableReport {
+                    table: r.table.clone(),
+                    from_version: r.to_version,
+                    to_version: r.to_version,
+                    buckets_total: r.buckets_total,
+                    current_bytes_total: r.current_bytes_total,
+                    unchanged: true,
+                    ..Default::default()
+                };
+                let at = started;
+                let seen = Seen {
+                    changes,
+                    history,
+                    at,
+                    report,
+                };
+                memo.tables.insert(name.clone(), seen);
+            }
             _ => {
                 memo.tables.remove(&name);
             }
@@ -2281,12 +2269,7 @@ pub fn spawn_background(
             };
             // Multi-threaded (one worker): on a current-thread runtime deltalake starts an OS
             // thread for each Delta log read (see `main`).
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .thread_name("slotlake-compact-io")
-                .enable_all()
-                .build()
-            {
+            let runtime = match crate::lake::changelog::one_worker_runtime("slotlake-compact-io") {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot start the compaction thread");

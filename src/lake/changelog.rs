@@ -786,7 +786,7 @@ fn open_runtime() -> Result<&'static tokio::runtime::Runtime, String> {
 }
 
 /// A multi-threaded tokio runtime with one worker thread.
-pub(crate) fn one_worker_runtime(name: &str) -> Result<tokio::runtime::Runtime, String> {
+pub fn one_worker_runtime(name: &str) -> Result<tokio::runtime::Runtime, String> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name(name)
