@@ -208,8 +208,8 @@ pub struct TableReport {
 const IDLE_RECHECK: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// What a compactor that runs pass after pass (`slotlake compact --interval`, the background
-/// compaction of `slotlake run`) remembers of each table: the latest versions of its change
-/// log and history table after its last full compaction. A table whose two logs have not
+/// compaction of `slotlake run`) remembers of each table: the latest commits of its change
+/// log and history table (version and file, see [`LogMark`]) after its last full compaction. A table whose two logs have not
 /// moved since is skipped for a listing of each — a full compaction of a table with nothing
 /// to do loads its three Delta tables, about 13 ms of CPU a table, a minute a pass at 5,000
 /// tables — until [`IDLE_RECHECK`] (or a shorter retention) has passed. Anything that can
@@ -218,7 +218,8 @@ const IDLE_RECHECK: std::time::Duration = std::time::Duration::from_secs(3600);
 /// between its history and current commits, which the next full run repairs, leaves the
 /// history table moved). The versions are listed before each full compaction, so changes
 /// committed while it runs make the next pass a full one. The current table is not watched: a
-/// current table deleted by hand is rebuilt by the next full pass (within the recheck).
+/// current table deleted by hand is rebuilt by the next full pass (within the recheck). Tables
+/// a pass over the whole lake no longer finds are forgotten.
 #[derive(Debug, Default)]
 pub struct Memo {
     tables: HashMap<TableName, Seen>,
@@ -226,63 +227,87 @@ pub struct Memo {
 
 #[derive(Debug, Clone)]
 struct Seen {
-    changes: Option<u64>,
-    history: Option<u64>,
+    changes: Option<LogMark>,
+    history: Option<LogMark>,
     at: std::time::Instant,
     report: TableReport,
 }
 
-/// The versions of `table`'s change log and history table, listed from `known`'s.
+/// A Delta log's latest commit: its version, and what the store says of the commit's file,
+/// so that a log deleted and written again up to the same version (a table dropped and
+/// mirrored again) is not taken for the one seen before.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct LogMark {
+    version: u64,
+    e_tag: Option<String>,
+    modified: chrono::DateTime<chrono::Utc>,
+}
+
+/// The latest commits of `table`'s change log and history table, listed from `known`'s.
 async fn log_versions(
     sink: &Sink,
     table: &TableName,
     known: Option<&Seen>,
-) -> Result<(Option<u64>, Option<u64>), object_store::Error> {
+) -> Result<(Option<LogMark>, Option<LogMark>), object_store::Error> {
     let changes = sink.table_path(&["changes", &table.schema, &table.name]);
     let history = sink.table_path(&["history", &table.schema, &table.name]);
     let root = sink.root().as_ref();
     Ok((
-        latest_log_version(root, &changes, known.and_then(|s| s.changes)).await?,
-        latest_log_version(root, &history, known.and_then(|s| s.history)).await?,
+        latest_log_version(root, &changes, known.and_then(|s| s.changes.as_ref())).await?,
+        latest_log_version(root, &history, known.and_then(|s| s.history.as_ref())).await?,
     ))
 }
 
-/// The latest commit version in the Delta log of the table at `table`, listing only past
-/// `from` when given (`None` if `from` is given and its commit is not there: the log was
-/// replaced). `None` for no log.
+/// The latest commit in the Delta log of the table at `table` (`None`: no log). With `known`
+/// (a commit seen before), only the names from its version on are listed; if there is no such
+/// version (the log was replaced), the whole log is. (A log replaced up to the same version
+/// has the same latest version in another file: its mark differs.)
 async fn latest_log_version(
     store: &dyn ObjectStore,
     table: &Path,
-    from: Option<u64>,
-) -> Result<Option<u64>, object_store::Error> {
+    known: Option<&LogMark>,
+) -> Result<Option<LogMark>, object_store::Error> {
     let log = table.clone().join("_delta_log");
-    let mut listing = match from.and_then(|v| v.checked_sub(1)) {
-        // Names sort by version: from the commit before `from`, `from`'s own is listed too.
-        Some(before) => {
-            store.list_with_offset(Some(&log), &log.clone().join(format!("{before:020}.json")))
-        }
-        None => store.list(Some(&log)),
-    };
-    let (mut latest, mut saw_from) = (None, from.is_none());
-    while let Some(meta) = listing.next().await {
-        let meta = match meta {
-            Ok(m) => m,
-            Err(object_store::Error::NotFound { .. }) => break,
-            Err(e) => return Err(e),
+    let mut known = known;
+    loop {
+        let mut listing = match known.and_then(|k| k.version.checked_sub(1)) {
+            // Names sort by version: from the commit before the known one, its own is listed.
+            Some(before) => {
+                store.list_with_offset(Some(&log), &log.clone().join(format!("{before:020}.json")))
+            }
+            None => store.list(Some(&log)),
         };
-        let Some(name) = meta.location.filename() else {
-            continue;
-        };
-        let version = name
-            .strip_suffix(".json")
-            .filter(|v| v.len() == 20)
-            .and_then(|v| v.parse::<u64>().ok());
-        if let Some(v) = version {
-            latest = latest.max(Some(v));
-            saw_from |= Some(v) == from;
+        let (mut latest, mut saw_known) = (None::<LogMark>, known.is_none());
+        while let Some(meta) = listing.next().await {
+            let meta = match meta {
+                Ok(m) => m,
+                Err(object_store::Error::NotFound { .. }) => break,
+                Err(e) => return Err(e),
+            };
+            let Some(version) = meta
+                .location
+                .filename()
+                .and_then(|name| name.strip_suffix(".json"))
+                .filter(|v| v.len() == 20)
+                .and_then(|v| v.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            let mark = LogMark {
+                version,
+                e_tag: meta.e_tag,
+                modified: meta.last_modified,
+            };
+            saw_known |= known.is_some_and(|k| k.version == version);
+            if latest.as_ref().is_none_or(|l| l.version < version) {
+                latest = Some(mark);
+            }
         }
+        if saw_known {
+            return Ok(latest);
+        }
+        known = None;
     }
-    Ok(latest.filter(|_| saw_from))
 }
 
 /// Tables that have a change log under `sink`.
@@ -2174,7 +2199,11 @@ pub async fn compact_all_again(
         .flatten()
         .fold(IDLE_RECHECK, std::cmp::min);
     let tables = if tables.is_empty() {
-        list_tables(sink).await?
+        let listed = list_tables(sink).await?;
+        // Tables gone from the lake (dropped) are forgotten.
+        let names: std::collections::HashSet<&TableName> = listed.iter().collect();
+        memo.tables.retain(|name, _| names.contains(name));
+        listed
     } else {
         tables.to_vec()
     };
@@ -2186,7 +2215,7 @@ pub async fn compact_all_again(
         // one (the run's own commits do too, once). A failed listing only costs the skip.
         let before = log_versions(sink, &name, known).await;
         if let (Some(seen), Ok(versions)) = (known, &before) {
-            if *versions == (seen.changes, seen.history) {
+            if versions.0 == seen.changes && versions.1 == seen.history {
                 out.push((name, Ok(seen.report.clone())));
                 continue;
             }

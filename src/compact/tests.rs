@@ -1384,6 +1384,22 @@ async fn passes_skip_tables_whose_logs_have_not_moved() {
     assert!(!pass!(options).unchanged);
     assert!(pass!(options).unchanged);
 
+    // The change log's latest commit written again (a log replaced up to the same version):
+    // a full pass, which finds nothing new.
+    let log_dir = dir.path().join("changes/public/t/_delta_log");
+    let latest = std::fs::read_dir(&log_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .max()
+        .expect("a commit");
+    let bytes = std::fs::read(&latest).unwrap();
+    std::fs::remove_file(&latest).unwrap();
+    std::fs::write(&latest, &bytes).unwrap();
+    let replaced = pass!(options);
+    assert!(!replaced.unchanged && replaced.changes == 0, "{replaced:?}");
+    assert!(pass!(options).unchanged);
+
     // A retention of zero: every pass is a full one.
     let no_wait = super::CompactOptions {
         vacuum_retention: Some(std::time::Duration::ZERO),
@@ -1391,28 +1407,42 @@ async fn passes_skip_tables_whose_logs_have_not_moved() {
     };
     assert!(!pass!(no_wait).unchanged);
     assert_model(&sink, &snapshots, "after skipped passes").await;
+
+    // A pass over the whole lake forgets tables that left it.
+    assert!(memo.tables.contains_key(&table_t()));
+    std::fs::remove_dir_all(dir.path().join("changes/public/t")).unwrap();
+    let pass = super::compact_all_again(&sink, &[], &options, &mut memo)
+        .await
+        .expect("pass");
+    assert!(pass.is_empty());
+    assert!(memo.tables.is_empty());
 }
 
-/// The latest version of a Delta log, listed from a known one: `None` without a log, or when
-/// the known version's commit is not there (the log was replaced).
+/// The latest commit of a Delta log, listed from a known one: `None` without a log; the whole
+/// log listed again when the known version is not there (the log was replaced); a commit
+/// written again has another mark.
 #[tokio::test]
 async fn latest_log_version_lists_from_a_known_version() {
     use object_store::{memory::InMemory, path::Path, ObjectStoreExt, PutPayload};
     let store = InMemory::new();
     let table = Path::from("changes/public/t");
-    assert_eq!(
-        super::latest_log_version(&store, &table, None)
-            .await
-            .unwrap(),
-        None
-    );
-    for v in [0u64, 1, 2, 10] {
-        let commit = table
+    macro_rules! latest {
+        ($from:expr) => {
+            super::latest_log_version(&store, &table, $from)
+                .await
+                .unwrap()
+        };
+    }
+    assert_eq!(latest!(None), None);
+    let commit = |v: u64| {
+        table
             .clone()
             .join("_delta_log")
-            .join(format!("{v:020}.json"));
+            .join(format!("{v:020}.json"))
+    };
+    for v in [0u64, 1, 2, 10] {
         store
-            .put(&commit, PutPayload::from_static(b"{}"))
+            .put(&commit(v), PutPayload::from_static(b"{}"))
             .await
             .unwrap();
     }
@@ -1429,12 +1459,40 @@ async fn latest_log_version_lists_from_a_known_version() {
         .put(&last, PutPayload::from_static(b"{}"))
         .await
         .unwrap();
-    let latest = |from| super::latest_log_version(&store, &table, from);
-    assert_eq!(latest(None).await.unwrap(), Some(10));
-    assert_eq!(latest(Some(2)).await.unwrap(), Some(10));
-    assert_eq!(latest(Some(10)).await.unwrap(), Some(10));
-    assert_eq!(latest(Some(0)).await.unwrap(), Some(10));
-    // Version 5 was never written: not this log.
-    assert_eq!(latest(Some(5)).await.unwrap(), None);
-    assert_eq!(latest(Some(11)).await.unwrap(), None);
+    let ten = latest!(None).expect("a log");
+    assert_eq!(ten.version, 10);
+    let mark = |v: u64| {
+        let store = &store;
+        async move {
+            let meta = store.head(&commit(v)).await.unwrap();
+            super::LogMark {
+                version: v,
+                e_tag: meta.e_tag,
+                modified: meta.last_modified,
+            }
+        }
+    };
+    for v in [0, 1, 2, 10] {
+        assert_eq!(latest!(Some(&mark(v).await)).as_ref(), Some(&ten));
+    }
+    // Version 5 was never written, 11 not yet: not this log; listed whole.
+    for v in [5, 11] {
+        let unseen = super::LogMark {
+            version: v,
+            ..ten.clone()
+        };
+        assert_eq!(latest!(Some(&unseen)).as_ref(), Some(&ten));
+    }
+    // Version 2 and 10 written again (a replaced log): a new mark, found from either.
+    let two = mark(2).await;
+    for v in [2, 10] {
+        store
+            .put(&commit(v), PutPayload::from_static(b"{}"))
+            .await
+            .unwrap();
+    }
+    let new_ten = latest!(Some(&ten)).expect("a log");
+    assert_eq!(new_ten.version, 10);
+    assert_ne!(new_ten, ten);
+    assert_eq!(latest!(Some(&two)), Some(new_ten));
 }
