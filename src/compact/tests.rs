@@ -1324,9 +1324,10 @@ fn change_log_files_are_planned_by_their_recorded_arrow_size() {
 }
 
 /// A compactor that runs pass after pass skips a table whose change log and history table
-/// have not moved since it last compacted it, and compacts it again once either moves; a
-/// retention shorter than the recheck interval (here none) turns the skipping off. The tables
-/// end up as the model says.
+/// have not moved since it last compacted it, and compacts it again once either moves (new
+/// changes, a change log written again, another compactor's history commit); a retention
+/// shorter than the recheck interval (here none) turns the skipping off. The tables end up as
+/// the model says, and a pass over the whole lake forgets a table that left it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn passes_skip_tables_whose_logs_have_not_moved() {
     use crate::lsn::Lsn;
@@ -1398,6 +1399,27 @@ async fn passes_skip_tables_whose_logs_have_not_moved() {
     std::fs::write(&latest, &bytes).unwrap();
     let replaced = pass!(options);
     assert!(!replaced.unchanged && replaced.changes == 0, "{replaced:?}");
+    assert!(pass!(options).unchanged);
+
+    // Another compactor's commit to the history table alone (as one that stopped between its
+    // history and current commits leaves it): a full pass.
+    let history_log = dir.path().join("history/public/t/_delta_log");
+    let next = std::fs::read_dir(&history_log)
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.unwrap().file_name().into_string().unwrap();
+            name.strip_suffix(".json")?.parse::<u64>().ok()
+        })
+        .max()
+        .expect("a history commit")
+        + 1;
+    std::fs::write(
+        history_log.join(format!("{next:020}.json")),
+        r#"{"commitInfo":{"timestamp":1,"operation":"another compactor"}}"#,
+    )
+    .unwrap();
+    let moved = pass!(options);
+    assert!(!moved.unchanged && moved.changes == 0, "{moved:?}");
     assert!(pass!(options).unchanged);
 
     // A retention of zero: every pass is a full one.
