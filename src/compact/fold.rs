@@ -562,17 +562,26 @@ pub(super) fn fold_in_groups(
     // never depends on file order.
     type Change = (i64, i64, u32, u32);
     let mut order: Vec<Change> = Vec::with_capacity(n);
+    // Whether the rows come in commit order already (batch and row only grow as they are
+    // listed, so (_lsn, _seq) never falling is enough).
+    let (mut sorted, mut last) = (true, (i64::MIN, i64::MIN));
     for (b, (_, view)) in views.iter().enumerate() {
         let b = index(b)?;
-        for row in 0..view.lsn.len() {
-            order.push((view.lsn.value(row), view.seq.value(row), b, index(row)?));
+        let at = view.lsn.values().iter().zip(view.seq.values().iter());
+        for (row, (&lsn, &seq)) in at.enumerate() {
+            sorted &= (lsn, seq) >= last;
+            last = (lsn, seq);
+            order.push((lsn, seq, b, index(row)?));
         }
     }
     // Change logs come in commit order but for the odd file or row group (a merged file, a
     // writer that interleaved its output): the stable sort merges the sorted runs it finds,
     // where the unstable one re-sorted a nearly sorted step from scratch (4.5 % of a
-    // compaction's CPU, on the thread every other waits for).
-    order.sort();
+    // compaction's CPU, on the thread every other waits for). In order, nothing is sorted: the
+    // sort's scan for runs took 12–25 ms of a 2,000,000-change step, on that thread.
+    if !sorted {
+        order.sort();
+    }
     // The steps of each group (truncates: `groups`), in commit order: each thread takes a
     // share of the commit order and files its changes by group, so a group's steps are its
     // lists in the shares' order. Then the groups key moves join.
