@@ -209,10 +209,11 @@ const IDLE_RECHECK: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// What a compactor that runs pass after pass (`slotlake compact --interval`, the background
 /// compaction of `slotlake run`) remembers of each table: the latest commits of its change
-/// log and history table (version and file, see [`LogMark`]) after its last full compaction. A table whose two logs have not
-/// moved since is skipped for a listing of each — a full compaction of a table with nothing
-/// to do loads its three Delta tables, about 13 ms of CPU a table, a minute a pass at 5,000
-/// tables — until [`IDLE_RECHECK`] (or a shorter retention) has passed. Anything that can
+/// log and history table (version and file, see [`LogMark`]) after its last full compaction.
+/// A table whose two logs have not moved since is skipped for a listing of each — a full
+/// compaction of a table with nothing to do loads its three Delta tables, about 13 ms of CPU
+/// a table, a minute a pass at 5,000 tables — until [`IDLE_RECHECK`] (or a shorter
+/// retention) has passed. Anything that can
 /// change a compaction's outcome moves one of the two logs: new changes or change-log
 /// maintenance the change log, another compactor's commit the history table (and a crash
 /// between its history and current commits, which the next full run repairs, leaves the
