@@ -1672,7 +1672,7 @@ async fn step(
                     }
                 }
                 for b in members.iter() {
-                    base.extend(carry.open.remove(b).map(|c| c.open));
+                    base.extend(carry.open.remove(b).into_iter().flat_map(|c| c.open));
                 }
                 base
             }
@@ -1710,8 +1710,12 @@ async fn step(
         }
         fold_time += fold_started.elapsed();
         report.closed += out.closed_rows as u64;
-        let rows_out = out.open.num_rows().max(1) as u64;
-        let bytes = out.open.get_array_memory_size() as u64;
+        let rows_out = out.open.iter().map(|b| b.num_rows()).sum::<usize>().max(1) as u64;
+        let bytes = out
+            .open
+            .iter()
+            .map(|b| b.get_array_memory_size() as u64)
+            .sum::<u64>();
         if !write && carry.bytes() + bytes <= options.memory_budget / 2 {
             if let [b] = members[..] {
                 carry.open.insert(
@@ -1740,8 +1744,8 @@ async fn step(
                     b,
                     Carried {
                         hashes: Some(hashes[start..start + len].to_vec()),
-                        open: take_indices(&open.slice(start, len), &rows)
-                            .map_err(ctx.fail("carry"))?,
+                        open: vec![take_indices(&open.slice(start, len), &rows)
+                            .map_err(ctx.fail("carry"))?],
                         bytes: bytes * len as u64 / rows_out,
                     },
                 );
@@ -1885,14 +1889,18 @@ async fn step(
     Ok(report)
 }
 
-/// Open versions in hash order, with their hashes: as they are when `hashes` says they are in
-/// that order, else sorted (see [`fold::OpenRows`]).
+/// Open versions in hash order, in one batch, with their hashes: as they are when `hashes`
+/// says they are in that order, else sorted (see [`fold::OpenRows`]).
 fn hash_ordered(
     ctx: &Ctx<'_>,
     layout: &Layout,
     hashes: Option<Vec<u64>>,
-    open: RecordBatch,
+    mut open: Vec<RecordBatch>,
 ) -> Result<(Vec<u64>, RecordBatch), CompactError> {
+    let open = match open.len() {
+        1 => open.remove(0),
+        _ => concat_batches(&layout.history_schema(), &open).map_err(ctx.fail("carry"))?,
+    };
     match hashes {
         Some(hashes) => Ok((hashes, open)),
         None => fold::by_hash(layout, &open).map_err(ctx.fail("sort open versions")),
@@ -1958,9 +1966,9 @@ struct Carry {
 
 /// A bucket's open versions, carried.
 struct Carried {
-    /// Their key hashes when `open` is in hash order (else any order).
+    /// Their key hashes when `open` is one batch in hash order (else any order).
     hashes: Option<Vec<u64>>,
-    open: RecordBatch,
+    open: Vec<RecordBatch>,
     /// Its share of the memory of the fold output it is a slice of.
     bytes: u64,
 }
