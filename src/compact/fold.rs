@@ -381,14 +381,6 @@ pub struct FoldOutput {
     pub changes: usize,
 }
 
-impl FoldOutput {
-    /// The current table's rows: the open versions that are not tombstones.
-    pub fn current(&self, layout: &Layout) -> Result<RecordBatch, FoldError> {
-        let open = deltalake::arrow::compute::concat_batches(&layout.history_schema(), &self.open)?;
-        current_rows(layout, &open)
-    }
-}
-
 /// The current table's rows of a batch of open history versions.
 pub fn current_rows(layout: &Layout, open: &RecordBatch) -> Result<RecordBatch, FoldError> {
     let deleted = open
@@ -821,13 +813,13 @@ pub(super) fn fold_in_groups(
             .map(|(_, batch)| batch)
             .filter(|b| b.num_rows() > 0)
             .collect();
+        // (`open_rows` gives no empty batches.)
         if !others.is_empty() {
             open.push(deltalake::arrow::compute::concat_batches(
-                &layout.history_schema(),
+                &shape.schema,
                 &others,
             )?);
         }
-        open.retain(|b| b.num_rows() > 0);
         return Ok(FoldOutput {
             open,
             open_hashes: None,

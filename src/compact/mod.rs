@@ -213,11 +213,10 @@ const IDLE_RECHECK: std::time::Duration = std::time::Duration::from_secs(3600);
 /// A table whose two logs have not moved since is skipped for a listing of each — a full
 /// compaction of a table with nothing to do loads its three Delta tables, about 13 ms of CPU
 /// a table, a minute a pass at 5,000 tables — until [`IDLE_RECHECK`] (or a shorter
-/// retention) has passed. Anything that can
-/// change a compaction's outcome moves one of the two logs: new changes or change-log
-/// maintenance the change log, another compactor's commit the history table (and a crash
-/// between its history and current commits, which the next full run repairs, leaves the
-/// history table moved). The versions are listed before each full compaction, so changes
+/// retention) has passed. Anything that can change a compaction's outcome moves one of the
+/// two logs: new changes or change-log maintenance the change log, another compactor's
+/// commit the history table (and a crash between its history and current commits, which the
+/// next full run repairs, leaves the history table moved). The versions are listed before each full compaction, so changes
 /// committed while it runs make the next pass a full one. The current table is not watched: a
 /// current table deleted by hand is rebuilt by the next full pass (within the recheck). Tables
 /// a pass over the whole lake no longer finds are forgotten.
@@ -1898,7 +1897,8 @@ fn hash_ordered(
 ) -> Result<(Vec<u64>, RecordBatch), CompactError> {
     let open = match open.len() {
         1 => open.remove(0),
-        _ => concat_batches(&layout.history_schema(), &open).map_err(ctx.fail("carry"))?,
+        _ => concat_batches(&layout.history_schema(), &open)
+            .map_err(ctx.fail("concatenate open versions"))?,
     };
     match hashes {
         Some(hashes) => Ok((hashes, open)),
@@ -2268,11 +2268,10 @@ pub async fn compact_all_again(
                     unchanged: true,
                     ..Default::default()
                 };
-                let at = started;
                 let seen = Seen {
                     changes,
                     history,
-                    at,
+                    at: started,
                     report,
                 };
                 memo.tables.insert(name.clone(), seen);
@@ -2563,20 +2562,10 @@ impl ClosedWriter {
         for w in &mut self.writers {
             w.tx = None;
         }
-        let mut adds = Vec::with_capacity(self.writers.len());
-        let mut failed = None;
-        for w in &mut self.writers {
-            match w.finish() {
-                Ok(add) => adds.extend(add),
-                Err(e) => {
-                    failed.get_or_insert(e);
-                }
-            }
-        }
-        match failed {
-            Some(e) => Err(e),
-            None => Ok(adds),
-        }
+        // Every writer joined before the first error is returned.
+        let done: Vec<_> = self.writers.iter_mut().map(ClosedFile::finish).collect();
+        let files = done.into_iter().collect::<Result<Vec<_>, _>>()?;
+        Ok(files.into_iter().flatten().collect())
     }
 }
 

@@ -744,6 +744,16 @@ fn table_t() -> crate::replication::sql::TableName {
     }
 }
 
+/// The latest commit file in the Delta log of the table at `table`.
+fn latest_commit(table: &std::path::Path) -> std::path::PathBuf {
+    std::fs::read_dir(table.join("_delta_log"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .max()
+        .expect("a commit")
+}
+
 /// A file:// sink in `dir` and the change log of `public.t` (app id of slot `s`) in it.
 async fn file_lake(
     dir: &std::path::Path,
@@ -856,13 +866,7 @@ async fn compaction_with_deletion_vectors_matches_the_model() {
                 // (In odd cases, also the run that switches deletion vectors on.)
                 let crash = commits % 6 == 0 || (case % 2 == 1 && commits == 4);
                 if r.steps > 0 && crash && !last {
-                    let log_dir = dir.path().join("current/public/t/_delta_log");
-                    let last = std::fs::read_dir(&log_dir)
-                        .unwrap()
-                        .map(|e| e.unwrap().path())
-                        .filter(|p| p.extension().is_some_and(|x| x == "json"))
-                        .max()
-                        .expect("a current commit");
+                    let last = latest_commit(&dir.path().join("current/public/t"));
                     std::fs::remove_file(last).unwrap();
                     repaired += 1;
                 }
@@ -1397,13 +1401,7 @@ async fn passes_skip_tables_whose_logs_have_not_moved() {
 
     // The change log's latest commit written again (a log replaced up to the same version):
     // a full pass, which finds nothing new.
-    let log_dir = dir.path().join("changes/public/t/_delta_log");
-    let latest = std::fs::read_dir(&log_dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "json"))
-        .max()
-        .expect("a commit");
+    let latest = latest_commit(&dir.path().join("changes/public/t"));
     let bytes = std::fs::read(&latest).unwrap();
     std::fs::remove_file(&latest).unwrap();
     std::fs::write(&latest, &bytes).unwrap();
@@ -1413,18 +1411,16 @@ async fn passes_skip_tables_whose_logs_have_not_moved() {
 
     // Another compactor's commit to the history table alone (as one that stopped between its
     // history and current commits leaves it): a full pass.
-    let history_log = dir.path().join("history/public/t/_delta_log");
-    let next = std::fs::read_dir(&history_log)
+    let latest = latest_commit(&dir.path().join("history/public/t"));
+    let version: u64 = latest
+        .file_stem()
         .unwrap()
-        .filter_map(|e| {
-            let name = e.unwrap().file_name().into_string().unwrap();
-            name.strip_suffix(".json")?.parse::<u64>().ok()
-        })
-        .max()
-        .expect("a history commit")
-        + 1;
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     std::fs::write(
-        history_log.join(format!("{next:020}.json")),
+        latest.with_file_name(format!("{:020}.json", version + 1)),
         r#"{"commitInfo":{"timestamp":1,"operation":"another compactor"}}"#,
     )
     .unwrap();
