@@ -130,9 +130,14 @@ pub struct VerifyArgs {
 /// How compaction runs (shared by `compact` and `run --compact-interval`).
 #[derive(Debug, Args, Clone)]
 pub struct CompactTuning {
-    /// Memory for one compaction step (the changes it reads and the buckets they touch).
+    /// Memory for compaction (the changes a step reads and the buckets they touch), shared by
+    /// the tables compacted at the same time.
     #[arg(long, env = "SLOTLAKE_COMPACT_MEMORY", value_name = "SIZE", default_value = "512MiB", value_parser = parse_size)]
     pub compact_memory: u64,
+    /// Tables compacted at the same time. Each takes a share of --compact-memory for its
+    /// changes and buckets; a table needing all of it runs alone.
+    #[arg(long, env = "SLOTLAKE_COMPACT_CONCURRENCY", value_name = "N", default_value_t = crate::compact::TABLES_AT_ONCE)]
+    pub compact_concurrency: usize,
     /// A bucket of the current table (one file) splits in two above this many bytes of rows
     /// in memory (about 4× their Parquet size).
     #[arg(long, env = "SLOTLAKE_BUCKET_SIZE", value_name = "SIZE", default_value = "128MiB", value_parser = parse_size)]

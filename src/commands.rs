@@ -495,6 +495,7 @@ fn compact_options(t: &crate::cli::CompactTuning) -> crate::compact::CompactOpti
         fold_threads: crate::compact::all_cores(),
         deletion_vectors: t.deletion_vectors,
         orphan_sweep_versions: crate::compact::ORPHAN_SWEEP_VERSIONS,
+        tables_at_once: t.compact_concurrency.max(1),
     }
 }
 

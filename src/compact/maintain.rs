@@ -168,6 +168,11 @@ pub(super) async fn changelog(
             let target = i64::try_from(options.optimize_file_size).unwrap_or(i64::MAX);
             let groups = merge_groups(files, target);
             if !groups.is_empty() {
+                // A group is read a file at a time into one writer of at most the target size.
+                let _share = ctx
+                    .memory
+                    .take(options.optimize_file_size.saturating_mul(2))
+                    .await;
                 let mut actions = Vec::new();
                 let mut written = Vec::new();
                 for group in &groups {
@@ -405,10 +410,12 @@ mod tests {
             log.commit(Lsn(100 + i as u64)).await.unwrap();
         }
         let (log_store, _, _) = sink.table_store(&sink.table_path(&["changes", "public", "t"]));
+        let memory = super::super::MemoryShare::new(1 << 30);
         let ctx = Ctx {
             sink: &sink,
             name: &name,
             table: name.to_string(),
+            memory: &memory,
             deletion_vectors: false,
         };
         let optimize = || DeltaOperation::Optimize {

@@ -141,6 +141,9 @@ pub struct CompactOptions {
     /// history table's version past a multiple of this: each sweep lists the tables'
     /// directories, which grow with every commit.
     pub orphan_sweep_versions: u64,
+    /// Tables a pass compacts at the same time (see [`compact_all_again`]); they share
+    /// `memory_budget`.
+    pub tables_at_once: usize,
 }
 
 /// One fold thread per core.
@@ -159,8 +162,55 @@ impl Default for CompactOptions {
             fold_threads: all_cores(),
             deletion_vectors: false,
             orphan_sweep_versions: ORPHAN_SWEEP_VERSIONS,
+            tables_at_once: TABLES_AT_ONCE,
         }
     }
+}
+
+/// Default of [`CompactOptions::tables_at_once`]: most tables of a pass are small, and their
+/// compaction waits on storage round trips far more than it computes.
+pub const TABLES_AT_ONCE: usize = 8;
+
+/// The memory budget of a pass (counted in MiB), shared by the tables it compacts at the same
+/// time. A table takes its share before its first step (see [`step_share`]) and gives it
+/// back when its steps are done; change-log merges take theirs apart. A share is at most the
+/// whole budget, so a table that needs all of it runs alone. No task holds two shares at
+/// once, so none waits for another while holding one.
+pub struct MemoryShare {
+    permits: tokio::sync::Semaphore,
+    total: u32,
+}
+
+impl MemoryShare {
+    pub fn new(budget: u64) -> MemoryShare {
+        let total = (budget >> 20).clamp(1, u64::from(u32::MAX >> 4)) as u32;
+        MemoryShare {
+            permits: tokio::sync::Semaphore::new(total as usize),
+            total,
+        }
+    }
+
+    /// Waits for `bytes` of the budget (at least 1 MiB, at most all of it). (`None` only if
+    /// the semaphore were closed, which it never is.)
+    async fn take(&self, bytes: u64) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        let mib = bytes.div_ceil(1 << 20).clamp(1, u64::from(self.total)) as u32;
+        self.permits.acquire_many(mib).await.ok()
+    }
+
+    /// MiB of the budget not taken.
+    pub fn available(&self) -> usize {
+        self.permits.available_permits()
+    }
+}
+
+/// What a table's steps may hold at once: twice its first step's changes (a step reads at
+/// most half the budget; versions carried from step to step take as much again) and the open
+/// versions of its buckets (about four times the current table's Parquet bytes). At most the
+/// whole budget is taken ([`MemoryShare::take`]); a few changes to a small table take little.
+fn step_share(first_step: u64, current_bytes: u64) -> u64 {
+    first_step
+        .saturating_mul(2)
+        .saturating_add(current_bytes.saturating_mul(PARQUET_EXPANSION))
 }
 
 /// Default of [`CompactOptions::orphan_sweep_versions`]: as often as checkpoints.
@@ -402,6 +452,8 @@ struct Ctx<'a> {
     sink: &'a Sink,
     name: &'a TableName,
     table: String,
+    /// The pass's memory budget, shared with the tables compacted at the same time.
+    memory: &'a MemoryShare,
     /// Give the current and history tables deletion vectors (at creation, or with their next
     /// commit).
     deletion_vectors: bool,
@@ -948,10 +1000,27 @@ pub async fn compact_table(
     name: &TableName,
     options: &CompactOptions,
 ) -> Result<TableReport, CompactError> {
+    compact_table_sharing(
+        sink,
+        name,
+        options,
+        &MemoryShare::new(options.memory_budget),
+    )
+    .await
+}
+
+/// [`compact_table`] with a share of `memory` (see [`MemoryShare`]).
+async fn compact_table_sharing(
+    sink: &Sink,
+    name: &TableName,
+    options: &CompactOptions,
+    memory: &MemoryShare,
+) -> Result<TableReport, CompactError> {
     let ctx = Ctx {
         sink,
         name,
         table: name.to_string(),
+        memory,
         deletion_vectors: options.deletion_vectors,
     };
     let mut report = TableReport {
@@ -1027,6 +1096,8 @@ pub async fn compact_table(
     }
     let budget = options.memory_budget / 2;
     let mut carry = Carry::new();
+    let current_bytes: u64 = current.files.values().map(|f| f.size.max(0) as u64).sum();
+    let mut share = None;
     while next <= latest {
         // Gather the commits of one step; a commit larger than the budget on its own (an
         // initial load, a huge transaction) is taken a few files at a time, in file order,
@@ -1069,6 +1140,9 @@ pub async fn compact_table(
             v += 1;
         }
         let carry_allowed = carry.allowed(end.0 <= latest);
+        if share.is_none() {
+            share = Some(ctx.memory.take(step_share(estimate, current_bytes)).await);
+        }
         let stepped = step(
             &ctx,
             &layout,
@@ -1117,6 +1191,8 @@ pub async fn compact_table(
             }
         }
     }
+    // The steps' memory is free again (maintenance takes its own share: never two at once).
+    drop(share);
     // Maintenance failing (a lost race, storage trouble) leaves the compaction done; the next
     // pass tries again.
     match maintain::changelog(
@@ -2184,8 +2260,8 @@ const CONFLICT_RETRIES: u32 = 6;
 /// Each table of a compaction pass with its outcome.
 pub type Pass = Vec<(TableName, Result<TableReport, CompactError>)>;
 
-/// Compacts `tables` (every change log when empty), one after the other. A table that fails
-/// does not stop the others; its error is in its slot of the result.
+/// Compacts `tables` (every change log when empty), [`CompactOptions::tables_at_once`] at a
+/// time. A table that fails does not stop the others; its error is in its slot of the result.
 pub async fn compact_all(
     sink: &Sink,
     tables: &[TableName],
@@ -2196,6 +2272,11 @@ pub async fn compact_all(
 
 /// [`compact_all`] for one pass of several: tables unchanged since `memo` saw them are
 /// skipped (see [`Memo`]).
+///
+/// Tables are compacted [`CompactOptions::tables_at_once`] at a time, sharing the memory
+/// budget (see [`MemoryShare`]): a pass over thousands of tables, most of them with a few
+/// changes or none, waits on storage round trips (listings, Delta log reads, commits) far
+/// more than it computes. Results come in the order of `tables`.
 pub async fn compact_all_again(
     sink: &Sink,
     tables: &[TableName],
@@ -2215,74 +2296,115 @@ pub async fn compact_all_again(
     } else {
         tables.to_vec()
     };
-    let mut out = Vec::with_capacity(tables.len());
-    for name in tables {
-        let started = std::time::Instant::now();
-        let known = memo.tables.get(&name).filter(|s| s.at.elapsed() < recheck);
-        // Listed before any run: changes committed while it folds make the next pass a full
-        // one (the run's own commits do too, once). A failed listing only costs the skip.
-        let before = log_versions(sink, &name, known).await;
-        if let (Some(seen), Ok(versions)) = (known, &before) {
-            if versions.0 == seen.changes && versions.1 == seen.history {
-                out.push((name, Ok(seen.report.clone())));
-                continue;
-            }
-        }
-        let mut result = compact_table(sink, &name, options).await;
-        // A lost race (another compactor: `run`'s background one and `compact` or `verify`)
-        // is retried against the new state, a few times, after a short random pause.
-        for attempt in 1..CONFLICT_RETRIES {
-            if !matches!(result, Err(CompactError::Conflict { .. })) {
-                break;
-            }
-            let pause = std::time::Duration::from_millis(50 * attempt as u64);
-            tokio::time::sleep(crate::pipeline::jitter(pause)).await;
-            result = compact_table(sink, &name, options).await;
-        }
-        match &result {
-            Ok(r) if r.changes > 0 || r.steps > 0 => tracing::info!(
-                table = %name,
-                changes = r.changes,
-                steps = r.steps,
-                buckets_rewritten = r.buckets_rewritten,
-                buckets_patched = r.buckets_patched,
-                buckets = r.buckets_total,
-                versions_closed = r.history_versions_closed,
-                elapsed_ms = started.elapsed().as_millis() as u64,
-                "compacted"
-            ),
-            Ok(_) => {}
-            Err(e) => {
-                tracing::warn!(table = %name, error = %crate::pipeline::error_chain(e), "compaction failed")
-            }
-        }
-        match (&result, before) {
-            (Ok(r), Ok((changes, history))) if !r.load_in_progress && !r.maintenance_failed => {
-                // What a skipped pass reports.
-                let report = TableReport {
-                    table: r.table.clone(),
-                    from_version: r.to_version,
-                    to_version: r.to_version,
-                    buckets_total: r.buckets_total,
-                    current_bytes_total: r.current_bytes_total,
-                    unchanged: true,
-                    ..Default::default()
-                };
-                let seen = Seen {
-                    changes,
-                    history,
-                    at: started,
-                    report,
-                };
-                memo.tables.insert(name.clone(), seen);
-            }
-            _ => {
+    let memory = MemoryShare::new(options.memory_budget);
+    let runs = tables.into_iter().map(|name| {
+        let known = memo
+            .tables
+            .get(&name)
+            .filter(|s| s.at.elapsed() < recheck)
+            .cloned();
+        compact_known(sink, name, options, &memory, known)
+    });
+    // (Started as the stream reaches them: at most `tables_at_once` at a time. They share this
+    // task: their requests interleave; a fold, on threads of its own, holds the task while it
+    // runs.)
+    let done: Vec<_> = futures::stream::iter(runs)
+        .buffered(options.tables_at_once.max(1))
+        .collect()
+        .await;
+    let mut out = Vec::with_capacity(done.len());
+    for (name, result, remember) in done {
+        match remember {
+            Remember::Keep => {}
+            Remember::Forget => {
                 memo.tables.remove(&name);
+            }
+            Remember::Seen(seen) => {
+                memo.tables.insert(name.clone(), *seen);
             }
         }
         out.push((name, result));
     }
     Ok(out)
+}
+
+/// What a pass's memo keeps of a table once it is done.
+enum Remember {
+    /// As it was (the table was skipped).
+    Keep,
+    Forget,
+    Seen(Box<Seen>),
+}
+
+/// One table of [`compact_all_again`]: skipped when its logs have not moved since `known`,
+/// else compacted (retried after races lost to another compactor).
+async fn compact_known(
+    sink: &Sink,
+    name: TableName,
+    options: &CompactOptions,
+    memory: &MemoryShare,
+    known: Option<Seen>,
+) -> (TableName, Result<TableReport, CompactError>, Remember) {
+    let started = std::time::Instant::now();
+    // Listed before any run: changes committed while it folds make the next pass a full
+    // one (the run's own commits do too, once). A failed listing only costs the skip.
+    let before = log_versions(sink, &name, known.as_ref()).await;
+    if let (Some(seen), Ok(versions)) = (&known, &before) {
+        if versions.0 == seen.changes && versions.1 == seen.history {
+            let report = seen.report.clone();
+            return (name, Ok(report), Remember::Keep);
+        }
+    }
+    let mut result = compact_table_sharing(sink, &name, options, memory).await;
+    // A lost race (another compactor: `run`'s background one and `compact` or `verify`)
+    // is retried against the new state, a few times, after a short random pause.
+    for attempt in 1..CONFLICT_RETRIES {
+        if !matches!(result, Err(CompactError::Conflict { .. })) {
+            break;
+        }
+        let pause = std::time::Duration::from_millis(50 * attempt as u64);
+        tokio::time::sleep(crate::pipeline::jitter(pause)).await;
+        result = compact_table_sharing(sink, &name, options, memory).await;
+    }
+    match &result {
+        Ok(r) if r.changes > 0 || r.steps > 0 => tracing::info!(
+            table = %name,
+            changes = r.changes,
+            steps = r.steps,
+            buckets_rewritten = r.buckets_rewritten,
+            buckets_patched = r.buckets_patched,
+            buckets = r.buckets_total,
+            versions_closed = r.history_versions_closed,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "compacted"
+        ),
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(table = %name, error = %crate::pipeline::error_chain(e), "compaction failed")
+        }
+    }
+    let remember = match (&result, before) {
+        (Ok(r), Ok((changes, history))) if !r.load_in_progress && !r.maintenance_failed => {
+            // What a skipped pass reports.
+            let report = TableReport {
+                table: r.table.clone(),
+                from_version: r.to_version,
+                to_version: r.to_version,
+                buckets_total: r.buckets_total,
+                current_bytes_total: r.current_bytes_total,
+                unchanged: true,
+                ..Default::default()
+            };
+            Remember::Seen(Box::new(Seen {
+                changes,
+                history,
+                at: started,
+                report,
+            }))
+        }
+        _ => Remember::Forget,
+    };
+    (name, result, remember)
 }
 
 /// Compaction every `interval` in a thread of its own (its own runtime), so that folding

@@ -715,8 +715,17 @@ async fn a_missing_change_log_file_fails_compaction_and_commits_nothing() {
 
 /// Every row of a current or history table as compaction left it (deletion vectors applied).
 async fn read_target(sink: &crate::lake::store::Sink, kind: &str) -> Vec<RecordBatch> {
+    read_target_of(sink, kind, "t").await
+}
+
+/// The rows of the `kind` table of `public.<table>`.
+async fn read_target_of(
+    sink: &crate::lake::store::Sink,
+    kind: &str,
+    table: &str,
+) -> Vec<RecordBatch> {
     use deltalake::kernel::engine::arrow_conversion::TryIntoArrow;
-    let path = sink.table_path(&[kind, "public", "t"]);
+    let path = sink.table_path(&[kind, "public", table]);
     let (log_store, store, _) = sink.table_store(&path);
     let mut table = deltalake::DeltaTable::new(log_store);
     table.load().await.expect("load");
@@ -784,6 +793,7 @@ fn test_options(bucket_bytes: u64, deletion_vectors: bool) -> super::CompactOpti
         fold_threads: 2,
         deletion_vectors,
         orphan_sweep_versions: 1,
+        tables_at_once: 4,
     }
 }
 
@@ -1523,4 +1533,199 @@ async fn latest_log_version_lists_from_a_known_version() {
     assert_eq!(new_ten.version, 10);
     assert_ne!(new_ten, ten);
     assert_eq!(latest!(Some(&two)), Some(new_ten));
+}
+
+/// A store that holds back reads of change logs' Delta logs until `tables` tables have asked
+/// for one (then lets every read through): a pass that compacts them one after the other
+/// never gets there.
+#[derive(Debug)]
+struct Gate {
+    inner: std::sync::Arc<dyn object_store::ObjectStore>,
+    armed: std::sync::atomic::AtomicBool,
+    tables: usize,
+    waiting: std::sync::Mutex<BTreeSet<String>>,
+    open: tokio::sync::watch::Sender<bool>,
+}
+
+impl std::fmt::Display for Gate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Gate({})", self.inner)
+    }
+}
+
+#[async_trait::async_trait]
+impl object_store::ObjectStore for Gate {
+    async fn put_opts(
+        &self,
+        location: &object_store::path::Path,
+        payload: object_store::PutPayload,
+        opts: object_store::PutOptions,
+    ) -> object_store::Result<object_store::PutResult> {
+        self.inner.put_opts(location, payload, opts).await
+    }
+
+    async fn put_multipart_opts(
+        &self,
+        location: &object_store::path::Path,
+        opts: object_store::PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
+        self.inner.put_multipart_opts(location, opts).await
+    }
+
+    async fn get_opts(
+        &self,
+        location: &object_store::path::Path,
+        options: object_store::GetOptions,
+    ) -> object_store::Result<object_store::GetResult> {
+        let path = location.as_ref();
+        let log = path
+            .split_once("/changes/")
+            .and_then(|(_, rest)| rest.split_once("/_delta_log/"));
+        if let (Some((table, _)), true) =
+            (log, self.armed.load(std::sync::atomic::Ordering::SeqCst))
+        {
+            let mut open = self.open.subscribe();
+            {
+                let mut waiting = self.waiting.lock().unwrap();
+                waiting.insert(table.to_string());
+                if waiting.len() >= self.tables {
+                    self.open.send_replace(true);
+                }
+            }
+            open.wait_for(|o| *o).await.expect("gate");
+        }
+        self.inner.get_opts(location, options).await
+    }
+
+    fn delete_stream(
+        &self,
+        locations: futures::stream::BoxStream<
+            'static,
+            object_store::Result<object_store::path::Path>,
+        >,
+    ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::path::Path>> {
+        self.inner.delete_stream(locations)
+    }
+
+    fn list(
+        &self,
+        prefix: Option<&object_store::path::Path>,
+    ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>> {
+        self.inner.list(prefix)
+    }
+
+    async fn list_with_delimiter(
+        &self,
+        prefix: Option<&object_store::path::Path>,
+    ) -> object_store::Result<object_store::ListResult> {
+        self.inner.list_with_delimiter(prefix).await
+    }
+
+    async fn copy_opts(
+        &self,
+        from: &object_store::path::Path,
+        to: &object_store::path::Path,
+        options: object_store::CopyOptions,
+    ) -> object_store::Result<()> {
+        self.inner.copy_opts(from, to, options).await
+    }
+}
+
+/// A pass compacts several tables at the same time (three of four here: each table's
+/// change-log reads are held back until three tables wait, which one table at a time never
+/// reaches), and each comes out as the model says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pass_compacts_tables_at_the_same_time() {
+    use crate::lake::changelog::{app_id, ChangeLogTable};
+    use crate::lsn::Lsn;
+    let actions: Vec<Action> = inserts(0..12u8, i64::from)
+        .chain([Action::Commit])
+        .collect();
+    let (changes, _) = realize(&actions);
+    let gate = std::sync::Arc::new(Gate {
+        inner: std::sync::Arc::new(object_store::memory::InMemory::new()),
+        armed: false.into(),
+        tables: 3,
+        waiting: Default::default(),
+        open: tokio::sync::watch::channel(false).0,
+    });
+    let sink = crate::lake::store::Sink::from_store(
+        gate.clone(),
+        "lake",
+        url::Url::parse("memory:///").unwrap(),
+    );
+    let names: Vec<crate::replication::sql::TableName> = (0..4)
+        .map(|i| crate::replication::sql::TableName {
+            schema: "public".into(),
+            name: format!("t{i}"),
+        })
+        .collect();
+    for name in &names {
+        let mut log = ChangeLogTable::open(
+            &sink,
+            name,
+            &app_id("s"),
+            &batch(&[], false).schema(),
+            64 << 20,
+        )
+        .await
+        .unwrap();
+        log.write(batch(&changes, false)).await.unwrap();
+        log.commit(Lsn(changes[0].lsn as u64)).await.unwrap();
+    }
+    gate.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    let options = super::CompactOptions {
+        tables_at_once: 3,
+        ..test_options(1 << 20, false)
+    };
+    let pass = tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        super::compact_all(&sink, &names, &options),
+    )
+    .await
+    .expect("the tables were not compacted at the same time")
+    .expect("pass");
+    assert_eq!(gate.waiting.lock().unwrap().len(), 4);
+    assert_eq!(pass.len(), 4);
+    for ((name, result), expected) in pass.iter().zip(&names) {
+        assert_eq!(name, expected);
+        let report = result.as_ref().expect("compacted");
+        assert_eq!(report.changes, 12, "{report:?}");
+        let rows: usize = read_target_of(&sink, "current", &name.name)
+            .await
+            .iter()
+            .map(|b| b.num_rows())
+            .sum();
+        assert_eq!(rows, 12, "{name}");
+    }
+}
+
+/// A table's share of the memory budget: a few changes to a small table take a little of it,
+/// a large step all of it; a share taken makes a larger one wait until it is given back.
+#[tokio::test]
+async fn tables_share_the_memory_budget() {
+    use futures::FutureExt as _;
+    let memory = super::MemoryShare::new(64 << 20);
+    assert_eq!(memory.available(), 64);
+    let small = memory
+        .take(super::step_share(100 << 10, 1 << 20))
+        .now_or_never()
+        .flatten()
+        .expect("room for a small table");
+    assert_eq!(memory.available(), 64 - 5);
+    // A step of half the budget needs all of it, and waits for the small table.
+    assert!(memory
+        .take(super::step_share(32 << 20, 1 << 20))
+        .now_or_never()
+        .is_none());
+    drop(small);
+    let large = memory
+        .take(super::step_share(32 << 20, 1 << 20))
+        .now_or_never()
+        .flatten()
+        .expect("the whole budget once it is free");
+    assert_eq!(memory.available(), 0);
+    assert!(memory.take(1).now_or_never().is_none());
+    drop(large);
+    assert_eq!(memory.available(), 64);
 }
