@@ -107,7 +107,7 @@ fn merge_groups(mut files: Vec<LiveFile>, target: i64) -> Vec<Vec<LiveFile>> {
 /// `through`: the last change-log version wholly compacted.
 pub(super) async fn changelog(
     ctx: &Ctx<'_>,
-    log_store: &LogStoreRef,
+    table: DeltaTable,
     store: &Arc<dyn ObjectStore>,
     through: Option<u64>,
     options: &CompactOptions,
@@ -116,10 +116,11 @@ pub(super) async fn changelog(
     let Some(through) = through else {
         return Ok(done);
     };
+    let log_store = &table.log_store();
+    // Whether maintenance committed to the change log (then vacuum loads it again).
+    let mut committed = false;
     let optimize = options.optimize_file_size > 0;
     if optimize || options.changes_retention.is_some() {
-        let mut table = DeltaTable::new(log_store.clone());
-        table.load().await.map_err(ctx.fail("load change log"))?;
         let snapshot = table.snapshot().map_err(ctx.fail("load change log"))?;
         let latest = snapshot.version();
         // Files of versions compaction has not read yet are not ours to touch.
@@ -160,6 +161,7 @@ pub(super) async fn changelog(
                     predicate: Some(format!("written more than {retention:?} ago")),
                 };
                 commit(ctx, log_store, latest, removes, operation).await?;
+                committed = true;
                 done.files_expired = expired.len() as u64;
             }
         }
@@ -209,13 +211,15 @@ pub(super) async fn changelog(
                     }
                     return Err(e);
                 }
+                committed = true;
             }
         }
     }
     if let Some(retention) = options.vacuum_retention {
         // Lite mode only: the change log's directory also holds the staged files of source
         // transactions still open, uncommitted for as long as the transaction runs.
-        done.files_vacuumed = ctx.vacuum(log_store, retention, false).await?;
+        let loaded = (!committed).then_some(&table);
+        done.files_vacuumed = ctx.vacuum(log_store, loaded, retention, false).await?;
     }
     Ok(done)
 }

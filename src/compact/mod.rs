@@ -426,6 +426,8 @@ struct Target {
     txn: Option<u64>,
     /// Data files: path → size and deletion vector.
     files: BTreeMap<String, FileEntry>,
+    /// The table as loaded (vacuum starts from it while `version` is still its version).
+    loaded: Option<DeltaTable>,
 }
 
 impl Target {
@@ -494,6 +496,7 @@ impl Ctx<'_> {
             protocol: None,
             txn: None,
             files: BTreeMap::new(),
+            loaded: None,
         };
         if !has_delta_log(store.as_ref(), &Path::default())
             .await
@@ -521,6 +524,7 @@ impl Ctx<'_> {
                 },
             );
         }
+        target.loaded = Some(table);
         Ok(target)
     }
 
@@ -708,17 +712,29 @@ impl Ctx<'_> {
     /// lite mode: only files named by expired `remove` actions); with `orphans`, also the
     /// files no log entry names that were written more than `retention` ago (full mode: lists
     /// the table's directory), as a crash between writing files and committing them leaves.
+    /// Vacuums the table behind `log_store`: from `loaded`, the table as this pass loaded it
+    /// when it committed nothing to it since (an idle table's pass then reads each log once
+    /// less; a commit of another writer since only leaves its removes to the next vacuum),
+    /// else loaded again. Orphan sweeps (`orphans`) never start from an earlier load: a file
+    /// committed since would look like an orphan.
     async fn vacuum(
         &self,
         log_store: &LogStoreRef,
+        loaded: Option<&DeltaTable>,
         retention: std::time::Duration,
         orphans: bool,
     ) -> Result<u64, CompactError> {
         use deltalake::operations::vacuum::VacuumMode;
         let retention = chrono::Duration::from_std(retention)
             .unwrap_or_else(|_| chrono::Duration::days(36_500));
-        let mut table = DeltaTable::new(log_store.clone());
-        table.load().await.map_err(self.fail("vacuum"))?;
+        let table = match loaded.filter(|_| !orphans) {
+            Some(table) => table.clone(),
+            None => {
+                let mut table = DeltaTable::new(log_store.clone());
+                table.load().await.map_err(self.fail("vacuum"))?;
+                table
+            }
+        };
         let (_, metrics) = table
             .vacuum()
             .with_retention_period(retention)
@@ -1043,7 +1059,6 @@ async fn compact_table_sharing(
         .as_ref()
         .try_into_arrow()
         .map_err(ctx.fail("change-log schema"))?;
-    drop(changes_table);
     let layout = Layout::from_changelog(&changelog_schema);
     let change_schema = change_schema(&layout, &changelog_schema);
     let history_schema = layout.history_schema();
@@ -1187,7 +1202,13 @@ async fn compact_table_sharing(
             && (ORPHAN_MIN_AGE..=TOMBSTONE_RETENTION).contains(&retention);
         for target in [&history, &current] {
             if target.version.is_some() {
-                report.files_vacuumed += ctx.vacuum(&target.log_store, retention, sweep).await?;
+                let loaded = target
+                    .loaded
+                    .as_ref()
+                    .filter(|t| t.version() == target.version);
+                report.files_vacuumed += ctx
+                    .vacuum(&target.log_store, loaded, retention, sweep)
+                    .await?;
             }
         }
     }
@@ -1197,7 +1218,7 @@ async fn compact_table_sharing(
     // pass tries again.
     match maintain::changelog(
         &ctx,
-        &changes_log,
+        changes_table,
         &changes_store,
         report.to_version,
         options,

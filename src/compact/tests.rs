@@ -1535,9 +1535,9 @@ async fn latest_log_version_lists_from_a_known_version() {
     assert_eq!(latest!(Some(&two)), Some(new_ten));
 }
 
-/// A store that holds back reads of change logs' Delta logs until `tables` tables have asked
-/// for one (then lets every read through): a pass that compacts them one after the other
-/// never gets there.
+/// A store that counts the reads of each path, and, once armed, holds back reads of change
+/// logs' Delta logs until `tables` tables have asked for one (then lets every read through):
+/// a pass that compacts them one after the other never gets there.
 #[derive(Debug)]
 struct Gate {
     inner: std::sync::Arc<dyn object_store::ObjectStore>,
@@ -1545,6 +1545,28 @@ struct Gate {
     tables: usize,
     waiting: std::sync::Mutex<BTreeSet<String>>,
     open: tokio::sync::watch::Sender<bool>,
+    reads: std::sync::Mutex<BTreeMap<String, usize>>,
+}
+
+impl Gate {
+    fn over_memory(tables: usize) -> std::sync::Arc<Gate> {
+        std::sync::Arc::new(Gate {
+            inner: std::sync::Arc::new(object_store::memory::InMemory::new()),
+            armed: false.into(),
+            tables,
+            waiting: Default::default(),
+            open: tokio::sync::watch::channel(false).0,
+            reads: Default::default(),
+        })
+    }
+
+    fn sink(self: &std::sync::Arc<Gate>) -> crate::lake::store::Sink {
+        crate::lake::store::Sink::from_store(
+            self.clone(),
+            "lake",
+            url::Url::parse("memory:///").unwrap(),
+        )
+    }
 }
 
 impl std::fmt::Display for Gate {
@@ -1578,6 +1600,12 @@ impl object_store::ObjectStore for Gate {
         options: object_store::GetOptions,
     ) -> object_store::Result<object_store::GetResult> {
         let path = location.as_ref();
+        *self
+            .reads
+            .lock()
+            .unwrap()
+            .entry(path.to_string())
+            .or_default() += 1;
         let log = path
             .split_once("/changes/")
             .and_then(|(_, rest)| rest.split_once("/_delta_log/"));
@@ -1642,18 +1670,8 @@ async fn a_pass_compacts_tables_at_the_same_time() {
         .chain([Action::Commit])
         .collect();
     let (changes, _) = realize(&actions);
-    let gate = std::sync::Arc::new(Gate {
-        inner: std::sync::Arc::new(object_store::memory::InMemory::new()),
-        armed: false.into(),
-        tables: 3,
-        waiting: Default::default(),
-        open: tokio::sync::watch::channel(false).0,
-    });
-    let sink = crate::lake::store::Sink::from_store(
-        gate.clone(),
-        "lake",
-        url::Url::parse("memory:///").unwrap(),
-    );
+    let gate = Gate::over_memory(3);
+    let sink = gate.sink();
     let names: Vec<crate::replication::sql::TableName> = (0..4)
         .map(|i| crate::replication::sql::TableName {
             schema: "public".into(),
@@ -1728,4 +1746,96 @@ async fn tables_share_the_memory_budget() {
     assert!(memory.take(1).now_or_never().is_none());
     drop(large);
     assert_eq!(memory.available(), 64);
+}
+
+/// A pass that finds nothing to do reads each commit of the three Delta logs of a table at
+/// most four times (it read them six or seven times when vacuum and change-log maintenance
+/// each loaded their table again): vacuum starts from the table as the pass loaded it, and
+/// maintenance from the change log compaction read. The files the earlier passes replaced
+/// (while vacuum was off) are vacuumed all the same (retention zero).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_pass_reads_each_delta_commit_at_most_four_times() {
+    use crate::lake::changelog::{app_id, ChangeLogTable};
+    use crate::lsn::Lsn;
+    let actions: Vec<Action> = inserts(0..12u8, i64::from)
+        .chain([Action::Commit])
+        .chain(inserts(0..12u8, |k| -i64::from(k)))
+        .chain([Action::Commit])
+        .collect();
+    let (changes, snapshots) = realize(&actions);
+    let gate = Gate::over_memory(usize::MAX);
+    let sink = gate.sink();
+    let mut log = ChangeLogTable::open(
+        &sink,
+        &table_t(),
+        &app_id("s"),
+        &batch(&[], false).schema(),
+        64 << 20,
+    )
+    .await
+    .unwrap();
+    let options = super::CompactOptions {
+        vacuum_retention: Some(std::time::Duration::ZERO),
+        optimize_file_size: 64 << 20,
+        ..test_options(1 << 20, false)
+    };
+    let keep_files = super::CompactOptions {
+        vacuum_retention: None,
+        ..options.clone()
+    };
+    for txn in transactions(&changes) {
+        log.write(batch(txn, false)).await.unwrap();
+        log.commit(Lsn(txn[0].lsn as u64)).await.unwrap();
+        let report = super::compact_table(&sink, &table_t(), &keep_files)
+            .await
+            .expect("compacted");
+        assert_eq!(report.changes, txn.len() as u64);
+    }
+    gate.reads.lock().unwrap().clear();
+    let idle = super::compact_table(&sink, &table_t(), &options)
+        .await
+        .expect("compacted");
+    assert_eq!((idle.changes, idle.commits), (0, 0), "{idle:?}");
+    let reads = gate.reads.lock().unwrap().clone();
+    let commits: Vec<(&String, &usize)> = reads
+        .iter()
+        .filter(|(p, _)| p.contains("/_delta_log/") && p.ends_with(".json"))
+        .collect();
+    for kind in ["changes", "current", "history"] {
+        assert!(
+            commits
+                .iter()
+                .any(|(p, _)| p.contains(&format!("/{kind}/"))),
+            "{kind} log read: {commits:?}"
+        );
+    }
+    assert!(commits.iter().all(|(_, &n)| n <= 4), "{commits:?}");
+    // What the earlier passes replaced is gone from storage; the tables are whole.
+    assert!(idle.files_vacuumed > 0, "{idle:?}");
+    for kind in ["current", "history"] {
+        use futures::StreamExt as _;
+        let (log_store, store, _) = sink.table_store(&sink.table_path(&[kind, "public", "t"]));
+        let on_store: BTreeSet<String> = store
+            .list(None)
+            .filter_map(|m| async move { m.ok() })
+            .map(|m| m.location.to_string())
+            .filter(|p| std::future::ready(p.ends_with(".parquet")))
+            .collect()
+            .await;
+        let mut table = deltalake::DeltaTable::new(log_store);
+        table.load().await.unwrap();
+        let live: BTreeSet<String> = table
+            .snapshot()
+            .unwrap()
+            .log_data()
+            .iter()
+            .map(|f| f.path().to_string())
+            .collect();
+        assert!(!live.is_empty());
+        assert_eq!(
+            on_store, live,
+            "{kind}: replaced files vacuumed, live ones kept"
+        );
+    }
+    assert_model(&sink, &snapshots, "after an idle pass").await;
 }
