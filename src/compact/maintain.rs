@@ -104,10 +104,12 @@ fn merge_groups(mut files: Vec<LiveFile>, target: i64) -> Vec<Vec<LiveFile>> {
 }
 
 /// Optimizes, expires and vacuums the change log behind `log_store` (see the module doc).
-/// `through`: the last change-log version wholly compacted.
+/// `through`: the last change-log version wholly compacted; `loaded`: the change log as the
+/// pass loaded it, when compaction found nothing to fold (else it is loaded again).
 pub(super) async fn changelog(
     ctx: &Ctx<'_>,
-    table: DeltaTable,
+    loaded: Option<DeltaTable>,
+    log_store: &LogStoreRef,
     store: &Arc<dyn ObjectStore>,
     through: Option<u64>,
     options: &CompactOptions,
@@ -116,11 +118,20 @@ pub(super) async fn changelog(
     let Some(through) = through else {
         return Ok(done);
     };
-    let log_store = &table.log_store();
+    // The change log as compaction loaded it (an idle table's pass), else loaded when needed.
+    let mut table = loaded;
     // Whether maintenance committed to the change log (then vacuum loads it again).
     let mut committed = false;
     let optimize = options.optimize_file_size > 0;
     if optimize || options.changes_retention.is_some() {
+        if table.is_none() {
+            let mut loaded = DeltaTable::new(log_store.clone());
+            loaded.load().await.map_err(ctx.fail("load change log"))?;
+            table = Some(loaded);
+        }
+        let Some(table) = table.as_ref() else {
+            return Ok(done);
+        };
         let snapshot = table.snapshot().map_err(ctx.fail("load change log"))?;
         let latest = snapshot.version();
         // Files of versions compaction has not read yet are not ours to touch.
@@ -180,7 +191,7 @@ pub(super) async fn changelog(
                 for group in &groups {
                     let adds = merge(
                         ctx,
-                        &table,
+                        table,
                         store,
                         &schema,
                         group,
@@ -218,7 +229,7 @@ pub(super) async fn changelog(
     if let Some(retention) = options.vacuum_retention {
         // Lite mode only: the change log's directory also holds the staged files of source
         // transactions still open, uncommitted for as long as the transaction runs.
-        let loaded = (!committed).then_some(&table);
+        let loaded = table.as_ref().filter(|_| !committed);
         done.files_vacuumed = ctx.vacuum(log_store, loaded, retention, false).await?;
     }
     Ok(done)

@@ -197,6 +197,11 @@ impl MemoryShare {
         self.permits.acquire_many(mib).await.ok()
     }
 
+    /// Whether `held` is less than `bytes` (as [`MemoryShare::take`] counts them).
+    fn short(&self, held: &tokio::sync::SemaphorePermit<'_>, bytes: u64) -> bool {
+        (held.num_permits() as u64) < bytes.div_ceil(1 << 20).clamp(1, u64::from(self.total))
+    }
+
     /// MiB of the budget not taken.
     pub fn available(&self) -> usize {
         self.permits.available_permits()
@@ -1112,6 +1117,15 @@ async fn compact_table_sharing(
     let budget = options.memory_budget / 2;
     let mut carry = Carry::new();
     let current_bytes: u64 = current.files.values().map(|f| f.size.max(0) as u64).sum();
+    // The tables as loaded serve an idle table's vacuum and maintenance (see `Ctx::vacuum`);
+    // a table with changes to fold does not hold them through its steps (a change log's
+    // snapshot grows with its files), and its commits would leave them behind anyway.
+    let mut changes_table = Some(changes_table);
+    if next <= latest {
+        changes_table = None;
+        current.loaded = None;
+        history.loaded = None;
+    }
     let mut share = None;
     while next <= latest {
         // Gather the commits of one step; a commit larger than the budget on its own (an
@@ -1155,8 +1169,15 @@ async fn compact_table_sharing(
             v += 1;
         }
         let carry_allowed = carry.allowed(end.0 <= latest);
-        if share.is_none() {
-            share = Some(ctx.memory.take(step_share(estimate, current_bytes)).await);
+        // A later step may need more than the first (a small commit, then a large one): the
+        // share grows, taken again whole (never a second share while holding one).
+        let want = step_share(estimate, current_bytes);
+        if share
+            .as_ref()
+            .is_none_or(|held| ctx.memory.short(held, want))
+        {
+            drop(share.take());
+            share = ctx.memory.take(want).await;
         }
         let stepped = step(
             &ctx,
@@ -1219,6 +1240,7 @@ async fn compact_table_sharing(
     match maintain::changelog(
         &ctx,
         changes_table,
+        &changes_log,
         &changes_store,
         report.to_version,
         options,
@@ -2315,26 +2337,30 @@ pub async fn compact_all_again(
         memo.tables.retain(|name, _| names.contains(name));
         listed
     } else {
-        tables.to_vec()
+        // A table named twice is compacted once (two runs at once would race each other).
+        let mut seen = std::collections::HashSet::new();
+        tables.iter().filter(|t| seen.insert(*t)).cloned().collect()
     };
     let memory = MemoryShare::new(options.memory_budget);
-    let runs = tables.into_iter().map(|name| {
+    let runs = tables.into_iter().enumerate().map(|(i, name)| {
         let known = memo
             .tables
             .get(&name)
             .filter(|s| s.at.elapsed() < recheck)
             .cloned();
-        compact_known(sink, name, options, &memory, known)
+        let run = compact_known(sink, name, options, &memory, known);
+        async move { (i, run.await) }
     });
-    // (Started as the stream reaches them: at most `tables_at_once` at a time. They share this
-    // task: their requests interleave; a fold, on threads of its own, holds the task while it
-    // runs.)
-    let done: Vec<_> = futures::stream::iter(runs)
-        .buffered(options.tables_at_once.max(1))
+    // (Started as the stream reaches them: at most `tables_at_once` at a time, a finished one
+    // replaced at once, whatever the others do. They share this task: their requests
+    // interleave; a fold, on threads of its own, holds the task while it runs.)
+    let mut done: Vec<_> = futures::stream::iter(runs)
+        .buffer_unordered(options.tables_at_once.max(1))
         .collect()
         .await;
+    done.sort_unstable_by_key(|(i, _)| *i);
     let mut out = Vec::with_capacity(done.len());
-    for (name, result, remember) in done {
+    for (_, (name, result, remember)) in done {
         match remember {
             Remember::Keep => {}
             Remember::Forget => {

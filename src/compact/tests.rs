@@ -1716,6 +1716,12 @@ async fn a_pass_compacts_tables_at_the_same_time() {
             .sum();
         assert_eq!(rows, 12, "{name}");
     }
+    // A table named twice is compacted once.
+    let twice = [names[0].clone(), names[0].clone()];
+    let pass = super::compact_all(&sink, &twice, &options)
+        .await
+        .expect("pass");
+    assert_eq!(pass.len(), 1);
 }
 
 /// A table's share of the memory budget: a few changes to a small table take a little of it,
@@ -1736,6 +1742,9 @@ async fn tables_share_the_memory_budget() {
         .take(super::step_share(32 << 20, 1 << 20))
         .now_or_never()
         .is_none());
+    // A later, larger step is short of the small share; the same step is not.
+    assert!(memory.short(&small, super::step_share(32 << 20, 1 << 20)));
+    assert!(!memory.short(&small, super::step_share(100 << 10, 1 << 20)));
     drop(small);
     let large = memory
         .take(super::step_share(32 << 20, 1 << 20))
