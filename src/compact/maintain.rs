@@ -124,14 +124,11 @@ pub(super) async fn changelog(
     let mut committed = false;
     let optimize = options.optimize_file_size > 0;
     if optimize || options.changes_retention.is_some() {
-        if table.is_none() {
-            let mut loaded = DeltaTable::new(log_store.clone());
-            loaded.load().await.map_err(ctx.fail("load change log"))?;
-            table = Some(loaded);
-        }
-        let Some(table) = table.as_ref() else {
-            return Ok(done);
+        let loaded = match table.take() {
+            Some(loaded) => loaded,
+            None => ctx.load_delta(log_store, "load change log").await?,
         };
+        let table = &*table.insert(loaded);
         let snapshot = table.snapshot().map_err(ctx.fail("load change log"))?;
         let latest = snapshot.version();
         // Files of versions compaction has not read yet are not ours to touch.

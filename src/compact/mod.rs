@@ -190,16 +190,20 @@ impl MemoryShare {
         }
     }
 
-    /// Waits for `bytes` of the budget (at least 1 MiB, at most all of it). (`None` only if
-    /// the semaphore were closed, which it never is.)
-    async fn take(&self, bytes: u64) -> Option<tokio::sync::SemaphorePermit<'_>> {
-        let mib = bytes.div_ceil(1 << 20).clamp(1, u64::from(self.total)) as u32;
-        self.permits.acquire_many(mib).await.ok()
+    /// `bytes` as a share: MiB, at least 1, at most all of the budget.
+    fn mib(&self, bytes: u64) -> u32 {
+        bytes.div_ceil(1 << 20).clamp(1, u64::from(self.total)) as u32
     }
 
-    /// Whether `held` is less than `bytes` (as [`MemoryShare::take`] counts them).
+    /// Waits for a share of `bytes` ([`MemoryShare::mib`]). (`None` only if the semaphore
+    /// were closed, which it never is.)
+    async fn take(&self, bytes: u64) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        self.permits.acquire_many(self.mib(bytes)).await.ok()
+    }
+
+    /// Whether `held` is a smaller share than `bytes` needs.
     fn short(&self, held: &tokio::sync::SemaphorePermit<'_>, bytes: u64) -> bool {
-        (held.num_permits() as u64) < bytes.div_ceil(1 << 20).clamp(1, u64::from(self.total))
+        held.num_permits() < self.mib(bytes) as usize
     }
 
     /// MiB of the budget not taken.
@@ -208,13 +212,13 @@ impl MemoryShare {
     }
 }
 
-/// What a table's steps may hold at once: twice its first step's changes (a step reads at
-/// most half the budget; versions carried from step to step take as much again) and the open
-/// versions of its buckets (about four times the current table's Parquet bytes). At most the
-/// whole budget is taken ([`MemoryShare::take`]); a few changes to a small table take little.
-fn step_share(first_step: u64, current_bytes: u64) -> u64 {
-    first_step
-        .saturating_mul(2)
+/// What a table's steps may hold at once, for a step of `step` bytes of changes: twice that (a
+/// step reads at most half the budget; versions carried from step to step take as much
+/// again) and the open versions of its buckets (about four times the current table's Parquet
+/// bytes). At most the whole budget is taken ([`MemoryShare::mib`]); a few changes to a small
+/// table take little.
+fn step_share(step: u64, current_bytes: u64) -> u64 {
+    step.saturating_mul(2)
         .saturating_add(current_bytes.saturating_mul(PARQUET_EXPANSION))
 }
 
@@ -271,10 +275,11 @@ const IDLE_RECHECK: std::time::Duration = std::time::Duration::from_secs(3600);
 /// retention) has passed. Anything that can change a compaction's outcome moves one of the
 /// two logs: new changes or change-log maintenance the change log, another compactor's
 /// commit the history table (and a crash between its history and current commits, which the
-/// next full run repairs, leaves the history table moved). The versions are listed before each full compaction, so changes
-/// committed while it runs make the next pass a full one. The current table is not watched: a
-/// current table deleted by hand is rebuilt by the next full pass (within the recheck). Tables
-/// a pass over the whole lake no longer finds are forgotten.
+/// next full run repairs, leaves the history table moved). The versions are listed before
+/// each full compaction, so changes committed while it runs make the next pass a full one.
+/// The current table is not watched: a current table deleted by hand is rebuilt by the next
+/// full pass (within the recheck). Tables a pass over the whole lake no longer finds are
+/// forgotten.
 #[derive(Debug, Default)]
 pub struct Memo {
     tables: HashMap<TableName, Seen>,
@@ -509,8 +514,7 @@ impl Ctx<'_> {
         {
             return Ok(target);
         }
-        let mut table = DeltaTable::new(log_store.clone());
-        table.load().await.map_err(self.fail("load"))?;
+        let table = self.load_delta(&log_store, "load").await?;
         let snapshot = table.snapshot().map_err(self.fail("load"))?;
         target.version = Some(snapshot.version());
         target.metadata = Some(snapshot.metadata().clone());
@@ -696,6 +700,17 @@ impl Ctx<'_> {
         Ok(())
     }
 
+    /// The Delta table behind `log_store`, loaded (`action` names a failure).
+    async fn load_delta(
+        &self,
+        log_store: &LogStoreRef,
+        action: &'static str,
+    ) -> Result<DeltaTable, CompactError> {
+        let mut table = DeltaTable::new(log_store.clone());
+        table.load().await.map_err(self.fail(action))?;
+        Ok(table)
+    }
+
     /// Change-log version `v`'s log entry; an error when it cannot be read (never skipped:
     /// it may add files compaction needs).
     async fn read_commit(
@@ -713,15 +728,14 @@ impl Ctx<'_> {
             })
     }
 
-    /// Deletes files `target` removed from its log more than `retention` ago (Delta vacuum,
-    /// lite mode: only files named by expired `remove` actions); with `orphans`, also the
-    /// files no log entry names that were written more than `retention` ago (full mode: lists
-    /// the table's directory), as a crash between writing files and committing them leaves.
-    /// Vacuums the table behind `log_store`: from `loaded`, the table as this pass loaded it
-    /// when it committed nothing to it since (an idle table's pass then reads each log once
-    /// less; a commit of another writer since only leaves its removes to the next vacuum),
-    /// else loaded again. Orphan sweeps (`orphans`) never start from an earlier load: a file
-    /// committed since would look like an orphan.
+    /// Deletes files the table behind `log_store` removed from its log more than `retention`
+    /// ago (Delta vacuum, lite mode: only files named by expired `remove` actions); with
+    /// `orphans`, also the files no log entry names that were written more than `retention`
+    /// ago (full mode: lists the table's directory), as a crash between writing files and
+    /// committing them leaves. Starts from `loaded`, the table as this pass loaded it, when
+    /// the pass committed nothing to it since (an idle table's pass then reads each log once
+    /// less; a commit of another writer since only leaves its removes to the next vacuum);
+    /// orphan sweeps always load it again, as a file committed since would look like an orphan.
     async fn vacuum(
         &self,
         log_store: &LogStoreRef,
@@ -734,11 +748,7 @@ impl Ctx<'_> {
             .unwrap_or_else(|_| chrono::Duration::days(36_500));
         let table = match loaded.filter(|_| !orphans) {
             Some(table) => table.clone(),
-            None => {
-                let mut table = DeltaTable::new(log_store.clone());
-                table.load().await.map_err(self.fail("vacuum"))?;
-                table
-            }
+            None => self.load_delta(log_store, "vacuum").await?,
         };
         let (_, metrics) = table
             .vacuum()
@@ -1050,11 +1060,7 @@ async fn compact_table_sharing(
     };
     let changes_path = sink.table_path(&["changes", &name.schema, &name.name]);
     let (changes_log, changes_store, _) = sink.table_store(&changes_path);
-    let mut changes_table = DeltaTable::new(changes_log.clone());
-    changes_table
-        .load()
-        .await
-        .map_err(ctx.fail("load change log"))?;
+    let changes_table = ctx.load_delta(&changes_log, "load change log").await?;
     let snapshot = changes_table
         .snapshot()
         .map_err(ctx.fail("load change log"))?;
