@@ -398,38 +398,68 @@ mod tests {
         assert_eq!(tier(TIER_BASE * 8 + 1), 2);
     }
 
-    /// A maintenance commit lands on top of however many appends `run` made since it read the
-    /// log, and gives up (a conflict) when one of them removed a file it removes.
-    #[tokio::test]
-    async fn maintenance_commits_step_over_appends_but_not_over_removes() {
-        use crate::lake::changelog::ChangeLogTable;
-        use crate::lsn::Lsn;
-        use deltalake::arrow::array::{Int64Array, RecordBatch};
+    /// A change log `public.t` of column `a` on a memory sink, and its log store.
+    async fn change_log() -> (
+        crate::lake::store::Sink,
+        crate::replication::sql::TableName,
+        crate::lake::changelog::ChangeLogTable,
+        LogStoreRef,
+    ) {
         use deltalake::arrow::datatypes::{DataType, Field};
 
         let sink = crate::lake::store::Sink::open("memory://", &Default::default()).unwrap();
         let name = crate::replication::sql::TableName::parse("public.t").unwrap();
         let schema = Arc::new(Schema::new(vec![Field::new("a", DataType::Int64, true)]));
-        let mut log = ChangeLogTable::open(&sink, &name, "slotlake-s", &schema, 1 << 20)
-            .await
-            .unwrap();
-        let base = log.version();
-        for i in 0..20 {
-            let batch =
-                RecordBatch::try_new(schema.clone(), vec![Arc::new(Int64Array::from(vec![i]))])
-                    .unwrap();
-            log.write(batch).await.unwrap();
-            log.commit(Lsn(100 + i as u64)).await.unwrap();
-        }
+        let log = crate::lake::changelog::ChangeLogTable::open(
+            &sink,
+            &name,
+            "slotlake-s",
+            &schema,
+            1 << 20,
+        )
+        .await
+        .unwrap();
         let (log_store, _, _) = sink.table_store(&sink.table_path(&["changes", "public", "t"]));
-        let memory = super::super::MemoryShare::new(1 << 30);
-        let ctx = Ctx {
-            sink: &sink,
-            name: &name,
+        (sink, name, log, log_store)
+    }
+
+    fn test_ctx<'a>(
+        sink: &'a crate::lake::store::Sink,
+        name: &'a crate::replication::sql::TableName,
+        memory: &'a super::super::MemoryShare,
+    ) -> Ctx<'a> {
+        Ctx {
+            sink,
+            name,
             table: name.to_string(),
-            memory: &memory,
+            memory,
             deletion_vectors: false,
-        };
+        }
+    }
+
+    /// Commits one row of column `a` at each LSN of `lsns`.
+    async fn append(log: &mut crate::lake::changelog::ChangeLogTable, lsns: std::ops::Range<u64>) {
+        use deltalake::arrow::array::{Int64Array, RecordBatch};
+        use deltalake::arrow::datatypes::{DataType, Field};
+
+        let schema = Arc::new(Schema::new(vec![Field::new("a", DataType::Int64, true)]));
+        for lsn in lsns {
+            let a = Arc::new(Int64Array::from(vec![lsn as i64]));
+            let batch = RecordBatch::try_new(schema.clone(), vec![a]).unwrap();
+            log.write(batch).await.unwrap();
+            log.commit(crate::lsn::Lsn(lsn)).await.unwrap();
+        }
+    }
+
+    /// A maintenance commit lands on top of however many appends `run` made since it read the
+    /// log, and gives up (a conflict) when one of them removed a file it removes.
+    #[tokio::test]
+    async fn maintenance_commits_step_over_appends_but_not_over_removes() {
+        let (sink, name, mut log, log_store) = change_log().await;
+        let base = log.version();
+        append(&mut log, 100..120).await;
+        let memory = super::super::MemoryShare::new(1 << 30);
+        let ctx = test_ctx(&sink, &name, &memory);
         let optimize = || DeltaOperation::Optimize {
             predicate: None,
             target_size: 1,
@@ -450,6 +480,88 @@ mod tests {
             matches!(again, Err(CompactError::Conflict { .. })),
             "{again:?}"
         );
+    }
+
+    /// A lite vacuum started from the pass's snapshot of the change log still deletes the
+    /// files it should when `run` changed the table's schema since: its VACUUM commit from
+    /// the old snapshot conflicts (`MetadataChanged`), and it is done again from the latest.
+    #[tokio::test]
+    async fn a_vacuum_from_a_snapshot_overtaken_by_a_schema_change_still_deletes() {
+        use crate::lake::changelog::ChangeLogTable;
+        use crate::lsn::Lsn;
+        use deltalake::arrow::array::{Int64Array, RecordBatch};
+        use deltalake::arrow::datatypes::{DataType, Field};
+        use futures::TryStreamExt;
+
+        let (sink, name, mut log, log_store) = change_log().await;
+        append(&mut log, 100..102).await;
+        let store = log_store.object_store(None);
+        let parquet = || async {
+            let mut files: Vec<(String, i64)> = store
+                .list(None)
+                .map_ok(|m| (m.location.to_string(), m.size as i64))
+                .try_collect::<Vec<_>>()
+                .await
+                .unwrap()
+                .into_iter()
+                .filter(|(p, _)| p.ends_with(".parquet"))
+                .collect();
+            files.sort();
+            files
+        };
+        let files = parquet().await;
+        assert_eq!(files.len(), 2, "{files:?}");
+        let memory = super::super::MemoryShare::new(1 << 30);
+        let ctx = test_ctx(&sink, &name, &memory);
+        let gone = &files[0];
+        let actions = vec![Action::Remove(remove(&gone.0, gone.1, false))];
+        let operation = DeltaOperation::Optimize {
+            predicate: None,
+            target_size: 1,
+        };
+        commit(&ctx, &log_store, log.version(), actions, operation)
+            .await
+            .unwrap();
+        let snapshot = ctx.load_delta(&log_store, "load").await.unwrap();
+
+        // `run` adds a column after the pass loaded the table.
+        let narrow = log.schema().unwrap();
+        let mut log = ChangeLogTable::open(&sink, &name, "slotlake-s", &narrow, 1 << 20)
+            .await
+            .unwrap();
+        let wide = Arc::new(Schema::new(vec![
+            Field::new("a", DataType::Int64, true),
+            Field::new("b", DataType::Int64, true),
+        ]));
+        let batch = RecordBatch::try_new(
+            wide,
+            vec![
+                Arc::new(Int64Array::from(vec![7])),
+                Arc::new(Int64Array::from(vec![8])),
+            ],
+        )
+        .unwrap();
+        log.write(batch).await.unwrap();
+        log.commit(Lsn(200)).await.unwrap();
+        let latest = ctx.load_delta(&log_store, "load").await.unwrap();
+        assert!(
+            latest.snapshot().unwrap().schema().field("b").is_some(),
+            "the schema was widened"
+        );
+
+        let deleted = ctx
+            .vacuum(
+                &log_store,
+                Some(&snapshot),
+                std::time::Duration::ZERO,
+                false,
+            )
+            .await
+            .unwrap();
+        assert_eq!(deleted, 1);
+        let left = parquet().await;
+        assert_eq!(left.len(), 2, "the live file and the new one: {left:?}");
+        assert!(!left.contains(gone), "{left:?}");
     }
 
     #[test]

@@ -734,8 +734,9 @@ impl Ctx<'_> {
     /// ago (full mode: lists the table's directory), as a crash between writing files and
     /// committing them leaves. Starts from `loaded`, the table as this pass loaded it, when
     /// the pass committed nothing to it since (an idle table's pass then reads each log once
-    /// less; a commit of another writer since only leaves its removes to the next vacuum);
-    /// orphan sweeps always load it again, as a file committed since would look like an orphan.
+    /// less; a commit of another writer since only leaves its removes to the next vacuum, and
+    /// a vacuum whose commit that one's conflicts with is done again from the latest); orphan
+    /// sweeps always load it again, as a file committed since would look like an orphan.
     async fn vacuum(
         &self,
         log_store: &LogStoreRef,
@@ -746,27 +747,45 @@ impl Ctx<'_> {
         use deltalake::operations::vacuum::VacuumMode;
         let retention = chrono::Duration::from_std(retention)
             .unwrap_or_else(|_| chrono::Duration::days(36_500));
-        let table = match loaded.filter(|_| !orphans) {
-            Some(table) => table.clone(),
-            None => self.load_delta(log_store, "vacuum").await?,
+        let run = async |table: DeltaTable| {
+            table
+                .vacuum()
+                .with_retention_period(retention)
+                .with_enforce_retention_duration(false)
+                .with_mode(if orphans {
+                    VacuumMode::Full
+                } else {
+                    VacuumMode::Lite
+                })
+                // Never let delta-rs drop old log entries: compaction reads change logs by
+                // version.
+                .with_commit_properties(
+                    deltalake::kernel::transaction::CommitProperties::default()
+                        .with_cleanup_expired_logs(Some(false)),
+                )
+                .await
         };
-        let (_, metrics) = table
-            .vacuum()
-            .with_retention_period(retention)
-            .with_enforce_retention_duration(false)
-            .with_mode(if orphans {
-                VacuumMode::Full
-            } else {
-                VacuumMode::Lite
-            })
-            // Never let delta-rs drop old log entries: compaction reads change logs by
-            // version.
-            .with_commit_properties(
-                deltalake::kernel::transaction::CommitProperties::default()
-                    .with_cleanup_expired_logs(Some(false)),
-            )
-            .await
-            .map_err(self.fail("vacuum"))?;
+        let metrics = match loaded.filter(|_| !orphans) {
+            // A vacuum commits (VACUUM START and END): from the pass's snapshot, that commit
+            // conflicts with a schema change `run` made since (`MetadataChanged`). It is then
+            // done again from the table as it is now.
+            Some(table) => match run(table.clone()).await {
+                Ok((_, metrics)) => metrics,
+                Err(e) => {
+                    tracing::debug!(
+                        table = %self.table,
+                        error = %e,
+                        "vacuum from the pass's snapshot failed; again from the latest"
+                    );
+                    let table = self.load_delta(log_store, "vacuum").await?;
+                    run(table).await.map_err(self.fail("vacuum"))?.1
+                }
+            },
+            None => {
+                let table = self.load_delta(log_store, "vacuum").await?;
+                run(table).await.map_err(self.fail("vacuum"))?.1
+            }
+        };
         Ok(metrics.files_deleted.len() as u64)
     }
 
