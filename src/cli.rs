@@ -154,6 +154,13 @@ pub struct CompactTuning {
     /// deleted --vacuum-retention later). `off` keeps the change log whole.
     #[arg(long, env = "SLOTLAKE_CHANGES_RETENTION", value_name = "DURATION", default_value = "off", value_parser = parse_optional_duration)]
     pub changes_retention: OptionalDuration,
+    /// Tombstones (the history versions deletes open) older than this leave the open
+    /// versions, which buckets rewrite: a table that deletes a lot (a queue) then costs what
+    /// its live rows cost, not what it ever deleted. A key that comes back later than this
+    /// after its delete leaves its tombstone open (`_valid_to` null) instead of closing it.
+    /// `off` keeps every tombstone open until its key comes back.
+    #[arg(long, env = "SLOTLAKE_TOMBSTONE_RETENTION", value_name = "DURATION", default_value = "off", value_parser = parse_optional_duration)]
+    pub tombstone_retention: OptionalDuration,
     /// Current and history tables with deletion vectors (Delta reader version 3): a bucket
     /// with few changed keys gets a small file of their new versions, and its old versions
     /// are marked deleted, instead of being rewritten. Needs a reader that applies deletion

@@ -496,6 +496,7 @@ fn compact_options(t: &crate::cli::CompactTuning) -> crate::compact::CompactOpti
         deletion_vectors: t.deletion_vectors,
         orphan_sweep_versions: crate::compact::ORPHAN_SWEEP_VERSIONS,
         tables_at_once: t.compact_concurrency.max(1),
+        tombstone_retention: t.tombstone_retention.0,
     }
 }
 

@@ -348,8 +348,28 @@ impl Version {
 
 struct Closed {
     v: Version,
-    to_lsn: i64,
-    to_ts: i64,
+    /// (`_valid_to_lsn`, `_valid_to`); `None` for a retired tombstone (see [`Retire`]).
+    to: Option<(i64, i64)>,
+}
+
+/// When tombstones leave the open versions (`--tombstone-retention`). A tombstone (the
+/// version a delete, a truncate or a key change opens) normally stays open until its key comes
+/// back, so that the comeback can close it; a table that deletes a lot (a queue) then carries
+/// every key it ever deleted in its open versions, and rewrites them with their buckets. A
+/// tombstone older than `after` microseconds (of commit time) is *retired* instead: written
+/// once, as it is (open: `_valid_to` null), with the closed versions, and dropped from the open
+/// ones. A key that comes back more than `after` after its delete does not close its
+/// tombstone, whether retired yet or not, so that the tables do not depend on when compaction
+/// ran. The table as of any LSN reads the same either way (tombstones never match).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retire {
+    pub after: i64,
+}
+
+impl Retire {
+    fn due(retire: Option<Retire>, v: &Version, now: i64) -> bool {
+        v.deleted && retire.is_some_and(|r| now.saturating_sub(v.from_ts) > r.after)
+    }
 }
 
 /// The order a fold puts its open versions in.
@@ -472,11 +492,15 @@ pub fn fold(
     on_closed: &mut (dyn FnMut(RecordBatch) -> Result<(), FoldError> + Send),
     threads: usize,
     rows: OpenRows,
+    retire: Option<Retire>,
 ) -> Result<FoldOutput, FoldError> {
-    fold_in_groups(layout, base, changes, on_closed, threads, rows, GROUP_KEYS)
+    fold_in_groups(
+        layout, base, changes, on_closed, threads, rows, retire, GROUP_KEYS,
+    )
 }
 
 /// [`fold`] with groups of about `group_keys` rows (tests use tiny groups).
+#[allow(clippy::too_many_arguments)]
 pub(super) fn fold_in_groups(
     layout: &Layout,
     base: &[RecordBatch],
@@ -484,6 +508,7 @@ pub(super) fn fold_in_groups(
     on_closed: &mut (dyn FnMut(RecordBatch) -> Result<(), FoldError> + Send),
     threads: usize,
     rows: OpenRows,
+    retire: Option<Retire>,
     group_keys: usize,
 ) -> Result<FoldOutput, FoldError> {
     let ncols = layout.source.fields().len();
@@ -689,7 +714,16 @@ pub(super) fn fold_in_groups(
         ncols,
     };
     let closings = Closings::new(&sources);
+    // The latest commit time of the fold's changes: tombstones older than the retention by
+    // it retire (see [`Retire`]).
+    let horizon = views
+        .iter()
+        .filter_map(|(_, v)| v.ts.values().iter().max().copied())
+        .max()
+        .unwrap_or(i64::MIN);
     let folder = Folder {
+        retire,
+        horizon,
         views: &views,
         gather: &gather,
         col_index: &col_index,
@@ -922,6 +956,8 @@ struct ClosedChunk {
 
 /// What the units of one fold share.
 struct Folder<'a, 'f> {
+    retire: Option<Retire>,
+    horizon: i64,
     views: &'a [(u32, ChangeView<'a>)],
     gather: &'a Gather<'a>,
     col_index: &'a HashMap<&'a str, u32>,
@@ -980,13 +1016,14 @@ impl Folder<'_, '_> {
             }
             let (l, t, row) = (step.lsn, step.ts, step.row);
             let close = |v: Version, closed: &mut ClosedChunk| {
-                if v.own {
+                if Retire::due(self.retire, &v, t) {
+                    self.retire(v, closed);
+                } else if v.own {
                     self.closings.close(v.src, l, t);
                 } else {
                     closed.versions.push(Closed {
                         v,
-                        to_lsn: l,
-                        to_ts: t,
+                        to: Some((l, t)),
                     })
                 }
             };
@@ -1089,7 +1126,24 @@ impl Folder<'_, '_> {
                 }
             }
         }
-        Ok(state.drain().collect())
+        let mut open = Vec::with_capacity(state.len());
+        for (key, v) in state.drain() {
+            if Retire::due(self.retire, &v, self.horizon) {
+                self.retire(v, closed);
+            } else {
+                open.push((key, v));
+            }
+        }
+        Ok(open)
+    }
+
+    /// Writes tombstone `v` with the closed versions, open (see [`Retire`]).
+    fn retire(&self, v: Version, closed: &mut ClosedChunk) {
+        if v.own {
+            self.closings.retire(v.src);
+        } else {
+            closed.versions.push(Closed { v, to: None });
+        }
     }
 }
 
@@ -1194,6 +1248,9 @@ struct Closings {
 /// [`Closings`]' mark of a row whose own version is open at the end of the fold (no LSN is
 /// that high: Postgres LSNs are below 2^63).
 const KEPT_OPEN: i64 = i64::MAX;
+/// [`Closings`]' mark of a row whose own version is a retired tombstone (see [`Retire`]):
+/// written with the closed versions, open.
+const RETIRED: i64 = i64::MAX - 1;
 
 impl Closings {
     fn new(sources: &[&RecordBatch]) -> Closings {
@@ -1214,6 +1271,13 @@ impl Closings {
         if let Some((l, t)) = self.to.get(s as usize).and_then(|b| b.get(row as usize)) {
             l.store(lsn, Relaxed);
             t.store(ts, Relaxed);
+        }
+    }
+
+    /// Marks a row whose own version is a retired tombstone.
+    fn retire(&self, (s, row): RowRef) {
+        if let Some((l, _)) = self.to.get(s as usize).and_then(|b| b.get(row as usize)) {
+            l.store(RETIRED, Relaxed);
         }
     }
 
@@ -1412,12 +1476,33 @@ fn own_rows(
     let open = to.is_none();
     cols.push(from_lsn);
     match to {
-        Some((to_lsn, to_ts)) => {
+        Some((to_lsn, to_ts)) if !to_lsn.contains(&RETIRED) => {
             cols.push(Arc::new(Int64Array::from(to_lsn)));
             cols.push(from_ts);
             cols.push(Arc::new(
                 TimestampMicrosecondArray::from(to_ts).with_timezone(UTC),
             ));
+        }
+        Some((to_lsn, to_ts)) => {
+            // Retired tombstones among them: open.
+            let closed = |l: &i64| *l != RETIRED;
+            cols.push(Arc::new(Int64Array::from_iter(
+                to_lsn.iter().map(|l| closed(l).then_some(*l)),
+            )));
+            cols.push(from_ts);
+            cols.push(Arc::new(
+                TimestampMicrosecondArray::from_iter(
+                    to_lsn
+                        .iter()
+                        .zip(&to_ts)
+                        .map(|(l, t)| closed(l).then_some(*t)),
+                )
+                .with_timezone(UTC),
+            ));
+            let current = BooleanArray::from_iter(to_lsn.iter().map(|l| Some(!closed(l))));
+            cols.push(Arc::new(current));
+            cols.push(Arc::new(deleted));
+            return Ok(RecordBatch::try_new(shape.schema.clone(), cols)?);
         }
         None => {
             cols.push(deltalake::arrow::array::new_null_array(&DataType::Int64, n));
@@ -1440,7 +1525,7 @@ struct Gather<'a> {
 
 impl Gather<'_> {
     fn closed(&self, closed: &[Closed]) -> Result<RecordBatch, FoldError> {
-        self.batch(closed.iter().map(|c| (&c.v, Some((c.to_lsn, c.to_ts)))))
+        self.batch(closed.iter().map(|c| (&c.v, c.to)))
     }
 
     /// The history rows of `versions` (`Some((to_lsn, to_ts))` for closed ones).

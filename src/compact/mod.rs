@@ -144,6 +144,17 @@ pub struct CompactOptions {
     /// Tables a pass compacts at the same time (see [`compact_all_again`]); they share
     /// `memory_budget`.
     pub tables_at_once: usize,
+    /// Tombstones older than this (by commit time) leave the open versions (see
+    /// [`fold::Retire`]); `None`: they stay until their key comes back.
+    pub tombstone_retention: Option<std::time::Duration>,
+}
+
+impl CompactOptions {
+    fn retire(&self) -> Option<fold::Retire> {
+        self.tombstone_retention.map(|d| fold::Retire {
+            after: i64::try_from(d.as_micros()).unwrap_or(i64::MAX),
+        })
+    }
 }
 
 /// One fold thread per core.
@@ -163,6 +174,7 @@ impl Default for CompactOptions {
             deletion_vectors: false,
             orphan_sweep_versions: ORPHAN_SWEEP_VERSIONS,
             tables_at_once: TABLES_AT_ONCE,
+            tombstone_retention: None,
         }
     }
 }
@@ -1835,6 +1847,7 @@ async fn step(
             &mut |batch| closed_writer.send(batch),
             options.fold_threads,
             order,
+            options.retire(),
         );
         let mut out = match folded {
             Ok(out) => out,

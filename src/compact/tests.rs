@@ -258,15 +258,16 @@ fn sorted_rows(batches: &[RecordBatch], schema: &SchemaRef) -> Vec<String> {
 /// Runs the fold over `changes` cut at `cuts`; returns the final open versions and every
 /// version (open and closed) with its layout applied.
 fn compact(changes: &[Change], cuts: &[usize], reverse: bool) -> (RecordBatch, Vec<RecordBatch>) {
-    compact_in_groups(changes, cuts, reverse, usize::MAX)
+    compact_in_groups(changes, cuts, reverse, usize::MAX, None)
 }
 
-/// [`compact`] with fold groups of about `group_keys` keys.
+/// [`compact`] with fold groups of about `group_keys` keys, tombstones retired by `retire`.
 fn compact_in_groups(
     changes: &[Change],
     cuts: &[usize],
     reverse: bool,
     group_keys: usize,
+    retire: Option<fold::Retire>,
 ) -> (RecordBatch, Vec<RecordBatch>) {
     let mut bounds: Vec<usize> = cuts.iter().map(|c| c % (changes.len() + 1)).collect();
     bounds.push(0);
@@ -309,6 +310,7 @@ fn compact_in_groups(
                 },
                 2,
                 rows,
+                retire,
                 group_keys,
             )
             .expect("fold");
@@ -431,12 +433,20 @@ proptest! {
         cuts in proptest::collection::vec(any::<usize>(), 0..6),
         reverse in any::<bool>(),
         group_keys in prop_oneof![Just(1usize), Just(3), Just(usize::MAX)],
+        // Commit times are 1,000 µs a transaction apart (`batch`).
+        retire in prop_oneof![
+            Just(None),
+            (0i64..4000).prop_map(|after| Some(fold::Retire { after })),
+        ],
     ) {
         let (changes, snapshots) = realize(&actions);
-        let (open, all) = compact_in_groups(&changes, &cuts, reverse, group_keys);
+        let (open, all) = compact_in_groups(&changes, &cuts, reverse, group_keys, retire);
         // The same open versions, in the same order, however the keys were grouped.
-        let (one_group, _) = compact_in_groups(&changes, &cuts, reverse, usize::MAX);
+        let (one_group, one_group_all) =
+            compact_in_groups(&changes, &cuts, reverse, usize::MAX, retire);
         prop_assert_eq!(&open, &one_group);
+        let history = open.schema();
+        prop_assert_eq!(sorted_rows(&all, &history), sorted_rows(&one_group_all, &history));
         let final_model = &snapshots.last().expect("final snapshot").1;
         prop_assert_eq!(&scd1(&open, &open), final_model);
         for (lsn, model) in &snapshots {
@@ -449,11 +459,35 @@ proptest! {
                 prop_assert_eq!(values, (None, None, None), "a tombstone has only its key");
             }
         }
-        // One run gives the same tables.
-        let (one_open, one_all) = compact(&changes, &[], false);
+        // One run gives the same tables: every history row the same, whenever tombstones
+        // retired.
+        let (one_open, one_all) = compact_in_groups(&changes, &[], false, usize::MAX, retire);
         prop_assert_eq!(scd1(&one_open, &one_open), scd1(&open, &open));
-        let versions = |all: &[RecordBatch]| all.iter().map(|b| b.num_rows()).sum::<usize>();
-        prop_assert_eq!(versions(&one_all), versions(&all));
+        prop_assert_eq!(sorted_rows(&one_all, &history), sorted_rows(&all, &history));
+        // A version is current exactly while open; closed ones end at a change's LSN.
+        let last_lsn = changes.last().map_or(0, |c| c.lsn);
+        for b in &all {
+            let current = b.column_by_name(fold::IS_CURRENT).expect("_is_current").as_boolean();
+            for i in 0..b.num_rows() {
+                let to = col_i64(b, VALID_TO_LSN, i);
+                prop_assert_eq!(current.value(i), to.is_none(), "_is_current of row {}", i);
+                prop_assert!(to.is_none_or(|to| to <= last_lsn), "ends at {:?}", to);
+            }
+        }
+        // What retiring does: no open version is a tombstone older than the retention (by
+        // the last commit's time); a version is open in the history (`_valid_to` null) that
+        // a key's comeback closes only within the retention.
+        let last_ts = changes.last().map_or(0, |c| c.lsn * 10);
+        if let Some(r) = retire {
+            let deleted = open.column_by_name(DELETED).expect("_deleted").as_boolean();
+            let from = open
+                .column_by_name(fold::VALID_FROM)
+                .expect("_valid_from")
+                .as_primitive::<deltalake::arrow::datatypes::TimestampMicrosecondType>();
+            for i in (0..open.num_rows()).filter(|&i| deleted.value(i)) {
+                prop_assert!(last_ts - from.value(i) <= r.after, "an old tombstone stayed open");
+            }
+        }
     }
 }
 
@@ -724,6 +758,16 @@ async fn read_target_of(
     kind: &str,
     table: &str,
 ) -> Vec<RecordBatch> {
+    read_files_of(sink, kind, table, |_| true).await
+}
+
+/// The rows of the files of the `kind` table of `public.<table>` whose paths `keep` keeps.
+async fn read_files_of(
+    sink: &crate::lake::store::Sink,
+    kind: &str,
+    table: &str,
+    keep: impl Fn(&str) -> bool,
+) -> Vec<RecordBatch> {
     use deltalake::kernel::engine::arrow_conversion::TryIntoArrow;
     let path = sink.table_path(&[kind, "public", table]);
     let (log_store, store, _) = sink.table_store(&path);
@@ -734,7 +778,7 @@ async fn read_target_of(
         snapshot.schema().as_ref().try_into_arrow().expect("schema");
     let schema = std::sync::Arc::new(schema);
     let mut out = Vec::new();
-    for f in snapshot.log_data().iter() {
+    for f in snapshot.log_data().iter().filter(|f| keep(&f.path())) {
         let dv = f.deletion_vector_descriptor();
         out.extend(
             super::read_table_file(store.as_ref(), &f.path(), dv.as_ref(), &schema)
@@ -794,6 +838,7 @@ fn test_options(bucket_bytes: u64, deletion_vectors: bool) -> super::CompactOpti
         deletion_vectors,
         orphan_sweep_versions: 1,
         tables_at_once: 4,
+        tombstone_retention: None,
     }
 }
 
@@ -1345,6 +1390,58 @@ fn change_log_files_are_planned_by_their_recorded_arrow_size() {
     ];
     let want: Vec<(String, u64)> = want.iter().map(|&(p, e)| (p.to_string(), e)).collect();
     assert_eq!(planned, want);
+}
+
+/// A queue table (rows inserted, then deleted a transaction later), compacted a transaction at
+/// a time: without a tombstone retention, the open versions (the `open-*` bucket files every
+/// rewrite copies) keep a tombstone of every row ever deleted; with one, only those younger
+/// than the retention. The tables hold the same rows either way, and match the model.
+#[tokio::test]
+async fn a_tombstone_retention_keeps_a_queue_tables_open_versions_to_its_live_rows() {
+    use crate::lsn::Lsn;
+    let mut actions = Vec::new();
+    for round in 0..6u8 {
+        actions.extend(inserts(round * 4..round * 4 + 4, i64::from));
+        if round > 0 {
+            // The previous round's keys: the smallest in the table.
+            actions.extend((0..4).map(|_| Action::Delete { pick: 0 }));
+        }
+        actions.push(Action::Commit);
+    }
+    let (changes, snapshots) = realize(&actions);
+    let txns = transactions(&changes);
+    assert_eq!(txns.len(), 6);
+    let mut tables = Vec::new();
+    for retention in [None, Some(std::time::Duration::ZERO)] {
+        let dir = tempfile::tempdir().unwrap();
+        let (sink, mut log) = file_lake(dir.path(), &batch(&[], false).schema()).await;
+        let options = super::CompactOptions {
+            tombstone_retention: retention,
+            ..test_options(1 << 20, false)
+        };
+        for txn in &txns {
+            log.write(batch(txn, false)).await.unwrap();
+            log.commit(Lsn(txn[0].lsn as u64)).await.unwrap();
+            super::compact_table(&sink, &table_t(), &options)
+                .await
+                .expect("compact");
+        }
+        let what = format!("retention {retention:?}");
+        assert_model(&sink, &snapshots, &what).await;
+        let open: usize = read_files_of(&sink, "history", "t", |p| p.starts_with("open-"))
+            .await
+            .iter()
+            .map(|b| b.num_rows())
+            .sum();
+        // 4 live rows; tombstones: all 20, or the 4 of the last transaction (as old as the
+        // latest change, not older).
+        let expected = if retention.is_some() { 4 + 4 } else { 4 + 20 };
+        assert_eq!(open, expected, "{what}: open versions");
+        let history = read_target(&sink, "history").await;
+        let schema = history[0].schema();
+        tables.push((sorted_rows(&history, &schema), dir));
+    }
+    assert_eq!(tables[0].0, tables[1].0, "the same history rows");
 }
 
 /// A compactor that runs pass after pass skips a table whose change log and history table
