@@ -147,7 +147,8 @@ pub struct CompactTuning {
     #[arg(long, env = "SLOTLAKE_VACUUM_RETENTION", value_name = "DURATION", default_value = "168h", value_parser = parse_optional_duration)]
     pub vacuum_retention: OptionalDuration,
     /// Change-log files smaller than an eighth of this, once compacted, are merged (size-tiered, 8 at
-    /// a time) into files of up to this size; `0` or `off` turns change-log optimize off.
+    /// a time) into files of up to this size, and so are the history table's closed-version
+    /// files; `0` or `off` turns both off.
     #[arg(long, env = "SLOTLAKE_OPTIMIZE_FILE_SIZE", value_name = "SIZE", default_value = "64MiB", value_parser = crate::config::parse_size_or_off)]
     pub optimize_file_size: u64,
     /// Change-log files written this long ago, once compacted, leave the change log (and are

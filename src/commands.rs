@@ -542,12 +542,14 @@ pub async fn compact(a: crate::cli::CompactArgs) -> Result<()> {
                             "changelog_files_merged": r.changelog_files_merged,
                             "changelog_files_written": r.changelog_files_written,
                             "changelog_files_expired": r.changelog_files_expired,
+                            "history_files_merged": r.history_files_merged,
+                            "history_files_written": r.history_files_written,
                             "load_in_progress": r.load_in_progress,
                             "unchanged": r.unchanged,
                         })
                     ),
                     crate::cli::OutputFormat::Table => println!(
-                        "{name}: {} changes in {} steps ({} commits), {}/{} buckets rewritten, {} patched ({} of {} bytes written), change log through version {}; change-log files: {} merged into {}, {} expired; {} files vacuumed{}",
+                        "{name}: {} changes in {} steps ({} commits), {}/{} buckets rewritten, {} patched ({} of {} bytes written), change log through version {}; change-log files: {} merged into {}, {} expired; history files: {} merged into {}; {} files vacuumed{}",
                         r.changes,
                         r.steps,
                         r.commits,
@@ -560,6 +562,8 @@ pub async fn compact(a: crate::cli::CompactArgs) -> Result<()> {
                         r.changelog_files_merged,
                         r.changelog_files_written,
                         r.changelog_files_expired,
+                        r.history_files_merged,
+                        r.history_files_written,
                         r.files_vacuumed,
                         if r.load_in_progress {
                             "; initial load in progress (its chunks so far wait)"

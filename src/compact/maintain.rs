@@ -15,6 +15,10 @@
 //!
 //! **Vacuum.** Files removed by either are deleted from storage `--vacuum-retention` later.
 //!
+//! **History.** The history table's closed versions are appended a file per committing step
+//! and never rewritten, so a table compacted every minute gains a file a minute. Its small
+//! closed-version files are merged the same way, size-tiered ([`history`]).
+//!
 //! Only files of change-log versions the history table's `txn` says are compacted are
 //! touched; files of later versions, which compaction has yet to read by path, never are.
 //! Maintenance commits take the next log version like `run`'s commits do; whichever loses
@@ -28,9 +32,11 @@ use deltalake::kernel::engine::arrow_conversion::TryIntoArrow;
 use deltalake::kernel::transaction::CommitData;
 use deltalake::kernel::{Action, Add, Remove};
 use deltalake::logstore::{CommitOrBytes, LogStoreRef};
+use deltalake::parquet::arrow::async_writer::AsyncArrowWriter;
 use deltalake::protocol::DeltaOperation;
 use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 use deltalake::DeltaTable;
+use object_store::buffered::BufWriter;
 use object_store::{ObjectStore, ObjectStoreExt};
 use uuid::Uuid;
 
@@ -230,6 +236,100 @@ pub(super) async fn changelog(
         done.files_vacuumed = ctx.vacuum(log_store, loaded, retention, false).await?;
     }
     Ok(done)
+}
+
+/// Merges the history table's small closed-version files (`closed-*`, which no deletion
+/// vector marks), size-tiered like the change log's, [`FAN_IN`] of a tier into one
+/// `closed-*` file of the next, committed with `dataChange: false` (with the table's `txn`
+/// unchanged). Returns the files merged and written. A file written for a commit that then
+/// fails is deleted (best effort; else the orphan sweep takes it).
+pub(super) async fn history(
+    ctx: &Ctx<'_>,
+    history: &mut super::Target,
+    schema: &SchemaRef,
+    options: &CompactOptions,
+) -> Result<(u64, u64), CompactError> {
+    let Some(txn) = history.txn.filter(|_| options.optimize_file_size > 0) else {
+        return Ok((0, 0));
+    };
+    let target = i64::try_from(options.optimize_file_size).unwrap_or(i64::MAX);
+    let files: Vec<LiveFile> = history
+        .files
+        .iter()
+        .filter(|(path, entry)| path.starts_with("closed-") && entry.dv.is_none())
+        .map(|(path, entry)| LiveFile {
+            path: path.clone(),
+            size: entry.size,
+            modified: 0,
+        })
+        .collect();
+    let groups = merge_groups(files, target);
+    if groups.is_empty() {
+        return Ok((0, 0));
+    }
+    // A group is read a file at a time into one writer (its output under the target size).
+    let _share = ctx
+        .memory
+        .take(options.optimize_file_size.saturating_mul(2))
+        .await;
+    let store = history.store.clone();
+    let mut written = Vec::new();
+    let merged = async {
+        let (mut adds, mut removes) = (Vec::new(), Vec::new());
+        for group in &groups {
+            let path = format!("closed-{}.parquet", Uuid::new_v4());
+            written.push(path.clone());
+            let mut writer = AsyncArrowWriter::try_new(
+                BufWriter::new(store.clone(), object_store::path::Path::from(path.as_str())),
+                schema.clone(),
+                Some(writer_properties(schema)),
+            )
+            .map_err(ctx.fail("merge closed versions"))?;
+            let mut rows = 0;
+            for f in group {
+                let batches = super::read_parquet_file(store.as_ref(), &f.path, schema)
+                    .await
+                    .map_err(|source| CompactError::Failed {
+                        table: ctx.table.clone(),
+                        action: "read closed versions to merge",
+                        source,
+                    })?;
+                for b in &batches {
+                    rows += b.num_rows();
+                    writer
+                        .write(b)
+                        .await
+                        .map_err(ctx.fail("merge closed versions"))?;
+                }
+                if let Some(entry) = history.files.get(&f.path) {
+                    removes.push(Remove {
+                        data_change: false,
+                        ..super::remove_file(&f.path, entry)
+                    });
+                }
+            }
+            writer
+                .finish()
+                .await
+                .map_err(ctx.fail("merge closed versions"))?;
+            adds.push(Add {
+                data_change: false,
+                ..super::new_add(path, writer.bytes_written() as i64, rows)
+            });
+        }
+        ctx.commit(history, schema, adds, removes, txn).await
+    }
+    .await;
+    if let Err(e) = merged {
+        for path in written {
+            let _ = store
+                .delete(&object_store::path::Path::from(path.as_str()))
+                .await;
+        }
+        return Err(e);
+    }
+    let merged: usize = groups.iter().map(Vec::len).sum();
+    Ok((merged as u64, groups.len() as u64))
 }
 
 /// Rewrites `group`'s rows, in order, into one file of the change log (Parquet with

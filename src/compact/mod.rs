@@ -262,6 +262,9 @@ pub struct TableReport {
     /// Small change-log files merged by optimize, and the files they became.
     pub changelog_files_merged: u64,
     pub changelog_files_written: u64,
+    /// Small closed-version files of the history table merged, and the files they became.
+    pub history_files_merged: u64,
+    pub history_files_written: u64,
     /// Change-log files removed for being older than the change-log retention.
     pub changelog_files_expired: u64,
     /// An initial load of the table had committed some of its chunks, not all: those commits
@@ -1272,6 +1275,22 @@ async fn compact_table_sharing(
     }
     // The steps' memory is free again (maintenance takes its own share: never two at once).
     drop(share);
+    // Maintenance failing (a lost race, storage trouble) leaves the compaction done; the next
+    // pass tries again.
+    match maintain::history(&ctx, &mut history, &history_schema, options).await {
+        Ok((merged, written)) => {
+            report.history_files_merged = merged;
+            report.history_files_written = written;
+        }
+        Err(e) => {
+            report.maintenance_failed = true;
+            tracing::warn!(
+                table = %ctx.table,
+                error = %crate::pipeline::error_chain(&e),
+                "merging the history table's small files failed; the next compaction tries again"
+            )
+        }
+    }
     // Maintenance failing (a lost race, storage trouble) leaves the compaction done; the next
     // pass tries again.
     match maintain::changelog(
@@ -2556,8 +2575,11 @@ pub fn record(
                         metrics.compactions.with_label_values(&["ok"]).inc();
                         metrics.compacted_changes.inc_by(r.changes);
                         for (action, n) in [
-                            ("merged", r.changelog_files_merged),
-                            ("written", r.changelog_files_written),
+                            ("merged", r.changelog_files_merged + r.history_files_merged),
+                            (
+                                "written",
+                                r.changelog_files_written + r.history_files_written,
+                            ),
                             ("expired", r.changelog_files_expired),
                             ("vacuumed", r.files_vacuumed),
                         ] {

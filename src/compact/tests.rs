@@ -1444,6 +1444,96 @@ async fn a_tombstone_retention_keeps_a_queue_tables_open_versions_to_its_live_ro
     assert_eq!(tables[0].0, tables[1].0, "the same history rows");
 }
 
+/// Every compaction that closes versions appends a `closed-*` file to the history table; small
+/// ones are merged, 8 of a size tier into one (`dataChange: false`), with the same rows as a
+/// twin lake that never merges them, and the tables still match the model.
+#[tokio::test]
+async fn small_closed_version_files_of_the_history_table_are_merged() {
+    use crate::lsn::Lsn;
+    let mut actions: Vec<Action> = inserts(0..6u8, i64::from).collect();
+    actions.push(Action::Commit);
+    for round in 1..=10i64 {
+        actions.extend(inserts(0..6u8, move |k| i64::from(k) * 100 + round));
+        actions.push(Action::Commit);
+    }
+    let (changes, snapshots) = realize(&actions);
+    let txns = transactions(&changes);
+    assert_eq!(txns.len(), 11);
+    let closed_files = |sink: &crate::lake::store::Sink| {
+        let dir = sink.table_path(&["history", "public", "t"]);
+        let (log_store, _, _) = sink.table_store(&dir);
+        async move {
+            let mut table = deltalake::DeltaTable::new(log_store);
+            table.load().await.expect("load");
+            let snapshot = table.snapshot().expect("snapshot");
+            let paths: Vec<String> = snapshot
+                .log_data()
+                .iter()
+                .map(|f| f.path().into_owned())
+                .filter(|p| p.starts_with("closed-"))
+                .collect();
+            paths.len()
+        }
+    };
+    let mut lakes = Vec::new();
+    for optimize in [0u64, 64 << 20] {
+        let dir = tempfile::tempdir().unwrap();
+        let (sink, mut log) = file_lake(dir.path(), &batch(&[], false).schema()).await;
+        let options = super::CompactOptions {
+            optimize_file_size: optimize,
+            ..test_options(1 << 20, false)
+        };
+        let mut counts = Vec::new();
+        let mut merges = Vec::new();
+        for txn in &txns {
+            log.write(batch(txn, false)).await.unwrap();
+            log.commit(Lsn(txn[0].lsn as u64)).await.unwrap();
+            let report = super::compact_table(&sink, &table_t(), &options)
+                .await
+                .expect("compact");
+            assert!(!report.maintenance_failed, "{report:?}");
+            merges.push((report.history_files_merged, report.history_files_written));
+            counts.push(closed_files(&sink).await);
+        }
+        let what = format!("optimize {optimize}");
+        assert_model(&sink, &snapshots, &what).await;
+        if optimize == 0 {
+            // A closed file a compaction after the first (inserts close nothing).
+            assert_eq!(counts, (0..11).collect::<Vec<usize>>(), "{what}");
+            assert!(merges.iter().all(|&m| m == (0, 0)), "{what}: {merges:?}");
+        } else {
+            // The 8th closed file makes a full tier: the 8 become 1.
+            assert_eq!(counts, [0, 1, 2, 3, 4, 5, 6, 7, 1, 2, 3], "{what}");
+            assert_eq!(merges[8], (8, 1), "{what}: {merges:?}");
+            // One commit merged: it only moves rows (`dataChange: false` throughout).
+            let log = dir.path().join("history/public/t/_delta_log");
+            let merging: Vec<String> = std::fs::read_dir(&log)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .filter(|p| p.extension().is_some_and(|e| e == "json"))
+                .map(|p| std::fs::read_to_string(p).unwrap())
+                .filter(|c| c.contains(r#""dataChange":false"#))
+                .collect();
+            assert_eq!(merging.len(), 1, "{merging:?}");
+            assert!(
+                !merging[0].contains(r#""dataChange":true"#),
+                "{}",
+                merging[0]
+            );
+            assert_eq!(
+                merging[0].matches(r#""remove""#).count(),
+                8,
+                "{}",
+                merging[0]
+            );
+        }
+        let history = read_target(&sink, "history").await;
+        let schema = history[0].schema();
+        lakes.push((sorted_rows(&history, &schema), dir));
+    }
+    assert_eq!(lakes[0].0, lakes[1].0, "the same history rows");
+}
+
 /// A compactor that runs pass after pass skips a table whose change log and history table
 /// have not moved since it last compacted it, and compacts it again once either moves (new
 /// changes, a change log written again, another compactor's history commit); a retention
