@@ -361,13 +361,76 @@ struct Closed {
 /// ones. A key that comes back more than `after` after its delete does not close its
 /// tombstone, whether retired yet or not, so that the tables do not depend on when compaction
 /// ran. The table as of any LSN reads the same either way (tombstones never match).
+///
+/// "Now" is a watermark, not a change's own commit time: the latest commit time of all the
+/// changes up to it in commit order — of every key, this step's and every earlier step's
+/// (kept in the history table). Commit times are not monotone in commit order (a load's rows
+/// carry slotlake's clock, concurrent commits' times cross), and a tombstone retired at the
+/// end of one run by a time a later change then undercuts would otherwise have been closed by
+/// that change in a single run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Retire {
+pub struct Retire<'a> {
     pub after: i64,
+    /// The watermark at each change of the step, whatever fold (unit of buckets) it goes to:
+    /// (`_lsn`, `_seq`, watermark), in commit order (see [`Watermarks`]).
+    pub clocks: &'a Watermarks,
 }
 
-impl Retire {
-    fn due(retire: Option<Retire>, v: &Version, now: i64) -> bool {
+/// (`_lsn`, `_seq`, `_commit_ts`) of each row of a change batch.
+pub fn stamps(
+    batch: &RecordBatch,
+) -> Result<impl Iterator<Item = (i64, i64, i64)> + '_, FoldError> {
+    let (lsn, seq, ts) = (
+        int64(batch, LSN)?,
+        int64(batch, SEQ)?,
+        timestamps(batch, COMMIT_TS)?,
+    );
+    Ok((0..batch.num_rows()).map(|i| (lsn.value(i), seq.value(i), ts.value(i))))
+}
+
+/// The commit-time watermark at each change of a step (see [`Retire`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Watermarks {
+    /// The watermark before the step (`i64::MIN`: none yet).
+    pub before: i64,
+    /// (`_lsn`, `_seq`, watermark at the change), in commit order.
+    pub at: Vec<(i64, i64, i64)>,
+}
+
+impl Watermarks {
+    /// The watermarks of changes `(lsn, seq, commit time)` (any order) after `before`.
+    pub fn new(before: i64, mut changes: Vec<(i64, i64, i64)>) -> Watermarks {
+        if !changes.is_sorted_by_key(|&(l, s, _)| (l, s)) {
+            changes.sort_unstable_by_key(|&(l, s, _)| (l, s));
+        }
+        let mut clock = before;
+        for c in &mut changes {
+            clock = clock.max(c.2);
+            c.2 = clock;
+        }
+        Watermarks {
+            before,
+            at: changes,
+        }
+    }
+
+    /// The watermark after every change of the step.
+    pub fn after(&self) -> i64 {
+        self.at.last().map_or(self.before, |c| c.2)
+    }
+
+    /// The watermark at change (`lsn`, `seq`), at least `ts` (its own commit time).
+    fn at(&self, lsn: i64, seq: i64, ts: i64) -> i64 {
+        let i = self.at.partition_point(|&(l, s, _)| (l, s) < (lsn, seq));
+        match self.at.get(i) {
+            Some(&(l, s, clock)) if (l, s) == (lsn, seq) => clock,
+            _ => self.before.max(ts),
+        }
+    }
+}
+
+impl Retire<'_> {
+    fn due(retire: Option<Retire<'_>>, v: &Version, now: i64) -> bool {
         v.deleted && retire.is_some_and(|r| now.saturating_sub(v.from_ts) > r.after)
     }
 }
@@ -492,7 +555,7 @@ pub fn fold(
     on_closed: &mut (dyn FnMut(RecordBatch) -> Result<(), FoldError> + Send),
     threads: usize,
     rows: OpenRows,
-    retire: Option<Retire>,
+    retire: Option<Retire<'_>>,
 ) -> Result<FoldOutput, FoldError> {
     fold_in_groups(
         layout, base, changes, on_closed, threads, rows, retire, GROUP_KEYS,
@@ -508,7 +571,7 @@ pub(super) fn fold_in_groups(
     on_closed: &mut (dyn FnMut(RecordBatch) -> Result<(), FoldError> + Send),
     threads: usize,
     rows: OpenRows,
-    retire: Option<Retire>,
+    retire: Option<Retire<'_>>,
     group_keys: usize,
 ) -> Result<FoldOutput, FoldError> {
     let ncols = layout.source.fields().len();
@@ -600,6 +663,21 @@ pub(super) fn fold_in_groups(
     // sort's scan for runs took 12–25 ms of a 2,000,000-change step, on that thread.
     if !sorted {
         order.sort();
+    }
+    // With a tombstone retention, the watermark at each change, by position in commit order,
+    // and after them all.
+    let mut clocks: Vec<i64> = Vec::new();
+    let mut horizon = i64::MIN;
+    if let Some(r) = retire {
+        clocks.reserve_exact(n);
+        horizon = r.clocks.before;
+        for &(lsn, seq, b, row) in &order {
+            let clock = r
+                .clocks
+                .at(lsn, seq, views[b as usize].1.ts.value(row as usize));
+            horizon = horizon.max(clock);
+            clocks.push(clock);
+        }
     }
     // The steps of each group (truncates: `groups`), in commit order: each thread takes a
     // share of the commit order and files its changes by group, so a group's steps are its
@@ -714,15 +792,9 @@ pub(super) fn fold_in_groups(
         ncols,
     };
     let closings = Closings::new(&sources);
-    // The latest commit time of the fold's changes: tombstones older than the retention by
-    // it retire (see [`Retire`]).
-    let horizon = views
-        .iter()
-        .filter_map(|(_, v)| v.ts.values().iter().max().copied())
-        .max()
-        .unwrap_or(i64::MIN);
     let folder = Folder {
         retire,
+        clocks: &clocks,
         horizon,
         views: &views,
         gather: &gather,
@@ -956,7 +1028,10 @@ struct ClosedChunk {
 
 /// What the units of one fold share.
 struct Folder<'a, 'f> {
-    retire: Option<Retire>,
+    retire: Option<Retire<'a>>,
+    /// The watermark at each change (by `Step::ord`), with a retention.
+    clocks: &'a [i64],
+    /// The watermark after the fold's changes.
     horizon: i64,
     views: &'a [(u32, ChangeView<'a>)],
     gather: &'a Gather<'a>,
@@ -1015,8 +1090,9 @@ impl Folder<'_, '_> {
                 self.flush(closed)?;
             }
             let (l, t, row) = (step.lsn, step.ts, step.row);
+            let now = self.clocks.get(step.ord as usize).copied().unwrap_or(t);
             let close = |v: Version, closed: &mut ClosedChunk| {
-                if Retire::due(self.retire, &v, t) {
+                if Retire::due(self.retire, &v, now) {
                     self.retire(v, closed);
                 } else if v.own {
                     self.closings.close(v.src, l, t);
@@ -1265,7 +1341,7 @@ impl Closings {
 
     fn close(&self, (s, row): RowRef, lsn: i64, ts: i64) {
         debug_assert!(
-            lsn != KEPT_OPEN && lsn != i64::MIN,
+            lsn != KEPT_OPEN && lsn != RETIRED && lsn != i64::MIN,
             "an LSN taken for a mark"
         );
         if let Some((l, t)) = self.to.get(s as usize).and_then(|b| b.get(row as usize)) {

@@ -216,8 +216,14 @@ pub(super) async fn changelog(
                     target_size: target,
                 };
                 if let Err(e) = commit(ctx, log_store, latest, actions, operation).await {
-                    // Never committed: nothing references the merged files, and vacuum only
-                    // deletes files the log removed. Delete them now (best effort).
+                    // A conflict never committed: nothing references the merged files, and
+                    // vacuum only deletes files the log removed. Delete them now (best
+                    // effort). Any other failure may have committed (a timeout after the
+                    // write): the files stay (an unreferenced file costs storage; deleting a
+                    // referenced one would lose its rows).
+                    if !matches!(e, CompactError::Conflict { .. }) {
+                        return Err(e);
+                    }
                     for path in written {
                         if let Ok(p) = object_store::path::Path::parse(&path) {
                             let _ = store.delete(&p).await;
@@ -241,8 +247,8 @@ pub(super) async fn changelog(
 /// Merges the history table's small closed-version files (`closed-*`, which no deletion
 /// vector marks), size-tiered like the change log's, [`FAN_IN`] of a tier into one
 /// `closed-*` file of the next, committed with `dataChange: false` (with the table's `txn`
-/// unchanged). Returns the files merged and written. A file written for a commit that then
-/// fails is deleted (best effort; else the orphan sweep takes it).
+/// unchanged). Returns the files merged and written. Files written for a commit that did not
+/// happen are deleted (best effort; else the orphan sweep takes them).
 pub(super) async fn history(
     ctx: &Ctx<'_>,
     history: &mut super::Target,
@@ -301,12 +307,15 @@ pub(super) async fn history(
                         .await
                         .map_err(ctx.fail("merge closed versions"))?;
                 }
-                if let Some(entry) = history.files.get(&f.path) {
-                    removes.push(Remove {
-                        data_change: false,
-                        ..super::remove_file(&f.path, entry)
-                    });
-                }
+                let entry = history.files.get(&f.path).ok_or_else(|| {
+                    ctx.fail("merge closed versions")(super::FoldError::Inconsistent(
+                        "a file to merge is not in the table",
+                    ))
+                })?;
+                removes.push(Remove {
+                    data_change: false,
+                    ..super::remove_file(&f.path, entry)
+                });
             }
             writer
                 .finish()
@@ -321,6 +330,13 @@ pub(super) async fn history(
     }
     .await;
     if let Err(e) = merged {
+        // Not committed (a failure before the commit, or a conflict): nothing names the
+        // written files. Any other commit failure may have committed: they stay (the orphan
+        // sweep takes them if not).
+        let committing = matches!(&e, CompactError::Failed { action, .. } if *action == "commit");
+        if committing {
+            return Err(e);
+        }
         for path in written {
             let _ = store
                 .delete(&object_store::path::Path::from(path.as_str()))

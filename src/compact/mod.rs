@@ -75,6 +75,10 @@ use fold::{FoldError, KeyNames, Layout, OpenRows};
 /// The `txn` app id compaction records in the current and history tables.
 pub const APP_ID: &str = "slotlake-compact";
 
+/// App id of the history table's second `txn` action, with `--tombstone-retention`: the
+/// watermark of commit times compacted so far (see [`fold::Retire`]), in microseconds.
+pub const CLOCK_APP_ID: &str = "slotlake-compact-clock";
+
 /// Commits between Delta checkpoints of the compacted tables.
 const CHECKPOINT_INTERVAL: u64 = 50;
 
@@ -150,9 +154,11 @@ pub struct CompactOptions {
 }
 
 impl CompactOptions {
-    fn retire(&self) -> Option<fold::Retire> {
+    /// A fold's retirement (with a retention), by a step's watermarks.
+    fn retire<'a>(&self, clocks: &'a fold::Watermarks) -> Option<fold::Retire<'a>> {
         self.tombstone_retention.map(|d| fold::Retire {
             after: i64::try_from(d.as_micros()).unwrap_or(i64::MAX),
+            clocks,
         })
     }
 }
@@ -449,6 +455,8 @@ struct Target {
     protocol: Option<deltalake::kernel::Protocol>,
     /// Change-log version compacted through.
     txn: Option<u64>,
+    /// The commit-time watermark (see [`CLOCK_APP_ID`]), written with the next commit.
+    clock: Option<i64>,
     /// Data files: path → size and deletion vector.
     files: BTreeMap<String, FileEntry>,
     /// The table as loaded (vacuum starts from it while `version` is still its version).
@@ -520,6 +528,7 @@ impl Ctx<'_> {
             metadata: None,
             protocol: None,
             txn: None,
+            clock: None,
             files: BTreeMap::new(),
             loaded: None,
         };
@@ -651,18 +660,18 @@ impl Ctx<'_> {
             }
             new_metadata = Some(m);
         }
-        for r in &removes {
-            target.files.remove(&r.path);
-        }
-        for a in &adds {
-            target.files.insert(
-                a.path.clone(),
-                FileEntry {
+        // The file list follows once the commit is written.
+        let removed: Vec<String> = removes.iter().map(|r| r.path.clone()).collect();
+        let added: Vec<(String, FileEntry)> = adds
+            .iter()
+            .map(|a| {
+                let entry = FileEntry {
                     size: a.size,
                     dv: a.deletion_vector.clone(),
-                },
-            );
-        }
+                };
+                (a.path.clone(), entry)
+            })
+            .collect();
         actions.extend(removes.into_iter().map(Action::Remove));
         actions.extend(adds.into_iter().map(Action::Add));
         let data = CommitData::new(
@@ -673,7 +682,9 @@ impl Ctx<'_> {
                 predicate: None,
             },
             HashMap::new(),
-            vec![Transaction::new(APP_ID, txn as i64)],
+            std::iter::once(Transaction::new(APP_ID, txn as i64))
+                .chain(target.clock.map(|c| Transaction::new(CLOCK_APP_ID, c)))
+                .collect(),
         );
         let bytes = data.get_bytes().map_err(self.fail("serialize commit"))?;
         target
@@ -694,6 +705,10 @@ impl Ctx<'_> {
                 },
             })?;
         target.version = Some(next);
+        for path in removed {
+            target.files.remove(&path);
+        }
+        target.files.extend(added);
         if let Some((m, p)) = created {
             target.metadata = Some(m);
             target.protocol = Some(p);
@@ -1113,6 +1128,16 @@ async fn compact_table_sharing(
     // make what we read of history newer than what we read of current, never older.
     let mut current = ctx.load("current").await?;
     let mut history = ctx.load("history").await?;
+    if options.tombstone_retention.is_some() {
+        // (Read only when needed: each `txn` lookup reads the latest commits again.)
+        if let Some(table) = &history.loaded {
+            let snapshot = table.snapshot().map_err(ctx.fail("load"))?;
+            history.clock = snapshot
+                .transaction_version(history.log_store.as_ref(), CLOCK_APP_ID)
+                .await
+                .map_err(ctx.fail("read txn version"))?;
+        }
+    }
     let sweep_period = |v: Option<u64>| v.map(|v| v / options.orphan_sweep_versions.max(1));
     let period_before = sweep_period(history.version);
     // A target created now (the first run, or after one was deleted) gets deletion vectors
@@ -1685,10 +1710,16 @@ async fn step(
             spawn_read(changes_store.clone(), path.clone(), change_schema.clone())
         }))
         .buffered(READ_AHEAD_FILES);
+    // With a tombstone retention: (_lsn, _seq, commit time) of every change, for the
+    // watermarks every unit's fold goes by.
+    let mut stamps: Vec<(i64, i64, i64)> = Vec::new();
     while let Some(read) = reads.next().await {
         let batches = ctx.joined(read)?;
         for batch in batches {
             changes += batch.num_rows() as u64;
+            if options.tombstone_retention.is_some() {
+                stamps.extend(fold::stamps(&batch).map_err(ctx.fail("read commit times"))?);
+            }
             if nb == 1 {
                 // One bucket (every small table): every change goes to it; no key to hash.
                 touched[0] = true;
@@ -1789,6 +1820,7 @@ async fn step(
     // unit is patched, or the carried versions would outgrow the memory budget.
     let mut write = !carry_allowed || rebucket;
     let read_time = started.elapsed();
+    let watermarks = fold::Watermarks::new(history.clock.unwrap_or(i64::MIN), stamps);
     let unit_list: Vec<&Vec<usize>> = units.values().collect();
     for (u, members) in unit_list.iter().enumerate() {
         let fold_started = std::time::Instant::now();
@@ -1866,7 +1898,7 @@ async fn step(
             &mut |batch| closed_writer.send(batch),
             options.fold_threads,
             order,
-            options.retire(),
+            options.retire(&watermarks),
         );
         let mut out = match folded {
             Ok(out) => out,
@@ -1994,6 +2026,10 @@ async fn step(
             report.buckets_patched += patched.len() as u64;
         }
         write_time += write_started.elapsed();
+    }
+    if options.tombstone_retention.is_some() {
+        // Committed with the history table (now or with a later step that commits).
+        history.clock = Some(watermarks.after());
     }
     if !write {
         // Nothing is committed: the next step folds onto the carried versions.

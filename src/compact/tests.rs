@@ -206,6 +206,13 @@ fn specs(with_c: bool) -> Vec<ColumnSpec> {
     s
 }
 
+/// The commit time of the transaction at `lsn` (microseconds): about 1,000 a transaction
+/// apart, but stepping back now and then, as commit times do (concurrent commits, a load's rows
+/// stamped by slotlake's clock).
+fn commit_ts(lsn: i64) -> i64 {
+    lsn * 10 - (lsn / 100 % 3) * 1500
+}
+
 /// A change-log batch of `changes` (with column `c` when any of them has it), rows reversed
 /// when `reverse`: the fold must not depend on row order.
 fn batch(changes: &[Change], reverse: bool) -> RecordBatch {
@@ -217,7 +224,7 @@ fn batch(changes: &[Change], reverse: bool) -> RecordBatch {
     }
     for c in list {
         if c.op == "T" {
-            b.append_truncate(c.lsn, c.seq, 1, c.lsn * 10);
+            b.append_truncate(c.lsn, c.seq, 1, commit_ts(c.lsn));
             continue;
         }
         let mut row = c.row.clone();
@@ -228,8 +235,16 @@ fn batch(changes: &[Change], reverse: bool) -> RecordBatch {
                 o.push(ColumnValue::Value(Value::Null));
             }
         }
-        b.append(c.op, c.lsn, c.seq, 1, c.lsn * 10, &row, old.as_deref())
-            .expect("valid change");
+        b.append(
+            c.op,
+            c.lsn,
+            c.seq,
+            1,
+            commit_ts(c.lsn),
+            &row,
+            old.as_deref(),
+        )
+        .expect("valid change");
     }
     b.finish().expect("batch")
 }
@@ -261,13 +276,14 @@ fn compact(changes: &[Change], cuts: &[usize], reverse: bool) -> (RecordBatch, V
     compact_in_groups(changes, cuts, reverse, usize::MAX, None)
 }
 
-/// [`compact`] with fold groups of about `group_keys` keys, tombstones retired by `retire`.
+/// [`compact`] with fold groups of about `group_keys` keys, tombstones retired after
+/// `retire_after` microseconds.
 fn compact_in_groups(
     changes: &[Change],
     cuts: &[usize],
     reverse: bool,
     group_keys: usize,
-    retire: Option<fold::Retire>,
+    retire_after: Option<i64>,
 ) -> (RecordBatch, Vec<RecordBatch>) {
     let mut bounds: Vec<usize> = cuts.iter().map(|c| c % (changes.len() + 1)).collect();
     bounds.push(0);
@@ -279,6 +295,8 @@ fn compact_in_groups(
     let mut open: Vec<RecordBatch> = Vec::new();
     let mut closed = Vec::new();
     let mut layout = Layout::from_changelog(&batch(&[], false).schema());
+    // The commit-time watermark, carried from window to window as the history table does.
+    let mut clock = i64::MIN;
     for w in bounds.windows(2) {
         let part = &changes[w[0]..w[1]];
         let b = batch(part, reverse);
@@ -287,6 +305,12 @@ fn compact_in_groups(
         }
         let change_schema = super::change_schema(&layout, &b.schema());
         let b = conform(&b, &change_schema).expect("conform changes");
+        let stamps = fold::stamps(&b).expect("stamps").collect();
+        let watermarks = fold::Watermarks::new(clock, stamps);
+        let retire = retire_after.map(|after| fold::Retire {
+            after,
+            clocks: &watermarks,
+        });
         let history = layout.history_schema();
         let base: Vec<RecordBatch> = open
             .iter()
@@ -357,6 +381,7 @@ fn compact_in_groups(
         };
         closed.extend(chunks);
         open = out.open;
+        clock = watermarks.after();
     }
     let history = layout.history_schema();
     let open = deltalake::arrow::compute::concat_batches(&history, &open).expect("concat");
@@ -433,11 +458,8 @@ proptest! {
         cuts in proptest::collection::vec(any::<usize>(), 0..6),
         reverse in any::<bool>(),
         group_keys in prop_oneof![Just(1usize), Just(3), Just(usize::MAX)],
-        // Commit times are 1,000 µs a transaction apart (`batch`).
-        retire in prop_oneof![
-            Just(None),
-            (0i64..4000).prop_map(|after| Some(fold::Retire { after })),
-        ],
+        // Commit times are about 1,000 µs a transaction apart ([`commit_ts`]).
+        retire in prop_oneof![Just(None), (0i64..4000).prop_map(Some)],
     ) {
         let (changes, snapshots) = realize(&actions);
         let (open, all) = compact_in_groups(&changes, &cuts, reverse, group_keys, retire);
@@ -477,15 +499,16 @@ proptest! {
         // What retiring does: no open version is a tombstone older than the retention (by
         // the last commit's time); a version is open in the history (`_valid_to` null) that
         // a key's comeback closes only within the retention.
-        let last_ts = changes.last().map_or(0, |c| c.lsn * 10);
-        if let Some(r) = retire {
+        // (The watermark: the latest commit time.)
+        let last_ts = changes.iter().map(|c| commit_ts(c.lsn)).max().unwrap_or(0);
+        if let Some(after) = retire {
             let deleted = open.column_by_name(DELETED).expect("_deleted").as_boolean();
             let from = open
                 .column_by_name(fold::VALID_FROM)
                 .expect("_valid_from")
                 .as_primitive::<deltalake::arrow::datatypes::TimestampMicrosecondType>();
             for i in (0..open.num_rows()).filter(|&i| deleted.value(i)) {
-                prop_assert!(last_ts - from.value(i) <= r.after, "an old tombstone stayed open");
+                prop_assert!(last_ts - from.value(i) <= after, "an old tombstone stayed open");
             }
         }
     }
@@ -514,7 +537,7 @@ fn timestamps_follow_the_commit() {
         .expect("_valid_from")
         .as_primitive::<TimestampMicrosecondType>()
         .value(0);
-    assert_eq!(from, 200 * 10, "the update's commit time");
+    assert_eq!(from, commit_ts(200), "the update's commit time");
     let closed = &all[0];
     assert_eq!(col_i64(closed, VALID_TO_LSN, 0), Some(200));
     // The TOAST column kept its value.
