@@ -50,8 +50,8 @@ compact() {
     --tombstone-retention "$2" 2>&1 >"$dir/report.json" | grep '^time ' | tail -1)
   if [ -n "${3:-}" ]; then
     read -r _ secs kb <<<"$out"
-    buckets=$("$py" -c 'import json,sys; print(json.load(open(sys.argv[1]))["buckets"])' "$dir/report.json")
-    printf '%-10s %-26s %6.2f s  peak RSS %5d MiB  %d bucket(s)\n' "$2" "$3" "$secs" $((kb / 1024)) "$buckets"
+    read -r buckets merged < <("$py" -c 'import json,sys; r = json.load(open(sys.argv[1])); print(r["buckets"], r["history_files_merged"] + r["changelog_files_merged"])' "$dir/report.json")
+    printf '%-10s %-26s %6.2f s  peak RSS %5d MiB  %d bucket(s)  %d small files merged\n' "$2" "$3" "$secs" $((kb / 1024)) "$buckets" "$merged"
   fi
 }
 
