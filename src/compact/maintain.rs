@@ -326,7 +326,12 @@ pub(super) async fn history(
                 ..super::new_add(path, writer.bytes_written() as i64, rows)
             });
         }
-        ctx.commit(history, schema, adds, removes, txn).await
+        let operation = DeltaOperation::Optimize {
+            predicate: None,
+            target_size: target,
+        };
+        ctx.commit_as(history, schema, adds, removes, txn, operation)
+            .await
     }
     .await;
     if let Err(e) = merged {

@@ -571,6 +571,25 @@ impl Ctx<'_> {
         removes: Vec<Remove>,
         txn: u64,
     ) -> Result<(), CompactError> {
+        let write = DeltaOperation::Write {
+            mode: SaveMode::Append,
+            partition_by: None,
+            predicate: None,
+        };
+        self.commit_as(target, schema, adds, removes, txn, write)
+            .await
+    }
+
+    /// [`Ctx::commit`] recorded in the table's history as `operation`.
+    async fn commit_as(
+        &self,
+        target: &mut Target,
+        schema: &SchemaRef,
+        adds: Vec<Add>,
+        removes: Vec<Remove>,
+        txn: u64,
+        operation: DeltaOperation,
+    ) -> Result<(), CompactError> {
         let kernel: StructType = schema
             .as_ref()
             .try_into_kernel()
@@ -676,11 +695,7 @@ impl Ctx<'_> {
         actions.extend(adds.into_iter().map(Action::Add));
         let data = CommitData::new(
             actions,
-            DeltaOperation::Write {
-                mode: SaveMode::Append,
-                partition_by: None,
-                predicate: None,
-            },
+            operation,
             HashMap::new(),
             std::iter::once(Transaction::new(APP_ID, txn as i64))
                 .chain(target.clock.map(|c| Transaction::new(CLOCK_APP_ID, c)))

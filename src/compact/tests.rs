@@ -1549,6 +1549,11 @@ async fn small_closed_version_files_of_the_history_table_are_merged() {
                 "{}",
                 merging[0]
             );
+            assert!(
+                merging[0].contains(r#""operation":"OPTIMIZE""#),
+                "{}",
+                merging[0]
+            );
         }
         let history = read_target(&sink, "history").await;
         let schema = history[0].schema();
