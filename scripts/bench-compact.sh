@@ -47,10 +47,8 @@ source "$script_dir/lib/venv.sh"
 py="$SLOTLAKE_VENV/bin/python"
 helper="$script_dir/lib/bench_compact.py"
 
-if [ -z "${SLOTLAKE_BIN:-}" ]; then
-  (cd "$repo_dir" && cargo build --release --locked --quiet --bin slotlake)
-  SLOTLAKE_BIN="${CARGO_TARGET_DIR:-$repo_dir/target}/release/slotlake"
-fi
+# shellcheck source=lib/slotlake-bin.sh
+source "$script_dir/lib/slotlake-bin.sh"
 
 dir=${BENCH_DIR:-$(mktemp -d /tmp/slotlake-bench-compact.XXXXXX)}
 trap '[ -z "${BENCH_DIR:-}" ] && rm -rf "$dir"' EXIT

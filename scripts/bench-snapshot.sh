@@ -36,10 +36,8 @@ TABLES=${TABLES:-50}
 WORKERS=${WORKERS:-4}
 CHUNK=${CHUNK:-64MiB}
 
-if [ -z "${SLOTLAKE_BIN:-}" ]; then
-  (cd "$repo_dir" && cargo build --release --locked --quiet --bin slotlake)
-  SLOTLAKE_BIN="${CARGO_TARGET_DIR:-$repo_dir/target}/release/slotlake"
-fi
+# shellcheck source=lib/slotlake-bin.sh
+source "$script_dir/lib/slotlake-bin.sh"
 
 PG_USER=bench
 # shellcheck source=lib/pg.sh

@@ -368,7 +368,7 @@ struct Closed {
 /// carry slotlake's clock, concurrent commits' times cross), and a tombstone retired at the
 /// end of one run by a time a later change then undercuts would otherwise have been closed by
 /// that change in a single run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 pub struct Retire<'a> {
     pub after: i64,
     /// The watermark at each change of the step, whatever fold (unit of buckets) it goes to:
@@ -389,7 +389,7 @@ pub fn stamps(
 }
 
 /// The commit-time watermark at each change of a step (see [`Retire`]).
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone)]
 pub struct Watermarks {
     /// The watermark before the step (`i64::MIN`: none yet).
     pub before: i64,
@@ -419,13 +419,22 @@ impl Watermarks {
         self.at.last().map_or(self.before, |c| c.2)
     }
 
-    /// The watermark at change (`lsn`, `seq`), at least `ts` (its own commit time).
-    fn at(&self, lsn: i64, seq: i64, ts: i64) -> i64 {
-        let i = self.at.partition_point(|&(l, s, _)| (l, s) < (lsn, seq));
-        match self.at.get(i) {
-            Some(&(l, s, clock)) if (l, s) == (lsn, seq) => clock,
-            _ => self.before.max(ts),
-        }
+    /// The watermark at each of `changes` (`lsn`, `seq`, own commit time), which come in
+    /// commit order (a fold's changes: some of the step's): one walk along both lists. A
+    /// change the step does not list (none should be) gets at least its own commit time.
+    fn along(&self, changes: impl Iterator<Item = (i64, i64, i64)>) -> Vec<i64> {
+        let mut i = 0;
+        changes
+            .map(|(lsn, seq, ts)| {
+                while self.at.get(i).is_some_and(|&(l, s, _)| (l, s) < (lsn, seq)) {
+                    i += 1;
+                }
+                match self.at.get(i) {
+                    Some(&(l, s, clock)) if (l, s) == (lsn, seq) => clock,
+                    _ => self.before.max(ts),
+                }
+            })
+            .collect()
     }
 }
 
@@ -666,19 +675,17 @@ pub(super) fn fold_in_groups(
     }
     // With a tombstone retention, the watermark at each change, by position in commit order,
     // and after them all.
-    let mut clocks: Vec<i64> = Vec::new();
-    let mut horizon = i64::MIN;
-    if let Some(r) = retire {
-        clocks.reserve_exact(n);
-        horizon = r.clocks.before;
-        for &(lsn, seq, b, row) in &order {
-            let clock = r
-                .clocks
-                .at(lsn, seq, views[b as usize].1.ts.value(row as usize));
-            horizon = horizon.max(clock);
-            clocks.push(clock);
+    let (clocks, horizon) = match retire {
+        Some(r) => {
+            let at = order
+                .iter()
+                .map(|&(lsn, seq, b, row)| (lsn, seq, views[b as usize].1.ts.value(row as usize)));
+            let clocks = r.clocks.along(at);
+            let horizon = clocks.iter().copied().fold(r.clocks.before, i64::max);
+            (clocks, horizon)
         }
-    }
+        None => (Vec::new(), i64::MIN),
+    };
     // The steps of each group (truncates: `groups`), in commit order: each thread takes a
     // share of the commit order and files its changes by group, so a group's steps are its
     // lists in the shares' order. Then the groups key moves join.
@@ -1549,15 +1556,15 @@ fn own_rows(
         });
     }
     let n = filter.count();
-    let open = to.is_none();
     cols.push(from_lsn);
-    match to {
+    let current = match to {
         Some((to_lsn, to_ts)) if !to_lsn.contains(&RETIRED) => {
             cols.push(Arc::new(Int64Array::from(to_lsn)));
             cols.push(from_ts);
             cols.push(Arc::new(
                 TimestampMicrosecondArray::from(to_ts).with_timezone(UTC),
             ));
+            BooleanArray::from(vec![false; n])
         }
         Some((to_lsn, to_ts)) => {
             // Retired tombstones among them: open.
@@ -1575,18 +1582,16 @@ fn own_rows(
                 )
                 .with_timezone(UTC),
             ));
-            let current = BooleanArray::from_iter(to_lsn.iter().map(|l| Some(!closed(l))));
-            cols.push(Arc::new(current));
-            cols.push(Arc::new(deleted));
-            return Ok(RecordBatch::try_new(shape.schema.clone(), cols)?);
+            BooleanArray::from_iter(to_lsn.iter().map(|l| Some(!closed(l))))
         }
         None => {
             cols.push(deltalake::arrow::array::new_null_array(&DataType::Int64, n));
             cols.push(from_ts);
             cols.push(deltalake::arrow::array::new_null_array(&ts_type(), n));
+            BooleanArray::from(vec![true; n])
         }
-    }
-    cols.push(Arc::new(BooleanArray::from(vec![open; n])));
+    };
+    cols.push(Arc::new(current));
     cols.push(Arc::new(deleted));
     Ok(RecordBatch::try_new(shape.schema.clone(), cols)?)
 }

@@ -32,11 +32,9 @@ use deltalake::kernel::engine::arrow_conversion::TryIntoArrow;
 use deltalake::kernel::transaction::CommitData;
 use deltalake::kernel::{Action, Add, Remove};
 use deltalake::logstore::{CommitOrBytes, LogStoreRef};
-use deltalake::parquet::arrow::async_writer::AsyncArrowWriter;
 use deltalake::protocol::DeltaOperation;
 use deltalake::writer::{DeltaWriter, RecordBatchWriter};
 use deltalake::DeltaTable;
-use object_store::buffered::BufWriter;
 use object_store::{ObjectStore, ObjectStoreExt};
 use uuid::Uuid;
 
@@ -262,7 +260,7 @@ pub(super) async fn history(
     let files: Vec<LiveFile> = history
         .files
         .iter()
-        .filter(|(path, entry)| path.starts_with("closed-") && entry.dv.is_none())
+        .filter(|(path, entry)| path.starts_with(super::CLOSED_PREFIX) && entry.dv.is_none())
         .map(|(path, entry)| LiveFile {
             path: path.clone(),
             size: entry.size,
@@ -283,23 +281,12 @@ pub(super) async fn history(
     let merged = async {
         let (mut adds, mut removes) = (Vec::new(), Vec::new());
         for group in &groups {
-            let path = format!("closed-{}.parquet", Uuid::new_v4());
+            let (path, mut writer) =
+                super::closed_file(&store, schema).map_err(ctx.fail("merge closed versions"))?;
             written.push(path.clone());
-            let mut writer = AsyncArrowWriter::try_new(
-                BufWriter::new(store.clone(), object_store::path::Path::from(path.as_str())),
-                schema.clone(),
-                Some(writer_properties(schema)),
-            )
-            .map_err(ctx.fail("merge closed versions"))?;
             let mut rows = 0;
             for f in group {
-                let batches = super::read_parquet_file(store.as_ref(), &f.path, schema)
-                    .await
-                    .map_err(|source| CompactError::Failed {
-                        table: ctx.table.clone(),
-                        action: "read closed versions to merge",
-                        source,
-                    })?;
+                let batches = ctx.read_parquet(&store, &f.path, schema).await?;
                 for b in &batches {
                     rows += b.num_rows();
                     writer

@@ -911,6 +911,24 @@ impl Ctx<'_> {
     }
 }
 
+/// Name prefix of the history table's closed-version files (append-only; see the module docs).
+const CLOSED_PREFIX: &str = "closed-";
+
+/// A new closed-version file of the history table: its path, and a writer streaming it to
+/// `store`.
+fn closed_file(
+    store: &Arc<dyn ObjectStore>,
+    schema: &SchemaRef,
+) -> Result<(String, AsyncArrowWriter<BufWriter>), deltalake::parquet::errors::ParquetError> {
+    let path = format!("{CLOSED_PREFIX}{}.parquet", Uuid::new_v4());
+    let writer = AsyncArrowWriter::try_new(
+        BufWriter::new(store.clone(), Path::from(path.as_str())),
+        schema.clone(),
+        Some(writer_properties(schema)),
+    )?;
+    Ok((path, writer))
+}
+
 /// A batch encoded as one Parquet file in memory.
 fn encode_parquet(
     batch: &RecordBatch,
@@ -2735,13 +2753,7 @@ impl ClosedFile {
                     for batch in batches {
                         let batch = batch?;
                         if writer.is_none() {
-                            let file = format!("closed-{}.parquet", Uuid::new_v4());
-                            let w = AsyncArrowWriter::try_new(
-                                BufWriter::new(store.clone(), Path::from(file.as_str())),
-                                schema.clone(),
-                                Some(writer_properties(&schema)),
-                            )?;
-                            writer = Some((file, w));
+                            writer = Some(closed_file(&store, &schema)?);
                         }
                         if let Some((_, w)) = writer.as_mut() {
                             rows += batch.num_rows();
