@@ -22,7 +22,7 @@
 //! NULL) AND NOT _deleted`, and the current table is the open versions that are not tombstones.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use deltalake::arrow::array::BooleanBufferBuilder;
@@ -318,7 +318,7 @@ struct Version {
     deleted: bool,
     /// The version is its source row as it stands: an open version read back, the row of an
     /// insert or update (no overrides), or the tombstone of a delete (its row has the key).
-    /// Closing it only marks the row (see [`Closings`]); other versions are gathered.
+    /// Closing it only marks the row (see [`Mark`]); other versions are gathered.
     own: bool,
 }
 
@@ -798,7 +798,6 @@ pub(super) fn fold_in_groups(
         null_src: index(sources.len())?,
         ncols,
     };
-    let closings = Closings::new(&sources);
     let folder = Folder {
         retire,
         clocks: &clocks,
@@ -806,7 +805,6 @@ pub(super) fn fold_in_groups(
         views: &views,
         gather: &gather,
         col_index: &col_index,
-        closings: &closings,
         on_closed: std::sync::Mutex::new(on_closed),
     };
     let work = |unit: &[usize], scratch: &mut Scratch, closed: &mut ClosedChunk| {
@@ -829,7 +827,7 @@ pub(super) fn fold_in_groups(
             let mut others = Vec::new();
             for (_, v) in &open {
                 if v.own {
-                    closings.keep_open(v.src);
+                    closed.marks.mark(v.src, KEPT_OPEN, i64::MIN);
                 } else {
                     others.push((v, None));
                 }
@@ -854,19 +852,20 @@ pub(super) fn fold_in_groups(
     let mut opens: Vec<Option<UnitOpen>> = Vec::with_capacity(units.len());
     opens.resize_with(units.len(), || None);
     let mut closed_rows = 0usize;
+    let mut marks = Vec::with_capacity(threads);
     if threads <= 1 {
-        let (mut scratch, mut closed) = Default::default();
+        let (mut scratch, mut closed) = <(Scratch, ClosedChunk)>::default();
         for (u, unit) in units.iter().enumerate() {
             opens[u] = Some(work(unit, &mut scratch, &mut closed)?);
         }
         folder.flush(&mut closed)?;
         closed_rows = closed.sent;
+        marks.push(closed.marks);
     } else {
         let next = std::sync::atomic::AtomicUsize::new(0);
         let failed = std::sync::atomic::AtomicBool::new(false);
-        let worker = || -> Result<(UnitsDone, usize), FoldError> {
-            use std::sync::atomic::Ordering::Relaxed;
-            let (mut scratch, mut closed) = Default::default();
+        let worker = || -> Result<(UnitsDone, ClosedChunk), FoldError> {
+            let (mut scratch, mut closed) = <(Scratch, ClosedChunk)>::default();
             let mut done = Vec::new();
             loop {
                 let u = next.fetch_add(1, Relaxed);
@@ -885,7 +884,7 @@ pub(super) fn fold_in_groups(
                 failed.store(true, Relaxed);
                 return Err(e);
             }
-            Ok((done, closed.sent))
+            Ok((done, closed))
         };
         let results: Vec<_> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..threads).map(|_| s.spawn(worker)).collect();
@@ -895,8 +894,9 @@ pub(super) fn fold_in_groups(
                 .collect()
         });
         for result in results {
-            let (done, rows) = result?;
-            closed_rows += rows;
+            let (done, closed) = result?;
+            closed_rows += closed.sent;
+            marks.push(closed.marks);
             for (u, open) in done {
                 opens[u] = Some(open);
             }
@@ -908,7 +908,15 @@ pub(super) fn fold_in_groups(
         key: layout.key.clone(),
         ncols,
     });
-    let closed_parts = closings.parts(&sources, base.len(), &shape, threads)?;
+    let (closed_parts, mut open) = settle(
+        &sources,
+        base.len(),
+        &shape,
+        &marks,
+        rows == OpenRows::Any,
+        threads,
+    )?;
+    drop(marks);
     closed_rows += closed_parts.iter().map(ClosedPart::rows).sum::<usize>();
 
     let mut parts: Vec<UnitOpen> = Vec::with_capacity(units.len());
@@ -920,7 +928,6 @@ pub(super) fn fold_in_groups(
         // into one batch took 1–4 % of a compaction), then the units' gathered versions (few:
         // TOAST values carried, tombstones of truncates and key moves) in one batch, so that
         // steps carried one after another do not pile up small ones.
-        let mut open = closings.open_rows(&sources, base.len(), &shape, threads)?;
         let others: Vec<RecordBatch> = parts
             .into_iter()
             .map(|(_, batch)| batch)
@@ -1031,6 +1038,8 @@ struct ClosedChunk {
     versions: Vec<Closed>,
     /// Versions handed over so far.
     sent: usize,
+    /// The worker's marks of own versions.
+    marks: Marks,
 }
 
 /// What the units of one fold share.
@@ -1043,7 +1052,6 @@ struct Folder<'a, 'f> {
     views: &'a [(u32, ChangeView<'a>)],
     gather: &'a Gather<'a>,
     col_index: &'a HashMap<&'a str, u32>,
-    closings: &'a Closings,
     on_closed: std::sync::Mutex<&'f mut (dyn FnMut(RecordBatch) -> Result<(), FoldError> + Send)>,
 }
 
@@ -1102,7 +1110,7 @@ impl Folder<'_, '_> {
                 if Retire::due(self.retire, &v, now) {
                     self.retire(v, closed);
                 } else if v.own {
-                    self.closings.close(v.src, l, t);
+                    closed.marks.mark(v.src, l, t);
                 } else {
                     closed.versions.push(Closed {
                         v,
@@ -1223,7 +1231,7 @@ impl Folder<'_, '_> {
     /// Writes tombstone `v` with the closed versions, open (see [`Retire`]).
     fn retire(&self, v: Version, closed: &mut ClosedChunk) {
         if v.own {
-            self.closings.retire(v.src);
+            closed.marks.mark(v.src, RETIRED, i64::MIN);
         } else {
             closed.versions.push(Closed { v, to: None });
         }
@@ -1320,151 +1328,120 @@ fn par_map<'a, T: Sync, R: Send>(
     done.into_iter().map(|(_, r)| r).collect()
 }
 
-/// For each row of each source batch (open versions, then changes), where its own version
-/// (see [`Version::own`]) was closed: (`_valid_to_lsn`, `_valid_to`); `i64::MIN` while open,
-/// [`KEPT_OPEN`] once the fold ended with it open and asked to keep it.
-/// A row belongs to one unit, so one worker writes it; atomics make that safe to share.
-struct Closings {
-    to: Vec<Vec<(AtomicI64, AtomicI64)>>,
+/// Where a worker's fold left a row of a source batch (open versions, then changes) whose own
+/// version (see [`Version::own`]) it ended or kept: closed at (`lsn`, `ts`), or [`KEPT_OPEN`],
+/// or [`RETIRED`] (`ts` unused).
+#[derive(Clone, Copy)]
+struct Mark {
+    row: u32,
+    lsn: i64,
+    ts: i64,
 }
 
-/// [`Closings`]' mark of a row whose own version is open at the end of the fold (no LSN is
-/// that high: Postgres LSNs are below 2^63).
+/// One worker's [`Mark`]s, by source batch, in the order it made them. Appended as the fold
+/// goes and applied a source batch at a time afterwards (see [`settle`]): marking each row in
+/// place, in arrays for all of a step's rows, was a store to a random place in tens of
+/// megabytes per closed version, which missed the caches and the TLB every time (a fifth of a
+/// compaction's CPU, measured by leaving the stores out).
+#[derive(Default)]
+struct Marks(Vec<Vec<Mark>>);
+
+impl Marks {
+    fn mark(&mut self, (s, row): RowRef, lsn: i64, ts: i64) {
+        let s = s as usize;
+        if self.0.len() <= s {
+            self.0.resize_with(s + 1, Vec::new);
+        }
+        self.0[s].push(Mark { row, lsn, ts });
+    }
+}
+
+/// [`Mark`] of a row whose own version is open at the end of the fold (no LSN is that high:
+/// Postgres LSNs are below 2^63).
 const KEPT_OPEN: i64 = i64::MAX;
-/// [`Closings`]' mark of a row whose own version is a retired tombstone (see [`Retire`]):
-/// written with the closed versions, open.
+/// [`Mark`] of a row whose own version is a retired tombstone (see [`Retire`]): written with
+/// the closed versions, open.
 const RETIRED: i64 = i64::MAX - 1;
 
-impl Closings {
-    fn new(sources: &[&RecordBatch]) -> Closings {
-        let open = || (AtomicI64::new(i64::MIN), AtomicI64::new(i64::MIN));
-        Closings {
-            to: sources
-                .iter()
-                .map(|b| (0..b.num_rows()).map(|_| open()).collect())
-                .collect(),
-        }
-    }
-
-    fn close(&self, (s, row): RowRef, lsn: i64, ts: i64) {
-        debug_assert!(
-            lsn != KEPT_OPEN && lsn != RETIRED && lsn != i64::MIN,
-            "an LSN taken for a mark"
-        );
-        if let Some((l, t)) = self.to.get(s as usize).and_then(|b| b.get(row as usize)) {
-            l.store(lsn, Relaxed);
-            t.store(ts, Relaxed);
-        }
-    }
-
-    /// Marks a row whose own version is a retired tombstone.
-    fn retire(&self, (s, row): RowRef) {
-        if let Some((l, _)) = self.to.get(s as usize).and_then(|b| b.get(row as usize)) {
-            l.store(RETIRED, Relaxed);
-        }
-    }
-
-    /// Marks a row whose own version stays open (see [`OpenRows::Any`]).
-    fn keep_open(&self, (s, row): RowRef) {
-        if let Some((l, _)) = self.to.get(s as usize).and_then(|b| b.get(row as usize)) {
-            l.store(KEPT_OPEN, Relaxed);
-        }
-    }
-
-    /// `f` of each source batch's marks (by source index) on every thread; the `Some`s, in
-    /// source order.
-    fn per_source<R: Send>(
-        &self,
-        threads: usize,
-        f: impl Fn(usize, &[(AtomicI64, AtomicI64)]) -> Result<Option<R>, FoldError> + Sync,
-    ) -> Result<Vec<R>, FoldError> {
-        let numbered: Vec<(usize, &Vec<(AtomicI64, AtomicI64)>)> =
-            self.to.iter().enumerate().collect();
-        let mut out = Vec::new();
-        for r in par_map(&numbered, threads, |&(s, to)| f(s, to)) {
-            out.extend(r?);
-        }
-        Ok(out)
-    }
-
-    /// The history rows of the rows marked [`Closings::keep_open`], by source batch (the first
-    /// `bases` are open versions, the others changes).
-    fn open_rows(
-        &self,
-        sources: &[&RecordBatch],
-        bases: usize,
-        shape: &PartShape,
-        threads: usize,
-    ) -> Result<Vec<RecordBatch>, FoldError> {
-        self.per_source(threads, |s, to| {
-            let mut mask = BooleanBufferBuilder::new(to.len());
-            for (l, _) in to {
-                mask.append(l.load(Relaxed) == KEPT_OPEN);
+/// The workers' `marks` applied to each source batch (the first `bases` are open versions,
+/// the others changes), on every thread: the closed rows of each batch that has any, and
+/// (with `open`) the history rows of the rows kept open ([`OpenRows::Any`]), in source order.
+/// A row belongs to one unit, so one worker marks it, at most once.
+fn settle(
+    sources: &[&RecordBatch],
+    bases: usize,
+    shape: &Arc<PartShape>,
+    marks: &[Marks],
+    open: bool,
+    threads: usize,
+) -> Result<(Vec<ClosedPart>, Vec<RecordBatch>), FoldError> {
+    let numbered: Vec<usize> = (0..sources.len()).collect();
+    let settled = par_map(&numbered, threads, |&s| {
+        let batch = sources[s];
+        // (`_valid_to_lsn` or a mark, `_valid_to`) by row; `i64::MIN`: not marked.
+        let mut to = vec![(i64::MIN, i64::MIN); batch.num_rows()];
+        for m in marks.iter().filter_map(|w| w.0.get(s)).flatten() {
+            if let Some(slot) = to.get_mut(m.row as usize) {
+                *slot = (m.lsn, m.ts);
             }
-            let mask = BooleanArray::new(mask.finish(), None);
-            if mask.true_count() == 0 {
-                return Ok(None);
+        }
+        let change = s >= bases;
+        let kept = if open {
+            let mask = BooleanArray::from_iter(to.iter().map(|&(l, _)| Some(l == KEPT_OPEN)));
+            (mask.true_count() > 0)
+                .then(|| own_rows(shape, batch, change, &mask, None))
+                .transpose()?
+        } else {
+            None
+        };
+        let closed_at = |l: i64| l != i64::MIN && l != KEPT_OPEN;
+        // Counted first: grown a push at a time, the two vectors were copied over and over
+        // (0.4 % of a compaction's instructions).
+        let n = to.iter().filter(|&&(l, _)| closed_at(l)).count();
+        if n == 0 {
+            return Ok::<_, FoldError>((None, kept));
+        }
+        let mut mask = BooleanBufferBuilder::new(to.len());
+        let (mut to_lsn, mut to_ts) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        for &(l, t) in &to {
+            let closed = closed_at(l);
+            mask.append(closed);
+            if closed {
+                to_lsn.push(l);
+                to_ts.push(t);
             }
-            own_rows(shape, sources[s], s >= bases, &mask, None).map(Some)
-        })
+        }
+        let batch = if change {
+            // Only what `build` reads: the change's other columns are freed with it.
+            let schema = batch.schema();
+            let indices: Vec<usize> = (0..shape.ncols)
+                .chain(
+                    [OP, LSN, COMMIT_TS]
+                        .iter()
+                        .filter_map(|n| schema.index_of(n).ok()),
+                )
+                .collect();
+            batch.project(&indices)?
+        } else {
+            batch.clone()
+        };
+        let part = ClosedPart {
+            batch,
+            change,
+            mask: BooleanArray::new(mask.finish(), None),
+            to_lsn,
+            to_ts,
+            shape: shape.clone(),
+        };
+        Ok((Some(part), kept))
+    });
+    let (mut parts, mut kept) = (Vec::new(), Vec::new());
+    for r in settled {
+        let (part, open) = r?;
+        parts.extend(part);
+        kept.extend(open);
     }
-
-    /// The closed rows of each source batch that has any (the first `bases` are open
-    /// versions, the others changes).
-    fn parts(
-        &self,
-        sources: &[&RecordBatch],
-        bases: usize,
-        shape: &Arc<PartShape>,
-        threads: usize,
-    ) -> Result<Vec<ClosedPart>, FoldError> {
-        self.per_source(threads, |s, to| {
-            let mut mask = BooleanBufferBuilder::new(to.len());
-            // Counted first: grown a push at a time, the two vectors were copied over and
-            // over (0.4 % of a compaction's instructions).
-            let closed_at = |l: i64| l != i64::MIN && l != KEPT_OPEN;
-            let n = to
-                .iter()
-                .filter(|(l, _)| closed_at(l.load(Relaxed)))
-                .count();
-            let (mut to_lsn, mut to_ts) = (Vec::with_capacity(n), Vec::with_capacity(n));
-            for (l, t) in to {
-                let l = l.load(Relaxed);
-                let closed = closed_at(l);
-                mask.append(closed);
-                if closed {
-                    to_lsn.push(l);
-                    to_ts.push(t.load(Relaxed));
-                }
-            }
-            if to_lsn.is_empty() {
-                return Ok(None);
-            }
-            let change = s >= bases;
-            let batch = if change {
-                // Only what `build` reads: the change's other columns are freed with it.
-                let schema = sources[s].schema();
-                let indices: Vec<usize> = (0..shape.ncols)
-                    .chain(
-                        [OP, LSN, COMMIT_TS]
-                            .iter()
-                            .filter_map(|n| schema.index_of(n).ok()),
-                    )
-                    .collect();
-                sources[s].project(&indices)?
-            } else {
-                sources[s].clone()
-            };
-            Ok(Some(ClosedPart {
-                batch,
-                change,
-                mask: BooleanArray::new(mask.finish(), None),
-                to_lsn,
-                to_ts,
-                shape: shape.clone(),
-            }))
-        })
-    }
+    Ok((parts, kept))
 }
 
 /// What building a [`ClosedPart`] needs of the table.
