@@ -827,7 +827,7 @@ pub(super) fn fold_in_groups(
             let mut others = Vec::new();
             for (_, v) in &open {
                 if v.own {
-                    closed.marks.mark(v.src, KEPT_OPEN, i64::MIN);
+                    closed.marks.keep_open(v.src);
                 } else {
                     others.push((v, None));
                 }
@@ -933,7 +933,7 @@ pub(super) fn fold_in_groups(
             .map(|(_, batch)| batch)
             .filter(|b| b.num_rows() > 0)
             .collect();
-        // (`open_rows` gives no empty batches.)
+        // (`settle` gives no empty batches.)
         if !others.is_empty() {
             open.push(deltalake::arrow::compute::concat_batches(
                 &shape.schema,
@@ -1110,7 +1110,7 @@ impl Folder<'_, '_> {
                 if Retire::due(self.retire, &v, now) {
                     self.retire(v, closed);
                 } else if v.own {
-                    closed.marks.mark(v.src, l, t);
+                    closed.marks.close(v.src, l, t);
                 } else {
                     closed.versions.push(Closed {
                         v,
@@ -1231,7 +1231,7 @@ impl Folder<'_, '_> {
     /// Writes tombstone `v` with the closed versions, open (see [`Retire`]).
     fn retire(&self, v: Version, closed: &mut ClosedChunk) {
         if v.own {
-            closed.marks.mark(v.src, RETIRED, i64::MIN);
+            closed.marks.close(v.src, RETIRED, i64::MIN);
         } else {
             closed.versions.push(Closed { v, to: None });
         }
@@ -1328,9 +1328,9 @@ fn par_map<'a, T: Sync, R: Send>(
     done.into_iter().map(|(_, r)| r).collect()
 }
 
-/// Where a worker's fold left a row of a source batch (open versions, then changes) whose own
-/// version (see [`Version::own`]) it ended or kept: closed at (`lsn`, `ts`), or [`KEPT_OPEN`],
-/// or [`RETIRED`] (`ts` unused).
+/// A row of a source batch (open versions, then changes) whose own version (see
+/// [`Version::own`]) a worker's fold ended: closed at (`lsn`, `ts`), or [`RETIRED`] (`ts`
+/// unused).
 #[derive(Clone, Copy)]
 struct Mark {
     row: u32,
@@ -1338,26 +1338,43 @@ struct Mark {
     ts: i64,
 }
 
-/// One worker's [`Mark`]s, by source batch, in the order it made them. Appended as the fold
-/// goes and applied a source batch at a time afterwards (see [`settle`]): marking each row in
-/// place, in arrays for all of a step's rows, was a store to a random place in tens of
-/// megabytes per closed version, which missed the caches and the TLB every time (a fifth of a
-/// compaction's CPU, measured by leaving the stores out).
+/// One worker's [`Mark`]s and the rows whose own versions it kept open ([`OpenRows::Any`]),
+/// by source batch, in the order it made them. Appended as the fold goes and applied a source
+/// batch at a time afterwards (see [`settle`]): marking each row in place, in arrays for all
+/// of a step's rows, was a store to a random place in tens of megabytes per closed version,
+/// which missed the caches and the TLB every time (a fifth of a compaction's CPU, measured by
+/// leaving the stores out).
 #[derive(Default)]
-struct Marks(Vec<Vec<Mark>>);
+struct Marks {
+    closed: Vec<Vec<Mark>>,
+    kept: Vec<Vec<u32>>,
+}
 
 impl Marks {
-    fn mark(&mut self, (s, row): RowRef, lsn: i64, ts: i64) {
-        let s = s as usize;
-        if self.0.len() <= s {
-            self.0.resize_with(s + 1, Vec::new);
-        }
-        self.0[s].push(Mark { row, lsn, ts });
+    fn close(&mut self, (s, row): RowRef, lsn: i64, ts: i64) {
+        debug_assert!(
+            lsn != KEPT_OPEN && lsn != i64::MIN,
+            "an LSN taken for a mark"
+        );
+        grown(&mut self.closed, s).push(Mark { row, lsn, ts });
+    }
+
+    fn keep_open(&mut self, (s, row): RowRef) {
+        grown(&mut self.kept, s).push(row);
     }
 }
 
-/// [`Mark`] of a row whose own version is open at the end of the fold (no LSN is that high:
-/// Postgres LSNs are below 2^63).
+/// List `s` of `lists`, added if missing.
+fn grown<T>(lists: &mut Vec<Vec<T>>, s: u32) -> &mut Vec<T> {
+    let s = s as usize;
+    if lists.len() <= s {
+        lists.resize_with(s + 1, Vec::new);
+    }
+    &mut lists[s]
+}
+
+/// [`settle`]'s mark of a row whose own version is open at the end of the fold (no LSN is that
+/// high: Postgres LSNs are below 2^63).
 const KEPT_OPEN: i64 = i64::MAX;
 /// [`Mark`] of a row whose own version is a retired tombstone (see [`Retire`]): written with
 /// the closed versions, open.
@@ -1380,9 +1397,14 @@ fn settle(
         let batch = sources[s];
         // (`_valid_to_lsn` or a mark, `_valid_to`) by row; `i64::MIN`: not marked.
         let mut to = vec![(i64::MIN, i64::MIN); batch.num_rows()];
-        for m in marks.iter().filter_map(|w| w.0.get(s)).flatten() {
+        for m in marks.iter().filter_map(|w| w.closed.get(s)).flatten() {
             if let Some(slot) = to.get_mut(m.row as usize) {
                 *slot = (m.lsn, m.ts);
+            }
+        }
+        for &row in marks.iter().filter_map(|w| w.kept.get(s)).flatten() {
+            if let Some(slot) = to.get_mut(row as usize) {
+                slot.0 = KEPT_OPEN;
             }
         }
         let change = s >= bases;
