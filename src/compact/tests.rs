@@ -1939,6 +1939,103 @@ async fn a_pass_compacts_tables_at_the_same_time() {
     assert_eq!(pass.len(), 1);
 }
 
+/// Folds a test holds at their start (see [`fold_gate`]): how many must have started before
+/// any goes on (0: off), how many have, and whether one gave up waiting.
+struct FoldGate {
+    wanted: usize,
+    started: usize,
+    gave_up: bool,
+}
+
+static FOLD_GATE: std::sync::Mutex<FoldGate> = std::sync::Mutex::new(FoldGate {
+    wanted: 0,
+    started: 0,
+    gave_up: false,
+});
+static FOLD_STARTED: std::sync::Condvar = std::sync::Condvar::new();
+
+/// Called by each fold of a step before it starts: while a test wants `wanted` folds at once,
+/// waits (30 s at most) until that many have started.
+pub(super) fn fold_gate() {
+    let mut gate = FOLD_GATE.lock().unwrap_or_else(|p| p.into_inner());
+    if gate.wanted == 0 {
+        return;
+    }
+    gate.started += 1;
+    FOLD_STARTED.notify_all();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while gate.started < gate.wanted {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            gate.gave_up = true;
+            return;
+        }
+        gate = FOLD_STARTED
+            .wait_timeout(gate, left)
+            .unwrap_or_else(|p| p.into_inner())
+            .0;
+    }
+}
+
+/// A fold does not hold up the other tables of its pass: two tables' folds run at the same
+/// time (each fold waits at its start until both have started, which a fold run inside the
+/// pass's task, blocking the other table's future, never lets happen), and both tables come
+/// out whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fold_leaves_the_other_tables_of_a_pass_going() {
+    use crate::lake::changelog::{app_id, ChangeLogTable};
+    use crate::lsn::Lsn;
+    let actions: Vec<Action> = inserts(0..40u8, i64::from)
+        .chain([Action::Commit])
+        .collect();
+    let (changes, _) = realize(&actions);
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().display());
+    let sink = crate::lake::store::Sink::open(&url, &Default::default()).unwrap();
+    let names: Vec<crate::replication::sql::TableName> = (0..2)
+        .map(|i| crate::replication::sql::TableName {
+            schema: "public".into(),
+            name: format!("f{i}"),
+        })
+        .collect();
+    for name in &names {
+        let schema = batch(&[], false).schema();
+        let mut log = ChangeLogTable::open(&sink, name, &app_id("s"), &schema, 64 << 20)
+            .await
+            .unwrap();
+        log.write(batch(&changes, false)).await.unwrap();
+        log.commit(Lsn(changes[0].lsn as u64)).await.unwrap();
+    }
+    *FOLD_GATE.lock().unwrap() = FoldGate {
+        wanted: 2,
+        started: 0,
+        gave_up: false,
+    };
+    let pass = super::compact_all(&sink, &names, &test_options(1 << 20, false)).await;
+    let gate = std::mem::replace(
+        &mut *FOLD_GATE.lock().unwrap(),
+        FoldGate {
+            wanted: 0,
+            started: 0,
+            gave_up: false,
+        },
+    );
+    assert!(!gate.gave_up, "a fold waited for the other table's in vain");
+    assert!(gate.started >= 2, "{} folds", gate.started);
+    let pass = pass.expect("pass");
+    assert_eq!(pass.len(), 2);
+    for (name, result) in &pass {
+        let report = result.as_ref().expect("compacted");
+        assert_eq!(report.changes, 40, "{name}: {report:?}");
+        let rows: usize = read_target_of(&sink, "current", &name.name)
+            .await
+            .iter()
+            .map(|b| b.num_rows())
+            .sum();
+        assert_eq!(rows, 40, "{name}");
+    }
+}
+
 /// A table's share of the memory budget: a few changes to a small table take a little of it,
 /// a large step all of it; a share taken makes a larger one wait until it is given back.
 #[tokio::test]
