@@ -1874,38 +1874,45 @@ impl object_store::ObjectStore for Gate {
     }
 }
 
+/// Tables `public.<prefix>0`, `public.<prefix>1`, … (`tables` of them) in `sink`, each with a
+/// change log of one transaction inserting keys 0 to `keys` - 1.
+async fn tables_of_inserts(
+    sink: &crate::lake::store::Sink,
+    prefix: &str,
+    tables: usize,
+    keys: u8,
+) -> Vec<crate::replication::sql::TableName> {
+    use crate::lake::changelog::{app_id, ChangeLogTable};
+    use crate::lsn::Lsn;
+    let actions: Vec<Action> = inserts(0..keys, i64::from)
+        .chain([Action::Commit])
+        .collect();
+    let (changes, _) = realize(&actions);
+    let names: Vec<crate::replication::sql::TableName> = (0..tables)
+        .map(|i| crate::replication::sql::TableName {
+            schema: "public".into(),
+            name: format!("{prefix}{i}"),
+        })
+        .collect();
+    for name in &names {
+        let schema = batch(&[], false).schema();
+        let mut log = ChangeLogTable::open(sink, name, &app_id("s"), &schema, 64 << 20)
+            .await
+            .unwrap();
+        log.write(batch(&changes, false)).await.unwrap();
+        log.commit(Lsn(changes[0].lsn as u64)).await.unwrap();
+    }
+    names
+}
+
 /// A pass compacts several tables at the same time (three of four here: each table's
 /// change-log reads are held back until three tables wait, which one table at a time never
 /// reaches), and each comes out as the model says.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pass_compacts_tables_at_the_same_time() {
-    use crate::lake::changelog::{app_id, ChangeLogTable};
-    use crate::lsn::Lsn;
-    let actions: Vec<Action> = inserts(0..12u8, i64::from)
-        .chain([Action::Commit])
-        .collect();
-    let (changes, _) = realize(&actions);
     let gate = Gate::over_memory(3);
     let sink = gate.sink();
-    let names: Vec<crate::replication::sql::TableName> = (0..4)
-        .map(|i| crate::replication::sql::TableName {
-            schema: "public".into(),
-            name: format!("t{i}"),
-        })
-        .collect();
-    for name in &names {
-        let mut log = ChangeLogTable::open(
-            &sink,
-            name,
-            &app_id("s"),
-            &batch(&[], false).schema(),
-            64 << 20,
-        )
-        .await
-        .unwrap();
-        log.write(batch(&changes, false)).await.unwrap();
-        log.commit(Lsn(changes[0].lsn as u64)).await.unwrap();
-    }
+    let names = tables_of_inserts(&sink, "t", 4, 12).await;
     gate.armed.store(true, std::sync::atomic::Ordering::SeqCst);
     let options = super::CompactOptions {
         tables_at_once: 3,
@@ -1983,29 +1990,10 @@ pub(super) fn fold_gate() {
 /// out whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fold_leaves_the_other_tables_of_a_pass_going() {
-    use crate::lake::changelog::{app_id, ChangeLogTable};
-    use crate::lsn::Lsn;
-    let actions: Vec<Action> = inserts(0..40u8, i64::from)
-        .chain([Action::Commit])
-        .collect();
-    let (changes, _) = realize(&actions);
     let dir = tempfile::tempdir().unwrap();
     let url = format!("file://{}", dir.path().display());
     let sink = crate::lake::store::Sink::open(&url, &Default::default()).unwrap();
-    let names: Vec<crate::replication::sql::TableName> = (0..2)
-        .map(|i| crate::replication::sql::TableName {
-            schema: "public".into(),
-            name: format!("f{i}"),
-        })
-        .collect();
-    for name in &names {
-        let schema = batch(&[], false).schema();
-        let mut log = ChangeLogTable::open(&sink, name, &app_id("s"), &schema, 64 << 20)
-            .await
-            .unwrap();
-        log.write(batch(&changes, false)).await.unwrap();
-        log.commit(Lsn(changes[0].lsn as u64)).await.unwrap();
-    }
+    let names = tables_of_inserts(&sink, "f", 2, 40).await;
     *FOLD_GATE.lock().unwrap() = FoldGate {
         wanted: 2,
         started: 0,
