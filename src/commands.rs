@@ -538,6 +538,7 @@ pub async fn compact(a: crate::cli::CompactArgs) -> Result<()> {
                             "current_bytes_rewritten": r.current_bytes_rewritten,
                             "current_bytes": r.current_bytes_total,
                             "versions_closed": r.history_versions_closed,
+                            "tombstones_retired": r.history_tombstones_retired,
                             "files_vacuumed": r.files_vacuumed,
                             "changelog_files_merged": r.changelog_files_merged,
                             "changelog_files_written": r.changelog_files_written,

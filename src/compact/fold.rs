@@ -464,8 +464,10 @@ pub struct FoldOutput {
     /// The key hash of each row of `open` ([`OpenRows::ByHash`]; `None` for `Any`).
     pub open_hashes: Option<Vec<u64>>,
     /// Versions closed by this fold: those handed to `on_closed` in chunks as they were
-    /// produced, and those of `closed_parts`.
+    /// produced, and those of `closed_parts`. Retired tombstones are written with them.
     pub closed_rows: usize,
+    /// Tombstones retired (see [`Retire`]), among `closed_rows`.
+    pub retired_rows: usize,
     /// The closed versions that are rows of the fold's input as they stand, by input batch:
     /// [`ClosedPart::build`] makes their history rows (a filter, not a gather).
     pub closed_parts: Vec<ClosedPart>,
@@ -851,7 +853,7 @@ pub(super) fn fold_in_groups(
     let threads = threads.clamp(1, units.len().max(1));
     let mut opens: Vec<Option<UnitOpen>> = Vec::with_capacity(units.len());
     opens.resize_with(units.len(), || None);
-    let mut closed_rows = 0usize;
+    let (mut closed_rows, mut retired_rows) = (0usize, 0usize);
     let mut marks = Vec::with_capacity(threads);
     if threads <= 1 {
         let (mut scratch, mut closed) = <(Scratch, ClosedChunk)>::default();
@@ -860,6 +862,7 @@ pub(super) fn fold_in_groups(
         }
         folder.flush(&mut closed)?;
         closed_rows = closed.sent;
+        retired_rows = closed.retired;
         marks.push(closed.marks);
     } else {
         let next = std::sync::atomic::AtomicUsize::new(0);
@@ -896,6 +899,7 @@ pub(super) fn fold_in_groups(
         for result in results {
             let (done, closed) = result?;
             closed_rows += closed.sent;
+            retired_rows += closed.retired;
             marks.push(closed.marks);
             for (u, open) in done {
                 opens[u] = Some(open);
@@ -944,6 +948,7 @@ pub(super) fn fold_in_groups(
             open,
             open_hashes: None,
             closed_rows,
+            retired_rows,
             closed_parts,
             changes: n,
         });
@@ -1002,6 +1007,7 @@ pub(super) fn fold_in_groups(
         open: vec![open_batch],
         open_hashes: Some(open_hashes),
         closed_rows,
+        retired_rows,
         closed_parts,
         changes: n,
     })
@@ -1038,6 +1044,8 @@ struct ClosedChunk {
     versions: Vec<Closed>,
     /// Versions handed over so far.
     sent: usize,
+    /// Tombstones retired.
+    retired: usize,
     /// The worker's marks of own versions.
     marks: Marks,
 }
@@ -1230,6 +1238,7 @@ impl Folder<'_, '_> {
 
     /// Writes tombstone `v` with the closed versions, open (see [`Retire`]).
     fn retire(&self, v: Version, closed: &mut ClosedChunk) {
+        closed.retired += 1;
         if v.own {
             closed.marks.close(v.src, RETIRED, i64::MIN);
         } else {

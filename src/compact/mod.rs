@@ -288,7 +288,11 @@ pub struct TableReport {
     pub buckets_total: u64,
     pub current_bytes_rewritten: u64,
     pub current_bytes_total: u64,
+    /// Versions the history table got a `_valid_to` for.
     pub history_versions_closed: u64,
+    /// Tombstones written to the history table open and dropped from the open versions (see
+    /// [`CompactOptions::tombstone_retention`]).
+    pub history_tombstones_retired: u64,
     /// Replaced files deleted by vacuum (of the current, history and change-log tables).
     pub files_vacuumed: u64,
     /// Small change-log files merged by optimize, and the files they became.
@@ -1327,6 +1331,7 @@ async fn compact_table_sharing(
         report.buckets_patched += stepped.buckets_patched;
         report.current_bytes_rewritten += stepped.bytes_rewritten;
         report.history_versions_closed += stepped.closed;
+        report.history_tombstones_retired += stepped.retired;
         (next, skip) = end;
     }
     if !carry.open.is_empty() || carry.closed.is_some() {
@@ -1692,6 +1697,7 @@ struct StepReport {
     buckets_patched: u64,
     bytes_rewritten: u64,
     closed: u64,
+    retired: u64,
     /// The step committed (else it carried its work to the next).
     committed: bool,
 }
@@ -1869,6 +1875,7 @@ async fn step(
         buckets_patched: 0,
         bytes_rewritten: 0,
         closed: 0,
+        retired: 0,
         committed: false,
     };
     let mut closed_writer = match carry.closed.take() {
@@ -2001,7 +2008,8 @@ async fn step(
             return Err(ctx.fail("write closed versions")(closed_writer.failure()));
         }
         fold_time += fold_started.elapsed();
-        report.closed += out.closed_rows as u64;
+        report.closed += (out.closed_rows - out.retired_rows) as u64;
+        report.retired += out.retired_rows as u64;
         let rows_out = out.open.iter().map(|b| b.num_rows()).sum::<usize>().max(1) as u64;
         let bytes = out
             .open
@@ -2600,6 +2608,7 @@ async fn compact_known(
             buckets_patched = r.buckets_patched,
             buckets = r.buckets_total,
             versions_closed = r.history_versions_closed,
+            tombstones_retired = r.history_tombstones_retired,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "compacted"
         ),

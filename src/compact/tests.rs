@@ -1442,14 +1442,22 @@ async fn a_tombstone_retention_keeps_a_queue_tables_open_versions_to_its_live_ro
             tombstone_retention: retention,
             ..test_options(1 << 20, false)
         };
+        let (mut closed, mut retired) = (0, 0);
         for txn in &txns {
             log.write(batch(txn, false)).await.unwrap();
             log.commit(Lsn(txn[0].lsn as u64)).await.unwrap();
-            super::compact_table(&sink, &table_t(), &options)
+            let report = super::compact_table(&sink, &table_t(), &options)
                 .await
                 .expect("compact");
+            closed += report.history_versions_closed;
+            retired += report.history_tombstones_retired;
         }
         let what = format!("retention {retention:?}");
+        // The 20 deleted rows' versions are closed either way; retired are the tombstones of
+        // all but the last transaction's deletes.
+        assert_eq!(closed, 20, "{what}: versions closed");
+        let expected = if retention.is_some() { 16 } else { 0 };
+        assert_eq!(retired, expected, "{what}: tombstones retired");
         assert_model(&sink, &snapshots, &what).await;
         let open: usize = read_files_of(&sink, "history", "t", |p| p.starts_with("open-"))
             .await
