@@ -193,12 +193,14 @@ pub const TABLES_AT_ONCE: usize = 8;
 /// time. A table takes its share before its first step (see [`step_share`]) and gives it
 /// back when its steps are done; change-log merges take theirs apart. A share is at most the
 /// whole budget, so a table that needs all of it runs alone. No task holds two shares at
-/// once, so none waits for another while holding one. It also counts the tables compacting
-/// under it (see [`MemoryShare::alone`]).
+/// once, so none waits for another while holding one. It also counts the tables a pass has
+/// in hand (see [`MemoryShare::alone`]) and lets one fold at a time run off its task.
 pub struct MemoryShare {
     permits: tokio::sync::Semaphore,
     total: u32,
     tables: std::sync::atomic::AtomicUsize,
+    /// One fold at a time off the pass's task (see `step`): each folds on every core.
+    folds: tokio::sync::Semaphore,
 }
 
 /// A table compacting under a [`MemoryShare`], until dropped.
@@ -219,6 +221,7 @@ impl MemoryShare {
             permits: tokio::sync::Semaphore::new(total as usize),
             total,
             tables: std::sync::atomic::AtomicUsize::new(0),
+            folds: tokio::sync::Semaphore::new(1),
         }
     }
 
@@ -228,7 +231,7 @@ impl MemoryShare {
         Compacting(self)
     }
 
-    /// Whether a single table compacts under the budget now: its folds may then run in its
+    /// Whether a pass has a single table in hand now: its folds may then run in the pass's
     /// task, which no other table's work shares.
     fn alone(&self) -> bool {
         self.tables.load(std::sync::atomic::Ordering::Relaxed) <= 1
@@ -1159,7 +1162,6 @@ async fn compact_table_sharing(
     options: &CompactOptions,
     memory: &MemoryShare,
 ) -> Result<TableReport, CompactError> {
-    let _compacting = memory.enter();
     let ctx = Ctx {
         sink,
         name,
@@ -1958,16 +1960,22 @@ async fn step(
         } else {
             OpenRows::Any
         };
-        // With other tables compacting, on a blocking thread: their futures share this task,
-        // and go on reading and writing meanwhile (a fold in the task held all of them up).
-        // Alone, in the task: the blocking thread's fresh allocator arena cost 5 % more page
-        // faults, 1–3 % of a large compaction's time.
+        // With other tables in hand, on a blocking thread: their futures share the pass's
+        // task, and go on listing, reading and writing meanwhile (a fold in the task held all
+        // of them up). One such fold at a time: each runs on every core (the background
+        // compactor's leave one to the replication stream), and the others wait their turn
+        // without blocking anything. Alone, in the task: the blocking thread's fresh allocator
+        // arena cost 5 % more page faults, 1–3 % of a large compaction's time.
+        #[cfg(test)]
+        tests::fold_gate_arrive(&ctx.table);
         let fold_job = {
             let (layout, options) = (layout.clone(), options.clone());
             let writer = closed_writer;
+            #[cfg(test)]
+            let table = ctx.table.clone();
             move || {
                 #[cfg(test)]
-                tests::fold_gate();
+                tests::fold_gate_hold(&table);
                 let folded = fold::fold(
                     &layout,
                     &base,
@@ -1985,6 +1993,12 @@ async fn step(
         (folded, closed_writer, watermarks) = if ctx.memory.alone() {
             fold_job()
         } else {
+            let _turn = ctx
+                .memory
+                .folds
+                .acquire()
+                .await
+                .map_err(ctx.fail("wait for a fold's turn"))?;
             match tokio::task::spawn_blocking(fold_job).await {
                 Ok(done) => done,
                 Err(e) => match e.try_into_panic() {
@@ -2578,6 +2592,7 @@ async fn compact_known(
     memory: &MemoryShare,
     known: Option<Seen>,
 ) -> (TableName, Result<TableReport, CompactError>, Remember) {
+    let _in_hand = memory.enter();
     let started = std::time::Instant::now();
     // Listed before any run: changes committed while it folds make the next pass a full
     // one (the run's own commits do too, once). A failed listing only costs the skip.

@@ -1954,70 +1954,98 @@ async fn a_pass_compacts_tables_at_the_same_time() {
     assert_eq!(pass.len(), 1);
 }
 
-/// Folds a test holds at their start (see [`fold_gate`]): how many must have started before
-/// any goes on (0: off), how many have, and whether one gave up waiting.
+/// A test's hold on the folds of its tables (names containing `tag`): a fold of theirs starts
+/// once `wanted` of them have reached their fold (see [`fold_gate_arrive`]); how many have, and
+/// whether a fold gave up waiting. Off while `tag` is `None`.
 struct FoldGate {
+    tag: Option<&'static str>,
     wanted: usize,
-    started: usize,
+    arrived: usize,
     gave_up: bool,
 }
 
 static FOLD_GATE: std::sync::Mutex<FoldGate> = std::sync::Mutex::new(FoldGate {
+    tag: None,
     wanted: 0,
-    started: 0,
+    arrived: 0,
     gave_up: false,
 });
-static FOLD_STARTED: std::sync::Condvar = std::sync::Condvar::new();
+static FOLD_ARRIVED: std::sync::Condvar = std::sync::Condvar::new();
 
-/// Called by each fold of a step before it starts: while a test wants `wanted` folds at once,
-/// waits (30 s at most) until that many have started.
-pub(super) fn fold_gate() {
-    let mut gate = FOLD_GATE.lock().unwrap_or_else(|p| p.into_inner());
-    if gate.wanted == 0 {
+fn fold_gate() -> std::sync::MutexGuard<'static, FoldGate> {
+    FOLD_GATE.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Called by a step of `table` as a fold of it comes up (before it waits for its turn).
+pub(super) fn fold_gate_arrive(table: &str) {
+    let mut gate = fold_gate();
+    if gate.tag.is_some_and(|tag| table.contains(tag)) {
+        gate.arrived += 1;
+        FOLD_ARRIVED.notify_all();
+    }
+}
+
+/// Called by a fold of `table` before it starts: waits (30 s at most) until as many of the
+/// gate's tables as it wants have reached a fold.
+pub(super) fn fold_gate_hold(table: &str) {
+    let mut gate = fold_gate();
+    if !gate.tag.is_some_and(|tag| table.contains(tag)) {
         return;
     }
-    gate.started += 1;
-    FOLD_STARTED.notify_all();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while gate.started < gate.wanted {
+    while gate.arrived < gate.wanted {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         if left.is_zero() {
             gate.gave_up = true;
             return;
         }
-        gate = FOLD_STARTED
+        gate = FOLD_ARRIVED
             .wait_timeout(gate, left)
             .unwrap_or_else(|p| p.into_inner())
             .0;
     }
 }
 
-/// A fold does not hold up the other tables of its pass: two tables' folds run at the same
-/// time (each fold waits at its start until both have started, which a fold run inside the
-/// pass's task, blocking the other table's future, never lets happen), and both tables come
-/// out whole.
+/// The fold gate armed for tables named with `tag`, until dropped (also when a test fails).
+struct Armed;
+
+impl Armed {
+    fn new(tag: &'static str, wanted: usize) -> Armed {
+        *fold_gate() = FoldGate {
+            tag: Some(tag),
+            wanted,
+            arrived: 0,
+            gave_up: false,
+        };
+        Armed
+    }
+}
+
+impl Drop for Armed {
+    fn drop(&mut self) {
+        fold_gate().tag = None;
+    }
+}
+
+/// A fold does not hold up the other tables of its pass: the first table's fold waits at its
+/// start until the second table has read its change log and reached its own fold, which a
+/// fold run inside the pass's task (blocking the other table's future) never lets happen; and
+/// both tables come out whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fold_leaves_the_other_tables_of_a_pass_going() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("file://{}", dir.path().display());
     let sink = crate::lake::store::Sink::open(&url, &Default::default()).unwrap();
-    let names = tables_of_inserts(&sink, "f", 2, 40).await;
-    *FOLD_GATE.lock().unwrap() = FoldGate {
-        wanted: 2,
-        started: 0,
-        gave_up: false,
-    };
+    let names = tables_of_inserts(&sink, "fold_gate_", 2, 40).await;
+    let armed = Armed::new("fold_gate_", 2);
     let pass = super::compact_all(&sink, &names, &test_options(1 << 20, false)).await;
-    let gate = std::mem::replace(
-        &mut *FOLD_GATE.lock().unwrap(),
-        FoldGate {
-            wanted: 0,
-            started: 0,
-            gave_up: false,
-        },
-    );
-    assert!(!gate.gave_up, "a fold waited for the other table's in vain");
-    assert!(gate.started >= 2, "{} folds", gate.started);
+    let (arrived, gave_up) = {
+        let gate = fold_gate();
+        (gate.arrived, gate.gave_up)
+    };
+    drop(armed);
+    assert!(!gave_up, "a fold waited for the other table's in vain");
+    assert_eq!(arrived, 2, "folds");
     let pass = pass.expect("pass");
     assert_eq!(pass.len(), 2);
     for (name, result) in &pass {
