@@ -30,6 +30,7 @@ use deltalake::arrow::array::{
     Array, ArrayRef, AsArray, BooleanArray, Int64Array, RecordBatch, TimestampMicrosecondArray,
     UInt32Array,
 };
+use deltalake::arrow::buffer::BooleanBuffer;
 use deltalake::arrow::compute::{interleave, nullif, FilterBuilder};
 use deltalake::arrow::datatypes::{
     DataType, Field, FieldRef, Int64Type, Schema, SchemaRef, TimeUnit, TimestampMicrosecondType,
@@ -1403,6 +1404,13 @@ fn settle(
 ) -> Result<(Vec<ClosedPart>, Vec<RecordBatch>), FoldError> {
     let numbered: Vec<usize> = (0..sources.len()).collect();
     let settled = par_map(&numbered, threads, |&s| {
+        // A batch no worker marked (none of its versions closed or kept) has nothing to give.
+        let unmarked = |w: &Marks| {
+            w.closed.get(s).is_none_or(Vec::is_empty) && w.kept.get(s).is_none_or(Vec::is_empty)
+        };
+        if marks.iter().all(unmarked) {
+            return Ok::<_, FoldError>((None, None));
+        }
         let batch = sources[s];
         // (`_valid_to_lsn` or a mark, `_valid_to`) by row; `i64::MIN`: not marked.
         let mut to = vec![(i64::MIN, i64::MIN); batch.num_rows()];
@@ -1418,7 +1426,8 @@ fn settle(
         }
         let change = s >= bases;
         let kept = if open {
-            let mask = BooleanArray::from_iter(to.iter().map(|&(l, _)| Some(l == KEPT_OPEN)));
+            let mask = BooleanBuffer::collect_bool(to.len(), |i| to[i].0 == KEPT_OPEN);
+            let mask = BooleanArray::new(mask, None);
             (mask.true_count() > 0)
                 .then(|| own_rows(shape, batch, change, &mask, None))
                 .transpose()?
@@ -1430,7 +1439,7 @@ fn settle(
         // (0.4 % of a compaction's instructions).
         let n = to.iter().filter(|&&(l, _)| closed_at(l)).count();
         if n == 0 {
-            return Ok::<_, FoldError>((None, kept));
+            return Ok((None, kept));
         }
         let mut mask = BooleanBufferBuilder::new(to.len());
         let (mut to_lsn, mut to_ts) = (Vec::with_capacity(n), Vec::with_capacity(n));

@@ -1368,7 +1368,7 @@ async fn compact_table_sharing(
     // The steps' memory is free again (maintenance takes its own share: never two at once).
     drop(share);
     // Maintenance failing (a lost race, storage trouble) leaves the compaction done; the next
-    // pass tries again.
+    // pass tries again (both the history's small files and the change log's maintenance).
     match maintain::history(&ctx, &mut history, &history_schema, options).await {
         Ok((merged, written)) => {
             report.history_files_merged = merged;
@@ -1383,8 +1383,6 @@ async fn compact_table_sharing(
             )
         }
     }
-    // Maintenance failing (a lost race, storage trouble) leaves the compaction done; the next
-    // pass tries again.
     match maintain::changelog(
         &ctx,
         changes_table,

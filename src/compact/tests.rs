@@ -784,6 +784,12 @@ async fn read_target_of(
     read_files_of(sink, kind, table, |_| true).await
 }
 
+/// How many rows the current table of `public.<table>` has.
+async fn current_rows_of(sink: &crate::lake::store::Sink, table: &str) -> usize {
+    let batches = read_target_of(sink, "current", table).await;
+    batches.iter().map(|b| b.num_rows()).sum()
+}
+
 /// The rows of the files of the `kind` table of `public.<table>` whose paths `keep` keeps.
 async fn read_files_of(
     sink: &crate::lake::store::Sink,
@@ -1939,11 +1945,7 @@ async fn a_pass_compacts_tables_at_the_same_time() {
         assert_eq!(name, expected);
         let report = result.as_ref().expect("compacted");
         assert_eq!(report.changes, 12, "{report:?}");
-        let rows: usize = read_target_of(&sink, "current", &name.name)
-            .await
-            .iter()
-            .map(|b| b.num_rows())
-            .sum();
+        let rows = current_rows_of(&sink, &name.name).await;
         assert_eq!(rows, 12, "{name}");
     }
     // A table named twice is compacted once.
@@ -2051,11 +2053,7 @@ async fn a_fold_leaves_the_other_tables_of_a_pass_going() {
     for (name, result) in &pass {
         let report = result.as_ref().expect("compacted");
         assert_eq!(report.changes, 40, "{name}: {report:?}");
-        let rows: usize = read_target_of(&sink, "current", &name.name)
-            .await
-            .iter()
-            .map(|b| b.num_rows())
-            .sum();
+        let rows = current_rows_of(&sink, &name.name).await;
         assert_eq!(rows, 40, "{name}");
     }
 }
